@@ -1,0 +1,40 @@
+# make test | make demo | make bench | make build | make clean — each sets itself up from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# torch is pinned to the CPU build on this machine's disk; never let pip resolve an unpinned torch.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.deps-stamp
+PYTEST_ARGS ?=
+
+.PHONY: test demo bench build gpu clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install "setuptools>=64" wheel cmake ninja
+	$(PIP) install numpy tqdm "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6.100" faiss-gpu
+	touch $(STAMP)
+
+# Editable install: builds cm3leon_kernels._C with CMake + ninja against the venv's torch.
+build: $(STAMP)
+	$(PIP) install --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: build
+	mkdir -p .benchmarks
+	$(PY) -m pytest bench --benchmark-enable --benchmark-json=.benchmarks/latest.json -q
+	$(PY) bench/report.py .benchmarks/latest.json
+
+demo: bench
+
+# One command on a GPU machine: CUDA build, CUDA tests, GPU benchmarks (see bench/gpu.sh).
+gpu:
+	bash bench/gpu.sh
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks cm3leon_kernels/_C*.so
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,24 @@
+"""Benchmark conventions (read by bench/report.py).
+
+Every benchmark calls ``record(benchmark, case=..., impl=..., work=..., unit=...)``:
+- ``case``: the problem (e.g. ``"vq N=16384 K=8192 D=256 fp32"``); all implementations of one case share it.
+- ``impl``: ``"cm3leon"`` for our kernel, anything else is a baseline it is compared with.
+- ``work`` and ``unit``: the amount of work per call and its rate unit (``"GFLOP/s"`` with work in FLOPs, or
+  ``"GB/s"`` with work in bytes), so the report can print achieved throughput.
+- extra keyword arguments (e.g. ``peak_extra_mib``) are shown in the report's notes column.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def record(benchmark, *, case: str, impl: str, work: float | None = None, unit: str | None = None,
+           **extra) -> None:
+    benchmark.group = case
+    benchmark.extra_info.update(impl=impl, work=work, unit=unit, threads=torch.get_num_threads(), **extra)
+
+
+@pytest.fixture
+def bench_record():
+    return record

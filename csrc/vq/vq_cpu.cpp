@@ -1,0 +1,246 @@
+// Fused VQ nearest-code search: a register-blocked GEMM (z . c^T) whose epilogue keeps the running argmin.
+//
+// Layout (GotoBLAS-style): the codebook is packed once into panels of NR=16 codes, d-major ([d][16] fp32),
+// with ||c||^2 precomputed. Each work item takes a block of MC rows of z, packs them into panels of MR=6
+// rows ([d][6] fp32), and for every code panel runs the 6x16 micro-kernel over all z panels (the code panel
+// stays in L1, the z block in L2). Scores cnorm - 2 z.c are reduced straight into a per-row best, so memory
+// is O(n + k*d) and the n x k matrix never exists. bf16/fp16 are widened while packing; all math is fp32.
+#include "vq/vq_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/parallel.h"
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace cm3leon::vq {
+namespace {
+
+constexpr int64_t MR = 6;    // z rows per micro-kernel
+constexpr int64_t NR = 16;   // codes per micro-kernel (two AVX registers)
+constexpr int64_t MC = 96;   // z rows per work item (16 panels of 6; ~96 KiB packed at d=256)
+constexpr int64_t KC = 256;  // depth chunk: a code panel chunk (16 KiB) must stay in L1
+
+// c[MR][NR] (+)= a[MR rows][depth] . b[NR codes][depth], operands packed d-major.
+inline void micro_kernel(const float* a, const float* b, int64_t depth, bool accumulate, float* c) {
+#if defined(__AVX2__) && defined(__FMA__)
+  // Twelve named accumulators + two code vectors + one broadcast = 15 of the 16 ymm registers; written out
+  // so the compiler neither spills an accumulator nor re-loads the code vectors as FMA memory operands.
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (accumulate) {
+    c00 = _mm256_loadu_ps(c + 0 * NR); c01 = _mm256_loadu_ps(c + 0 * NR + 8);
+    c10 = _mm256_loadu_ps(c + 1 * NR); c11 = _mm256_loadu_ps(c + 1 * NR + 8);
+    c20 = _mm256_loadu_ps(c + 2 * NR); c21 = _mm256_loadu_ps(c + 2 * NR + 8);
+    c30 = _mm256_loadu_ps(c + 3 * NR); c31 = _mm256_loadu_ps(c + 3 * NR + 8);
+    c40 = _mm256_loadu_ps(c + 4 * NR); c41 = _mm256_loadu_ps(c + 4 * NR + 8);
+    c50 = _mm256_loadu_ps(c + 5 * NR); c51 = _mm256_loadu_ps(c + 5 * NR + 8);
+  } else {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+  }
+  for (int64_t p = 0; p < depth; ++p, a += MR, b += NR) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 ar;
+    ar = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(ar, b0, c00); c01 = _mm256_fmadd_ps(ar, b1, c01);
+    ar = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(ar, b0, c10); c11 = _mm256_fmadd_ps(ar, b1, c11);
+    ar = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(ar, b0, c20); c21 = _mm256_fmadd_ps(ar, b1, c21);
+    ar = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(ar, b0, c30); c31 = _mm256_fmadd_ps(ar, b1, c31);
+    ar = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(ar, b0, c40); c41 = _mm256_fmadd_ps(ar, b1, c41);
+    ar = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(ar, b0, c50); c51 = _mm256_fmadd_ps(ar, b1, c51);
+  }
+  _mm256_storeu_ps(c + 0 * NR, c00); _mm256_storeu_ps(c + 0 * NR + 8, c01);
+  _mm256_storeu_ps(c + 1 * NR, c10); _mm256_storeu_ps(c + 1 * NR + 8, c11);
+  _mm256_storeu_ps(c + 2 * NR, c20); _mm256_storeu_ps(c + 2 * NR + 8, c21);
+  _mm256_storeu_ps(c + 3 * NR, c30); _mm256_storeu_ps(c + 3 * NR + 8, c31);
+  _mm256_storeu_ps(c + 4 * NR, c40); _mm256_storeu_ps(c + 4 * NR + 8, c41);
+  _mm256_storeu_ps(c + 5 * NR, c50); _mm256_storeu_ps(c + 5 * NR + 8, c51);
+#else
+  float acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) acc[r][j] = accumulate ? c[r * NR + j] : 0.f;
+  for (int64_t p = 0; p < depth; ++p)
+    for (int r = 0; r < MR; ++r)
+      for (int j = 0; j < NR; ++j) acc[r][j] += a[p * MR + r] * b[p * NR + j];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NR; ++j) c[r * NR + j] = acc[r][j];
+#endif
+}
+
+template <typename T>
+float row_norm(const T* x, int64_t d) {
+  float s = 0.f;
+  for (int64_t i = 0; i < d; ++i) { const float v = to_float(x[i]); s += v * v; }
+  return std::sqrt(s);
+}
+
+// The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c.
+struct PackedCodebook {
+  int64_t panels;
+  std::vector<float> values;  // [panels][d][NR]
+  std::vector<float> bias;    // [panels * NR]: ||c||^2 (L2), 0 (cosine, codes pre-normalised), +inf padding
+};
+
+template <typename T>
+PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric metric) {
+  PackedCodebook packed{ceil_div(k, NR), {}, {}};
+  packed.values.assign(size_t(packed.panels * d * NR), 0.f);
+  packed.bias.assign(size_t(packed.panels * NR), std::numeric_limits<float>::infinity());
+  parallel_items(packed.panels, [&](int64_t panel) {
+    float* dst = packed.values.data() + panel * d * NR;
+    for (int64_t j = 0; j < NR && panel * NR + j < k; ++j) {
+      const int64_t code = panel * NR + j;
+      const T* src = codebook + code * d;
+      float scale = 1.f, sq = 0.f;
+      if (metric == Metric::Cosine) {
+        const float norm = row_norm(src, d);
+        scale = norm > 0.f ? 1.f / norm : 0.f;
+      }
+      for (int64_t p = 0; p < d; ++p) {
+        const float v = to_float(src[p]) * scale;
+        dst[p * NR + j] = v;
+        sq += v * v;
+      }
+      packed.bias[size_t(code)] = metric == Metric::L2 ? sq : 0.f;
+    }
+  });
+  return packed;
+}
+
+// Packs rows [row0, row0 + rows) of z into MR-row panels; missing rows of the last panel are zero.
+template <typename T>
+void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, float* dst) {
+  for (int64_t panel = 0; panel < ceil_div(rows, MR); ++panel) {
+    float* out = dst + panel * d * MR;
+    for (int64_t r = 0; r < MR; ++r) {
+      const int64_t row = panel * MR + r;
+      if (row < rows) {
+        const T* src = z + (row0 + row) * d;
+        for (int64_t p = 0; p < d; ++p) out[p * MR + r] = to_float(src[p]);
+      } else {
+        for (int64_t p = 0; p < d; ++p) out[p * MR + r] = 0.f;
+      }
+    }
+  }
+}
+
+struct Best {
+  float score;
+  int64_t index;
+};
+
+// Scans code panels [panel0, panel1) for rows [row0, row0 + rows) and writes each row's best score.
+template <typename T>
+void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t rows, int64_t d,
+                int64_t panel0, int64_t panel1, Best* best) {
+  const int64_t z_panels = ceil_div(rows, MR);
+  std::vector<float> zpack(size_t(z_panels * MR * d));
+  std::vector<float> tile(size_t(z_panels * MR * NR));
+  pack_rows(z, row0, rows, d, zpack.data());
+  for (int64_t r = 0; r < rows; ++r) best[r] = {std::numeric_limits<float>::infinity(), -1};
+
+  for (int64_t panel = panel0; panel < panel1; ++panel) {
+    const float* cpanel = codes.values.data() + panel * d * NR;
+    for (int64_t p0 = 0; p0 < d; p0 += KC) {
+      const int64_t depth = std::min(KC, d - p0);
+      for (int64_t zp = 0; zp < z_panels; ++zp)
+        micro_kernel(zpack.data() + zp * d * MR + p0 * MR, cpanel + p0 * NR, depth, p0 > 0,
+                     tile.data() + zp * MR * NR);
+    }
+    const float* bias = codes.bias.data() + panel * NR;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* dots = tile.data() + r * NR;
+      Best b = best[r];
+      for (int64_t j = 0; j < NR; ++j) {
+        const float score = bias[j] - 2.f * dots[j];
+        if (score < b.score) b = {score, panel * NR + j};  // strict: ties keep the lower index
+      }
+      best[r] = b;
+    }
+  }
+}
+
+template <typename T>
+int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, Metric metric,
+                int64_t* indices, float* distance) {
+  if (n == 0) return 0;
+  const PackedCodebook codes = pack_codebook(codebook, k, d, metric);
+
+  // Work items: row blocks x code ranges. Few rows (decode-sized calls) split the codebook instead so
+  // every core has work; the partial winners are merged in code order, which preserves lowest-index ties.
+  const int64_t row_blocks = ceil_div(n, MC);
+  const int64_t want = 4 * int64_t(num_threads());
+  const int64_t code_splits = row_blocks >= want ? 1 : std::min(codes.panels, ceil_div(want, row_blocks));
+  const int64_t panels_per_split = ceil_div(codes.panels, code_splits);
+  std::vector<Best> partial(size_t(code_splits * n));
+  parallel_items(row_blocks * code_splits, [&](int64_t item) {
+    const int64_t block = item / code_splits, split = item % code_splits;
+    const int64_t row0 = block * MC, rows = std::min(MC, n - row0);
+    const int64_t panel0 = split * panels_per_split;
+    const int64_t panel1 = std::min(codes.panels, panel0 + panels_per_split);
+    scan_block(z, codes, row0, rows, d, panel0, panel1, partial.data() + split * n + row0);
+  });
+
+  int64_t non_finite = 0;
+#pragma omp parallel for reduction(+ : non_finite) num_threads(num_threads()) if (n * d > 65536)
+  for (int64_t row = 0; row < n; ++row) {
+    Best b = partial[size_t(row)];
+    for (int64_t s = 1; s < code_splits; ++s) {
+      const Best& other = partial[size_t(s * n + row)];
+      if (other.score < b.score) b = other;
+    }
+    if (b.index < 0) {  // every score was NaN or +inf
+      ++non_finite;
+      indices[row] = 0;
+      distance[row] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    // Recompute the winner's distance directly: the expanded form cancels badly when z is close to c.
+    const T* zr = z + row * d;
+    const T* cr = codebook + b.index * d;
+    float acc = 0.f, zz = 0.f, cc = 0.f;
+    for (int64_t p = 0; p < d; ++p) {
+      const float zv = to_float(zr[p]), cv = to_float(cr[p]);
+      if (metric == Metric::L2) {
+        acc += (zv - cv) * (zv - cv);
+      } else {
+        acc += zv * cv; zz += zv * zv; cc += cv * cv;
+      }
+    }
+    indices[row] = b.index;
+    distance[row] = metric == Metric::L2 ? acc
+                    : (zz > 0.f && cc > 0.f) ? 1.f - acc / (std::sqrt(zz) * std::sqrt(cc)) : 1.f;
+  }
+  return non_finite;
+}
+
+}  // namespace
+
+int64_t nearest_cpu(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
+                    Metric metric, int64_t* indices, float* distance) {
+  return dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return nearest(static_cast<const T*>(z), static_cast<const T*>(codebook), n, k, d, metric, indices,
+                   distance);
+  });
+}
+
+int64_t embed_cpu(DType dtype, const int64_t* indices, const void* codebook, int64_t n, int64_t k, int64_t d,
+                  void* out) {
+  return dispatch_float(dtype, [&](auto tag) -> int64_t {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(codebook);
+    T* dst = static_cast<T*>(out);
+    for (int64_t i = 0; i < n; ++i)
+      if (indices[i] < 0 || indices[i] >= k) return i;
+    parallel_items(ceil_div(n, 256), [&](int64_t block) {
+      for (int64_t i = block * 256; i < std::min(n, block * 256 + 256); ++i)
+        std::copy(src + indices[i] * d, src + (indices[i] + 1) * d, dst + i * d);
+    });
+    return -1;
+  });
+}
+
+}  // namespace cm3leon::vq

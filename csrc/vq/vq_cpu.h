@@ -1,0 +1,21 @@
+// Fused VQ codebook lookup on the CPU (torch-free). See DESIGN.md "VQ codebook lookup".
+#pragma once
+#include <cstdint>
+#include "common/dtype.h"
+
+namespace cm3leon::vq {
+
+enum class Metric { L2, Cosine };
+
+// For each of the n rows of z [n, d] finds the nearest of the k codebook rows [k, d] (ties: lowest index).
+// Writes indices[n] and distance[n]: squared euclidean distance (L2) or 1 - cosine similarity (Cosine).
+// Never forms the n x k distance matrix. Returns the number of rows whose distances were all NaN/inf
+// (their outputs are unspecified), so the caller can reject non-finite input without a separate pass.
+int64_t nearest_cpu(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
+                    Metric metric, int64_t* indices, float* distance);
+
+// out[i, :] = codebook[indices[i], :]. Returns the position of the first index outside [0, k), or -1.
+int64_t embed_cpu(DType dtype, const int64_t* indices, const void* codebook, int64_t n, int64_t k, int64_t d,
+                  void* out);
+
+}  // namespace cm3leon::vq
