@@ -197,12 +197,13 @@ int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, 
       distance[row] = std::numeric_limits<float>::quiet_NaN();
       continue;
     }
-    // Recompute the winner's distance directly: the expanded form cancels badly when z is close to c.
+    // Recompute the winner's distance directly (the expanded form cancels badly when z is close to c), in
+    // double: one O(d) pass per row, and the result is then correctly rounded to fp32 in practice.
     const T* zr = z + row * d;
     const T* cr = codebook + b.index * d;
-    float acc = 0.f, zz = 0.f, cc = 0.f;
+    double acc = 0.0, zz = 0.0, cc = 0.0;
     for (int64_t p = 0; p < d; ++p) {
-      const float zv = to_float(zr[p]), cv = to_float(cr[p]);
+      const double zv = to_float(zr[p]), cv = to_float(cr[p]);
       if (metric == Metric::L2) {
         acc += (zv - cv) * (zv - cv);
       } else {
@@ -210,8 +211,8 @@ int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, 
       }
     }
     indices[row] = b.index;
-    distance[row] = metric == Metric::L2 ? acc
-                    : (zz > 0.f && cc > 0.f) ? 1.f - acc / (std::sqrt(zz) * std::sqrt(cc)) : 1.f;
+    distance[row] = float(metric == Metric::L2 ? acc
+                          : (zz > 0.0 && cc > 0.0) ? 1.0 - acc / (std::sqrt(zz) * std::sqrt(cc)) : 1.0);
   }
   return non_finite;
 }
