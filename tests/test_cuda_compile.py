@@ -62,3 +62,43 @@ def test_cuda_sources_compile_for_sm80_and_sm90a(tmp_path):
         results = list(pool.map(compile_one, CUDA_SOURCES))
     failures = [f"{src.relative_to(CSRC)}:\n{proc.stderr[-3000:]}" for src, proc in results if proc.returncode]
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
+
+
+def _cuda_include() -> Path | None:
+    nvcc = _nvcc()
+    if nvcc is None:
+        return None
+    for root in (Path(nvcc).resolve().parents[1], Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))):
+        if (root / "include" / "cuda_runtime_api.h").exists():
+            return root / "include"
+    return None
+
+
+CUDA_GLUE = sorted(CSRC.rglob("*_cuda_launch.cpp")) + [CSRC / "ops.cpp"]
+
+
+@pytest.mark.skipif(_cuda_include() is None, reason="CUDA toolkit headers not found")
+def test_cuda_launchers_compile_against_torch_headers(tmp_path):
+    """The at::Tensor glue of the CUDA kernels (built only with a CUDA torch) type-checks here too.
+
+    A CPU torch wheel ships the c10/cuda headers but not the one CMake generates for CUDA builds; a stand-in
+    with the same content is provided.
+    """
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [f"-I{p}" for p in (CSRC, *cpp_extension.include_paths(), tmp_path, _cuda_include(),
+                                    sysconfig.get_paths()["include"])]
+
+    def check(source: Path) -> tuple[Path, subprocess.CompletedProcess]:
+        cmd = ["c++", "-std=c++20", "-fsyntax-only", "-DCM3LEON_WITH_CUDA=1", *includes, str(source)]
+        return source, subprocess.run(cmd, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(pool.map(check, CUDA_GLUE))
+    failures = [f"{src.relative_to(CSRC)}:\n{proc.stderr[-3000:]}" for src, proc in results if proc.returncode]
+    assert not failures, "CUDA glue does not compile:\n" + "\n".join(failures)

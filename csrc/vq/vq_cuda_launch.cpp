@@ -1,4 +1,4 @@
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,7 +23,7 @@ at::Tensor embed_cuda_launch(const at::Tensor& indices, const at::Tensor& codebo
   const cudaError_t err = embed_cuda(float_dtype(codebook, "codebook"), indices.data_ptr<int64_t>(),
                                      codebook.data_ptr(), indices.size(0), codebook.size(0), codebook.size(1),
                                      out.data_ptr(), reinterpret_cast<long long*>(bad.data_ptr<int64_t>()),
-                                     at::cuda::getCurrentCUDAStream());
+                                     c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "vq_embed CUDA launch failed: ", cudaGetErrorString(err));
   // One scalar read keeps the out-of-range check exact; it is the only sync of the op.
   const int64_t first_bad = bad.item<int64_t>();
