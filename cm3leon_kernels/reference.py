@@ -82,11 +82,14 @@ def _top_k_threshold(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _top_p_threshold(z: torch.Tensor, p: float) -> torch.Tensor:
-    """Keeps token x iff the probability of the tokens with a strictly larger logit is < p."""
+    """Keeps token x iff the probability of the tokens with a strictly larger logit is < p (ties kept)."""
     if p >= 1.0:
         return z
     probs = torch.softmax(z, dim=-1)
-    above = torch.stack([(probs[b] * (z[b][None, :] > z[b][:, None])).sum(-1) for b in range(z.shape[0])])
+    sorted_z, order = z.sort(dim=-1)
+    cum = probs.gather(-1, order).cumsum(dim=-1)
+    at_most = torch.searchsorted(sorted_z, z, right=True)  # tokens with a logit <= z_x, x included
+    above = cum[:, -1:] - cum.gather(-1, at_most - 1)
     return z.masked_fill(above >= p, -math.inf)
 
 
@@ -96,7 +99,7 @@ def cfg_probs(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] |
               ) -> torch.Tensor:
     """The exact float64 distribution ``[B, V]`` that ``cfg_sample`` draws from (one-hot for greedy).
 
-    O(V^2) per row (top-p by pairwise comparison, so ties follow the kernel's threshold rule): small V only.
+    Every filter is a threshold on the tempered logits (ties at a boundary are kept), as in the kernel.
     """
     z = _restrict(cfg_mix(logits, guidance_scale), allowed_range, allowed_mask)
     if temperature == 0:

@@ -136,29 +136,32 @@ def test_cfg_exact_draw_large_vocab(opts):
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(batch, 2, vocab, generator=g) * 2
     logits[:, :, 100:140] += 6  # a head of likely tokens, as in real LM outputs
+    if opts.pop("integer_logits", False):
+        logits = logits.round()
     if opts.get("allowed_mask"):
         opts["allowed_mask"] = torch.rand(batch, vocab, generator=g) < 0.7
     tokens = cfg_sample(logits, guidance_scale=2.5, seed=seed, step=step, **opts)
-    probs = _large_probs(logits, 2.5, **opts)
+    probs = reference.cfg_probs(logits, guidance_scale=2.5, **opts)
     u = torch.tensor([_C.philox_uniform(seed, r, step) for r in range(batch)], dtype=torch.float64)
     expected, safe = _inverse_cdf(probs, u)
     assert safe.all()
     assert torch.equal(tokens, expected)
 
 
-def _large_probs(logits, scale, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, allowed_range=None,
-                 allowed_mask=None):
-    """cfg_probs with top-p done by sorting (O(V log V)), valid when no two logits tie (random floats)."""
-    z = reference._restrict(reference.cfg_mix(logits, scale), allowed_range, allowed_mask) / temperature
-    z = reference._top_k_threshold(z, top_k)
-    if top_p < 1:
-        probs = torch.softmax(z, -1)
-        sp, order = probs.sort(-1, descending=True)
-        above = sp.cumsum(-1) - sp
-        z = z.masked_fill((above >= top_p).scatter(1, order, above >= top_p), -math.inf)
-    if min_p > 0:
-        z = z.masked_fill(z < z.max(-1, keepdim=True).values + math.log(min_p), -math.inf)
-    return torch.softmax(z, -1)
+@pytest.mark.parametrize("opts", [dict(alpha=0.01, k=5), dict(alpha=0.1, k=1, temperature=0.7, amateur_temperature=0.5)],
+                         ids=str)
+def test_contrastive_exact_draw_large_vocab(opts):
+    batch, vocab, seed, step = 16, 16411, 5, 9
+    g = torch.Generator().manual_seed(6)
+    expert, amateur = torch.randn(2, batch, vocab, generator=g) * 2
+    expert[:, 200:260] += 5
+    seeds = torch.arange(batch, dtype=torch.int64) + 1000
+    tokens = contrastive_sample(expert, amateur, seed=seeds, step=step, **opts)
+    probs = reference.contrastive_probs(expert, amateur, **opts)
+    u = torch.tensor([_C.philox_uniform(1000 + r, 0, step) for r in range(batch)], dtype=torch.float64)
+    expected, safe = _inverse_cdf(probs, u)
+    assert safe.all()
+    assert torch.equal(tokens, expected)
 
 
 def test_philox_known_answers():
@@ -197,17 +200,28 @@ def test_per_row_seed_batch_invariance():
     assert torch.equal(contrastive_sample(e[perm], a[perm], k=3, seed=seeds[perm], step=2), cd[perm])
 
 
-def test_thread_count_invariance():
-    x = _logits(2, batch=9, vocab=20000, seed=3)
+@pytest.mark.parametrize("opts", [dict(top_p=0.95), dict(top_k=30, min_p=0.01), dict(temperature=0.0)], ids=str)
+def test_thread_count_invariance(opts):
+    """Same tokens with 1 or 2 threads, and for a row alone (B = 1 splits the row over threads) or in a batch
+    (rows over threads)."""
+    x = _logits(2, batch=5, vocab=40000, seed=3)
+    seeds = torch.arange(5, dtype=torch.int64) * 3 + 1
     prev = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = cfg_sample(x, guidance_scale=2.0, top_p=0.95, seed=1, step=0)
-        torch.set_num_threads(max(2, prev))
-        many = cfg_sample(x, guidance_scale=2.0, top_p=0.95, seed=1, step=0)
+        for threads in (1, max(2, prev)):
+            torch.set_num_threads(threads)
+            batch = cfg_sample(x, guidance_scale=2.0, seed=seeds, step=0, **opts)
+            alone = torch.cat([cfg_sample(x[r:r + 1], guidance_scale=2.0, seed=seeds[r:r + 1], step=0, **opts)
+                               for r in range(5)])
+            cd = contrastive_sample(x[:, 1], x[:, 0], k=4, seed=seeds, step=0)
+            cd_alone = torch.cat([contrastive_sample(x[r:r + 1, 1], x[r:r + 1, 0], k=4, seed=seeds[r:r + 1], step=0)
+                                  for r in range(5)])
+            assert torch.equal(batch, alone) and torch.equal(cd, cd_alone)
+            results.append((batch, cd))
     finally:
         torch.set_num_threads(prev)
-    assert torch.equal(one, many)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

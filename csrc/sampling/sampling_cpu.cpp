@@ -377,11 +377,11 @@ ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t b
   return st;
 }
 
-// Runs chunk(begin, end) over the dense row, recording chunk maxima; returns the row's totals.
+// Runs chunk(begin, end) over chunks [c0, c1) of the dense row, recording chunk maxima; returns the totals.
 template <typename ChunkFn>
-ChunkStats dense_pass(Workspace& ws, int64_t n, const ChunkFn& chunk) {
+ChunkStats dense_pass(Workspace& ws, int64_t n, int64_t c0, int64_t c1, const ChunkFn& chunk) {
   ChunkStats total{-kInf, 0, false};
-  for (int64_t c = 0; c < ceil_div(n, kChunk); ++c) {
+  for (int64_t c = c0; c < c1; ++c) {
     const ChunkStats st = chunk(c * kChunk, std::min(n, (c + 1) * kChunk));
     ws.chunk_max[c] = st.max;
     total.max = std::max(total.max, st.max);
@@ -400,114 +400,181 @@ float kth_largest(Workspace& ws, int64_t n, int64_t k, float max) {
   return select_threshold(ws.value.data(), nullptr, m, double(k), ws);
 }
 
-// ---- rows ----------------------------------------------------------------------------------------------
+// ---- rows: a dense phase (splittable over chunk ranges) and a finishing phase ---------------------------
 
-template <typename T>
-RowStatus cfg_row(const T* logits, int64_t r, int64_t row_stride, int64_t stream_stride, const CfgOptions& o,
-                  const Vocab& allowed, const SeedSpec& seeds, Workspace& ws, int64_t* tokens, float* logprobs) {
-  const int64_t lo = allowed.range_lo, n = allowed.range_hi - lo;
-  const T* row = logits + r * row_stride + lo;
-  const T* src[3] = {row, row + stream_stride, row + 2 * stream_stride};
-  const bool* mask = allowed.mask ? allowed.mask + r * allowed.mask_row_stride + lo : nullptr;
-  const MixParams p{o.scale0, o.scale1, o.temperature > 0.f ? 1.f / o.temperature : 1.f};
-  float* z = ws.z.data();
-  const ChunkStats st = dense_pass(ws, n, [&](int64_t b, int64_t e) {
-    switch (o.streams) {
-      case 1: return cfg_chunk<1>(src, mask, b, e, p, z);
-      case 2: return cfg_chunk<2>(src, mask, b, e, p, z);
-      default: return cfg_chunk<3>(src, mask, b, e, p, z);
-    }
-  });
-  if (st.bad) return RowStatus::NonFinite;
-  if (st.count == 0) return RowStatus::EmptyRow;
-  if (o.temperature == 0.f) {  // greedy: every filter keeps the max, so this is the argmax of the mix
-    tokens[r] = lo + first_argmax(ws, z, n, st.max);
+// The row's answer: greedy when temperature is 0, else an inverse-CDF draw under threshold t.
+RowStatus finish_row(Workspace& ws, int64_t r, int64_t lo, int64_t n, bool greedy, float t, float max,
+                     const SeedSpec& seeds, int64_t* tokens, float* logprobs) {
+  if (greedy) {
+    tokens[r] = lo + first_argmax(ws, ws.z.data(), n, max);
     if (logprobs) logprobs[r] = 0.f;
     return RowStatus::Ok;
   }
-  float t = -kInf;
-  int64_t m = -1;  // collected candidates in ws.value (-1: none yet)
-  if (o.top_k > 0 && o.top_k < st.count) {
-    const int64_t chunks = ceil_div(n, kChunk);
-    const float bound =
-        o.top_k <= chunks ? select_threshold(ws.chunk_max.data(), nullptr, chunks, double(o.top_k), ws) : -kInf;
-    m = collect(ws, n, bound);
-    t = select_threshold(ws.value.data(), nullptr, m, double(o.top_k), ws);
-  }
-  if (o.top_p < 1.0) {
-    double mass;
-    if (m >= 0) {
-      m = keep_at_least(ws.value.data(), m, t);
-      mass = weigh(ws.value.data(), m, st.max, ws.weight.data());
-    } else {
-      mass = dense_weights(ws, z, n, -kInf, st.max);
-      // Tokens below this bound hold less than (1 - p) of the mass together: the boundary lies above it.
-      const double spare = 0.5 * (1.0 - o.top_p) * mass / double(st.count);
-      m = collect(ws, n, float_at_least(double(st.max) + std::log(spare)));
-      weigh(ws.value.data(), m, st.max, ws.weight.data());
-    }
-    t = std::max(t, select_threshold(ws.value.data(), ws.weight.data(), m, o.top_p * mass, ws));
-  }
-  if (o.min_p > 0.0) t = std::max(t, float_at_least(double(st.max) + std::log(o.min_p)));
-  const Draw d = draw_dense(ws, z, n, t, st.max, row_uniform(seeds, r));
+  const Draw d = draw_dense(ws, ws.z.data(), n, t, max, row_uniform(seeds, r));
   tokens[r] = lo + d.token;
   if (logprobs) logprobs[r] = d.logprob;
   return RowStatus::Ok;
 }
 
 template <typename T>
-RowStatus contrastive_row(const T* expert, const T* amateur, int64_t r, int64_t e_stride, int64_t a_stride,
-                          const ContrastiveOptions& o, const Vocab& allowed, const SeedSpec& seeds,
-                          Workspace& ws, int64_t* tokens, float* logprobs) {
-  const int64_t lo = allowed.range_lo, n = allowed.range_hi - lo;
-  const T* e = expert + r * e_stride + lo;
-  const T* a = amateur + r * a_stride + lo;
-  const bool* mask = allowed.mask ? allowed.mask + r * allowed.mask_row_stride + lo : nullptr;
-  const float inv_ta = 1.f / o.amateur_temperature;
-  float* z = ws.z.data();
-  float* score = ws.score.data();
-  const ChunkStats st =
-      dense_pass(ws, n, [&](int64_t b, int64_t end) { return contrastive_chunk(e, a, mask, b, end, inv_ta, z, score); });
-  if (st.bad) return RowStatus::NonFinite;
-  if (st.count == 0) return RowStatus::EmptyRow;
-  // Head set: p_exp(x) >= alpha * p_exp(k-th) <=> expert_x >= expert_(k) + log(alpha) (normalisers cancel).
-  const float kth = kth_largest(ws, n, std::min(o.k, st.count), st.max);
-  const float head = o.alpha > 0.0 ? float_at_least(double(kth) + std::log(o.alpha)) : -kInf;
-  // Final scores over the head set (overwriting z), with their chunk maxima.
-  const float inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
-  const ChunkStats fin = dense_pass(ws, n, [&](int64_t b, int64_t end) {
-    ChunkStats s{-kInf, 0, false};
-    for (int64_t i = b; i < end; ++i) {
-      z[i] = (z[i] >= head) & (z[i] > -kInf) ? score[i] * inv_t : -kInf;
-      s.max = std::max(s.max, z[i]);
-    }
-    return s;
-  });
-  if (o.temperature == 0.f) {
-    tokens[r] = lo + first_argmax(ws, z, n, fin.max);
-    if (logprobs) logprobs[r] = 0.f;
-    return RowStatus::Ok;
-  }
-  const Draw d = draw_dense(ws, z, n, -kInf, fin.max, row_uniform(seeds, r));
-  tokens[r] = lo + d.token;
-  if (logprobs) logprobs[r] = d.logprob;
-  return RowStatus::Ok;
-}
+struct CfgJob {
+  const T* logits;
+  int64_t row_stride, stream_stride;
+  const CfgOptions& o;
+  const Vocab& allowed;
+  const SeedSpec& seeds;
+  int64_t* tokens;
+  float* logprobs;
 
-// Runs row(r, workspace) for every row in parallel; collects the first failing row.
-template <typename RowFn>
-RowError for_each_row(int64_t batch, int64_t vocab, bool contrastive, const RowFn& row) {
+  int64_t width() const { return allowed.range_hi - allowed.range_lo; }
+
+  ChunkStats dense(int64_t r, Workspace& ws, int64_t c0, int64_t c1) const {
+    const int64_t lo = allowed.range_lo;
+    const T* row = logits + r * row_stride + lo;
+    const T* src[3] = {row, row + stream_stride, row + 2 * stream_stride};
+    const bool* mask = allowed.mask ? allowed.mask + r * allowed.mask_row_stride + lo : nullptr;
+    const MixParams p{o.scale0, o.scale1, o.temperature > 0.f ? 1.f / o.temperature : 1.f};
+    float* z = ws.z.data();
+    return dense_pass(ws, width(), c0, c1, [&](int64_t b, int64_t e) {
+      switch (o.streams) {
+        case 1: return cfg_chunk<1>(src, mask, b, e, p, z);
+        case 2: return cfg_chunk<2>(src, mask, b, e, p, z);
+        default: return cfg_chunk<3>(src, mask, b, e, p, z);
+      }
+    });
+  }
+
+  RowStatus finish(int64_t r, Workspace& ws, const ChunkStats& st) const {
+    const int64_t n = width();
+    if (st.bad) return RowStatus::NonFinite;
+    if (st.count == 0) return RowStatus::EmptyRow;
+    // Greedy needs no threshold: every filter keeps the max, so it is the argmax of the mix.
+    const bool greedy = o.temperature == 0.f;
+    float t = -kInf;
+    int64_t m = -1;  // collected candidates in ws.value (-1: none yet)
+    if (!greedy && o.top_k > 0 && o.top_k < st.count) {
+      const int64_t chunks = ceil_div(n, kChunk);
+      const float bound =
+          o.top_k <= chunks ? select_threshold(ws.chunk_max.data(), nullptr, chunks, double(o.top_k), ws) : -kInf;
+      m = collect(ws, n, bound);
+      t = select_threshold(ws.value.data(), nullptr, m, double(o.top_k), ws);
+    }
+    if (!greedy && o.top_p < 1.0) {
+      double mass;
+      if (m >= 0) {
+        m = keep_at_least(ws.value.data(), m, t);
+        mass = weigh(ws.value.data(), m, st.max, ws.weight.data());
+      } else {
+        mass = dense_weights(ws, ws.z.data(), n, -kInf, st.max);
+        // Tokens below this bound hold less than (1 - p) of the mass together: the boundary lies above it.
+        const double spare = 0.5 * (1.0 - o.top_p) * mass / double(st.count);
+        m = collect(ws, n, float_at_least(double(st.max) + std::log(spare)));
+        weigh(ws.value.data(), m, st.max, ws.weight.data());
+      }
+      t = std::max(t, select_threshold(ws.value.data(), ws.weight.data(), m, o.top_p * mass, ws));
+    }
+    if (o.min_p > 0.0) t = std::max(t, float_at_least(double(st.max) + std::log(o.min_p)));
+    return finish_row(ws, r, allowed.range_lo, n, greedy, t, st.max, seeds, tokens, logprobs);
+  }
+};
+
+template <typename T>
+struct ContrastiveJob {
+  const T* expert;
+  const T* amateur;
+  int64_t e_stride, a_stride;
+  const ContrastiveOptions& o;
+  const Vocab& allowed;
+  const SeedSpec& seeds;
+  int64_t* tokens;
+  float* logprobs;
+
+  int64_t width() const { return allowed.range_hi - allowed.range_lo; }
+
+  ChunkStats dense(int64_t r, Workspace& ws, int64_t c0, int64_t c1) const {
+    const int64_t lo = allowed.range_lo;
+    const T* e = expert + r * e_stride + lo;
+    const T* a = amateur + r * a_stride + lo;
+    const bool* mask = allowed.mask ? allowed.mask + r * allowed.mask_row_stride + lo : nullptr;
+    const float inv_ta = 1.f / o.amateur_temperature;
+    float* z = ws.z.data();
+    float* score = ws.score.data();
+    return dense_pass(ws, width(), c0, c1,
+                      [&](int64_t b, int64_t end) { return contrastive_chunk(e, a, mask, b, end, inv_ta, z, score); });
+  }
+
+  RowStatus finish(int64_t r, Workspace& ws, const ChunkStats& st) const {
+    const int64_t n = width();
+    if (st.bad) return RowStatus::NonFinite;
+    if (st.count == 0) return RowStatus::EmptyRow;
+    // Head set: p_exp(x) >= alpha * p_exp(k-th) <=> expert_x >= expert_(k) + log(alpha) (normalisers cancel).
+    const float kth = kth_largest(ws, n, std::min(o.k, st.count), st.max);
+    const float head = o.alpha > 0.0 ? float_at_least(double(kth) + std::log(o.alpha)) : -kInf;
+    // Final scores over the head set replace z, with their chunk maxima.
+    const float inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
+    float* z = ws.z.data();
+    const float* score = ws.score.data();
+    const ChunkStats fin = dense_pass(ws, n, 0, ceil_div(n, kChunk), [&](int64_t b, int64_t end) {
+      ChunkStats s{-kInf, 0, false};
+      for (int64_t i = b; i < end; ++i) {
+        z[i] = (z[i] >= head) & (z[i] > -kInf) ? score[i] * inv_t : -kInf;
+        s.max = std::max(s.max, z[i]);
+      }
+      return s;
+    });
+    return finish_row(ws, r, allowed.range_lo, n, o.temperature == 0.f, -kInf, fin.max, seeds, tokens, logprobs);
+  }
+};
+
+constexpr int64_t kMinChunksPerSplit = 128;  // 8192 tokens: below this a split costs more than it saves
+
+// Runs every row's job in parallel. Batches with fewer rows than threads also split each row's dense pass
+// over chunk ranges (the rest of a row is cheap); chunk-local work is identical either way, so the tokens
+// do not depend on the thread count.
+template <typename Job>
+RowError run_rows(int64_t batch, bool contrastive, const Job& job) {
   std::vector<RowStatus> status(size_t(batch), RowStatus::Ok);
-  parallel_items(batch, [&](int64_t r) {
-    thread_local Workspace ws;
+  const int64_t n = job.width(), chunks = ceil_div(n, kChunk);
+  const int64_t threads = num_threads();
+  const int64_t splits = batch >= threads ? 1 : std::min(ceil_div(threads, batch), chunks / kMinChunksPerSplit);
+  if (splits <= 1) {
+    parallel_items(batch, [&](int64_t r) {
+      thread_local Workspace ws;
+      try {
+        ws.reserve(n, contrastive);
+      } catch (const std::bad_alloc&) {
+        status[size_t(r)] = RowStatus::OutOfMemory;
+        return;
+      }
+      status[size_t(r)] = job.finish(r, ws, job.dense(r, ws, 0, chunks));
+    });
+  } else {
+    thread_local std::vector<Workspace> spaces;  // the calling thread's, reused across calls
+    std::vector<ChunkStats> partial(size_t(batch * splits));
     try {
-      ws.reserve(vocab, contrastive);
+      if (int64_t(spaces.size()) < batch) spaces.resize(size_t(batch));
+      for (int64_t r = 0; r < batch; ++r) spaces[size_t(r)].reserve(n, contrastive);
     } catch (const std::bad_alloc&) {
-      status[size_t(r)] = RowStatus::OutOfMemory;
-      return;
+      return {0, RowStatus::OutOfMemory};
     }
-    status[size_t(r)] = row(r, ws);
-  });
+    // A plain pointer: inside the parallel lambdas the name `spaces` would mean each worker's own instance.
+    Workspace* const row_ws = spaces.data();
+    const int64_t per_split = ceil_div(chunks, splits);
+    parallel_items(batch * splits, [&](int64_t item) {
+      const int64_t r = item / splits, c0 = (item % splits) * per_split;
+      partial[size_t(item)] = job.dense(r, row_ws[r], c0, std::min(chunks, c0 + per_split));
+    });
+    parallel_items(batch, [&](int64_t r) {
+      ChunkStats st{-kInf, 0, false};
+      for (int64_t s = 0; s < splits; ++s) {
+        const ChunkStats& p = partial[size_t(r * splits + s)];
+        st.max = std::max(st.max, p.max);
+        st.count += p.count;
+        st.bad |= p.bad;
+      }
+      status[size_t(r)] = job.finish(r, row_ws[r], st);
+    });
+  }
   for (int64_t r = 0; r < batch; ++r)
     if (status[size_t(r)] != RowStatus::Ok) return {r, status[size_t(r)]};
   return {-1, RowStatus::Ok};
@@ -518,12 +585,12 @@ RowError for_each_row(int64_t batch, int64_t vocab, bool contrastive, const RowF
 RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t vocab, int64_t row_stride,
                         int64_t stream_stride, const CfgOptions& options, const Vocab& allowed,
                         const SeedSpec& seeds, int64_t* tokens, float* logprobs) {
+  (void)vocab;
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* x = static_cast<const T*>(logits);
-    return for_each_row(batch, vocab, false, [&](int64_t r, Workspace& ws) {
-      return cfg_row(x, r, row_stride, stream_stride, options, allowed, seeds, ws, tokens, logprobs);
-    });
+    const CfgJob<T> job{static_cast<const T*>(logits), row_stride, stream_stride, options, allowed, seeds, tokens,
+                        logprobs};
+    return run_rows(batch, false, job);
   });
 }
 
@@ -531,14 +598,12 @@ RowError contrastive_sample_cpu(DType dtype, const void* expert, const void* ama
                                 int64_t vocab, int64_t expert_row_stride, int64_t amateur_row_stride,
                                 const ContrastiveOptions& options, const Vocab& allowed, const SeedSpec& seeds,
                                 int64_t* tokens, float* logprobs) {
+  (void)vocab;
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* e = static_cast<const T*>(expert);
-    const T* a = static_cast<const T*>(amateur);
-    return for_each_row(batch, vocab, true, [&](int64_t r, Workspace& ws) {
-      return contrastive_row(e, a, r, expert_row_stride, amateur_row_stride, options, allowed, seeds, ws,
-                             tokens, logprobs);
-    });
+    const ContrastiveJob<T> job{static_cast<const T*>(expert), static_cast<const T*>(amateur), expert_row_stride,
+                                amateur_row_stride, options, allowed, seeds, tokens, logprobs};
+    return run_rows(batch, true, job);
   });
 }
 
