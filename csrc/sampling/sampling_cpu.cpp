@@ -197,7 +197,7 @@ float chunk_weight(const float* z, int64_t begin, int64_t end, float t, float ma
 double dense_weights(Workspace& ws, const float* z, int64_t n, float t, float max) {
   double total = 0.0;
   for (int64_t c = 0; c < ceil_div(n, kChunk); ++c) {
-    const float s = ws.chunk_max[c] >= t ? chunk_weight(z, c * kChunk, std::min(n, (c + 1) * kChunk), t, max) : 0.f;
+    const float s = ws.chunk_max[c] >= t && ws.chunk_max[c] > -kInf ? chunk_weight(z, c * kChunk, std::min(n, (c + 1) * kChunk), t, max) : 0.f;
     ws.chunk_sum[c] = s;
     total += s;
   }
@@ -377,6 +377,31 @@ ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t b
   return st;
 }
 
+// z[i] = score[i] / T on the head set (z >= head, finite), -inf elsewhere; returns the chunk's max.
+ChunkStats head_scores(float* z, const float* score, int64_t begin, int64_t end, float head, float inv_t) {
+  float max = -kInf;
+  int64_t i = begin;
+#if CM3LEON_SAMPLING_AVX2
+  if (end - begin == kChunk) {
+    const __m256 h = _mm256_set1_ps(head), ninf = _mm256_set1_ps(-kInf), it = _mm256_set1_ps(inv_t);
+    __m256 vmax = ninf;
+    for (; i < end; i += 8) {
+      const __m256 x = _mm256_loadu_ps(z + i);
+      const __m256 in = _mm256_and_ps(_mm256_cmp_ps(x, h, _CMP_GE_OQ), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ));
+      const __m256 v = _mm256_blendv_ps(ninf, _mm256_mul_ps(_mm256_loadu_ps(score + i), it), in);
+      _mm256_storeu_ps(z + i, v);
+      vmax = _mm256_max_ps(vmax, v);
+    }
+    max = simd::hmax(vmax);
+  }
+#endif
+  for (; i < end; ++i) {
+    z[i] = (z[i] >= head) & (z[i] > -kInf) ? score[i] * inv_t : -kInf;
+    max = std::max(max, z[i]);
+  }
+  return {max, 0, false};
+}
+
 // Runs chunk(begin, end) over chunks [c0, c1) of the dense row, recording chunk maxima; returns the totals.
 template <typename ChunkFn>
 ChunkStats dense_pass(Workspace& ws, int64_t n, int64_t c0, int64_t c1, const ChunkFn& chunk) {
@@ -514,14 +539,8 @@ struct ContrastiveJob {
     const float inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
     float* z = ws.z.data();
     const float* score = ws.score.data();
-    const ChunkStats fin = dense_pass(ws, n, 0, ceil_div(n, kChunk), [&](int64_t b, int64_t end) {
-      ChunkStats s{-kInf, 0, false};
-      for (int64_t i = b; i < end; ++i) {
-        z[i] = (z[i] >= head) & (z[i] > -kInf) ? score[i] * inv_t : -kInf;
-        s.max = std::max(s.max, z[i]);
-      }
-      return s;
-    });
+    const ChunkStats fin = dense_pass(ws, n, 0, ceil_div(n, kChunk),
+                                      [&](int64_t b, int64_t end) { return head_scores(z, score, b, end, head, inv_t); });
     return finish_row(ws, r, allowed.range_lo, n, o.temperature == 0.f, -kInf, fin.max, seeds, tokens, logprobs);
   }
 };
