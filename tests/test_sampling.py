@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cm3leon_kernels import _C, cfg_sample, contrastive_sample, reference
 
@@ -162,6 +164,61 @@ def test_contrastive_exact_draw_large_vocab(opts):
     expected, safe = _inverse_cdf(probs, u)
     assert safe.all()
     assert torch.equal(tokens, expected)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 5), streams=st.sampled_from([1, 2, 3]), vocab=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       temperature=st.sampled_from([0.0, 0.5, 1.0, 2.0]), top_k=st.integers(0, 40),
+       top_p=st.sampled_from([1.0, 0.3, 0.9]), min_p=st.sampled_from([0.0, 0.1]),
+       integer_logits=st.booleans(), data=st.data())
+def test_cfg_matches_reference_draw_property(batch, streams, vocab, dtype, temperature, top_k, top_p, min_p,
+                                             integer_logits, data):
+    """Random shapes and options: every token equals the float64 inverse-CDF draw with the row's uniform
+    (rows whose uniform or top-p mass lies within float rounding of a boundary are skipped)."""
+    lo = data.draw(st.integers(0, vocab - 1))
+    hi = data.draw(st.integers(lo + 1, vocab))
+    scales = {1: None, 2: 2.0, 3: (1.5, 3.0)}[streams]
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    x = torch.randn(batch, streams, vocab, generator=g) * 2
+    x = (x.round() if integer_logits else x).to(dtype)
+    opts = dict(temperature=temperature, top_k=min(top_k, vocab), top_p=top_p, min_p=min_p, allowed_range=(lo, hi))
+    tokens, logprobs = cfg_sample(x, guidance_scale=scales, seed=77, step=5, return_logprobs=True, **opts)
+    probs = reference.cfg_probs(x, guidance_scale=scales, **opts)
+    assert torch.all((tokens >= lo) & (tokens < hi))
+    if temperature == 0:
+        assert torch.equal(tokens, probs.argmax(-1))
+        return
+    u = torch.tensor([_C.philox_uniform(77, r, 5) for r in range(batch)], dtype=torch.float64)
+    expected, safe = _inverse_cdf(probs, u)
+    if top_p < 1:  # the kept set must not hinge on float rounding of the nucleus mass
+        for near in (top_p - 1e-5, min(top_p + 1e-5, 1.0)):
+            other = reference.cfg_probs(x, guidance_scale=scales, **{**opts, "top_p": near})
+            safe &= ((other > 0) == (probs > 0)).all(-1)
+    assert torch.equal(tokens[safe], expected[safe])
+    torch.testing.assert_close(logprobs[safe].double(), probs[safe].log().gather(1, tokens[safe, None])[:, 0],
+                               atol=2e-4, rtol=0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 4), vocab=st.integers(1, 300), k=st.integers(1, 20),
+       alpha=st.sampled_from([0.0, 0.05, 0.3, 1.0]), temperature=st.sampled_from([0.0, 0.7, 1.0]),
+       amateur_temperature=st.sampled_from([0.5, 1.0]), integer_logits=st.booleans(), seed=st.integers(0, 2**31))
+def test_contrastive_matches_reference_draw_property(batch, vocab, k, alpha, temperature, amateur_temperature,
+                                                     integer_logits, seed):
+    g = torch.Generator().manual_seed(seed)
+    expert, amateur = torch.randn(2, batch, vocab, generator=g) * 2
+    if integer_logits:
+        expert, amateur = expert.round(), amateur.round()
+    opts = dict(alpha=alpha, k=min(k, vocab), temperature=temperature, amateur_temperature=amateur_temperature)
+    tokens = contrastive_sample(expert, amateur, seed=3, step=1, **opts)
+    probs = reference.contrastive_probs(expert, amateur, **opts)
+    if temperature == 0:
+        assert torch.equal(tokens, probs.argmax(-1))
+        return
+    u = torch.tensor([_C.philox_uniform(3, r, 1) for r in range(batch)], dtype=torch.float64)
+    expected, safe = _inverse_cdf(probs, u)
+    assert torch.equal(tokens[safe], expected[safe])
 
 
 def test_philox_known_answers():
