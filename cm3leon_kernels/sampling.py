@@ -33,15 +33,18 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# The checks below run on every decode step: exact-type fast paths first (per-call overhead matters).
+
 def _check_real(name: str, x: object, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if not _is_number(x) or not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{lo}, {hi}], got {x!r}")
-    return float(x)
+    if (type(x) is float or type(x) is int or _is_number(x)) and x - x == 0 \
+            and (lo < x or (x == lo and not lo_open)) and x <= hi:  # x - x == 0: finite (rejects NaN, inf)
+        return float(x)
+    bracket = "(" if lo_open else "["
+    raise ValueError(f"{name} must be a number in {bracket}{lo}, {hi}], got {x!r}")
 
 
 def _check_int(name: str, x: object, lo: int, hi: int) -> int:
-    if not isinstance(x, int) or isinstance(x, bool):
+    if type(x) is not int and (not isinstance(x, int) or isinstance(x, bool)):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     if not lo <= x <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
@@ -56,7 +59,7 @@ def _seed_args(seed: int | torch.Tensor, batch: int, device: torch.device) -> tu
         if seed.device != device:
             raise ValueError(f"seed tensor must be on the logits' device {device}, got {seed.device}")
         return 0, seed.contiguous()
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if type(seed) is not int and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise TypeError(f"seed must be an int or an int64 tensor of per-row seeds, got {type(seed).__name__}")
     if not _INT64_MIN <= seed < _UINT64_END:
         raise ValueError(f"seed must fit in 64 bits, got {seed}")
@@ -99,7 +102,8 @@ def _guidance_args(guidance_scale: object, streams: int) -> list[float]:
         return []
     if streams == 2:
         if not _is_number(guidance_scale) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number for S = 2 streams (CFG), got {guidance_scale!r}")
+            raise ValueError(
+                f"guidance_scale must be a finite number for S = 2 streams (CFG), got {guidance_scale!r}")
         return [float(guidance_scale)]
     if (not isinstance(guidance_scale, (tuple, list)) or len(guidance_scale) != 2
             or not all(_is_number(s) and math.isfinite(s) for s in guidance_scale)):
@@ -143,7 +147,8 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] 
         TypeError / ValueError naming the argument; ValueError for NaN/+inf logits or a row with no allowed
         token.
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=3)
+    if type(logits) is not torch.Tensor or logits.dtype not in FLOAT_DTYPES or logits.dim() != 3:
+        check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=3)
     batch, streams, vocab = logits.shape
     if streams not in (1, 2, 3):
         raise ValueError(f"logits must have S = 1, 2 or 3 streams (dim 1), got shape {tuple(logits.shape)}")
@@ -156,7 +161,8 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] 
     top_k = _check_int("top_k", top_k, 0, vocab)
     top_p = _check_real("top_p", top_p, 0.0, 1.0, lo_open=True)
     min_p = _check_real("min_p", min_p, 0.0, 1.0)
-    check_supported_device("logits", logits, ("cpu",))
+    if logits.device.type != "cpu":
+        check_supported_device("logits", logits, ("cpu",))
     lo, hi = _vocab_args(allowed_range, allowed_mask, batch, vocab, logits.device)
     seed_int, seeds = _seed_args(seed, batch, logits.device)
     step_int, step_tensor = _step_args(step)

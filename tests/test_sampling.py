@@ -150,8 +150,8 @@ def test_cfg_exact_draw_large_vocab(opts):
     assert torch.equal(tokens, expected)
 
 
-@pytest.mark.parametrize("opts", [dict(alpha=0.01, k=5), dict(alpha=0.1, k=1, temperature=0.7, amateur_temperature=0.5)],
-                         ids=str)
+@pytest.mark.parametrize("opts", [dict(alpha=0.01, k=5),
+                                  dict(alpha=0.1, k=1, temperature=0.7, amateur_temperature=0.5)], ids=str)
 def test_contrastive_exact_draw_large_vocab(opts):
     batch, vocab, seed, step = 16, 16411, 5, 9
     g = torch.Generator().manual_seed(6)
@@ -272,8 +272,8 @@ def test_thread_count_invariance(opts):
             alone = torch.cat([cfg_sample(x[r:r + 1], guidance_scale=2.0, seed=seeds[r:r + 1], step=0, **opts)
                                for r in range(5)])
             cd = contrastive_sample(x[:, 1], x[:, 0], k=4, seed=seeds, step=0)
-            cd_alone = torch.cat([contrastive_sample(x[r:r + 1, 1], x[r:r + 1, 0], k=4, seed=seeds[r:r + 1], step=0)
-                                  for r in range(5)])
+            cd_alone = torch.cat([contrastive_sample(x[r:r + 1, 1], x[r:r + 1, 0], k=4, seed=seeds[r:r + 1],
+                                                     step=0) for r in range(5)])
             assert torch.equal(batch, alone) and torch.equal(cd, cd_alone)
             results.append((batch, cd))
     finally:

@@ -197,7 +197,8 @@ float chunk_weight(const float* z, int64_t begin, int64_t end, float t, float ma
 double dense_weights(Workspace& ws, const float* z, int64_t n, float t, float max) {
   double total = 0.0;
   for (int64_t c = 0; c < ceil_div(n, kChunk); ++c) {
-    const float s = ws.chunk_max[c] >= t && ws.chunk_max[c] > -kInf ? chunk_weight(z, c * kChunk, std::min(n, (c + 1) * kChunk), t, max) : 0.f;
+    const bool live = ws.chunk_max[c] >= t && ws.chunk_max[c] > -kInf;
+    const float s = live ? chunk_weight(z, c * kChunk, std::min(n, (c + 1) * kChunk), t, max) : 0.f;
     ws.chunk_sum[c] = s;
     total += s;
   }
@@ -311,7 +312,7 @@ ChunkStats cfg_chunk(const T* const* src, const bool* mask, int64_t begin, int64
       }
       const __m256 abs_m = _mm256_andnot_ps(_mm256_set1_ps(-0.f), m);
       bad = _mm256_or_ps(bad, _mm256_andnot_ps(excluded, _mm256_cmp_ps(abs_m, inf, _CMP_NLT_UQ)));
-      if (mask) excluded = _mm256_or_ps(excluded, _mm256_andnot_ps(simd::load_mask8(mask + i), _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+      if (mask) excluded = _mm256_or_ps(excluded, simd::masked_out8(mask + i));
       const __m256 zv = _mm256_blendv_ps(_mm256_mul_ps(m, inv_t), ninf, excluded);
       _mm256_storeu_ps(z + i, zv);
       vmax = _mm256_max_ps(vmax, zv);
@@ -357,7 +358,7 @@ ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t b
       const __m256 ev = simd::load8(e + i), av = simd::load8(a + i);
       __m256 bad = _mm256_or_ps(simd::nan_or_pos_inf(ev), simd::nan_or_pos_inf(av));
       __m256 excluded = _mm256_or_ps(_mm256_cmp_ps(ev, ninf, _CMP_EQ_OQ), _mm256_cmp_ps(av, ninf, _CMP_EQ_OQ));
-      if (mask) excluded = _mm256_or_ps(excluded, _mm256_andnot_ps(simd::load_mask8(mask + i), _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+      if (mask) excluded = _mm256_or_ps(excluded, simd::masked_out8(mask + i));
       const __m256 s = _mm256_fnmadd_ps(av, ita, ev);
       const __m256 abs_s = _mm256_andnot_ps(_mm256_set1_ps(-0.f), s);
       bad = _mm256_or_ps(bad, _mm256_andnot_ps(excluded, _mm256_cmp_ps(abs_s, inf, _CMP_NLT_UQ)));
@@ -373,7 +374,8 @@ ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t b
 #endif
   ChunkStats st{-kInf, 0, false};
   for (int64_t i = begin; i < end; ++i)
-    st = contrastive_chunk_scalar(to_float(e[i]), to_float(a[i]), mask == nullptr || mask[i], inv_ta, z, score, i, st);
+    st = contrastive_chunk_scalar(to_float(e[i]), to_float(a[i]), mask == nullptr || mask[i], inv_ta, z, score, i,
+                                  st);
   return st;
 }
 
@@ -524,8 +526,9 @@ struct ContrastiveJob {
     const float inv_ta = 1.f / o.amateur_temperature;
     float* z = ws.z.data();
     float* score = ws.score.data();
-    return dense_pass(ws, width(), c0, c1,
-                      [&](int64_t b, int64_t end) { return contrastive_chunk(e, a, mask, b, end, inv_ta, z, score); });
+    return dense_pass(ws, width(), c0, c1, [&](int64_t b, int64_t end) {
+      return contrastive_chunk(e, a, mask, b, end, inv_ta, z, score);
+    });
   }
 
   RowStatus finish(int64_t r, Workspace& ws, const ChunkStats& st) const {
@@ -539,8 +542,9 @@ struct ContrastiveJob {
     const float inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
     float* z = ws.z.data();
     const float* score = ws.score.data();
-    const ChunkStats fin = dense_pass(ws, n, 0, ceil_div(n, kChunk),
-                                      [&](int64_t b, int64_t end) { return head_scores(z, score, b, end, head, inv_t); });
+    const ChunkStats fin = dense_pass(ws, n, 0, ceil_div(n, kChunk), [&](int64_t b, int64_t end) {
+      return head_scores(z, score, b, end, head, inv_t);
+    });
     return finish_row(ws, r, allowed.range_lo, n, o.temperature == 0.f, -kInf, fin.max, seeds, tokens, logprobs);
   }
 };
@@ -601,10 +605,9 @@ RowError run_rows(int64_t batch, bool contrastive, const Job& job) {
 
 }  // namespace
 
-RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t vocab, int64_t row_stride,
-                        int64_t stream_stride, const CfgOptions& options, const Vocab& allowed,
-                        const SeedSpec& seeds, int64_t* tokens, float* logprobs) {
-  (void)vocab;
+RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t row_stride, int64_t stream_stride,
+                        const CfgOptions& options, const Vocab& allowed, const SeedSpec& seeds, int64_t* tokens,
+                        float* logprobs) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const CfgJob<T> job{static_cast<const T*>(logits), row_stride, stream_stride, options, allowed, seeds, tokens,
@@ -614,10 +617,9 @@ RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t 
 }
 
 RowError contrastive_sample_cpu(DType dtype, const void* expert, const void* amateur, int64_t batch,
-                                int64_t vocab, int64_t expert_row_stride, int64_t amateur_row_stride,
+                                int64_t expert_row_stride, int64_t amateur_row_stride,
                                 const ContrastiveOptions& options, const Vocab& allowed, const SeedSpec& seeds,
                                 int64_t* tokens, float* logprobs) {
-  (void)vocab;
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const ContrastiveJob<T> job{static_cast<const T*>(expert), static_cast<const T*>(amateur), expert_row_stride,

@@ -68,6 +68,10 @@ inline __m256 load_mask8(const bool* p) {
   const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(v, _mm256_setzero_si256()));
 }
+// All-ones lanes where the 8 bools are false (the token is masked out).
+inline __m256 masked_out8(const bool* p) {
+  return _mm256_andnot_ps(load_mask8(p), _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
+}
 // Lanes holding NaN or +inf.
 inline __m256 nan_or_pos_inf(__m256 x) {
   return _mm256_cmp_ps(x, _mm256_set1_ps(__builtin_inff()), _CMP_NLT_UQ);
