@@ -15,6 +15,7 @@
 #include "sampling/sampling_cpu.h"
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -79,10 +80,35 @@ struct Workspace {
   }
 };
 
+// Below this size, clearing and scanning the radix histograms costs more than selecting directly.
+constexpr int64_t kSmallSelect = 1024;
+
+// select_threshold for small n: nth_element for counts; for mass, a sort of the few candidates.
+float select_threshold_small(const float* v, const float* w, int64_t n, double target, Workspace& ws) {
+  float* vals = ws.sel_value.data();
+  std::copy(v, v + n, vals);
+  if (w == nullptr) {
+    const int64_t k = std::min<int64_t>(std::max<int64_t>(int64_t(target), 1), n);
+    std::nth_element(vals, vals + (k - 1), vals + n, std::greater<float>());
+    return vals[k - 1];
+  }
+  // Sort candidate positions by value, descending; walk until the mass reaches the target.
+  int32_t* order = reinterpret_cast<int32_t*>(ws.sel_weight.data());
+  for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
+  std::sort(order, order + n, [&](int32_t a, int32_t b) { return v[a] > v[b]; });
+  double acc = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc += double(w[order[i]]);
+    if (acc >= target) return v[order[i]];
+  }
+  return v[order[n - 1]];  // rounding kept the target out of reach: keep everything
+}
+
 // The largest value t among v[0, n) such that measure({x : v[x] >= t}) >= target, where the measure is the
 // element count (w == null) or the sum of w. Three histogram levels over the order-preserving key; each
 // later level sees only the elements of the bin chosen before.
 float select_threshold(const float* v, const float* w, int64_t n, double target, Workspace& ws) {
+  if (n <= kSmallSelect) return select_threshold_small(v, w, n, target, ws);
   static constexpr int kShift[3] = {21, 10, 0};
   static constexpr int kBits[3] = {11, 11, 10};
   double* measure = ws.bin_measure.data();
