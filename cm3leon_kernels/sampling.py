@@ -251,3 +251,17 @@ def _cfg_sample_fake(logits, guidance_scale, temperature, top_k, top_p, min_p, r
 def _contrastive_sample_fake(expert_logits, amateur_logits, alpha, k, temperature, amateur_temperature,
                              range_lo, range_hi, allowed_mask, seed, seeds, step, step_tensor):
     return _sample_fake(expert_logits)
+
+
+# Sampling has no gradient: both outputs are marked non-differentiable, so logits that require grad (e.g. a
+# training-mode forward) give plain tensors instead of ones whose backward would fail.
+def _non_differentiable_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError("cm3leon sampling ops are not differentiable")
+
+
+for _op in ("cm3leon::cfg_sample", "cm3leon::contrastive_sample"):
+    torch.library.register_autograd(_op, _no_backward, setup_context=_non_differentiable_setup)

@@ -396,6 +396,15 @@ def test_opcheck():
     torch.library.opcheck(ops.cfg_sample.default, (x[:, :1], [], 1.0, 0, 1.0, 0.0, 0, 97, None, 7, None, 3, None))
     torch.library.opcheck(ops.contrastive_sample.default,
                           (x[:, 1], x[:, 0], 0.1, 2, 1.0, 0.5, 0, 97, None, 1, None, 0, None))
+    xg = x.clone().requires_grad_()
+    torch.library.opcheck(ops.cfg_sample.default, (xg, [2.0], 1.0, 5, 1.0, 0.0, 0, 97, None, 0, None, 0, None))
+
+
+def test_outputs_carry_no_gradient():
+    x = _logits(2, batch=3, vocab=50).requires_grad_()
+    _, logprobs = cfg_sample(x, guidance_scale=2.0, seed=0, step=0, return_logprobs=True)
+    _, cd_logprobs = contrastive_sample(x[:, 1], x[:, 0], seed=0, step=0, return_logprobs=True)
+    assert not logprobs.requires_grad and not cd_logprobs.requires_grad
 
 
 def test_torch_compile_fullgraph():
