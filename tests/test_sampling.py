@@ -131,6 +131,7 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, to
     dict(top_p=0.5, temperature=0.8),
     dict(top_k=1000, min_p=0.01, allowed_range=(1000, 9192)),
     dict(top_k=300, top_p=0.95, allowed_mask=True),
+    dict(min_p=0.001, allowed_mask=True, allowed_range=(50, 16000)),
     dict(),
 ], ids=str)
 def test_cfg_exact_draw_large_vocab(opts):
