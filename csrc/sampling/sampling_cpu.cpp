@@ -33,6 +33,8 @@ using simd::exp_nonpositive;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 64;  // tokens per chunk (8 AVX2 vectors)
+// Below this size, clearing and scanning the radix histograms costs more than selecting directly.
+constexpr int64_t kSmallSelect = 1024;
 
 // The smallest float f with f >= t, so `z >= t` and `z >= f` agree for every float z.
 inline float float_at_least(double t) {
@@ -62,6 +64,7 @@ struct Workspace {
   std::vector<double> chunk_sum;
   std::vector<float> value, weight;          // collected candidates (values only; order irrelevant)
   std::vector<float> sel_value, sel_weight;  // radix selection's narrowed working set
+  std::vector<int32_t> order;                // small selection's sort permutation
   std::vector<double> bin_measure;
 
   void reserve(int64_t vocab, bool contrastive) {
@@ -72,6 +75,7 @@ struct Workspace {
       weight.resize(v);
       sel_value.resize(v);
       sel_weight.resize(v);
+      order.resize(std::min<size_t>(v, kSmallSelect));
       chunk_max.resize(chunks);
       chunk_sum.resize(chunks);
     }
@@ -80,20 +84,17 @@ struct Workspace {
   }
 };
 
-// Below this size, clearing and scanning the radix histograms costs more than selecting directly.
-constexpr int64_t kSmallSelect = 1024;
-
 // select_threshold for small n: nth_element for counts; for mass, a sort of the few candidates.
 float select_threshold_small(const float* v, const float* w, int64_t n, double target, Workspace& ws) {
-  float* vals = ws.sel_value.data();
-  std::copy(v, v + n, vals);
   if (w == nullptr) {
+    float* vals = ws.sel_value.data();
+    if (v != vals) std::copy(v, v + n, vals);
     const int64_t k = std::min<int64_t>(std::max<int64_t>(int64_t(target), 1), n);
     std::nth_element(vals, vals + (k - 1), vals + n, std::greater<float>());
     return vals[k - 1];
   }
   // Sort candidate positions by value, descending; walk until the mass reaches the target.
-  int32_t* order = reinterpret_cast<int32_t*>(ws.sel_weight.data());
+  int32_t* order = ws.order.data();
   for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
   std::sort(order, order + n, [&](int32_t a, int32_t b) { return v[a] > v[b]; });
   double acc = 0.0;
@@ -126,11 +127,16 @@ float select_threshold(const float* v, const float* w, int64_t n, double target,
       measure[bin] += cur_w ? double(cur_w[i]) : 1.0;
     }
     int64_t chosen = 0;
+    bool reached = false;
     for (int64_t b = int64_t(bins) - 1; b >= 0; --b) {
       if (measure[b] == 0.0) continue;
-      chosen = b;  // rounding can keep `target` out of reach: then the lowest non-empty bin
-      if (above + measure[b] >= target) break;
+      chosen = b;
+      if (above + measure[b] >= target) { reached = true; break; }
       above += measure[b];
+    }
+    if (!reached) {  // rounding kept the target out of reach: keep everything, down to the lowest bin
+      above -= measure[chosen];
+      target = above + measure[chosen];
     }
     prefix = (prefix << kBits[level]) | uint32_t(chosen);
     if (level == 2) break;
@@ -147,6 +153,8 @@ float select_threshold(const float* v, const float* w, int64_t n, double target,
     cur_v = out_v;
     cur_w = cur_w ? out_w : nullptr;
     cur_n = m;
+    // The rest of the answer lies in this bin: select it directly once it is small.
+    if (cur_n <= kSmallSelect) return select_threshold_small(cur_v, cur_w, cur_n, target - above, ws);
   }
   return key_float(prefix);
 }
