@@ -17,6 +17,8 @@ Randomness (identical on CPU and CUDA):
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +32,7 @@ _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # numbers.Real: also numpy scalars
 
 
 # The checks below run on every decode step: exact-type fast paths first (per-call overhead matters).
@@ -43,9 +45,17 @@ def _check_real(name: str, x: object, lo: float, hi: float, *, lo_open: bool = F
     raise ValueError(f"{name} must be a number in {bracket}{lo}, {hi}], got {x!r}")
 
 
-def _check_int(name: str, x: object, lo: int, hi: int) -> int:
-    if type(x) is not int and (not isinstance(x, int) or isinstance(x, bool)):
+def _as_int(name: str, x: object) -> int:
+    """x as a Python int: ints and integer scalars such as numpy.int64 (anything with __index__), not bools."""
+    if type(x) is int:
+        return x
+    if isinstance(x, bool) or not hasattr(type(x), "__index__"):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    return operator.index(x)
+
+
+def _check_int(name: str, x: object, lo: int, hi: int) -> int:
+    x = _as_int(name, x)
     if not lo <= x <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
     return x
@@ -59,8 +69,10 @@ def _seed_args(seed: int | torch.Tensor, batch: int, device: torch.device) -> tu
         if seed.device != device:
             raise ValueError(f"seed tensor must be on the logits' device {device}, got {seed.device}")
         return 0, seed.contiguous()
-    if type(seed) is not int and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise TypeError(f"seed must be an int or an int64 tensor of per-row seeds, got {type(seed).__name__}")
+    if type(seed) is not int:
+        if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
+            raise TypeError(f"seed must be an int or an int64 tensor of per-row seeds, got {type(seed).__name__}")
+        seed = operator.index(seed)
     if not _INT64_MIN <= seed < _UINT64_END:
         raise ValueError(f"seed must fit in 64 bits, got {seed}")
     return (seed - _UINT64_END if seed >= 1 << 63 else seed), None  # same 64 bits as an int64

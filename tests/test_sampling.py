@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -240,6 +241,9 @@ def test_determinism_and_step():
     assert torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=torch.tensor(1)))
     assert not torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=2))
     assert not torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=6, step=1))
+    # numpy scalars are accepted wherever Python numbers are.
+    assert torch.equal(a, cfg_sample(x, guidance_scale=np.float32(2.0), seed=np.int64(5), step=np.int32(1),
+                                     top_k=np.int64(500)))
     # Unsigned and signed spellings of the same 64 bits are the same seed.
     assert torch.equal(cfg_sample(x, guidance_scale=2.0, seed=2**64 - 1, step=0),
                        cfg_sample(x, guidance_scale=2.0, seed=-1, step=0))
