@@ -363,6 +363,11 @@ def test_non_finite_logits_raise(bad):
     big[0, 0] = -3e38
     with pytest.raises(ValueError, match="non-finite"):  # the mix overflows float32
         cfg_sample(big, guidance_scale=3.0, seed=0, step=0)
+    with pytest.raises(ValueError, match="row 0 .*non-finite"):  # so does dividing by a tiny temperature
+        cfg_sample(_logits(1, batch=2, vocab=100) + 10, guidance_scale=None, temperature=1e-38, seed=0, step=0)
+    e = _logits(1, batch=2, vocab=100)[:, 0]
+    with pytest.raises(ValueError, match="non-finite"):
+        contrastive_sample(e + 10, e - 10, temperature=1e-38, seed=0, step=0)
 
 
 def test_empty_row_raises():

@@ -297,7 +297,8 @@ struct MixParams {
 };
 
 // One token of the stream mix: fma(s_txt, full - img, fma(s_img, img - u, u)) for S = 3, fma(s, c - u, u) for
-// S = 2; -inf in any stream (or a masked token) gives -inf; sets `bad` for NaN/+inf inputs or mix overflow.
+// S = 2, times 1/temperature; -inf in any stream (or a masked token) gives -inf; sets `bad` for NaN/+inf
+// inputs or a result that overflows (a huge guidance scale, or a tiny temperature).
 template <int S, typename T>
 inline float mix_one(const T* const* src, int64_t i, bool allowed, const MixParams& p, bool& bad) {
   const float u = to_float(src[0][i]);
@@ -315,9 +316,10 @@ inline float mix_one(const T* const* src, int64_t i, bool allowed, const MixPara
       m = std::fma(p.s1, f - c, m);
     }
   }
-  b |= !excluded & !(std::fabs(m) < kInf);
+  const float scaled = m * p.inv_t;
+  b |= !excluded & !(std::fabs(scaled) < kInf);
   bad |= b;
-  return (excluded | !allowed) ? -kInf : m * p.inv_t;
+  return (excluded | !allowed) ? -kInf : scaled;
 }
 
 template <int S, typename T>
@@ -344,10 +346,11 @@ ChunkStats cfg_chunk(const T* const* src, const bool* mask, int64_t begin, int64
           m = _mm256_fmadd_ps(s1, _mm256_sub_ps(f, c), m);
         }
       }
-      const __m256 abs_m = _mm256_andnot_ps(_mm256_set1_ps(-0.f), m);
-      bad = _mm256_or_ps(bad, _mm256_andnot_ps(excluded, _mm256_cmp_ps(abs_m, inf, _CMP_NLT_UQ)));
+      const __m256 scaled = _mm256_mul_ps(m, inv_t);
+      const __m256 abs_scaled = _mm256_andnot_ps(_mm256_set1_ps(-0.f), scaled);
+      bad = _mm256_or_ps(bad, _mm256_andnot_ps(excluded, _mm256_cmp_ps(abs_scaled, inf, _CMP_NLT_UQ)));
       if (mask) excluded = _mm256_or_ps(excluded, simd::masked_out8(mask + i));
-      const __m256 zv = _mm256_blendv_ps(_mm256_mul_ps(m, inv_t), ninf, excluded);
+      const __m256 zv = _mm256_blendv_ps(scaled, ninf, excluded);
       _mm256_storeu_ps(z + i, zv);
       vmax = _mm256_max_ps(vmax, zv);
       vbad = _mm256_or_ps(vbad, bad);
@@ -579,6 +582,7 @@ struct ContrastiveJob {
     const ChunkStats fin = dense_pass(ws, n, 0, ceil_div(n, kChunk), [&](int64_t b, int64_t end) {
       return head_scores(z, score, b, end, head, inv_t);
     });
+    if (!(std::fabs(fin.max) < kInf)) return RowStatus::NonFinite;  // score / temperature overflowed
     return finish_row(ws, r, allowed.range_lo, n, o.temperature == 0.f, -kInf, fin.max, seeds, tokens, logprobs);
   }
 };

@@ -53,8 +53,8 @@ void raise_row_error(const RowError& e, const char* input) {
     case RowStatus::Ok: return;
     case RowStatus::NonFinite:
       TORCH_CHECK_VALUE(false, input, " row ", e.row,
-                        " holds NaN or +inf (or its streams mix to a non-finite value); -inf is allowed and "
-                        "excludes a token");
+                        " holds NaN or +inf, or mixing the streams / dividing by the temperature overflows "
+                        "float32 (non-finite); -inf is allowed and excludes a token");
     case RowStatus::EmptyRow:
       TORCH_CHECK_VALUE(false, "row ", e.row,
                         " has no allowed token: allowed_range/allowed_mask and -inf logits exclude all of them");
