@@ -197,7 +197,7 @@ def contrastive_sample(expert_logits: torch.Tensor, amateur_logits: torch.Tensor
     ``softmax(score / temperature)``; ``temperature = 0`` takes the argmax of the score (the original
     greedy contrastive decoding; lowest index on ties). The head set uses the expert at temperature 1: an
     expert temperature ``t`` is the same as ``alpha ** t`` with ``temperature=t`` and
-    ``amateur_temperature · t`` here.
+    ``amateur_temperature / t`` here.
 
     Args:
         expert_logits, amateur_logits: ``[B, V]``, same dtype (float32/bfloat16/float16). In CM3Leon the

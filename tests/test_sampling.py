@@ -119,6 +119,21 @@ def test_contrastive_distribution(case):
     torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=2e-4, rtol=0)
 
 
+def test_contrastive_expert_temperature_equivalence():
+    """The documented reparametrisation: CD-K with an expert temperature t (p_exp = softmax(expert / t), scores
+    sampled at temperature 1) equals alpha ** t, temperature = t, amateur_temperature / t here."""
+    x = _logits(2, batch=3, seed=8).double()
+    expert, amateur = x[:, 1], x[:, 0]
+    alpha, k, t, t_ama = 0.1, 2, 0.7, 0.8
+    log_p_exp = torch.log_softmax(expert / t, -1)
+    kth = log_p_exp.topk(k, -1).values[:, -1:]
+    head = log_p_exp >= kth + math.log(alpha)
+    score = (log_p_exp - torch.log_softmax(amateur / t_ama, -1)).masked_fill(~head, -math.inf)
+    ours = reference.contrastive_probs(expert, amateur, alpha=alpha ** t, k=k, temperature=t,
+                                       amateur_temperature=t_ama / t)
+    torch.testing.assert_close(ours, torch.softmax(score, -1), atol=1e-12, rtol=0)
+
+
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference draw in token order, and whether u is safely away (1e-6) from a CDF step."""
     cdf = probs.cumsum(-1)
