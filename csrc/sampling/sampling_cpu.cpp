@@ -231,7 +231,8 @@ float chunk_weight(const float* z, int64_t begin, int64_t end, float t, float ma
 double dense_weights(Workspace& ws, const float* z, int64_t n, float t, float max) {
   double total = 0.0;
   for (int64_t c = 0; c < ceil_div(n, kChunk); ++c) {
-    const bool live = ws.chunk_max[c] >= t && ws.chunk_max[c] > -kInf;
+    // Skipped chunks have weight exactly 0: nothing reaches t, or every exp_nonpositive(z - max) underflows.
+    const bool live = ws.chunk_max[c] >= t && ws.chunk_max[c] - max > -87.f;
     const float s = live ? chunk_weight(z, c * kChunk, std::min(n, (c + 1) * kChunk), t, max) : 0.f;
     ws.chunk_sum[c] = s;
     total += s;
