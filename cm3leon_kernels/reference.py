@@ -153,11 +153,14 @@ def _top_k_threshold(z: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _top_p_threshold(z: torch.Tensor, p: float) -> torch.Tensor:
-    """Keeps token x iff the probability of the tokens with a strictly larger logit is < p."""
+    """Keeps token x iff the probability of the tokens with a strictly larger logit is < p (ties kept)."""
     if p >= 1.0:
         return z
     probs = torch.softmax(z, dim=-1)
-    above = torch.stack([(probs[b] * (z[b][None, :] > z[b][:, None])).sum(-1) for b in range(z.shape[0])])
+    sorted_z, order = z.sort(dim=-1)
+    cum = probs.gather(-1, order).cumsum(dim=-1)
+    at_most = torch.searchsorted(sorted_z, z, right=True)  # tokens with a logit <= z_x, x included
+    above = cum[:, -1:] - cum.gather(-1, at_most - 1)
     return z.masked_fill(above >= p, -math.inf)
 
 
@@ -167,7 +170,7 @@ def cfg_probs(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] |
               ) -> torch.Tensor:
     """The exact float64 distribution ``[B, V]`` that ``cfg_sample`` draws from (one-hot for greedy).
 
-    O(V^2) per row (top-p by pairwise comparison, so ties follow the kernel's threshold rule): small V only.
+    Every filter is a threshold on the tempered logits (ties at a boundary are kept), as in the kernel.
     """
     z = _restrict(cfg_mix(logits, guidance_scale), allowed_range, allowed_mask)
     if temperature == 0:
@@ -184,17 +187,20 @@ def contrastive_probs(expert_logits: torch.Tensor, amateur_logits: torch.Tensor,
                       allowed_range: Sequence[int] | None = None, allowed_mask: torch.Tensor | None = None
                       ) -> torch.Tensor:
     """The exact float64 CD-K distribution ``[B, V]`` that ``contrastive_sample`` draws from (one-hot for
-    greedy), written literally from PAPER.md §5: probabilities, head set, log-ratio scores, softmax."""
+    greedy), from PAPER.md §5: head set ``p_exp >= alpha · kth_largest_k(p_exp)``, scores
+    ``log p_exp − log p_ama`` on it, softmax of ``score / temperature``."""
     e, a = expert_logits.double(), amateur_logits.double()
     excluded = torch.isneginf(e) | torch.isneginf(a)
     e = _restrict(e.masked_fill(excluded, -math.inf), allowed_range, allowed_mask)
     a = a.masked_fill(torch.isneginf(e), -math.inf)
-    log_p_exp = torch.log_softmax(e, dim=-1)
-    log_p_ama = torch.log_softmax(a / amateur_temperature, dim=-1)
+    a = a / amateur_temperature
+    lse_e, lse_a = torch.logsumexp(e, -1, keepdim=True), torch.logsumexp(a, -1, keepdim=True)
+    # log p_exp = e - lse_e, log p_ama = a - lse_a. Written as (e - a) + (lse_a - lse_e) and the head test
+    # on e itself so that exact ties (e.g. integer logits) stay exact ties.
     count = torch.isfinite(e).sum(dim=-1, keepdim=True)
-    kth = log_p_exp.sort(dim=-1, descending=True).values.gather(-1, torch.clamp(count, max=k) - 1)
-    head = torch.isfinite(e) & (log_p_exp >= kth + (math.log(alpha) if alpha > 0 else -math.inf))
-    score = torch.where(head, log_p_exp - log_p_ama, torch.full_like(e, -math.inf))
+    kth = e.sort(dim=-1, descending=True).values.gather(-1, torch.clamp(count, max=k) - 1)
+    head = torch.isfinite(e) & (e >= kth + (math.log(alpha) if alpha > 0 else -math.inf))
+    score = torch.where(head, (e - a) + (lse_a - lse_e), torch.full_like(e, -math.inf))
     if temperature == 0:
         return _one_hot_argmax(score)
     return torch.softmax(score / temperature, dim=-1)

@@ -17,6 +17,8 @@ Randomness (identical on CPU and CUDA):
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -30,19 +32,30 @@ _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)  # numbers.Real: also numpy scalars
 
+
+# The checks below run on every decode step: exact-type fast paths first (per-call overhead matters).
 
 def _check_real(name: str, x: object, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if not _is_number(x) or not math.isfinite(x) or x < lo or x > hi or (lo_open and x == lo):
-        bracket = "(" if lo_open else "["
-        raise ValueError(f"{name} must be a number in {bracket}{lo}, {hi}], got {x!r}")
-    return float(x)
+    if (type(x) is float or type(x) is int or _is_number(x)) and x - x == 0 \
+            and (lo < x or (x == lo and not lo_open)) and x <= hi:  # x - x == 0: finite (rejects NaN, inf)
+        return float(x)
+    bracket = "(" if lo_open else "["
+    raise ValueError(f"{name} must be a number in {bracket}{lo}, {hi}], got {x!r}")
+
+
+def _as_int(name: str, x: object) -> int:
+    """x as a Python int: ints and integer scalars such as numpy.int64 (anything with __index__), not bools."""
+    if type(x) is int:
+        return x
+    if isinstance(x, bool) or not hasattr(type(x), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    return operator.index(x)
 
 
 def _check_int(name: str, x: object, lo: int, hi: int) -> int:
-    if not isinstance(x, int) or isinstance(x, bool):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    x = _as_int(name, x)
     if not lo <= x <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
     return x
@@ -56,8 +69,10 @@ def _seed_args(seed: int | torch.Tensor, batch: int, device: torch.device) -> tu
         if seed.device != device:
             raise ValueError(f"seed tensor must be on the logits' device {device}, got {seed.device}")
         return 0, seed.contiguous()
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int or an int64 tensor of per-row seeds, got {type(seed).__name__}")
+    if type(seed) is not int:
+        if isinstance(seed, bool) or not hasattr(type(seed), "__index__"):
+            raise TypeError(f"seed must be an int or an int64 tensor of per-row seeds, got {type(seed).__name__}")
+        seed = operator.index(seed)
     if not _INT64_MIN <= seed < _UINT64_END:
         raise ValueError(f"seed must fit in 64 bits, got {seed}")
     return (seed - _UINT64_END if seed >= 1 << 63 else seed), None  # same 64 bits as an int64
@@ -99,7 +114,8 @@ def _guidance_args(guidance_scale: object, streams: int) -> list[float]:
         return []
     if streams == 2:
         if not _is_number(guidance_scale) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number for S = 2 streams (CFG), got {guidance_scale!r}")
+            raise ValueError(
+                f"guidance_scale must be a finite number for S = 2 streams (CFG), got {guidance_scale!r}")
         return [float(guidance_scale)]
     if (not isinstance(guidance_scale, (tuple, list)) or len(guidance_scale) != 2
             or not all(_is_number(s) and math.isfinite(s) for s in guidance_scale)):
@@ -143,7 +159,8 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] 
         TypeError / ValueError naming the argument; ValueError for NaN/+inf logits or a row with no allowed
         token.
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=3)
+    if type(logits) is not torch.Tensor or logits.dtype not in FLOAT_DTYPES or logits.dim() != 3:
+        check_tensor("logits", logits, dtypes=FLOAT_DTYPES, ndim=3)
     batch, streams, vocab = logits.shape
     if streams not in (1, 2, 3):
         raise ValueError(f"logits must have S = 1, 2 or 3 streams (dim 1), got shape {tuple(logits.shape)}")
@@ -156,7 +173,8 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] 
     top_k = _check_int("top_k", top_k, 0, vocab)
     top_p = _check_real("top_p", top_p, 0.0, 1.0, lo_open=True)
     min_p = _check_real("min_p", min_p, 0.0, 1.0)
-    check_supported_device("logits", logits, ("cpu",))
+    if logits.device.type != "cpu":
+        check_supported_device("logits", logits, ("cpu",))
     lo, hi = _vocab_args(allowed_range, allowed_mask, batch, vocab, logits.device)
     seed_int, seeds = _seed_args(seed, batch, logits.device)
     step_int, step_tensor = _step_args(step)
@@ -179,7 +197,7 @@ def contrastive_sample(expert_logits: torch.Tensor, amateur_logits: torch.Tensor
     ``softmax(score / temperature)``; ``temperature = 0`` takes the argmax of the score (the original
     greedy contrastive decoding; lowest index on ties). The head set uses the expert at temperature 1: an
     expert temperature ``t`` is the same as ``alpha ** t`` with ``temperature=t`` and
-    ``amateur_temperature · t`` here.
+    ``amateur_temperature / t`` here.
 
     Args:
         expert_logits, amateur_logits: ``[B, V]``, same dtype (float32/bfloat16/float16). In CM3Leon the
@@ -245,3 +263,17 @@ def _cfg_sample_fake(logits, guidance_scale, temperature, top_k, top_p, min_p, r
 def _contrastive_sample_fake(expert_logits, amateur_logits, alpha, k, temperature, amateur_temperature,
                              range_lo, range_hi, allowed_mask, seed, seeds, step, step_tensor):
     return _sample_fake(expert_logits)
+
+
+# Sampling has no gradient: both outputs are marked non-differentiable, so logits that require grad (e.g. a
+# training-mode forward) give plain tensors instead of ones whose backward would fail.
+def _non_differentiable_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output)
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError("cm3leon sampling ops are not differentiable")
+
+
+for _op in ("cm3leon::cfg_sample", "cm3leon::contrastive_sample"):
+    torch.library.register_autograd(_op, _no_backward, setup_context=_non_differentiable_setup)

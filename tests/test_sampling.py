@@ -3,19 +3,24 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cm3leon_kernels import _C, cfg_sample, contrastive_sample, reference
 
-V = 37           # small vocabulary for the distribution tests
+from helpers import poisoned_outputs
+
+V = 101          # small vocabulary for the distribution tests: one full 64-token SIMD chunk + a scalar tail
 N = 1 << 18      # draws per distribution test (262,144)
 
 # Total-variation bound for N i.i.d. draws from p over V categories:
 #   E[TV] = 1/2 sum_i E|p̂_i - p_i| <= 1/2 sum_i sqrt(p_i / N) <= 1/2 sqrt(V / N)   (Jensen, Cauchy-Schwarz),
 # and one draw moves TV by at most 1/N, so McDiarmid gives P(TV >= E[TV] + t) <= exp(-2 N t^2).
-# With a false-alarm probability of 1e-9 per test, t = sqrt(ln(1e9) / (2N)). For V = 37, N = 2^18 the bound is
-# about 0.012, while e.g. dropping or wrongly keeping a token of probability 3% moves TV by >= 0.03.
+# With a false-alarm probability of 1e-9 per test, t = sqrt(ln(1e9) / (2N)). For V = 101, N = 2^18 the bound is
+# about 0.016, while e.g. dropping or wrongly keeping a token of probability 3% moves TV by >= 0.03.
 TV_BOUND = 0.5 * math.sqrt(V / N) + math.sqrt(math.log(1e9) / (2 * N))
 
 
@@ -44,7 +49,7 @@ CFG_CASES = [
     dict(streams=2, guidance_scale=2.0, top_k=5),
     dict(streams=2, guidance_scale=2.0, top_p=0.8),
     dict(streams=1, guidance_scale=None, min_p=0.05),
-    dict(streams=2, guidance_scale=1.5, temperature=1.3, top_k=10, top_p=0.9, min_p=0.02, allowed_range=(3, 30)),
+    dict(streams=2, guidance_scale=1.5, temperature=1.3, top_k=10, top_p=0.9, min_p=0.02, allowed_range=(3, 90)),
     dict(streams=2, guidance_scale=2.0, top_p=0.7, allowed_mask="vector"),
     dict(streams=1, guidance_scale=None, top_k=4, top_p=0.95, allowed_mask="rows"),
     dict(streams=2, guidance_scale=2.0, top_k=8, dtype=torch.bfloat16),
@@ -97,7 +102,7 @@ def test_cfg_distribution(case):
 @pytest.mark.parametrize("case", [
     dict(alpha=0.1, k=1),
     dict(alpha=0.05, k=3, temperature=0.8, amateur_temperature=0.5),
-    dict(alpha=0.2, k=2, allowed_range=(5, 33), dtype=torch.bfloat16),
+    dict(alpha=0.2, k=2, allowed_range=(5, 95), dtype=torch.bfloat16),
     dict(alpha=0.0, k=1, temperature=1.5),
 ], ids=str)
 def test_contrastive_distribution(case):
@@ -114,6 +119,21 @@ def test_contrastive_distribution(case):
     torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=2e-4, rtol=0)
 
 
+def test_contrastive_expert_temperature_equivalence():
+    """The documented reparametrisation: CD-K with an expert temperature t (p_exp = softmax(expert / t), scores
+    sampled at temperature 1) equals alpha ** t, temperature = t, amateur_temperature / t here."""
+    x = _logits(2, batch=3, seed=8).double()
+    expert, amateur = x[:, 1], x[:, 0]
+    alpha, k, t, t_ama = 0.1, 2, 0.7, 0.8
+    log_p_exp = torch.log_softmax(expert / t, -1)
+    kth = log_p_exp.topk(k, -1).values[:, -1:]
+    head = log_p_exp >= kth + math.log(alpha)
+    score = (log_p_exp - torch.log_softmax(amateur / t_ama, -1)).masked_fill(~head, -math.inf)
+    ours = reference.contrastive_probs(expert, amateur, alpha=alpha ** t, k=k, temperature=t,
+                                       amateur_temperature=t_ama / t)
+    torch.testing.assert_close(ours, torch.softmax(score, -1), atol=1e-12, rtol=0)
+
+
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference draw in token order, and whether u is safely away (1e-6) from a CDF step."""
     cdf = probs.cumsum(-1)
@@ -126,6 +146,8 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, to
     dict(top_k=50, top_p=0.9),
     dict(top_p=0.5, temperature=0.8),
     dict(top_k=1000, min_p=0.01, allowed_range=(1000, 9192)),
+    dict(top_k=300, top_p=0.95, allowed_mask=True),
+    dict(min_p=0.001, allowed_mask=True, allowed_range=(50, 16000)),
     dict(),
 ], ids=str)
 def test_cfg_exact_draw_large_vocab(opts):
@@ -135,26 +157,87 @@ def test_cfg_exact_draw_large_vocab(opts):
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(batch, 2, vocab, generator=g) * 2
     logits[:, :, 100:140] += 6  # a head of likely tokens, as in real LM outputs
+    if opts.pop("integer_logits", False):
+        logits = logits.round()
+    if opts.get("allowed_mask"):
+        opts["allowed_mask"] = torch.rand(batch, vocab, generator=g) < 0.7
     tokens = cfg_sample(logits, guidance_scale=2.5, seed=seed, step=step, **opts)
-    probs = _large_probs(logits, 2.5, **opts)
+    probs = reference.cfg_probs(logits, guidance_scale=2.5, **opts)
     u = torch.tensor([_C.philox_uniform(seed, r, step) for r in range(batch)], dtype=torch.float64)
     expected, safe = _inverse_cdf(probs, u)
     assert safe.all()
     assert torch.equal(tokens, expected)
 
 
-def _large_probs(logits, scale, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, allowed_range=None):
-    """cfg_probs with top-p done by sorting (O(V log V)), valid when no two logits tie (random floats)."""
-    z = reference._restrict(reference.cfg_mix(logits, scale), allowed_range, None) / temperature
-    z = reference._top_k_threshold(z, top_k)
-    if top_p < 1:
-        probs = torch.softmax(z, -1)
-        sp, order = probs.sort(-1, descending=True)
-        above = sp.cumsum(-1) - sp
-        z = z.masked_fill((above >= top_p).scatter(1, order, above >= top_p), -math.inf)
-    if min_p > 0:
-        z = z.masked_fill(z < z.max(-1, keepdim=True).values + math.log(min_p), -math.inf)
-    return torch.softmax(z, -1)
+@pytest.mark.parametrize("opts", [dict(alpha=0.01, k=5),
+                                  dict(alpha=0.1, k=1, temperature=0.7, amateur_temperature=0.5)], ids=str)
+def test_contrastive_exact_draw_large_vocab(opts):
+    batch, vocab, seed, step = 16, 16411, 5, 9
+    g = torch.Generator().manual_seed(6)
+    expert, amateur = torch.randn(2, batch, vocab, generator=g) * 2
+    expert[:, 200:260] += 5
+    seeds = torch.arange(batch, dtype=torch.int64) + 1000
+    tokens = contrastive_sample(expert, amateur, seed=seeds, step=step, **opts)
+    probs = reference.contrastive_probs(expert, amateur, **opts)
+    u = torch.tensor([_C.philox_uniform(1000 + r, 0, step) for r in range(batch)], dtype=torch.float64)
+    expected, safe = _inverse_cdf(probs, u)
+    assert safe.all()
+    assert torch.equal(tokens, expected)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 5), streams=st.sampled_from([1, 2, 3]), vocab=st.integers(1, 300),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       temperature=st.sampled_from([0.0, 0.5, 1.0, 2.0]), top_k=st.integers(0, 40),
+       top_p=st.sampled_from([1.0, 0.3, 0.9]), min_p=st.sampled_from([0.0, 0.1]),
+       integer_logits=st.booleans(), data=st.data())
+def test_cfg_matches_reference_draw_property(batch, streams, vocab, dtype, temperature, top_k, top_p, min_p,
+                                             integer_logits, data):
+    """Random shapes and options: every token equals the float64 inverse-CDF draw with the row's uniform
+    (rows whose uniform or top-p mass lies within float rounding of a boundary are skipped)."""
+    lo = data.draw(st.integers(0, vocab - 1))
+    hi = data.draw(st.integers(lo + 1, vocab))
+    scales = {1: None, 2: 2.0, 3: (1.5, 3.0)}[streams]
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    x = torch.randn(batch, streams, vocab, generator=g) * 2
+    x = (x.round() if integer_logits else x).to(dtype)
+    opts = dict(temperature=temperature, top_k=min(top_k, vocab), top_p=top_p, min_p=min_p, allowed_range=(lo, hi))
+    tokens, logprobs = cfg_sample(x, guidance_scale=scales, seed=77, step=5, return_logprobs=True, **opts)
+    probs = reference.cfg_probs(x, guidance_scale=scales, **opts)
+    assert torch.all((tokens >= lo) & (tokens < hi))
+    if temperature == 0:
+        assert torch.equal(tokens, probs.argmax(-1))
+        return
+    u = torch.tensor([_C.philox_uniform(77, r, 5) for r in range(batch)], dtype=torch.float64)
+    expected, safe = _inverse_cdf(probs, u)
+    if top_p < 1:  # the kept set must not hinge on float rounding of the nucleus mass
+        for near in (top_p - 1e-5, min(top_p + 1e-5, 1.0)):
+            other = reference.cfg_probs(x, guidance_scale=scales, **{**opts, "top_p": near})
+            safe &= ((other > 0) == (probs > 0)).all(-1)
+    assert torch.equal(tokens[safe], expected[safe])
+    torch.testing.assert_close(logprobs[safe].double(), probs[safe].log().gather(1, tokens[safe, None])[:, 0],
+                               atol=2e-4, rtol=0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.integers(1, 4), vocab=st.integers(1, 300), k=st.integers(1, 20),
+       alpha=st.sampled_from([0.0, 0.05, 0.3, 1.0]), temperature=st.sampled_from([0.0, 0.7, 1.0]),
+       amateur_temperature=st.sampled_from([0.5, 1.0]), integer_logits=st.booleans(), seed=st.integers(0, 2**31))
+def test_contrastive_matches_reference_draw_property(batch, vocab, k, alpha, temperature, amateur_temperature,
+                                                     integer_logits, seed):
+    g = torch.Generator().manual_seed(seed)
+    expert, amateur = torch.randn(2, batch, vocab, generator=g) * 2
+    if integer_logits:
+        expert, amateur = expert.round(), amateur.round()
+    opts = dict(alpha=alpha, k=min(k, vocab), temperature=temperature, amateur_temperature=amateur_temperature)
+    tokens = contrastive_sample(expert, amateur, seed=3, step=1, **opts)
+    probs = reference.contrastive_probs(expert, amateur, **opts)
+    if temperature == 0:
+        assert torch.equal(tokens, probs.argmax(-1))
+        return
+    u = torch.tensor([_C.philox_uniform(3, r, 1) for r in range(batch)], dtype=torch.float64)
+    expected, safe = _inverse_cdf(probs, u)
+    assert torch.equal(tokens[safe], expected[safe])
 
 
 def test_philox_known_answers():
@@ -173,6 +256,9 @@ def test_determinism_and_step():
     assert torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=torch.tensor(1)))
     assert not torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=2))
     assert not torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=6, step=1))
+    # numpy scalars are accepted wherever Python numbers are.
+    assert torch.equal(a, cfg_sample(x, guidance_scale=np.float32(2.0), seed=np.int64(5), step=np.int32(1),
+                                     top_k=np.int64(500)))
     # Unsigned and signed spellings of the same 64 bits are the same seed.
     assert torch.equal(cfg_sample(x, guidance_scale=2.0, seed=2**64 - 1, step=0),
                        cfg_sample(x, guidance_scale=2.0, seed=-1, step=0))
@@ -193,17 +279,28 @@ def test_per_row_seed_batch_invariance():
     assert torch.equal(contrastive_sample(e[perm], a[perm], k=3, seed=seeds[perm], step=2), cd[perm])
 
 
-def test_thread_count_invariance():
-    x = _logits(2, batch=9, vocab=20000, seed=3)
+@pytest.mark.parametrize("opts", [dict(top_p=0.95), dict(top_k=30, min_p=0.01), dict(temperature=0.0)], ids=str)
+def test_thread_count_invariance(opts):
+    """Same tokens with 1 or 2 threads, and for a row alone (B = 1 splits the row over threads) or in a batch
+    (rows over threads)."""
+    x = _logits(2, batch=5, vocab=40000, seed=3)
+    seeds = torch.arange(5, dtype=torch.int64) * 3 + 1
     prev = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = cfg_sample(x, guidance_scale=2.0, top_p=0.95, seed=1, step=0)
-        torch.set_num_threads(max(2, prev))
-        many = cfg_sample(x, guidance_scale=2.0, top_p=0.95, seed=1, step=0)
+        for threads in (1, max(2, prev)):
+            torch.set_num_threads(threads)
+            batch = cfg_sample(x, guidance_scale=2.0, seed=seeds, step=0, **opts)
+            alone = torch.cat([cfg_sample(x[r:r + 1], guidance_scale=2.0, seed=seeds[r:r + 1], step=0, **opts)
+                               for r in range(5)])
+            cd = contrastive_sample(x[:, 1], x[:, 0], k=4, seed=seeds, step=0)
+            cd_alone = torch.cat([contrastive_sample(x[r:r + 1, 1], x[r:r + 1, 0], k=4, seed=seeds[r:r + 1],
+                                                     step=0) for r in range(5)])
+            assert torch.equal(batch, alone) and torch.equal(cd, cd_alone)
+            results.append((batch, cd))
     finally:
         torch.set_num_threads(prev)
-    assert torch.equal(one, many)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -219,6 +316,18 @@ def test_greedy_is_argmax(dtype):
     e, a = x[:, 1], x[:, 0]
     cd = contrastive_sample(e, a, alpha=0.5, k=2, temperature=0.0, seed=0, step=0)
     assert torch.equal(cd, reference.contrastive_probs(e, a, alpha=0.5, k=2, temperature=0.0).argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_output_written(temperature):
+    x = _logits(3, batch=7, vocab=5000)
+    with poisoned_outputs():
+        tokens, logprobs = cfg_sample(x, guidance_scale=(1.5, 3.0), temperature=temperature, top_k=20, seed=1,
+                                      step=0, return_logprobs=True)
+        cd_tokens, cd_logprobs = contrastive_sample(x[:, 2], x[:, 0], temperature=temperature, seed=1, step=0,
+                                                    return_logprobs=True)
+    for t, lp in ((tokens, logprobs), (cd_tokens, cd_logprobs)):
+        assert torch.all((t >= 0) & (t < 5000)) and torch.all(torch.isfinite(lp)) and torch.all(lp <= 0)
 
 
 def test_neg_inf_excludes_and_strided_input():
@@ -269,6 +378,11 @@ def test_non_finite_logits_raise(bad):
     big[0, 0] = -3e38
     with pytest.raises(ValueError, match="non-finite"):  # the mix overflows float32
         cfg_sample(big, guidance_scale=3.0, seed=0, step=0)
+    with pytest.raises(ValueError, match="row 0 .*non-finite"):  # so does dividing by a tiny temperature
+        cfg_sample(_logits(1, batch=2, vocab=100) + 10, guidance_scale=None, temperature=1e-38, seed=0, step=0)
+    e = _logits(1, batch=2, vocab=100)[:, 0]
+    with pytest.raises(ValueError, match="non-finite"):
+        contrastive_sample(e + 10, e - 10, temperature=1e-38, seed=0, step=0)
 
 
 def test_empty_row_raises():
@@ -307,6 +421,15 @@ def test_opcheck():
     torch.library.opcheck(ops.cfg_sample.default, (x[:, :1], [], 1.0, 0, 1.0, 0.0, 0, 97, None, 7, None, 3, None))
     torch.library.opcheck(ops.contrastive_sample.default,
                           (x[:, 1], x[:, 0], 0.1, 2, 1.0, 0.5, 0, 97, None, 1, None, 0, None))
+    xg = x.clone().requires_grad_()
+    torch.library.opcheck(ops.cfg_sample.default, (xg, [2.0], 1.0, 5, 1.0, 0.0, 0, 97, None, 0, None, 0, None))
+
+
+def test_outputs_carry_no_gradient():
+    x = _logits(2, batch=3, vocab=50).requires_grad_()
+    _, logprobs = cfg_sample(x, guidance_scale=2.0, seed=0, step=0, return_logprobs=True)
+    _, cd_logprobs = contrastive_sample(x[:, 1], x[:, 0], seed=0, step=0, return_logprobs=True)
+    assert not logprobs.requires_grad and not cd_logprobs.requires_grad
 
 
 def test_torch_compile_fullgraph():
@@ -318,7 +441,7 @@ def test_torch_compile_fullgraph():
         b = contrastive_sample(logits[:, 1], logits[:, 0], k=2, seed=seeds, step=step)
         return a, b
 
-    compiled = torch.compile(step_fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step_fn, fullgraph=True)
     for s in range(3):
         step = torch.tensor(s)
         got, want = compiled(x, step), step_fn(x, step)

@@ -1,18 +1,21 @@
-// Fused sampling: one row = one short pipeline over a row-sized fp32 workspace (L2-resident), no sort.
+// Fused sampling: each row runs a short pipeline over a row-sized fp32 workspace (L2-resident); no sort.
 //
-//   1. dense pass: read the S streams once, mix, restrict, scale by 1/temperature -> z[V] (excluded = -inf),
-//      tracking the max, the allowed count and NaN/+inf (branch-free, so it vectorises);
-//   2. top-k: the k-th largest z by radix selection (histograms of the order-preserving float key, 11/11/10
-//      bits; later levels only see the elements of the chosen bin);
-//   3. compact the survivors (z >= threshold) in token order and weigh them w = exp(z - max);
-//   4. top-p: the same radix selection, measuring probability mass instead of counts;
-//   5. min-p is a plain threshold (max + log min_p), because p(x) / p_max = exp(z - max);
-//   6. draw by inverse CDF: one Philox uniform per (seed, row, step) times the total weight, scanned in
-//      token order (the total is summed in the same order, so the scan always lands on a survivor).
-// Every filter is a threshold on z, so ties at a boundary are all kept and the result does not depend on
-// any ordering: a row's token depends only on its logits, options and (seed, row, step).
+//   1. dense pass (vectorised): read the S streams once, mix, restrict, scale by 1/temperature -> z, and
+//      keep the max of every 64-token chunk, the row max, the allowed count and a NaN/+inf flag;
+//   2. top-k: the k-th largest chunk max is a lower bound of the k-th largest z (those k maxima are k
+//      distinct tokens), so only tokens above it, in the few chunks that reach it, are collected; radix
+//      selection (histograms of the order-preserving float key, 11/11/10 bits) finds the exact k-th value;
+//   3. top-p: the same selection measuring probability mass; without top-k, tokens below
+//      max + log((1 - p) Z / (2 count)) cannot reach the nucleus boundary and are never collected;
+//   4. min-p is a plain threshold, max + log(min_p), because p(x) / p_max = exp(z - max);
+//   5. draw by inverse CDF on the dense row: per-chunk weight sums (chunks whose max is below the final
+//      threshold are skipped), one Philox uniform per (seed, row, step), then one chunk re-scanned token by
+//      token. The order is fixed (token order, fixed chunks), so the result is run- and thread-invariant.
+// Every filter is a threshold on z, so ties at a boundary are all kept and nothing depends on ordering.
 #include "sampling/sampling_cpu.h"
 
+#include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -21,31 +24,24 @@
 
 #include "common/parallel.h"
 #include "common/philox.h"
+#include "sampling/sampling_simd.h"
 
 namespace cm3leon::sampling {
 namespace {
 
-constexpr float kInf = std::numeric_limits<float>::infinity();
+using simd::exp_nonpositive;
 
-// exp(x) for x <= 0 to ~2 ulp: Cody-Waite reduction and a degree-6 polynomial; plain float arithmetic so
-// loops over it vectorise (libm's expf does not without -ffast-math).
-inline float exp_nonpositive(float x) {
-  x = x < -87.f ? -87.f : x;  // exp(-87) ~ 1.6e-38: below it the weight is 0 for every purpose here
-  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
-  const float t = x * 1.44269504f + shifter;
-  const float n = t - shifter;
-  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x <= -87.f ? 0.f : p * scale;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kChunk = 64;  // tokens per chunk (8 AVX2 vectors)
+// Below this size, clearing and scanning the radix histograms costs more than selecting directly.
+constexpr int64_t kSmallSelect = 1024;
+
+// The smallest float f with f >= t, so `z >= t` and `z >= f` agree for every float z.
+inline float float_at_least(double t) {
+  if (t == -double(kInf)) return -kInf;
+  float f = float(t);
+  if (double(f) < t) f = std::nextafter(f, kInf);
+  return f;
 }
 
 // Order-preserving map float -> uint32 (larger float, larger key) and back.
@@ -62,36 +58,62 @@ inline float key_float(uint32_t k) {
 }
 
 struct Workspace {
-  std::vector<float> z;        // dense [V] (cfg: mixed logits / T; contrastive: expert logits)
-  std::vector<float> score;    // contrastive only: dense [V] scores
-  std::vector<float> value;    // survivors, token order
-  std::vector<int32_t> index;
-  std::vector<float> weight;   // exp(value - max)
+  std::vector<float> z;          // dense row (cfg: mixed logits / T; contrastive: expert, then final scores)
+  std::vector<float> score;      // contrastive: expert - amateur / T_ama
+  std::vector<float> chunk_max;  // per 64-token chunk of z
+  std::vector<double> chunk_sum;
+  std::vector<float> value, weight;          // collected candidates (values only; order irrelevant)
   std::vector<float> sel_value, sel_weight;  // radix selection's narrowed working set
+  std::vector<int32_t> order;                // small selection's sort permutation
   std::vector<double> bin_measure;
 
   void reserve(int64_t vocab, bool contrastive) {
-    const size_t v = size_t(vocab);
+    const size_t v = size_t(vocab), chunks = size_t(ceil_div(vocab, kChunk));
     if (z.size() < v) {
       z.resize(v);
       value.resize(v);
-      index.resize(v);
       weight.resize(v);
       sel_value.resize(v);
       sel_weight.resize(v);
+      order.resize(std::min<size_t>(v, kSmallSelect));
+      chunk_max.resize(chunks);
+      chunk_sum.resize(chunks);
     }
     if (contrastive && score.size() < v) score.resize(v);
     bin_measure.resize(2048);
   }
 };
 
+// select_threshold for small n: nth_element for counts; for mass, a sort of the few candidates.
+float select_threshold_small(const float* v, const float* w, int64_t n, double target, Workspace& ws) {
+  if (w == nullptr) {
+    float* vals = ws.sel_value.data();
+    if (v != vals) std::copy(v, v + n, vals);
+    const int64_t k = std::min<int64_t>(std::max<int64_t>(int64_t(target), 1), n);
+    std::nth_element(vals, vals + (k - 1), vals + n, std::greater<float>());
+    return vals[k - 1];
+  }
+  // Sort candidate positions by value, descending; walk until the mass reaches the target.
+  int32_t* order = ws.order.data();
+  for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
+  std::sort(order, order + n, [&](int32_t a, int32_t b) { return v[a] > v[b]; });
+  double acc = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    acc += double(w[order[i]]);
+    if (acc >= target) return v[order[i]];
+  }
+  return v[order[n - 1]];  // rounding kept the target out of reach: keep everything
+}
+
 // The largest value t among v[0, n) such that measure({x : v[x] >= t}) >= target, where the measure is the
-// element count (w == null) or the sum of w. Three histogram levels over the order-preserving key.
+// element count (w == null) or the sum of w. Three histogram levels over the order-preserving key; each
+// later level sees only the elements of the bin chosen before.
 float select_threshold(const float* v, const float* w, int64_t n, double target, Workspace& ws) {
+  if (n <= kSmallSelect) return select_threshold_small(v, w, n, target, ws);
   static constexpr int kShift[3] = {21, 10, 0};
   static constexpr int kBits[3] = {11, 11, 10};
   double* measure = ws.bin_measure.data();
-  uint32_t prefix = 0;  // the key bits decided so far (above the current level)
+  uint32_t prefix = 0;  // key bits decided so far
   double above = 0.0;   // measure of the elements whose key is above the current bin range
   const float* cur_v = v;
   const float* cur_w = w;
@@ -104,17 +126,21 @@ float select_threshold(const float* v, const float* w, int64_t n, double target,
       const uint32_t bin = (float_key(cur_v[i]) >> shift) & (bins - 1);
       measure[bin] += cur_w ? double(cur_w[i]) : 1.0;
     }
-    int64_t chosen = -1;
+    int64_t chosen = 0;
+    bool reached = false;
     for (int64_t b = int64_t(bins) - 1; b >= 0; --b) {
       if (measure[b] == 0.0) continue;
-      chosen = b;  // falls through to the lowest non-empty bin if rounding keeps `target` out of reach
-      if (above + measure[b] >= target) break;
+      chosen = b;
+      if (above + measure[b] >= target) { reached = true; break; }
       above += measure[b];
+    }
+    if (!reached) {  // rounding kept the target out of reach: keep everything, down to the lowest bin
+      above -= measure[chosen];
+      target = above + measure[chosen];
     }
     prefix = (prefix << kBits[level]) | uint32_t(chosen);
     if (level == 2) break;
-    // Narrow to the chosen bin (in place after the first level: the output never overtakes the input).
-    float* out_v = ws.sel_value.data();
+    float* out_v = ws.sel_value.data();  // in place after the first level: output never overtakes input
     float* out_w = ws.sel_weight.data();
     int64_t m = 0;
     for (int64_t i = 0; i < cur_n; ++i) {
@@ -127,59 +153,121 @@ float select_threshold(const float* v, const float* w, int64_t n, double target,
     cur_v = out_v;
     cur_w = cur_w ? out_w : nullptr;
     cur_n = m;
+    // The rest of the answer lies in this bin: select it directly once it is small.
+    if (cur_n <= kSmallSelect) return select_threshold_small(cur_v, cur_w, cur_n, target - above, ws);
   }
   return key_float(prefix);
 }
 
-// Keeps the survivors with value >= threshold (in place, token order); returns the new count.
-int64_t keep_at_least(Workspace& ws, int64_t n, double threshold) {
+// Collects the finite z >= bound of the chunks whose max reaches it into ws.value; returns the count.
+int64_t collect(Workspace& ws, int64_t n, float bound) {
+  const float* z = ws.z.data();
+  float* out = ws.value.data();
   int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (double(ws.value[i]) >= threshold) {
-      ws.value[m] = ws.value[i];
-      ws.index[m] = ws.index[i];
-      ws.weight[m] = ws.weight[i];
-      ++m;
+  for (int64_t c = 0; c < ceil_div(n, kChunk); ++c) {
+    if (!(ws.chunk_max[c] >= bound)) continue;
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    for (int64_t i = c * kChunk; i < end; ++i) {
+      out[m] = z[i];
+      m += (z[i] >= bound) & (z[i] > -kInf);
     }
   }
   return m;
 }
 
-// Survivors of the dense z (z >= threshold and not excluded) -> ws.value/index, weighed against `max`.
-int64_t compact(Workspace& ws, const float* z, int64_t lo, int64_t hi, float threshold, float max) {
+// Keeps the collected values >= t (in place); returns the new count.
+int64_t keep_at_least(float* v, int64_t n, float t) {
   int64_t m = 0;
-  for (int64_t i = lo; i < hi; ++i) {
-    const float x = z[i - lo];
-    if (x >= threshold && x > -kInf) {
-      ws.value[m] = x;
-      ws.index[m] = int32_t(i);
-      ++m;
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    v[m] = v[i];
+    m += v[i] >= t;
   }
-  for (int64_t i = 0; i < m; ++i) ws.weight[i] = exp_nonpositive(ws.value[i] - max);
   return m;
+}
+
+// w[i] = exp(v[i] - max); returns the sum.
+double weigh(const float* v, int64_t n, float max, float* w) {
+  int64_t i = 0;
+  double total = 0.0;
+#if CM3LEON_SAMPLING_AVX2
+  const __m256 m = _mm256_set1_ps(max);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = simd::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(v + i), m));
+    _mm256_storeu_ps(w + i, e);
+    total += simd::hsum(e);
+  }
+#endif
+  for (; i < n; ++i) {
+    w[i] = exp_nonpositive(v[i] - max);
+    total += w[i];
+  }
+  return total;
+}
+
+// Weight of token i of the dense row under threshold t: exp(z - max) if z >= t, else 0.
+inline float weight_at(float z, float t, float max) { return z >= t ? exp_nonpositive(z - max) : 0.f; }
+
+// Sum of the weights of chunk [begin, end) (fixed lane order; see weight_at).
+float chunk_weight(const float* z, int64_t begin, int64_t end, float t, float max) {
+  int64_t i = begin;
+  float sum = 0.f;
+#if CM3LEON_SAMPLING_AVX2
+  if (end - begin == kChunk) {
+    const __m256 tv = _mm256_set1_ps(t), m = _mm256_set1_ps(max);
+    __m256 acc = _mm256_setzero_ps();
+    for (; i < end; i += 8) {
+      const __m256 x = _mm256_loadu_ps(z + i);
+      const __m256 e = simd::exp_nonpositive(_mm256_sub_ps(x, m));
+      acc = _mm256_add_ps(acc, _mm256_and_ps(e, _mm256_cmp_ps(x, tv, _CMP_GE_OQ)));
+    }
+    return simd::hsum(acc);
+  }
+#endif
+  for (; i < end; ++i) sum += weight_at(z[i], t, max);
+  return sum;
+}
+
+// Sums the weights of every chunk of the dense row into ws.chunk_sum; returns the total.
+double dense_weights(Workspace& ws, const float* z, int64_t n, float t, float max) {
+  double total = 0.0;
+  for (int64_t c = 0; c < ceil_div(n, kChunk); ++c) {
+    // Skipped chunks have weight exactly 0: nothing reaches t, or every exp_nonpositive(z - max) underflows.
+    const bool live = ws.chunk_max[c] >= t && ws.chunk_max[c] - max > -87.f;
+    const float s = live ? chunk_weight(z, c * kChunk, std::min(n, (c + 1) * kChunk), t, max) : 0.f;
+    ws.chunk_sum[c] = s;
+    total += s;
+  }
+  return total;
 }
 
 struct Draw {
-  int64_t token;
+  int64_t token;  // offset in the dense row
   float logprob;
 };
 
-// Inverse-CDF draw over the survivors with uniform u in [0, 1).
-Draw draw_inverse_cdf(const Workspace& ws, int64_t n, float max, double u) {
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) total += double(ws.weight[i]);
+// Inverse-CDF draw over the dense row z[0, n) with weights weight_at(z, t, max) and uniform u in [0, 1).
+Draw draw_dense(Workspace& ws, const float* z, int64_t n, float t, float max, double u) {
+  const double total = dense_weights(ws, z, n, t, max);
   const double target = u * total;
   double cum = 0.0;
+  int64_t chunk = -1;
+  for (int64_t c = 0; c < ceil_div(n, kChunk); ++c) {
+    if (ws.chunk_sum[c] == 0.0) continue;
+    chunk = c;
+    if (cum + ws.chunk_sum[c] > target) break;
+    cum += ws.chunk_sum[c];
+  }
+  // chunk >= 0: the max has weight 1 and survives every filter. Re-scan it token by token; the within-chunk
+  // order of additions differs from the vector sum, so fall back to its last positive weight if needed.
   int64_t pick = -1;
-  for (int64_t i = 0; i < n; ++i) {
-    if (ws.weight[i] == 0.f) continue;
+  for (int64_t i = chunk * kChunk; i < std::min(n, (chunk + 1) * kChunk); ++i) {
+    const float w = weight_at(z[i], t, max);
+    if (w == 0.f) continue;
     pick = i;
-    cum += double(ws.weight[i]);
+    cum += w;
     if (cum > target) break;
   }
-  // pick >= 0: the max itself survives every filter and has weight 1.
-  return {ws.index[pick], float(double(ws.value[pick]) - double(max) - std::log(total))};
+  return {pick, float(double(z[pick]) - double(max) - std::log(total))};
 }
 
 inline double row_uniform(const SeedSpec& seeds, int64_t row) {
@@ -187,182 +275,368 @@ inline double row_uniform(const SeedSpec& seeds, int64_t row) {
   return philox_uniform(uint64_t(seeds.shared), uint32_t(row), seeds.step);
 }
 
-inline bool allowed_at(const Vocab& allowed, int64_t row, int64_t i) {
-  return allowed.mask == nullptr || allowed.mask[row * allowed.mask_row_stride + i];
+// Offset of the first maximal element of the dense row (uses the chunk maxima).
+int64_t first_argmax(const Workspace& ws, const float* z, int64_t n, float max) {
+  for (int64_t c = 0; c < ceil_div(n, kChunk); ++c) {
+    if (ws.chunk_max[c] != max) continue;
+    for (int64_t i = c * kChunk;; ++i)
+      if (z[i] == max) return i;
+  }
+  return 0;
 }
 
-// Per-row state reported by the dense pass.
-struct DenseStats {
+struct ChunkStats {
   float max;
-  int64_t argmax;   // first index of the max (token id)
-  int64_t count;    // allowed tokens
+  int64_t count;
   bool bad;
 };
 
-// Max, first argmax and allowed count of z[0, n) (offset lo in token ids).
-DenseStats scan_dense(const float* z, int64_t lo, int64_t n, bool bad) {
+// ---- dense passes --------------------------------------------------------------------------------------
+
+struct MixParams {
+  float s0, s1, inv_t;
+};
+
+// One token of the stream mix: fma(s_txt, full - img, fma(s_img, img - u, u)) for S = 3, fma(s, c - u, u) for
+// S = 2, times 1/temperature; -inf in any stream (or a masked token) gives -inf; sets `bad` for NaN/+inf
+// inputs or a result that overflows (a huge guidance scale, or a tiny temperature).
+template <int S, typename T>
+inline float mix_one(const T* const* src, int64_t i, bool allowed, const MixParams& p, bool& bad) {
+  const float u = to_float(src[0][i]);
+  bool b = !(u < kInf), excluded = u == -kInf;
+  float m = u;
+  if constexpr (S >= 2) {
+    const float c = to_float(src[1][i]);
+    b |= !(c < kInf);
+    excluded |= c == -kInf;
+    m = std::fma(p.s0, c - u, u);
+    if constexpr (S == 3) {
+      const float f = to_float(src[2][i]);
+      b |= !(f < kInf);
+      excluded |= f == -kInf;
+      m = std::fma(p.s1, f - c, m);
+    }
+  }
+  const float scaled = m * p.inv_t;
+  b |= !excluded & !(std::fabs(scaled) < kInf);
+  bad |= b;
+  return (excluded | !allowed) ? -kInf : scaled;
+}
+
+template <int S, typename T>
+ChunkStats cfg_chunk(const T* const* src, const bool* mask, int64_t begin, int64_t end, const MixParams& p,
+                     float* z) {
+#if CM3LEON_SAMPLING_AVX2
+  if (end - begin == kChunk) {
+    const __m256 ninf = _mm256_set1_ps(-kInf), inf = _mm256_set1_ps(kInf);
+    const __m256 s0 = _mm256_set1_ps(p.s0), s1 = _mm256_set1_ps(p.s1), inv_t = _mm256_set1_ps(p.inv_t);
+    __m256 vmax = ninf, vbad = _mm256_setzero_ps();
+    int64_t count = 0;
+    for (int64_t i = begin; i < end; i += 8) {
+      const __m256 u = simd::load8(src[0] + i);
+      __m256 bad = simd::nan_or_pos_inf(u), excluded = _mm256_cmp_ps(u, ninf, _CMP_EQ_OQ), m = u;
+      if constexpr (S >= 2) {
+        const __m256 c = simd::load8(src[1] + i);
+        bad = _mm256_or_ps(bad, simd::nan_or_pos_inf(c));
+        excluded = _mm256_or_ps(excluded, _mm256_cmp_ps(c, ninf, _CMP_EQ_OQ));
+        m = _mm256_fmadd_ps(s0, _mm256_sub_ps(c, u), u);
+        if constexpr (S == 3) {
+          const __m256 f = simd::load8(src[2] + i);
+          bad = _mm256_or_ps(bad, simd::nan_or_pos_inf(f));
+          excluded = _mm256_or_ps(excluded, _mm256_cmp_ps(f, ninf, _CMP_EQ_OQ));
+          m = _mm256_fmadd_ps(s1, _mm256_sub_ps(f, c), m);
+        }
+      }
+      const __m256 scaled = _mm256_mul_ps(m, inv_t);
+      const __m256 abs_scaled = _mm256_andnot_ps(_mm256_set1_ps(-0.f), scaled);
+      bad = _mm256_or_ps(bad, _mm256_andnot_ps(excluded, _mm256_cmp_ps(abs_scaled, inf, _CMP_NLT_UQ)));
+      if (mask) excluded = _mm256_or_ps(excluded, simd::masked_out8(mask + i));
+      const __m256 zv = _mm256_blendv_ps(scaled, ninf, excluded);
+      _mm256_storeu_ps(z + i, zv);
+      vmax = _mm256_max_ps(vmax, zv);
+      vbad = _mm256_or_ps(vbad, bad);
+      count += 8 - __builtin_popcount(unsigned(_mm256_movemask_ps(excluded)));
+    }
+    return {simd::hmax(vmax), count, _mm256_movemask_ps(vbad) != 0};
+  }
+#endif
+  ChunkStats st{-kInf, 0, false};
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = mix_one<S>(src, i, mask == nullptr || mask[i], p, st.bad);
+    z[i] = x;
+    st.max = std::max(st.max, x);
+    st.count += x > -kInf;
+  }
+  return st;
+}
+
+ChunkStats contrastive_chunk_scalar(float e, float a, bool allowed, float inv_ta, float* z, float* score,
+                                    int64_t i, ChunkStats st) {
+  st.bad |= !(e < kInf) | !(a < kInf);
+  const bool excluded = (e == -kInf) | (a == -kInf) | !allowed;
+  const float s = std::fma(-a, inv_ta, e);
+  st.bad |= !excluded & !(std::fabs(s) < kInf);
+  z[i] = excluded ? -kInf : e;
+  score[i] = s;
+  st.max = std::max(st.max, z[i]);
+  st.count += !excluded;
+  return st;
+}
+
+// Contrastive dense pass: z = expert (-inf where excluded), score = fma(-amateur, 1/T_ama, expert).
+template <typename T>
+ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t begin, int64_t end,
+                             float inv_ta, float* z, float* score) {
+#if CM3LEON_SAMPLING_AVX2
+  if (end - begin == kChunk) {
+    const __m256 ninf = _mm256_set1_ps(-kInf), inf = _mm256_set1_ps(kInf), ita = _mm256_set1_ps(inv_ta);
+    __m256 vmax = ninf, vbad = _mm256_setzero_ps();
+    int64_t count = 0;
+    for (int64_t i = begin; i < end; i += 8) {
+      const __m256 ev = simd::load8(e + i), av = simd::load8(a + i);
+      __m256 bad = _mm256_or_ps(simd::nan_or_pos_inf(ev), simd::nan_or_pos_inf(av));
+      __m256 excluded = _mm256_or_ps(_mm256_cmp_ps(ev, ninf, _CMP_EQ_OQ), _mm256_cmp_ps(av, ninf, _CMP_EQ_OQ));
+      if (mask) excluded = _mm256_or_ps(excluded, simd::masked_out8(mask + i));
+      const __m256 s = _mm256_fnmadd_ps(av, ita, ev);
+      const __m256 abs_s = _mm256_andnot_ps(_mm256_set1_ps(-0.f), s);
+      bad = _mm256_or_ps(bad, _mm256_andnot_ps(excluded, _mm256_cmp_ps(abs_s, inf, _CMP_NLT_UQ)));
+      const __m256 zv = _mm256_blendv_ps(ev, ninf, excluded);
+      _mm256_storeu_ps(z + i, zv);
+      _mm256_storeu_ps(score + i, s);
+      vmax = _mm256_max_ps(vmax, zv);
+      vbad = _mm256_or_ps(vbad, bad);
+      count += 8 - __builtin_popcount(unsigned(_mm256_movemask_ps(excluded)));
+    }
+    return {simd::hmax(vmax), count, _mm256_movemask_ps(vbad) != 0};
+  }
+#endif
+  ChunkStats st{-kInf, 0, false};
+  for (int64_t i = begin; i < end; ++i)
+    st = contrastive_chunk_scalar(to_float(e[i]), to_float(a[i]), mask == nullptr || mask[i], inv_ta, z, score, i,
+                                  st);
+  return st;
+}
+
+// z[i] = score[i] / T on the head set (z >= head, finite), -inf elsewhere; returns the chunk's max.
+ChunkStats head_scores(float* z, const float* score, int64_t begin, int64_t end, float head, float inv_t) {
   float max = -kInf;
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    max = z[i] > max ? z[i] : max;
-    count += z[i] > -kInf;
+  int64_t i = begin;
+#if CM3LEON_SAMPLING_AVX2
+  if (end - begin == kChunk) {
+    const __m256 h = _mm256_set1_ps(head), ninf = _mm256_set1_ps(-kInf), it = _mm256_set1_ps(inv_t);
+    __m256 vmax = ninf;
+    for (; i < end; i += 8) {
+      const __m256 x = _mm256_loadu_ps(z + i);
+      const __m256 in = _mm256_and_ps(_mm256_cmp_ps(x, h, _CMP_GE_OQ), _mm256_cmp_ps(x, ninf, _CMP_NEQ_OQ));
+      const __m256 v = _mm256_blendv_ps(ninf, _mm256_mul_ps(_mm256_loadu_ps(score + i), it), in);
+      _mm256_storeu_ps(z + i, v);
+      vmax = _mm256_max_ps(vmax, v);
+    }
+    max = simd::hmax(vmax);
   }
-  int64_t argmax = lo;
-  for (int64_t i = 0; i < n; ++i) {
-    if (z[i] == max) { argmax = lo + i; break; }
+#endif
+  for (; i < end; ++i) {
+    z[i] = (z[i] >= head) & (z[i] > -kInf) ? score[i] * inv_t : -kInf;
+    max = std::max(max, z[i]);
   }
-  return {max, argmax, count, bad};
+  return {max, 0, false};
 }
 
-inline bool nan_or_pos_inf(float x) { return !(x < kInf); }
-
-// Dense pass of cfg_sample: z[i - lo] = mix(streams) / T over [lo, hi); excluded tokens get -inf.
-template <typename T>
-DenseStats cfg_dense(const T* row, int64_t stream_stride, int64_t r, int64_t lo, int64_t hi,
-                     const CfgOptions& o, const Vocab& allowed, float* z) {
-  const float inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
-  const T* s0 = row;
-  const T* s1 = row + stream_stride;
-  const T* s2 = row + 2 * stream_stride;
-  bool bad = false;
-  const int64_t n = hi - lo;
-  if (o.streams == 1) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float u = to_float(s0[lo + i]);
-      bad |= nan_or_pos_inf(u);
-      z[i] = u * inv_t;
-    }
-  } else if (o.streams == 2) {
-    const float s = o.scale0;
-    for (int64_t i = 0; i < n; ++i) {
-      const float u = to_float(s0[lo + i]), c = to_float(s1[lo + i]);
-      bad |= nan_or_pos_inf(u) | nan_or_pos_inf(c);
-      const float mixed = u + s * (c - u);
-      const bool excluded = (u == -kInf) | (c == -kInf);
-      bad |= !excluded & !(std::fabs(mixed) < kInf);  // overflow of the mix
-      z[i] = excluded ? -kInf : mixed * inv_t;
-    }
-  } else {
-    const float s_img = o.scale0, s_txt = o.scale1;
-    for (int64_t i = 0; i < n; ++i) {
-      const float u = to_float(s0[lo + i]), img = to_float(s1[lo + i]), full = to_float(s2[lo + i]);
-      bad |= nan_or_pos_inf(u) | nan_or_pos_inf(img) | nan_or_pos_inf(full);
-      const float mixed = u + s_img * (img - u) + s_txt * (full - img);
-      const bool excluded = (u == -kInf) | (img == -kInf) | (full == -kInf);
-      bad |= !excluded & !(std::fabs(mixed) < kInf);
-      z[i] = excluded ? -kInf : mixed * inv_t;
-    }
+// Runs chunk(begin, end) over chunks [c0, c1) of the dense row, recording chunk maxima; returns the totals.
+template <typename ChunkFn>
+ChunkStats dense_pass(Workspace& ws, int64_t n, int64_t c0, int64_t c1, const ChunkFn& chunk) {
+  ChunkStats total{-kInf, 0, false};
+  for (int64_t c = c0; c < c1; ++c) {
+    const ChunkStats st = chunk(c * kChunk, std::min(n, (c + 1) * kChunk));
+    ws.chunk_max[c] = st.max;
+    total.max = std::max(total.max, st.max);
+    total.count += st.count;
+    total.bad |= st.bad;
   }
-  if (allowed.mask) {
-    for (int64_t i = 0; i < n; ++i) z[i] = allowed_at(allowed, r, lo + i) ? z[i] : -kInf;
-  }
-  return scan_dense(z, lo, n, bad);
+  return total;
 }
 
-template <typename T>
-RowStatus cfg_row(const T* logits, int64_t r, int64_t vocab, int64_t row_stride, int64_t stream_stride,
-                  const CfgOptions& o, const Vocab& allowed, const SeedSpec& seeds, Workspace& ws,
-                  int64_t* tokens, float* logprobs) {
-  (void)vocab;
-  const int64_t lo = allowed.range_lo, hi = allowed.range_hi;
-  float* z = ws.z.data();
-  const DenseStats st = cfg_dense(logits + r * row_stride, stream_stride, r, lo, hi, o, allowed, z);
-  if (st.bad) return RowStatus::NonFinite;
-  if (st.count == 0) return RowStatus::EmptyRow;
-  if (o.temperature == 0.f) {  // greedy: every filter keeps the max, so it is the argmax of the mix
-    tokens[r] = st.argmax;
+// The k-th largest finite z of the dense row (1 <= k <= count), touching only chunks that can hold it.
+float kth_largest(Workspace& ws, int64_t n, int64_t k, float max) {
+  if (k == 1) return max;
+  const int64_t chunks = ceil_div(n, kChunk);
+  const float bound = k <= chunks ? select_threshold(ws.chunk_max.data(), nullptr, chunks, double(k), ws) : -kInf;
+  const int64_t m = collect(ws, n, bound);
+  return select_threshold(ws.value.data(), nullptr, m, double(k), ws);
+}
+
+// ---- rows: a dense phase (splittable over chunk ranges) and a finishing phase ---------------------------
+
+// The row's answer: greedy when temperature is 0, else an inverse-CDF draw under threshold t.
+RowStatus finish_row(Workspace& ws, int64_t r, int64_t lo, int64_t n, bool greedy, float t, float max,
+                     const SeedSpec& seeds, int64_t* tokens, float* logprobs) {
+  if (greedy) {
+    tokens[r] = lo + first_argmax(ws, ws.z.data(), n, max);
     if (logprobs) logprobs[r] = 0.f;
     return RowStatus::Ok;
   }
-  float threshold = -kInf;
-  if (o.top_k > 0 && o.top_k < st.count) threshold = select_threshold(z, nullptr, hi - lo, double(o.top_k), ws);
-  int64_t n = compact(ws, z, lo, hi, threshold, st.max);
-  if (o.top_p < 1.0) {
-    double total = 0.0;
-    for (int64_t i = 0; i < n; ++i) total += double(ws.weight[i]);
-    const float tp = select_threshold(ws.value.data(), ws.weight.data(), n, o.top_p * total, ws);
-    n = keep_at_least(ws, n, tp);
-  }
-  if (o.min_p > 0.0) n = keep_at_least(ws, n, double(st.max) + std::log(o.min_p));
-  const Draw d = draw_inverse_cdf(ws, n, st.max, row_uniform(seeds, r));
-  tokens[r] = d.token;
+  const Draw d = draw_dense(ws, ws.z.data(), n, t, max, row_uniform(seeds, r));
+  tokens[r] = lo + d.token;
   if (logprobs) logprobs[r] = d.logprob;
   return RowStatus::Ok;
 }
 
-// Dense pass of contrastive_sample: z = expert (excluded: -inf), score = expert - amateur / T_ama.
 template <typename T>
-DenseStats contrastive_dense(const T* expert, const T* amateur, int64_t r, int64_t lo, int64_t hi,
-                             const ContrastiveOptions& o, const Vocab& allowed, float* z, float* score) {
-  const float inv_ta = 1.f / o.amateur_temperature;
-  bool bad = false;
-  const int64_t n = hi - lo;
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = to_float(expert[lo + i]), a = to_float(amateur[lo + i]);
-    bad |= nan_or_pos_inf(e) | nan_or_pos_inf(a);
-    const bool excluded = (e == -kInf) | (a == -kInf) | !allowed_at(allowed, r, lo + i);
-    const float s = e - a * inv_ta;
-    bad |= !excluded & !(std::fabs(s) < kInf);
-    z[i] = excluded ? -kInf : e;
-    score[i] = s;
-  }
-  return scan_dense(z, lo, n, bad);
-}
+struct CfgJob {
+  const T* logits;
+  int64_t row_stride, stream_stride;
+  const CfgOptions& o;
+  const Vocab& allowed;
+  const SeedSpec& seeds;
+  int64_t* tokens;
+  float* logprobs;
 
-template <typename T>
-RowStatus contrastive_row(const T* expert, const T* amateur, int64_t r, int64_t e_stride, int64_t a_stride,
-                          const ContrastiveOptions& o, const Vocab& allowed, const SeedSpec& seeds,
-                          Workspace& ws, int64_t* tokens, float* logprobs) {
-  const int64_t lo = allowed.range_lo, hi = allowed.range_hi, n_dense = hi - lo;
-  float* z = ws.z.data();
-  float* score = ws.score.data();
-  const DenseStats st =
-      contrastive_dense(expert + r * e_stride, amateur + r * a_stride, r, lo, hi, o, allowed, z, score);
-  if (st.bad) return RowStatus::NonFinite;
-  if (st.count == 0) return RowStatus::EmptyRow;
-  // Head set: p_exp(x) >= alpha * p_exp(k-th) <=> expert_x >= expert_(k) + log(alpha) (normalisers cancel).
-  const int64_t k = o.k < st.count ? o.k : st.count;
-  const float kth = k == 1 ? st.max : select_threshold(z, nullptr, n_dense, double(k), ws);
-  const double head = o.alpha > 0.0 ? double(kth) + std::log(o.alpha) : -double(kInf);
-  const float inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
-  int64_t n = 0;
-  float best = -kInf;
-  int64_t best_token = -1;
-  for (int64_t i = 0; i < n_dense; ++i) {
-    if (z[i] > -kInf && double(z[i]) >= head) {
-      const float v = score[i] * inv_t;
-      if (v > best) { best = v; best_token = lo + i; }  // strict: ties keep the lowest token id
-      ws.value[n] = v;
-      ws.index[n] = int32_t(lo + i);
-      ++n;
+  int64_t width() const { return allowed.range_hi - allowed.range_lo; }
+
+  ChunkStats dense(int64_t r, Workspace& ws, int64_t c0, int64_t c1) const {
+    const int64_t lo = allowed.range_lo;
+    const T* row = logits + r * row_stride + lo;
+    const T* src[3] = {row, row + stream_stride, row + 2 * stream_stride};
+    const bool* mask = allowed.mask ? allowed.mask + r * allowed.mask_row_stride + lo : nullptr;
+    const MixParams p{o.scale0, o.scale1, o.temperature > 0.f ? 1.f / o.temperature : 1.f};
+    float* z = ws.z.data();
+    return dense_pass(ws, width(), c0, c1, [&](int64_t b, int64_t e) {
+      switch (o.streams) {
+        case 1: return cfg_chunk<1>(src, mask, b, e, p, z);
+        case 2: return cfg_chunk<2>(src, mask, b, e, p, z);
+        default: return cfg_chunk<3>(src, mask, b, e, p, z);
+      }
+    });
+  }
+
+  RowStatus finish(int64_t r, Workspace& ws, const ChunkStats& st) const {
+    const int64_t n = width();
+    if (st.bad) return RowStatus::NonFinite;
+    if (st.count == 0) return RowStatus::EmptyRow;
+    // Greedy needs no threshold: every filter keeps the max, so it is the argmax of the mix.
+    const bool greedy = o.temperature == 0.f;
+    float t = -kInf;
+    int64_t m = -1;  // collected candidates in ws.value (-1: none yet)
+    if (!greedy && o.top_k > 0 && o.top_k < st.count) {
+      const int64_t chunks = ceil_div(n, kChunk);
+      const float bound =
+          o.top_k <= chunks ? select_threshold(ws.chunk_max.data(), nullptr, chunks, double(o.top_k), ws) : -kInf;
+      m = collect(ws, n, bound);
+      t = select_threshold(ws.value.data(), nullptr, m, double(o.top_k), ws);
     }
+    if (!greedy && o.top_p < 1.0) {
+      double mass;
+      if (m >= 0) {
+        m = keep_at_least(ws.value.data(), m, t);
+        mass = weigh(ws.value.data(), m, st.max, ws.weight.data());
+      } else {
+        mass = dense_weights(ws, ws.z.data(), n, -kInf, st.max);
+        // Tokens below this bound hold less than (1 - p) of the mass together: the boundary lies above it.
+        const double spare = 0.5 * (1.0 - o.top_p) * mass / double(st.count);
+        m = collect(ws, n, float_at_least(double(st.max) + std::log(spare)));
+        weigh(ws.value.data(), m, st.max, ws.weight.data());
+      }
+      t = std::max(t, select_threshold(ws.value.data(), ws.weight.data(), m, o.top_p * mass, ws));
+    }
+    if (o.min_p > 0.0) t = std::max(t, float_at_least(double(st.max) + std::log(o.min_p)));
+    return finish_row(ws, r, allowed.range_lo, n, greedy, t, st.max, seeds, tokens, logprobs);
   }
-  if (o.temperature == 0.f) {
-    tokens[r] = best_token;
-    if (logprobs) logprobs[r] = 0.f;
-    return RowStatus::Ok;
-  }
-  for (int64_t i = 0; i < n; ++i) ws.weight[i] = exp_nonpositive(ws.value[i] - best);
-  const Draw d = draw_inverse_cdf(ws, n, best, row_uniform(seeds, r));
-  tokens[r] = d.token;
-  if (logprobs) logprobs[r] = d.logprob;
-  return RowStatus::Ok;
-}
+};
 
-// Runs row(r, workspace) for every row in parallel; collects the first failing row.
-template <typename RowFn>
-RowError for_each_row(int64_t batch, int64_t vocab, bool contrastive, const RowFn& row) {
+template <typename T>
+struct ContrastiveJob {
+  const T* expert;
+  const T* amateur;
+  int64_t e_stride, a_stride;
+  const ContrastiveOptions& o;
+  const Vocab& allowed;
+  const SeedSpec& seeds;
+  int64_t* tokens;
+  float* logprobs;
+
+  int64_t width() const { return allowed.range_hi - allowed.range_lo; }
+
+  ChunkStats dense(int64_t r, Workspace& ws, int64_t c0, int64_t c1) const {
+    const int64_t lo = allowed.range_lo;
+    const T* e = expert + r * e_stride + lo;
+    const T* a = amateur + r * a_stride + lo;
+    const bool* mask = allowed.mask ? allowed.mask + r * allowed.mask_row_stride + lo : nullptr;
+    const float inv_ta = 1.f / o.amateur_temperature;
+    float* z = ws.z.data();
+    float* score = ws.score.data();
+    return dense_pass(ws, width(), c0, c1, [&](int64_t b, int64_t end) {
+      return contrastive_chunk(e, a, mask, b, end, inv_ta, z, score);
+    });
+  }
+
+  RowStatus finish(int64_t r, Workspace& ws, const ChunkStats& st) const {
+    const int64_t n = width();
+    if (st.bad) return RowStatus::NonFinite;
+    if (st.count == 0) return RowStatus::EmptyRow;
+    // Head set: p_exp(x) >= alpha * p_exp(k-th) <=> expert_x >= expert_(k) + log(alpha) (normalisers cancel).
+    const float kth = kth_largest(ws, n, std::min(o.k, st.count), st.max);
+    const float head = o.alpha > 0.0 ? float_at_least(double(kth) + std::log(o.alpha)) : -kInf;
+    // Final scores over the head set replace z, with their chunk maxima.
+    const float inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
+    float* z = ws.z.data();
+    const float* score = ws.score.data();
+    const ChunkStats fin = dense_pass(ws, n, 0, ceil_div(n, kChunk), [&](int64_t b, int64_t end) {
+      return head_scores(z, score, b, end, head, inv_t);
+    });
+    if (!(std::fabs(fin.max) < kInf)) return RowStatus::NonFinite;  // score / temperature overflowed
+    return finish_row(ws, r, allowed.range_lo, n, o.temperature == 0.f, -kInf, fin.max, seeds, tokens, logprobs);
+  }
+};
+
+constexpr int64_t kMinChunksPerSplit = 128;  // 8192 tokens: below this a split costs more than it saves
+
+// Runs every row's job in parallel. Batches with fewer rows than threads also split each row's dense pass
+// over chunk ranges (the rest of a row is cheap); chunk-local work is identical either way, so the tokens
+// do not depend on the thread count.
+template <typename Job>
+RowError run_rows(int64_t batch, bool contrastive, const Job& job) {
   std::vector<RowStatus> status(size_t(batch), RowStatus::Ok);
-  parallel_items(batch, [&](int64_t r) {
-    thread_local Workspace ws;
+  const int64_t n = job.width(), chunks = ceil_div(n, kChunk);
+  const int64_t threads = num_threads();
+  const int64_t splits = batch >= threads ? 1 : std::min(ceil_div(threads, batch), chunks / kMinChunksPerSplit);
+  if (splits <= 1) {
+    parallel_items(batch, [&](int64_t r) {
+      thread_local Workspace ws;
+      try {
+        ws.reserve(n, contrastive);
+      } catch (const std::bad_alloc&) {
+        status[size_t(r)] = RowStatus::OutOfMemory;
+        return;
+      }
+      status[size_t(r)] = job.finish(r, ws, job.dense(r, ws, 0, chunks));
+    });
+  } else {
+    thread_local std::vector<Workspace> spaces;  // the calling thread's, reused across calls
+    std::vector<ChunkStats> partial(size_t(batch * splits));
     try {
-      ws.reserve(vocab, contrastive);
+      if (int64_t(spaces.size()) < batch) spaces.resize(size_t(batch));
+      for (int64_t r = 0; r < batch; ++r) spaces[size_t(r)].reserve(n, contrastive);
     } catch (const std::bad_alloc&) {
-      status[size_t(r)] = RowStatus::OutOfMemory;
-      return;
+      return {0, RowStatus::OutOfMemory};
     }
-    status[size_t(r)] = row(r, ws);
-  });
+    // A plain pointer: inside the parallel lambdas the name `spaces` would mean each worker's own instance.
+    Workspace* const row_ws = spaces.data();
+    const int64_t per_split = ceil_div(chunks, splits);
+    parallel_items(batch * splits, [&](int64_t item) {
+      const int64_t r = item / splits, c0 = (item % splits) * per_split;
+      partial[size_t(item)] = job.dense(r, row_ws[r], c0, std::min(chunks, c0 + per_split));
+    });
+    parallel_items(batch, [&](int64_t r) {
+      ChunkStats st{-kInf, 0, false};
+      for (int64_t s = 0; s < splits; ++s) {
+        const ChunkStats& p = partial[size_t(r * splits + s)];
+        st.max = std::max(st.max, p.max);
+        st.count += p.count;
+        st.bad |= p.bad;
+      }
+      status[size_t(r)] = job.finish(r, row_ws[r], st);
+    });
+  }
   for (int64_t r = 0; r < batch; ++r)
     if (status[size_t(r)] != RowStatus::Ok) return {r, status[size_t(r)]};
   return {-1, RowStatus::Ok};
@@ -370,30 +644,26 @@ RowError for_each_row(int64_t batch, int64_t vocab, bool contrastive, const RowF
 
 }  // namespace
 
-RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t vocab, int64_t row_stride,
-                        int64_t stream_stride, const CfgOptions& options, const Vocab& allowed,
-                        const SeedSpec& seeds, int64_t* tokens, float* logprobs) {
+RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t row_stride, int64_t stream_stride,
+                        const CfgOptions& options, const Vocab& allowed, const SeedSpec& seeds, int64_t* tokens,
+                        float* logprobs) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* x = static_cast<const T*>(logits);
-    return for_each_row(batch, vocab, false, [&](int64_t r, Workspace& ws) {
-      return cfg_row(x, r, vocab, row_stride, stream_stride, options, allowed, seeds, ws, tokens, logprobs);
-    });
+    const CfgJob<T> job{static_cast<const T*>(logits), row_stride, stream_stride, options, allowed, seeds, tokens,
+                        logprobs};
+    return run_rows(batch, false, job);
   });
 }
 
 RowError contrastive_sample_cpu(DType dtype, const void* expert, const void* amateur, int64_t batch,
-                                int64_t vocab, int64_t expert_row_stride, int64_t amateur_row_stride,
+                                int64_t expert_row_stride, int64_t amateur_row_stride,
                                 const ContrastiveOptions& options, const Vocab& allowed, const SeedSpec& seeds,
                                 int64_t* tokens, float* logprobs) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const T* e = static_cast<const T*>(expert);
-    const T* a = static_cast<const T*>(amateur);
-    return for_each_row(batch, vocab, true, [&](int64_t r, Workspace& ws) {
-      return contrastive_row(e, a, r, expert_row_stride, amateur_row_stride, options, allowed, seeds, ws,
-                             tokens, logprobs);
-    });
+    const ContrastiveJob<T> job{static_cast<const T*>(expert), static_cast<const T*>(amateur), expert_row_stride,
+                                amateur_row_stride, options, allowed, seeds, tokens, logprobs};
+    return run_rows(batch, true, job);
   });
 }
 

@@ -42,12 +42,12 @@ struct CfgOptions {
   double min_p;          // 0 = off
 };
 
-// logits: [B, S, V] with strides (row_stride, stream_stride, 1), stream 0 unconditional. Writes tokens[B]
-// and, if non-null, logprobs[B] (log-probability of the drawn token under the final distribution; 0 for
-// greedy).
-RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t vocab, int64_t row_stride,
-                        int64_t stream_stride, const CfgOptions& options, const Vocab& allowed,
-                        const SeedSpec& seeds, int64_t* tokens, float* logprobs);
+// logits: [B, S, V] with strides (row_stride, stream_stride, 1), stream 0 unconditional; only the tokens in
+// allowed's range are read. Writes tokens[B] and, if non-null, logprobs[B] (log-probability of the drawn
+// token under the final distribution; 0 for greedy).
+RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t row_stride, int64_t stream_stride,
+                        const CfgOptions& options, const Vocab& allowed, const SeedSpec& seeds, int64_t* tokens,
+                        float* logprobs);
 
 struct ContrastiveOptions {
   double alpha;               // head set: p_exp(x) >= alpha * (k-th largest p_exp)
@@ -58,7 +58,7 @@ struct ContrastiveOptions {
 
 // expert, amateur: [B, V] with row strides; both of `dtype`.
 RowError contrastive_sample_cpu(DType dtype, const void* expert, const void* amateur, int64_t batch,
-                                int64_t vocab, int64_t expert_row_stride, int64_t amateur_row_stride,
+                                int64_t expert_row_stride, int64_t amateur_row_stride,
                                 const ContrastiveOptions& options, const Vocab& allowed, const SeedSpec& seeds,
                                 int64_t* tokens, float* logprobs);
 

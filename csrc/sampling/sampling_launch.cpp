@@ -19,7 +19,8 @@ Vocab check_vocab(int64_t batch, int64_t vocab, int64_t range_lo, int64_t range_
   if (allowed_mask) {
     const at::Tensor& m = *allowed_mask;
     TORCH_CHECK_TYPE(m.scalar_type() == at::kBool, "allowed_mask must be bool, got ", m.scalar_type());
-    TORCH_CHECK_VALUE((m.dim() == 1 && m.size(0) == vocab) || (m.dim() == 2 && m.size(0) == batch && m.size(1) == vocab),
+    const bool per_row = m.dim() == 2 && m.size(0) == batch && m.size(1) == vocab;
+    TORCH_CHECK_VALUE((m.dim() == 1 && m.size(0) == vocab) || per_row,
                       "allowed_mask must be [V] or [B, V] = [", batch, ", ", vocab, "], got ", m.sizes());
     check_contiguous(m, "allowed_mask");
     v.mask = m.data_ptr<bool>();
@@ -33,8 +34,8 @@ SeedSpec check_seeds(int64_t batch, int64_t seed, const std::optional<at::Tensor
   SeedSpec s{nullptr, seed, uint64_t(step)};
   if (seeds) {
     TORCH_CHECK_TYPE(seeds->scalar_type() == at::kLong, "seed tensor must be int64, got ", seeds->scalar_type());
-    TORCH_CHECK_VALUE(seeds->dim() == 1 && seeds->size(0) == batch, "seed tensor must be [B] = [", batch, "], got ",
-                      seeds->sizes());
+    TORCH_CHECK_VALUE(seeds->dim() == 1 && seeds->size(0) == batch, "seed tensor must be [B] = [", batch,
+                      "], got ", seeds->sizes());
     check_contiguous(*seeds, "seed");
     s.per_row = seeds->data_ptr<int64_t>();
   }
@@ -52,8 +53,8 @@ void raise_row_error(const RowError& e, const char* input) {
     case RowStatus::Ok: return;
     case RowStatus::NonFinite:
       TORCH_CHECK_VALUE(false, input, " row ", e.row,
-                        " holds NaN or +inf (or its streams mix to a non-finite value); -inf is allowed and "
-                        "excludes a token");
+                        " holds NaN or +inf, or mixing the streams / dividing by the temperature overflows "
+                        "float32 (non-finite); -inf is allowed and excludes a token");
     case RowStatus::EmptyRow:
       TORCH_CHECK_VALUE(false, "row ", e.row,
                         " has no allowed token: allowed_range/allowed_mask and -inf logits exclude all of them");
@@ -66,7 +67,8 @@ void raise_row_error(const RowError& e, const char* input) {
 std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu_launch(
     const at::Tensor& logits, c10::ArrayRef<double> guidance_scale, double temperature, int64_t top_k,
     double top_p, double min_p, int64_t range_lo, int64_t range_hi, const std::optional<at::Tensor>& allowed_mask,
-    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step, const std::optional<at::Tensor>& step_tensor) {
+    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
+    const std::optional<at::Tensor>& step_tensor) {
   TORCH_CHECK_VALUE(logits.dim() == 3, "logits must be [B, S, V], got ", logits.sizes());
   const int64_t batch = logits.size(0), streams = logits.size(1), vocab = logits.size(2);
   TORCH_CHECK_VALUE(streams >= 1 && streams <= 3, "logits must have S = 1, 2 or 3 streams, got ", streams);
@@ -87,9 +89,8 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu_launch(
                      float(temperature), top_k, top_p, min_p};
   at::Tensor tokens = at::empty({batch}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({batch}, logits.options().dtype(at::kFloat));
-  const RowError err = cfg_sample_cpu(dtype, logits.data_ptr(), batch, vocab, logits.stride(0), logits.stride(1),
-                                      options, allowed, seed_spec, tokens.data_ptr<int64_t>(),
-                                      logprobs.data_ptr<float>());
+  const RowError err = cfg_sample_cpu(dtype, logits.data_ptr(), batch, logits.stride(0), logits.stride(1), options,
+                                      allowed, seed_spec, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
   raise_row_error(err, "logits");
   return {tokens, logprobs};
 }
@@ -97,7 +98,8 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu_launch(
 std::tuple<at::Tensor, at::Tensor> contrastive_sample_cpu_launch(
     const at::Tensor& expert, const at::Tensor& amateur, double alpha, int64_t k, double temperature,
     double amateur_temperature, int64_t range_lo, int64_t range_hi, const std::optional<at::Tensor>& allowed_mask,
-    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step, const std::optional<at::Tensor>& step_tensor) {
+    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
+    const std::optional<at::Tensor>& step_tensor) {
   TORCH_CHECK_VALUE(expert.dim() == 2, "expert_logits must be [B, V], got ", expert.sizes());
   TORCH_CHECK_VALUE(amateur.sizes() == expert.sizes(), "amateur_logits must match expert_logits ", expert.sizes(),
                     ", got ", amateur.sizes());
@@ -117,9 +119,9 @@ std::tuple<at::Tensor, at::Tensor> contrastive_sample_cpu_launch(
   const ContrastiveOptions options{alpha, k, float(temperature), float(amateur_temperature)};
   at::Tensor tokens = at::empty({batch}, expert.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({batch}, expert.options().dtype(at::kFloat));
-  const RowError err = contrastive_sample_cpu(dtype, expert.data_ptr(), amateur.data_ptr(), batch, vocab,
-                                              expert.stride(0), amateur.stride(0), options, allowed, seed_spec,
-                                              tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+  const RowError err =
+      contrastive_sample_cpu(dtype, expert.data_ptr(), amateur.data_ptr(), batch, expert.stride(0), amateur.stride(0),
+                             options, allowed, seed_spec, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
   raise_row_error(err, "expert_logits/amateur_logits");
   return {tokens, logprobs};
 }

@@ -11,11 +11,13 @@ namespace cm3leon::sampling {
 std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu_launch(
     const at::Tensor& logits, c10::ArrayRef<double> guidance_scale, double temperature, int64_t top_k,
     double top_p, double min_p, int64_t range_lo, int64_t range_hi, const std::optional<at::Tensor>& allowed_mask,
-    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step, const std::optional<at::Tensor>& step_tensor);
+    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
+    const std::optional<at::Tensor>& step_tensor);
 
 std::tuple<at::Tensor, at::Tensor> contrastive_sample_cpu_launch(
     const at::Tensor& expert, const at::Tensor& amateur, double alpha, int64_t k, double temperature,
     double amateur_temperature, int64_t range_lo, int64_t range_hi, const std::optional<at::Tensor>& allowed_mask,
-    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step, const std::optional<at::Tensor>& step_tensor);
+    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
+    const std::optional<at::Tensor>& step_tensor);
 
 }  // namespace cm3leon::sampling

@@ -1,0 +1,94 @@
+// The few vector primitives of the sampling kernels (AVX2+FMA, with scalar twins). Each scalar twin runs the
+// same sequence of fp32 operations (explicit fma) as its vector lane, so a token's weight is bit-identical
+// whichever path computed it: the inverse-CDF draw re-derives weights one by one inside the chosen chunk.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/half.h"
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define CM3LEON_SAMPLING_AVX2 1
+#endif
+
+namespace cm3leon::sampling::simd {
+
+// exp(x) for x <= 0 to ~2 ulp (Cody-Waite reduction, degree-6 Taylor); exactly 0 at or below -87.
+inline float exp_nonpositive(float x) {
+  const float xc = x < -87.f ? -87.f : x;
+  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
+  const float n = std::fma(xc, 1.44269504f, shifter) - shifter;
+  float r = std::fma(n, -0.693145752f, xc);
+  r = std::fma(n, -1.42860677e-6f, r);
+  float p = 1.f / 720.f;
+  p = std::fma(p, r, 1.f / 120.f);
+  p = std::fma(p, r, 1.f / 24.f);
+  p = std::fma(p, r, 1.f / 6.f);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.f);
+  p = std::fma(p, r, 1.f);
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x <= -87.f ? 0.f : p * scale;
+}
+
+#if CM3LEON_SAMPLING_AVX2
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.f), shifter = _mm256_set1_ps(12582912.f);
+  const __m256 xc = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504f), shifter), shifter);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693145752f), xc);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720.f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LE_OQ), e);
+}
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const fp16* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// 8 bools -> all-ones lanes where true.
+inline __m256 load_mask8(const bool* p) {
+  int64_t bytes;
+  std::memcpy(&bytes, p, sizeof bytes);
+  const __m256i v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(v, _mm256_setzero_si256()));
+}
+// All-ones lanes where the 8 bools are false (the token is masked out).
+inline __m256 masked_out8(const bool* p) {
+  return _mm256_andnot_ps(load_mask8(p), _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
+}
+// Lanes holding NaN or +inf.
+inline __m256 nan_or_pos_inf(__m256 x) {
+  return _mm256_cmp_ps(x, _mm256_set1_ps(__builtin_inff()), _CMP_NLT_UQ);
+}
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+// Lane sum in a fixed order (so the result never depends on anything but the 8 values).
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+}  // namespace cm3leon::sampling::simd
