@@ -22,10 +22,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// c[r * ldc + j] (+)= sum_p a[p * MR + r] * b[p * ldb + j] for r < 6, j < 16.
-// `a` is a packed panel (six rows interleaved per depth step); `b` is any row-major fp32 block.
-inline void micro_6x16(const float* a, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
-                       bool accumulate) {
+// c[r * ldc + j] (+)= sum_p a[p * lda + r * ars] * b[p * ldb + j] for r < 6, j < 16.
+// The six A values of a depth step are `ars` apart and steps are `lda` apart: a packed panel (lda = 6,
+// ars = 1), six columns of a row-major block (lda = its row length, ars = 1), or six rows of one
+// (lda = 1, ars = row length). `b` is any row-major fp32 block.
+inline void micro_6x16(const float* a, int64_t lda, int64_t ars, const float* b, int64_t ldb, int64_t depth,
+                       float* c, int64_t ldc, bool accumulate) {
 #if CM3LEON_ATTN_AVX2
   // Twelve named accumulators + two b vectors + one broadcast = 15 of 16 ymm registers (arrays spill).
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
@@ -39,15 +41,16 @@ inline void micro_6x16(const float* a, const float* b, int64_t ldb, int64_t dept
   } else {
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
   }
-  for (int64_t p = 0; p < depth; ++p, a += MR, b += ldb) {
+  const int64_t a1 = ars, a2 = 2 * ars, a3 = 3 * ars, a4 = 4 * ars, a5 = 5 * ars;
+  for (int64_t p = 0; p < depth; ++p, a += lda, b += ldb) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 ar;
-    ar = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(ar, b0, c00); c01 = _mm256_fmadd_ps(ar, b1, c01);
-    ar = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(ar, b0, c10); c11 = _mm256_fmadd_ps(ar, b1, c11);
-    ar = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(ar, b0, c20); c21 = _mm256_fmadd_ps(ar, b1, c21);
-    ar = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(ar, b0, c30); c31 = _mm256_fmadd_ps(ar, b1, c31);
-    ar = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(ar, b0, c40); c41 = _mm256_fmadd_ps(ar, b1, c41);
-    ar = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(ar, b0, c50); c51 = _mm256_fmadd_ps(ar, b1, c51);
+    ar = _mm256_broadcast_ss(a); c00 = _mm256_fmadd_ps(ar, b0, c00); c01 = _mm256_fmadd_ps(ar, b1, c01);
+    ar = _mm256_broadcast_ss(a + a1); c10 = _mm256_fmadd_ps(ar, b0, c10); c11 = _mm256_fmadd_ps(ar, b1, c11);
+    ar = _mm256_broadcast_ss(a + a2); c20 = _mm256_fmadd_ps(ar, b0, c20); c21 = _mm256_fmadd_ps(ar, b1, c21);
+    ar = _mm256_broadcast_ss(a + a3); c30 = _mm256_fmadd_ps(ar, b0, c30); c31 = _mm256_fmadd_ps(ar, b1, c31);
+    ar = _mm256_broadcast_ss(a + a4); c40 = _mm256_fmadd_ps(ar, b0, c40); c41 = _mm256_fmadd_ps(ar, b1, c41);
+    ar = _mm256_broadcast_ss(a + a5); c50 = _mm256_fmadd_ps(ar, b0, c50); c51 = _mm256_fmadd_ps(ar, b1, c51);
   }
   _mm256_storeu_ps(c + 0 * ldc, c00); _mm256_storeu_ps(c + 0 * ldc + 8, c01);
   _mm256_storeu_ps(c + 1 * ldc, c10); _mm256_storeu_ps(c + 1 * ldc + 8, c11);
@@ -61,7 +64,7 @@ inline void micro_6x16(const float* a, const float* b, int64_t ldb, int64_t dept
     for (int j = 0; j < NR; ++j) acc[r][j] = accumulate ? c[r * ldc + j] : 0.f;
   for (int64_t p = 0; p < depth; ++p)
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NR; ++j) acc[r][j] += a[p * MR + r] * b[p * ldb + j];
+      for (int j = 0; j < NR; ++j) acc[r][j] += a[p * lda + r * ars] * b[p * ldb + j];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) c[r * ldc + j] = acc[r][j];
 #endif
@@ -73,7 +76,7 @@ inline void panel_gemm(const float* a, int64_t rows_pad, const float* b, int64_t
                        int64_t depth, float* c, int64_t ldc, bool accumulate) {
   for (int64_t rp = 0; rp < rows_pad; rp += MR)
     for (int64_t j = 0; j < cols_pad; j += NR)
-      micro_6x16(a + rp * depth, b + j, ldb, depth, c + rp * ldc + j, ldc, accumulate);
+      micro_6x16(a + rp * depth, MR, 1, b + j, ldb, depth, c + rp * ldc + j, ldc, accumulate);
 }
 
 #if CM3LEON_ATTN_AVX2
