@@ -17,6 +17,7 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEVICES = ("cpu",)
+_kvcache_op = ops.flash_attn_kvcache.default  # resolved once: decode calls it per token per layer
 
 
 # ---- cheap argument checks (decode calls these once per token per layer) ----------------------------------
@@ -153,18 +154,19 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         TypeError / ValueError naming the argument, including ``cache_seqlens`` when new tokens would overflow
         the cache.
     """
-    _check_qkv(q, k_cache, v_cache, 4, names=("q", "k_cache", "v_cache"))
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together")
-    if k is not None:
-        _check_qkv(q, k, v, 4)
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous (they are updated in place)")
+    # Decode calls this once per token per layer, so only what C++ cannot see is checked here (devices:
+    # mixed devices would dispatch elsewhere; the cache_seqlens form); shapes, dtypes, contiguity and
+    # overflow are checked by the C++ launcher, whose errors name the arguments.
+    dev = q.device
+    if k_cache.device != dev or v_cache.device != dev or (k is not None and k.device != dev) or \
+            (v is not None and v.device != dev):
+        raise ValueError(f"q, k_cache, v_cache, k, v must be on one device, got {dev}, {k_cache.device}, "
+                         f"{v_cache.device}, {None if k is None else k.device}, {None if v is None else v.device}")
+    if dev.type not in _DEVICES:
+        raise NotImplementedError(f"q is on {dev}; attention has kernels for {', '.join(_DEVICES)} only")
     if isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.dtype != torch.int32:
-            raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-        if cache_seqlens.device != q.device:
-            raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}: use one device")
+        if cache_seqlens.device != dev:
+            raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {dev}: use one device")
         seqlens, scalar = cache_seqlens, 0
     elif cache_seqlens is None:
         if k is not None:
@@ -176,9 +178,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
     if not q.is_contiguous():
         q = q.contiguous()
-    out, _ = ops.flash_attn_kvcache(q, k_cache, v_cache, k, v, seqlens, scalar, _scale(softmax_scale, q),
-                                    bool(causal))
-    return out
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return _kvcache_op(q, k_cache, v_cache, k, v, seqlens, scalar, scale, bool(causal))[0]
 
 
 # ---- torch.library registration: fake (meta) kernels for tracing, autograd -------------------------------

@@ -12,23 +12,28 @@ namespace cm3leon::attention {
 
 namespace {
 
-// Checks shared by every entry point: matching dtypes, head counts and dims, contiguity.
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim) {
-  TORCH_CHECK_VALUE(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "q, k, v must be ", ndim,
+// Checks shared by every entry point: matching dtypes and devices, head counts and dims, contiguity.
+// (The KV-cache wrapper leaves these to C++ to keep decode's per-call cost low, so messages name the
+// arguments as the caller knows them.)
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim, const char* kn = "k",
+               const char* vn = "v") {
+  TORCH_CHECK_VALUE(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "q, ", kn, ", ", vn, " must be ", ndim,
                     "-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                   "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
-                   v.scalar_type());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, ", kn, ", ", vn,
+                   " must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), "q, ", kn, ", ", vn,
+                    " must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
   float_dtype(q, "q");
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), kn, " and ", vn, " must have the same shape, got ", k.sizes(), " and ",
                     v.sizes());
   const int64_t d = q.size(-1), hq = q.size(-2), hkv = k.size(-2);
-  TORCH_CHECK_VALUE(k.size(-1) == d, "k's head dim (", k.size(-1), ") must equal q's (", d, ")");
-  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k's (", hkv, ")");
+  TORCH_CHECK_VALUE(k.size(-1) == d, kn, "'s head dim (", k.size(-1), ") must equal q's (", d, ")");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of ", kn, "'s (", hkv,
+                    ")");
   TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ", d);
   check_contiguous(q, "q");
-  check_contiguous(k, "k");
-  check_contiguous(v, "v");
+  check_contiguous(k, kn);
+  check_contiguous(v, vn);
 }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
@@ -153,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cpu_launch(const at::Tensor& q, const
                                                       const c10::optional<at::Tensor>& v,
                                                       const c10::optional<at::Tensor>& cache_seqlens,
                                                       int64_t cache_seqlen, double softmax_scale, bool causal) {
-  check_qkv(q, k_cache, v_cache, 4);
+  check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
   TORCH_CHECK_VALUE(k_cache.size(0) == b, "k_cache's batch (", k_cache.size(0), ") must equal q's (", b, ")");
   TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together");
@@ -164,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cpu_launch(const at::Tensor& q, const
                       "k and v must be [batch, new_tokens, heads_kv, head_dim] matching the cache, got ",
                       k->sizes(), " and ", v->sizes());
     TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
-                     "k and v must have the cache's dtype");
+                     "k and v must have the cache's dtype, got ", k->scalar_type(), " and ", v->scalar_type());
+    TORCH_CHECK_VALUE(k->device() == q.device() && v->device() == q.device(), "k and v must be on q's device");
     check_contiguous(*k, "k");
     check_contiguous(*v, "v");
     new_len = k->size(1);
