@@ -19,7 +19,8 @@
 namespace cm3leon::attention {
 namespace {
 
-constexpr int64_t BM = 48;  // query rows per work item (multiple of MR and of NR)
+// Measured on the 2-core AVX2 machine (D = 64): 96 x 48 beats 48 x 48 by ~10%, larger tiles do not help.
+constexpr int64_t BM = 96;  // query rows per work item (multiple of MR and of NR)
 constexpr int64_t BN = 48;  // keys per block (multiple of MR)
 
 struct Item {
