@@ -64,7 +64,7 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
     max_q = std::max(max_q, pr.segments[s].q_len);
   }
   const int64_t pairs_max = round_up(hq * max_q, 8);
-  const int64_t want = 4 * int64_t(num_threads());
+  const int64_t want = 8 * int64_t(num_threads());  // enough items for dynamic balance on busy cores
   const int64_t splits = std::max<int64_t>(
       1, std::min(ceil_div(want, std::max<int64_t>(pr.num_segments, 1)), max_k / kMinSlice));
   const int64_t items = pr.num_segments * splits;
