@@ -161,15 +161,23 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       if (masked)
         for (int64_t r = 0; r < BM; ++r)
           sc.limit[size_t(r)] = r < rows ? float(visible_keys(q0 + r, sg.q_len, sg.k_len, pr.causal) - n0) : 0.f;
-      for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)  // six K rows (padding rows are zero) x 16 queries
+      // Six K rows (padding rows are zero) x 16 queries; on the causal diagonal, tiles that every one of
+      // their queries masks out are skipped (the softmax masks their stale scores).
+      for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
         for (int64_t qc = 0; qc < rows16; qc += NR)
-          micro_6x16(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
+          if (!masked || n0 + kr0 < visible_keys(q0 + std::min(qc + NR, rows) - 1, sg.q_len, sg.k_len, pr.causal))
+            micro_6x16(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
       softmax_block(st, cols, cols6, rows16, masked, sc.limit.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
       for (int64_t r = 0; r < rows; ++r)
         if (sc.alpha[size_t(r)] != 1.f) scale_row(o + r * dp, dp, sc.alpha[size_t(r)]);
       for (int64_t dc = 0; dc < dp; dc += NR)  // a 16-column strip of V stays in L1 across query panels
-        for (int64_t qr = 0; qr < rows6; qr += MR)
-          micro_6x16(st + qr, BM, 1, vr.data() + blk + dc, dp, cols, o + qr * dp + dc, dp, true);
+        for (int64_t qr = 0; qr < rows6; qr += MR) {
+          // Keys past the last one these six queries see have P = 0: stop the depth there.
+          const int64_t depth = masked ? std::clamp<int64_t>(visible_keys(q0 + std::min(qr + MR, rows) - 1, sg.q_len,
+                                                                          sg.k_len, pr.causal) - n0, 0, cols)
+                                       : cols;
+          if (depth > 0) micro_6x16(st + qr, BM, 1, vr.data() + blk + dc, dp, depth, o + qr * dp + dc, dp, true);
+        }
     }
 
     for (int64_t r = 0; r < rows; ++r) {
