@@ -71,15 +71,17 @@ DENSE_CASES = [  # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causa
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_flash_attn_func_matches_reference(case, dtype):
     b, sq, sk, hq, hkv, d, causal = case
-    q, k, v = _rand(b, sq, hq, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
+    q = _rand(b, sq, hq, d, dtype=dtype)
+    k, v = _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
     _check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=causal, return_lse=True),
-                             lambda q, k, v: ref.attention(q, k, v, causal=causal), (q, k, v), dtype, str(case))
+                             lambda q, k, v: ref.attention(q, k, v, causal=causal), (q, k, v), dtype,
+                             str(case))
 
 
 @pytest.mark.parametrize("head_dim", [8, 32, 64, 80, 96, 128, 256])
 def test_head_dims_and_softmax_scale(head_dim):
-    q, k, v = _rand(1, 29, 2, head_dim, dtype=torch.float32), _rand(1, 41, 1, head_dim, dtype=torch.float32), \
-        _rand(1, 41, 1, head_dim, dtype=torch.float32)
+    q = torch.randn(1, 29, 2, head_dim)
+    k, v = torch.randn(1, 41, 1, head_dim), torch.randn(1, 41, 1, head_dim)
     _check_against_reference(
         lambda q, k, v: ck.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, return_lse=True),
         lambda q, k, v: ref.attention(q, k, v, softmax_scale=0.3, causal=True), (q, k, v), torch.float32,
@@ -96,7 +98,8 @@ def test_rows_without_keys_give_zero_and_zero_grad():
 
 def test_large_scores_are_stable():
     """Scores near 1000: the online softmax must rescale without overflow. (Forward only: recomputing P
-    from a saved lse of magnitude ~1000 has an inherent relative error of |lse| * 2^-24, as in FlashAttention.)"""
+    from a saved lse of magnitude ~1000 has an inherent relative error of |lse| * 2^-24, as in
+    FlashAttention.)"""
     q = torch.randn(1, 64, 2, 64) * 30
     k, v = torch.randn(1, 64, 2, 64) * 30, torch.randn(1, 64, 2, 64)
     _check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=True, return_lse=True),
@@ -203,10 +206,15 @@ def test_decode_loop_matches_full_attention():
     kc, vc = torch.zeros(1, 16, h, d), torch.zeros(1, 16, h, d)
     steps = [ck.flash_attn_with_kvcache(q[:, t:t + 1], kc, vc, k[:, t:t + 1], v[:, t:t + 1], cache_seqlens=t)
              for t in range(s)]
-    torch.testing.assert_close(torch.cat(steps, 1), ck.flash_attn_func(q, k, v, causal=True), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, 1), ck.flash_attn_func(q, k, v, causal=True), atol=1e-6,
+                               rtol=1e-5)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
+
+def _i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
 
 def _qkv(b=1, s=8, hq=4, hkv=2, d=32, dtype=torch.float32):
     return torch.randn(b, s, hq, d, dtype=dtype), torch.randn(b, s, hkv, d, dtype=dtype), \
@@ -229,21 +237,21 @@ def _bad_calls():
         "k/v shape": (lambda: ck.flash_attn_func(q, k, v[:, :4]), ValueError, "k and v"),
         "batch": (lambda: ck.flash_attn_func(q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch"),
         "rank": (lambda: ck.flash_attn_func(q3, k3, v3), ValueError, "q must be 4-D"),
-        "last dim stride": (lambda: ck.flash_attn_func(q.transpose(2, 3), k, v), ValueError, "last dimension"),
+        "last dim stride": (lambda: ck.flash_attn_func(q.transpose(2, 3), k, v), ValueError,
+                            "last dimension"),
         "device": (lambda: ck.flash_attn_func(q, k.to("meta"), v.to("meta")), ValueError, "k is on meta"),
         "cu dtype": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu.long(), cu, 5, 5), TypeError,
                      "cu_seqlens_q must be int32"),
-        "cu end": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, torch.tensor([0, 3, 7], dtype=torch.int32),
-                                                     5, 5), ValueError, "cu_seqlens_k[-1]"),
-        "cu decreasing": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, torch.tensor([0, 5, 3, 8], dtype=torch.int32),
-                                                            torch.tensor([0, 3, 5, 8], dtype=torch.int32), 8, 8),
+        "cu end": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, _i32([0, 3, 7]), 5, 5), ValueError,
+                   "cu_seqlens_k[-1]"),
+        "cu decreasing": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, _i32([0, 5, 3, 8]),
+                                                            _i32([0, 3, 5, 8]), 8, 8),
                           ValueError, "non-decreasing"),
-        "cu start": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, torch.tensor([1, 8], dtype=torch.int32),
-                                                       torch.tensor([0, 8], dtype=torch.int32), 8, 8),
+        "cu start": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, _i32([1, 8]), _i32([0, 8]), 8, 8),
                      ValueError, "cu_seqlens_q[0]"),
         "max_seqlen": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, cu, 4, 5), ValueError, "max_seqlen"),
-        "cu count": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, torch.tensor([0, 8], dtype=torch.int32),
-                                                       8, 8), ValueError, "same length"),
+        "cu count": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, _i32([0, 8]), 8, 8), ValueError,
+                     "same length"),
         "cache overflow": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(),
                                                               torch.tensor([3, 10], dtype=torch.int32)),
                            ValueError, "cache_seqlens[1] = 10"),
@@ -254,8 +262,8 @@ def _bad_calls():
         "k without v": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, None, 3), ValueError, "together"),
         "cache strided": (lambda: ck.flash_attn_with_kvcache(qd, kc[:, ::2], vc[:, ::2], cache_seqlens=2),
                           ValueError, "contiguous"),
-        "cache dtype": (lambda: ck.flash_attn_with_kvcache(qd, kc.half(), vc.half(), cache_seqlens=2), TypeError,
-                        "share a dtype"),
+        "cache dtype": (lambda: ck.flash_attn_with_kvcache(qd, kc.half(), vc.half(), cache_seqlens=2),
+                        TypeError, "share a dtype"),
     }
 
 
@@ -270,7 +278,8 @@ def test_bad_input_reaches_cpp_checks():
     """The C++ launchers re-check what the Python wrappers check (calls straight into torch.ops)."""
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="multiple"):
-        torch.ops.cm3leon.flash_attn_forward(q, torch.randn(1, 8, 3, 32), torch.randn(1, 8, 3, 32), 1.0, False)
+        torch.ops.cm3leon.flash_attn_forward(q, torch.randn(1, 8, 3, 32), torch.randn(1, 8, 3, 32), 1.0,
+                                             False)
     with pytest.raises(TypeError, match="dtype"):
         torch.ops.cm3leon.flash_attn_forward(q, k.double(), v.double(), 1.0, False)
 
@@ -289,12 +298,12 @@ def test_opcheck_all_ops():
     q3, k3, v3 = [t.detach()[0].repeat(1, 1, 1).requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(ops.flash_attn_varlen_forward, (q3, k3, v3, cu, cu, 6, 6, 0.3, True))
     o3, l3 = ops.flash_attn_varlen_forward(q3, k3, v3, cu, cu, 6, 6, 0.3, True)
-    torch.library.opcheck(ops.flash_attn_varlen_backward, (torch.randn_like(o3), q3.detach(), k3.detach(),
-                                                           v3.detach(), o3.detach(), l3, cu, cu, 6, 6, 0.3, True))
+    torch.library.opcheck(ops.flash_attn_varlen_backward,
+                          (torch.randn_like(o3), q3.detach(), k3.detach(), v3.detach(), o3.detach(), l3, cu,
+                           cu, 6, 6, 0.3, True))
     kc, vc = torch.randn(2, 12, 2, 32), torch.randn(2, 12, 2, 32)
     torch.library.opcheck(ops.flash_attn_kvcache, (torch.randn(2, 1, 4, 32), kc, vc, torch.randn(2, 1, 2, 32),
-                                                   torch.randn(2, 1, 2, 32), torch.tensor([3, 11], dtype=torch.int32),
-                                                   0, 0.2, True))
+                                                   torch.randn(2, 1, 2, 32), _i32([3, 11]), 0, 0.2, True))
 
 
 def test_torch_compile_fullgraph_forward_backward_and_decode():
