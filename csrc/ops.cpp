@@ -26,7 +26,8 @@ TORCH_LIBRARY(cm3leon, m) {
         " bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Appends k/v into the caches in place (at cache_seqlens, or cache_seqlen for every row when it is None).
   m.def("flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v,"
-        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal)"
+        " -> (Tensor out, Tensor lse)");
 }
 
 TORCH_LIBRARY_IMPL(cm3leon, CPU, m) {

@@ -8,8 +8,8 @@
 // Per (query block, key block) everything is kept transposed ([keys][queries]), as in the forward:
 // S^T = K Q^T, dP^T = V dO^T, P^T = 2^(S^T - lse), dS^T = P^T (dP^T - D) with vertical (per-query) vectors,
 // then dV += P^T dO, dK += dS^T Q (six key rows per micro-kernel step) and dQ += dS K (six query columns
-// of dS^T per step): no tile is ever transposed. dQ rows are shared between items, so each thread accumulates into
-// its own fp32 dQ buffer and the buffers are summed at the end (no atomics).
+// of dS^T per step): no tile is ever transposed. dQ rows are shared between items, so each thread
+// accumulates into its own fp32 dQ buffer and the buffers are summed at the end (no atomics).
 #include <omp.h>
 
 #include <algorithm>
@@ -35,15 +35,18 @@ struct Scratch {
 
 // P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D) on [BN keys][BM queries] tiles, in place; key r of the
 // block is visible to query c when r < limit[c] (limit <= valid keys of the block; 0 for padding queries).
-inline void softmax_grad_block(float* s, float* dp, const float* lse2, const float* dsum, const float* limit) {
+inline void softmax_grad_block(float* s, float* dp, const float* lse2, const float* dsum,
+                               const float* limit) {
 #if CM3LEON_ATTN_AVX2
   for (int64_t c = 0; c < BM; c += 8) {
-    const __m256 lv = _mm256_loadu_ps(lse2 + c), dv = _mm256_loadu_ps(dsum + c), lim = _mm256_loadu_ps(limit + c);
+    const __m256 lv = _mm256_loadu_ps(lse2 + c), dv = _mm256_loadu_ps(dsum + c);
+    const __m256 lim = _mm256_loadu_ps(limit + c);
     for (int64_t r = 0; r < BN; ++r) {
       const __m256 keep = _mm256_cmp_ps(_mm256_set1_ps(float(r)), lim, _CMP_LT_OQ);
       const __m256 p = _mm256_and_ps(exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + r * BM + c), lv)), keep);
       _mm256_storeu_ps(s + r * BM + c, p);
-      _mm256_storeu_ps(dp + r * BM + c, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + r * BM + c), dv)));
+      const __m256 dpv = _mm256_loadu_ps(dp + r * BM + c);
+      _mm256_storeu_ps(dp + r * BM + c, _mm256_mul_ps(p, _mm256_sub_ps(dpv, dv)));
     }
   }
 #else
@@ -133,11 +136,12 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
       float *s = sc.s.data(), *dpt = sc.dp.data(), *kr = sc.kr.data(), *vr = sc.vr.data();
 
       for (int64_t q0 = first_q / BM * BM; q0 < sg.q_len; q0 += BM) {
-        const int64_t rows = std::min(BM, sg.q_len - q0), rows16 = round_up(rows, NR), rows6 = round_up(rows, MR);
-        for (int64_t c = 0; c < BM; ++c)
-          sc.limit[size_t(c)] =
-              c < rows ? float(std::clamp<int64_t>(visible_keys(q0 + c, sg.q_len, sg.k_len, pr.causal) - n0, 0, cols))
-                       : 0.f;
+        const int64_t rows = std::min(BM, sg.q_len - q0), rows16 = round_up(rows, NR);
+        const int64_t rows6 = round_up(rows, MR);
+        for (int64_t c = 0; c < BM; ++c) {
+          const int64_t seen = c < rows ? visible_keys(q0 + c, sg.q_len, sg.k_len, pr.causal) - n0 : 0;
+          sc.limit[size_t(c)] = float(std::clamp<int64_t>(seen, 0, cols));
+        }
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const int64_t row = h * q_total + q_off[it.segment] + q0;
           const float *qt = q_t.data() + row * dp, *dot = do_t.data() + row * dp;
@@ -149,10 +153,10 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
           softmax_grad_block(s, dpt, lse2.data() + row, dsum.data() + row, sc.limit.data());
           for (int64_t r0 = 0; r0 < BN; r0 += MR)  // dV += P^T dO, dK += dS^T Q
             for (int64_t c = 0; c < dp; c += NR) {
-              micro_6x16(s + r0 * BM, 1, BM, do_rows.data() + row * dp + c, dp, rows, sc.dv.data() + r0 * dp + c, dp,
-                         true);
-              micro_6x16(dpt + r0 * BM, 1, BM, q_rows.data() + row * dp + c, dp, rows, sc.dk.data() + r0 * dp + c,
-                         dp, true);
+              micro_6x16(s + r0 * BM, 1, BM, do_rows.data() + row * dp + c, dp, rows,
+                         sc.dv.data() + r0 * dp + c, dp, true);
+              micro_6x16(dpt + r0 * BM, 1, BM, q_rows.data() + row * dp + c, dp, rows,
+                         sc.dk.data() + r0 * dp + c, dp, true);
             }
           for (int64_t c = 0; c < dp; c += NR)  // dQ += dS K (six query columns of dS^T per step)
             for (int64_t qr = 0; qr < rows6; qr += MR)

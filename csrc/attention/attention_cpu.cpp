@@ -53,7 +53,8 @@ inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t que
     const __m256 m_old = _mm256_loadu_ps(m + c);
     const __m256 m_new = _mm256_max_ps(m_old, mx);
     // Queries that have seen no key yet keep m = -inf; subtracting 0 then gives 2^-inf = 0, not NaN.
-    const __m256 m_use = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
+    const __m256 m_use =
+        _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
     const __m256 a = exp2_neg(_mm256_sub_ps(m_old, m_use));
     __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
     int64_t r = 0;
@@ -144,6 +145,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     const int64_t h = it.head, q0 = it.q0, hk = h / group;
     const int64_t rows = std::min(BM, sg.q_len - q0), rows16 = round_up(rows, NR), rows6 = round_up(rows, MR);
     const int64_t keys = visible_keys(q0 + rows - 1, sg.q_len, sg.k_len, pr.causal);
+    auto seen_by = [&](int64_t i) { return visible_keys(i, sg.q_len, sg.k_len, pr.causal); };
     // Queries whose limit reaches at least this far need no mask in a block.
     const int64_t unmasked_until = visible_keys(q0, sg.q_len, sg.k_len, pr.causal);
 
@@ -160,23 +162,25 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       const bool masked = n0 + cols > unmasked_until;
       if (masked)
         for (int64_t r = 0; r < BM; ++r)
-          sc.limit[size_t(r)] = r < rows ? float(visible_keys(q0 + r, sg.q_len, sg.k_len, pr.causal) - n0) : 0.f;
+          sc.limit[size_t(r)] =
+              r < rows ? float(visible_keys(q0 + r, sg.q_len, sg.k_len, pr.causal) - n0) : 0.f;
       // Six K rows (padding rows are zero) x 16 queries; on the causal diagonal, tiles that every one of
       // their queries masks out are skipped (the softmax masks their stale scores).
       for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
         for (int64_t qc = 0; qc < rows16; qc += NR)
-          if (!masked || n0 + kr0 < visible_keys(q0 + std::min(qc + NR, rows) - 1, sg.q_len, sg.k_len, pr.causal))
+          if (!masked || n0 + kr0 < seen_by(q0 + std::min(qc + NR, rows) - 1))
             micro_6x16(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
-      softmax_block(st, cols, cols6, rows16, masked, sc.limit.data(), sc.m.data(), sc.l.data(), sc.alpha.data());
+      softmax_block(st, cols, cols6, rows16, masked, sc.limit.data(), sc.m.data(), sc.l.data(),
+                    sc.alpha.data());
       for (int64_t r = 0; r < rows; ++r)
         if (sc.alpha[size_t(r)] != 1.f) scale_row(o + r * dp, dp, sc.alpha[size_t(r)]);
       for (int64_t dc = 0; dc < dp; dc += NR)  // a 16-column strip of V stays in L1 across query panels
         for (int64_t qr = 0; qr < rows6; qr += MR) {
           // Keys past the last one these six queries see have P = 0: stop the depth there.
-          const int64_t depth = masked ? std::clamp<int64_t>(visible_keys(q0 + std::min(qr + MR, rows) - 1, sg.q_len,
-                                                                          sg.k_len, pr.causal) - n0, 0, cols)
-                                       : cols;
-          if (depth > 0) micro_6x16(st + qr, BM, 1, vr.data() + blk + dc, dp, depth, o + qr * dp + dc, dp, true);
+          const int64_t depth =
+              masked ? std::clamp<int64_t>(seen_by(q0 + std::min(qr + MR, rows) - 1) - n0, 0, cols) : cols;
+          if (depth > 0)
+            micro_6x16(st + qr, BM, 1, vr.data() + blk + dc, dp, depth, o + qr * dp + dc, dp, true);
         }
     }
 

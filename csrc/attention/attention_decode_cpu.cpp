@@ -47,7 +47,8 @@ inline __m256 dot8(const float* const* q, const T* const* k, int64_t d) {
 template <typename T>
 inline void axpy(float* o, float p, const T* v, int64_t d) {
   const __m256 pv = _mm256_set1_ps(p);
-  for (int64_t i = 0; i < d; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(o + i)));
+  for (int64_t i = 0; i < d; i += 8)
+    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(o + i)));
 }
 
 // A work item is (segment, slice of its keys) and covers every query row of the segment ("pairs" of query
@@ -134,7 +135,8 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
         const __m256 m_old = _mm256_loadu_ps(m + p0);
         __m256 m_new = _mm256_max_ps(m_old, mx);
         // Rows with nothing visible yet keep max -inf; subtract 0 instead so 2^(-inf - 0) = 0, not NaN.
-        m_new = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ));
+        const __m256 none = _mm256_cmp_ps(m_new, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
+        m_new = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), none);
         const __m256 alpha = exp2_neg(_mm256_sub_ps(m_old, m_new));
         __m256 sum = _mm256_setzero_ps();
         for (int64_t j = 0; j < cnt; ++j) {
@@ -200,8 +202,8 @@ bool decode_applies(const Problem& p) {
 void decode_forward(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
   dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    decode(p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out),
-           lse);
+    decode(p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+           static_cast<T*>(out), lse);
   });
 }
 #else
