@@ -40,9 +40,8 @@ void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t ndim, 
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
                      int64_t lse_head_stride, double softmax_scale, bool causal) {
-  const int64_t q_tokens = q.numel() / (q.size(-1) * q.size(-2));
-  return Problem{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q_tokens, q.size(-2),
-                 k.size(-2), q.size(-1), lse_head_stride, float(softmax_scale), causal};
+  return Problem{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.size(-2), k.size(-2),
+                 q.size(-1), lse_head_stride, float(softmax_scale), causal};
 }
 
 std::vector<Segment> dense_segments(const at::Tensor& q, const at::Tensor& k) {

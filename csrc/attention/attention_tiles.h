@@ -1,5 +1,5 @@
 // Building blocks shared by the attention kernels (internal, torch-free): the register-blocked 6x16
-// micro-kernel, a vectorised exp2, and packing of bf16/fp16/fp32 rows into fp32 operand panels.
+// micro-kernel, a vectorised exp2, and packing of bf16/fp16/fp32 rows into fp32 operands.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -70,15 +70,6 @@ inline void micro_6x16(const float* a, int64_t lda, int64_t ars, const float* b,
 #endif
 }
 
-// C[rows_pad x cols_pad] (+)= A . B with A packed as row panels ([rows_pad / 6][depth][6]) and B row-major
-// [depth][ldb]; cols_pad is a multiple of 16, rows_pad of 6.
-inline void panel_gemm(const float* a, int64_t rows_pad, const float* b, int64_t ldb, int64_t cols_pad,
-                       int64_t depth, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t rp = 0; rp < rows_pad; rp += MR)
-    for (int64_t j = 0; j < cols_pad; j += NR)
-      micro_6x16(a + rp * depth, MR, 1, b + j, ldb, depth, c + rp * ldc + j, ldc, accumulate);
-}
-
 #if CM3LEON_ATTN_AVX2
 // 2^x for x <= 0 (scores minus their running max); x below -126 (and -inf) gives exactly 0.
 inline __m256 exp2_neg(__m256 x) {
@@ -100,20 +91,6 @@ inline __m256 exp2_neg(__m256 x) {
   return _mm256_and_ps(scaled, underflow);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Eight consecutive elements widened to fp32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) {
@@ -124,36 +101,6 @@ inline __m256 load8(const fp16* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 #endif
-
-// Row max over n (multiple of 8) values; and the in-place p = 2^(x - m) with its sum.
-inline float row_max(const float* x, int64_t n) {
-#if CM3LEON_ATTN_AVX2
-  __m256 m = _mm256_set1_ps(kNegInf);
-  for (int64_t j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
-  return hmax(m);
-#else
-  float m = kNegInf;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
-  return m;
-#endif
-}
-
-inline float exp2_shifted_sum(float* x, int64_t n, float m) {
-#if CM3LEON_ATTN_AVX2
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 s = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += 8) {
-    const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
-    _mm256_storeu_ps(x + j, p);
-    s = _mm256_add_ps(s, p);
-  }
-  return hsum(s);
-#else
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) { x[j] = std::exp2(x[j] - m); s += x[j]; }
-  return s;
-#endif
-}
 
 inline void scale_row(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;
