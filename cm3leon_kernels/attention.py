@@ -17,6 +17,7 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _DEVICES = ("cpu",)
+_kvcache_op = ops.flash_attn_kvcache.default  # resolved once: decode calls it per token per layer
 
 
 # ---- cheap argument checks (decode calls these once per token per layer) ----------------------------------
@@ -28,7 +29,8 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, nam
         if t.dim() != ndim:
             raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
         if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}")
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), "
+                             f"got strides {t.stride()}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but {names[0]} is on {q.device}: use one device")
     if q.dtype not in _DTYPES:
@@ -84,7 +86,8 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     """Fused scaled-dot-product attention; differentiable in q, k, v.
 
     Args:
-        q: ``(batch, seqlen_q, nheads, headdim)``, float32 / bfloat16 / float16; headdim a multiple of 8, <= 256.
+        q: ``(batch, seqlen_q, nheads, headdim)``, float32 / bfloat16 / float16; headdim a multiple of 8,
+            at most 256.
         k, v: ``(batch, seqlen_k, nheads_kv, headdim)``, same dtype and device; ``nheads % nheads_kv == 0``.
         dropout_p: must be 0.0 (no attention dropout).
         softmax_scale: scale of ``q·k`` before the softmax; default ``headdim ** -0.5``.
@@ -138,8 +141,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                            cache_seqlens: torch.Tensor | int | None = None, softmax_scale: float | None = None,
-                            causal: bool = True) -> torch.Tensor:
+                            cache_seqlens: torch.Tensor | int | None = None,
+                            softmax_scale: float | None = None, causal: bool = True) -> torch.Tensor:
     """Attention against a preallocated KV cache (generation); not differentiable.
 
     If ``k``/``v`` ``(batch, seqlen_new, nheads_kv, headdim)`` are given they are written into ``k_cache``/
@@ -153,18 +156,20 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         TypeError / ValueError naming the argument, including ``cache_seqlens`` when new tokens would overflow
         the cache.
     """
-    _check_qkv(q, k_cache, v_cache, 4, names=("q", "k_cache", "v_cache"))
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together")
-    if k is not None:
-        _check_qkv(q, k, v, 4)
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous (they are updated in place)")
+    # Decode calls this once per token per layer, so only what C++ cannot see is checked here (devices:
+    # mixed devices would dispatch elsewhere; the cache_seqlens form); shapes, dtypes, contiguity and
+    # overflow are checked by the C++ launcher, whose errors name the arguments.
+    dev = q.device
+    if k_cache.device != dev or v_cache.device != dev or (k is not None and k.device != dev) or \
+            (v is not None and v.device != dev):
+        raise ValueError(f"q, k_cache, v_cache, k, v must be on one device, got {dev}, {k_cache.device}, "
+                         f"{v_cache.device}, {None if k is None else k.device}, "
+                         f"{None if v is None else v.device}")
+    if dev.type not in _DEVICES:
+        raise NotImplementedError(f"q is on {dev}; attention has kernels for {', '.join(_DEVICES)} only")
     if isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.dtype != torch.int32:
-            raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-        if cache_seqlens.device != q.device:
-            raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {q.device}: use one device")
+        if cache_seqlens.device != dev:
+            raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {dev}: use one device")
         seqlens, scalar = cache_seqlens, 0
     elif cache_seqlens is None:
         if k is not None:
@@ -173,12 +178,12 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     elif isinstance(cache_seqlens, int):
         seqlens, scalar = None, cache_seqlens
     else:
-        raise TypeError(f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}")
+        raise TypeError("cache_seqlens must be an int or an int32 tensor, "
+                        f"got {type(cache_seqlens).__name__}")
     if not q.is_contiguous():
         q = q.contiguous()
-    out, _ = ops.flash_attn_kvcache(q, k_cache, v_cache, k, v, seqlens, scalar, _scale(softmax_scale, q),
-                                    bool(causal))
-    return out
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return _kvcache_op(q, k_cache, v_cache, k, v, seqlens, scalar, scale, bool(causal))[0]
 
 
 # ---- torch.library registration: fake (meta) kernels for tracing, autograd -------------------------------
@@ -194,7 +199,8 @@ def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal):
 
 
 @torch.library.register_fake("cm3leon::flash_attn_varlen_forward")
-def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                         causal):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 

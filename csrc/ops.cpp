@@ -29,8 +29,10 @@ TORCH_LIBRARY(cm3leon, m) {
         " bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Appends k/v into the caches in place (at cache_seqlens, or cache_seqlen for every row when it is None).
   m.def("flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v,"
-        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
-  // ---- Sampling (cm3leon_kernels/sampling.py) ----
+        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal)"
+        " -> (Tensor out, Tensor lse)");
+
+  // ---- Sampling (cm3leon_kernels/sampling.py) -------------------------------------------------------
   // Both return (tokens int64 [B], logprobs float32 [B]). The vocabulary restriction is [range_lo, range_hi)
   // intersected with allowed_mask; randomness is Philox keyed by `seed` (or the per-row `seeds` tensor) and
   // `step` (or `step_tensor`), see csrc/common/philox.h.

@@ -1,13 +1,15 @@
 // Attention backward on the CPU (FlashAttention-2 algorithm): probabilities are recomputed block by block
 // from the saved log-sum-exp, never stored.
 //
-// Preprocessing packs Q (scaled, as row panels and as fp32 rows), dO (both forms) and computes
+// Preprocessing packs Q and dO (fp32, both as rows and transposed per block of BM queries) and computes
 // D = rowsum(dO * O) per query row. A work item is (segment, kv head, block of BN keys): it keeps its dK/dV
 // block in registers-and-L1 scratch while it sweeps the query heads of its GQA group and the query blocks
 // that can see it (causal: the ones at or below the diagonal), so GQA gradients are summed in place.
-// Per (query block, key block): S = Q K^T, dP = dO V^T, P = 2^(S - lse), dS = P (dP - D), then
-// dV += P^T dO, dK += dS^T Q, dQ += dS K. dQ rows are shared between items, so each thread accumulates into
-// its own fp32 dQ buffer and the buffers are summed at the end (no atomics).
+// Per (query block, key block) everything is kept transposed ([keys][queries]), as in the forward:
+// S^T = K Q^T, dP^T = V dO^T, P^T = 2^(S^T - lse), dS^T = P^T (dP^T - D) with vertical (per-query) vectors,
+// then dV += P^T dO, dK += dS^T Q (six key rows per micro-kernel step) and dQ += dS K (six query columns
+// of dS^T per step): no tile is ever transposed. dQ rows are shared between items, so each thread
+// accumulates into its own fp32 dQ buffer and the buffers are summed at the end (no atomics).
 #include <omp.h>
 
 #include <algorithm>
@@ -28,26 +30,32 @@ struct Item {
 };
 
 struct Scratch {
-  std::vector<float> kt, vt, kr, dk, dv, s, dp, pt, dst, dsp;
+  std::vector<float> kr, vr, dk, dv, s, dp, limit;
 };
 
-// One row of probabilities and score gradients: p = 2^(s - lse2) where j < valid, else 0; ds = p (dp - D).
-inline void softmax_grad_row(float* s, float* dp, int64_t valid, float lse2, float dsum) {
+// P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D) on [BN keys][BM queries] tiles, in place; key r of the
+// block is visible to query c when r < limit[c] (limit <= valid keys of the block; 0 for padding queries).
+inline void softmax_grad_block(float* s, float* dp, const float* lse2, const float* dsum,
+                               const float* limit) {
 #if CM3LEON_ATTN_AVX2
-  const __m256 lv = _mm256_set1_ps(lse2), dv = _mm256_set1_ps(dsum);
-  const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), lim = _mm256_set1_ps(float(valid));
-  for (int64_t j = 0; j < BN; j += 8) {
-    const __m256 keep = _mm256_cmp_ps(_mm256_add_ps(lane, _mm256_set1_ps(float(j))), lim, _CMP_LT_OQ);
-    const __m256 p = _mm256_and_ps(exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + j), lv)), keep);
-    _mm256_storeu_ps(s + j, p);
-    _mm256_storeu_ps(dp + j, _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + j), dv)));
+  for (int64_t c = 0; c < BM; c += 8) {
+    const __m256 lv = _mm256_loadu_ps(lse2 + c), dv = _mm256_loadu_ps(dsum + c);
+    const __m256 lim = _mm256_loadu_ps(limit + c);
+    for (int64_t r = 0; r < BN; ++r) {
+      const __m256 keep = _mm256_cmp_ps(_mm256_set1_ps(float(r)), lim, _CMP_LT_OQ);
+      const __m256 p = _mm256_and_ps(exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + r * BM + c), lv)), keep);
+      _mm256_storeu_ps(s + r * BM + c, p);
+      const __m256 dpv = _mm256_loadu_ps(dp + r * BM + c);
+      _mm256_storeu_ps(dp + r * BM + c, _mm256_mul_ps(p, _mm256_sub_ps(dpv, dv)));
+    }
   }
 #else
-  for (int64_t j = 0; j < BN; ++j) {
-    const float p = j < valid ? std::exp2(s[j] - lse2) : 0.f;
-    s[j] = p;
-    dp[j] = p * (dp[j] - dsum);
-  }
+  for (int64_t r = 0; r < BN; ++r)
+    for (int64_t c = 0; c < BM; ++c) {
+      const float p = float(r) < limit[c] ? std::exp2(s[r * BM + c] - lse2[c]) : 0.f;
+      s[r * BM + c] = p;
+      dp[r * BM + c] = p * (dp[r * BM + c] - dsum[c]);
+    }
 #endif
 }
 
@@ -63,7 +71,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   for (int64_t s = 0; s < pr.num_segments; ++s) q_off[s + 1] = q_off[s] + round_up(pr.segments[s].q_len, BM);
   const int64_t q_total = q_off.back();
   const size_t qsize = size_t(hq * q_total * dp);
-  std::vector<float> q_panels(qsize), q_rows(qsize), do_panels(qsize), do_rows(qsize);
+  std::vector<float> q_t(qsize), q_rows(qsize), do_t(qsize), do_rows(qsize);
   std::vector<float> lse2(size_t(hq * q_total)), dsum(size_t(hq * q_total));
   std::vector<Item> pre;
   for (int64_t s = 0; s < pr.num_segments; ++s)
@@ -72,13 +80,18 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   parallel_items(int64_t(pre.size()), [&](int64_t i) {
     const Item& it = pre[size_t(i)];
     const Segment& sg = pr.segments[it.segment];
-    const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0), rows_pad = round_up(rows, MR);
+    const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
     const int64_t src = ((sg.q_start + q0) * hq + h) * d, row = h * q_total + q_off[it.segment] + q0;
-    pack_panels(q + src, hq * d, rows, d, qscale, MR, rows_pad, dp, q_panels.data() + row * dp);
-    pack_rows(q + src, hq * d, rows, d, 1.f, rows_pad, dp, q_rows.data() + row * dp);
-    pack_panels(dout + src, hq * d, rows, d, 1.f, MR, rows_pad, dp, do_panels.data() + row * dp);
-    pack_rows(dout + src, hq * d, rows, d, 1.f, rows_pad, dp, do_rows.data() + row * dp);
-    for (int64_t r = 0; r < rows; ++r) {
+    pack_panels(q + src, hq * d, rows, d, qscale, BM, BM, dp, q_t.data() + row * dp);  // [dp][BM]
+    pack_rows(q + src, hq * d, rows, d, 1.f, BM, dp, q_rows.data() + row * dp);
+    pack_panels(dout + src, hq * d, rows, d, 1.f, BM, BM, dp, do_t.data() + row * dp);
+    pack_rows(dout + src, hq * d, rows, d, 1.f, BM, dp, do_rows.data() + row * dp);
+    for (int64_t r = 0; r < BM; ++r) {
+      if (r >= rows) {  // padding queries: finite values, masked out by their limit
+        dsum[size_t(row + r)] = 0.f;
+        lse2[size_t(row + r)] = 0.f;
+        continue;
+      }
       const T* o = out + src + r * hq * d;
       float acc = 0.f;
       for (int64_t c = 0; c < d; ++c) acc += do_rows[size_t((row + r) * dp + c)] * to_float(o[c]);
@@ -106,47 +119,48 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   {
     float* my_dq = dq_acc.data() + size_t(omp_get_thread_num()) * qsize;
     Scratch sc;
-    sc.kt.resize(size_t(dp * BN)); sc.vt.resize(size_t(dp * BN)); sc.kr.resize(size_t(BN * dp));
+    sc.kr.resize(size_t(BN * dp)); sc.vr.resize(size_t(BN * dp));
     sc.dk.resize(size_t(BN * dp)); sc.dv.resize(size_t(BN * dp));
-    sc.s.resize(size_t(BM * BN)); sc.dp.resize(size_t(BM * BN));
-    sc.pt.resize(size_t(BN * BM)); sc.dst.resize(size_t(BN * BM)); sc.dsp.resize(size_t(BM * BN));
+    sc.s.resize(size_t(BN * BM)); sc.dp.resize(size_t(BN * BM)); sc.limit.resize(size_t(BM));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t idx = 0; idx < int64_t(items.size()); ++idx) {
       const Item& it = items[size_t(idx)];
       const Segment& sg = pr.segments[it.segment];
       const int64_t hk = it.head_kv, n0 = it.n0, cols = std::min(BN, sg.k_len - n0);
       const int64_t ksrc = ((sg.k_start + n0) * hkv + hk) * d;
-      pack_panels(k + ksrc, hkv * d, cols, d, 1.f, BN, BN, dp, sc.kt.data());
-      pack_panels(v + ksrc, hkv * d, cols, d, 1.f, BN, BN, dp, sc.vt.data());
       pack_rows(k + ksrc, hkv * d, cols, d, 1.f, BN, dp, sc.kr.data());
+      pack_rows(v + ksrc, hkv * d, cols, d, 1.f, BN, dp, sc.vr.data());
       std::fill(sc.dk.begin(), sc.dk.end(), 0.f);
       std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
       const int64_t first_q = pr.causal ? std::clamp<int64_t>(n0 - (sg.k_len - sg.q_len), 0, sg.q_len) : 0;
+      float *s = sc.s.data(), *dpt = sc.dp.data(), *kr = sc.kr.data(), *vr = sc.vr.data();
 
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t q0 = first_q / MR * MR; q0 < sg.q_len; q0 += BM) {
-          const int64_t rows = std::min(BM, sg.q_len - q0), rows_pad = round_up(rows, MR);
+      for (int64_t q0 = first_q / BM * BM; q0 < sg.q_len; q0 += BM) {
+        const int64_t rows = std::min(BM, sg.q_len - q0), rows16 = round_up(rows, NR);
+        const int64_t rows6 = round_up(rows, MR);
+        for (int64_t c = 0; c < BM; ++c) {
+          const int64_t seen = c < rows ? visible_keys(q0 + c, sg.q_len, sg.k_len, pr.causal) - n0 : 0;
+          sc.limit[size_t(c)] = float(std::clamp<int64_t>(seen, 0, cols));
+        }
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
           const int64_t row = h * q_total + q_off[it.segment] + q0;
-          float *s = sc.s.data(), *dpm = sc.dp.data();
-          panel_gemm(q_panels.data() + row * dp, rows_pad, sc.kt.data(), BN, BN, dp, s, BN, false);
-          panel_gemm(do_panels.data() + row * dp, rows_pad, sc.vt.data(), BN, BN, dp, dpm, BN, false);
-          for (int64_t r = 0; r < rows_pad; ++r) {
-            const int64_t valid =
-                r < rows ? std::clamp<int64_t>(visible_keys(q0 + r, sg.q_len, sg.k_len, pr.causal) - n0, 0, cols)
-                         : 0;
-            const float l2 = r < rows ? lse2[size_t(row + r)] : 0.f, ds = r < rows ? dsum[size_t(row + r)] : 0.f;
-            softmax_grad_row(s + r * BN, dpm + r * BN, valid, l2, ds);
-            // P^T and dS^T as key panels (depth = query rows); dS as query panels (depth = keys).
-            for (int64_t j = 0; j < BN; ++j) {
-              const int64_t t = (j / MR) * rows_pad * MR + r * MR + j % MR;
-              sc.pt[size_t(t)] = s[r * BN + j];
-              sc.dst[size_t(t)] = dpm[r * BN + j];
-              sc.dsp[size_t((r / MR) * BN * MR + j * MR + r % MR)] = dpm[r * BN + j];
+          const float *qt = q_t.data() + row * dp, *dot = do_t.data() + row * dp;
+          for (int64_t r0 = 0; r0 < BN; r0 += MR)  // S^T = K Q^T, dP^T = V dO^T
+            for (int64_t c = 0; c < rows16; c += NR) {
+              micro_6x16(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
+              micro_6x16(vr + r0 * dp, 1, dp, dot + c, BM, dp, dpt + r0 * BM + c, BM, false);
             }
-          }
-          panel_gemm(sc.pt.data(), BN, do_rows.data() + row * dp, dp, dp, rows_pad, sc.dv.data(), dp, true);
-          panel_gemm(sc.dst.data(), BN, q_rows.data() + row * dp, dp, dp, rows_pad, sc.dk.data(), dp, true);
-          panel_gemm(sc.dsp.data(), rows_pad, sc.kr.data(), dp, dp, BN, my_dq + row * dp, dp, true);
+          softmax_grad_block(s, dpt, lse2.data() + row, dsum.data() + row, sc.limit.data());
+          for (int64_t r0 = 0; r0 < BN; r0 += MR)  // dV += P^T dO, dK += dS^T Q
+            for (int64_t c = 0; c < dp; c += NR) {
+              micro_6x16(s + r0 * BM, 1, BM, do_rows.data() + row * dp + c, dp, rows,
+                         sc.dv.data() + r0 * dp + c, dp, true);
+              micro_6x16(dpt + r0 * BM, 1, BM, q_rows.data() + row * dp + c, dp, rows,
+                         sc.dk.data() + r0 * dp + c, dp, true);
+            }
+          for (int64_t c = 0; c < dp; c += NR)  // dQ += dS K (six query columns of dS^T per step)
+            for (int64_t qr = 0; qr < rows6; qr += MR)
+              micro_6x16(dpt + qr, BM, 1, kr + c, dp, BN, my_dq + (row + qr) * dp + c, dp, true);
         }
       }
       for (int64_t j = 0; j < cols; ++j) {

@@ -1,10 +1,10 @@
 // Tiled online-softmax attention forward (FlashAttention-2 style) on the CPU.
 //
-// K is packed once per call into fp32 K^T blocks ([head_dim][BN] per BN keys) and V into fp32 rows, so
-// bf16/fp16 are widened once and every work item streams ready micro-kernel operands. A work item is
-// (segment, query head, block of BM queries): S = Q K^T block by block with the 6x16 micro-kernel, running
-// max/sum per row, P packed into row panels, O += P V with the same micro-kernel. The S x S matrix never
-// exists; scratch per item is O(BM * (BN + head_dim)). Items are sorted by cost (causal blocks near the
+// The micro-kernel reads K and V rows in place (fp32) or from one fp32 copy made per call (bf16/fp16 are
+// widened once). A work item is (segment, query head, block of
+// BM queries): S^T = K Q^T block by block with the 6x16 micro-kernel, running max/sum per query, then
+// O += P V with the same micro-kernel. The S x S matrix never exists; scratch per item is
+// O(BM * (BN + head_dim)). Items are sorted by cost (causal blocks near the
 // diagonal are cheap) and scheduled dynamically so both cores finish together.
 #include "attention/attention_cpu.h"
 
@@ -19,8 +19,9 @@
 namespace cm3leon::attention {
 namespace {
 
-constexpr int64_t BM = 48;  // query rows per work item (multiple of MR)
-constexpr int64_t BN = 64;  // keys per block (multiple of NR)
+// Measured on the 2-core AVX2 machine (D = 64): 96 x 48 beats 48 x 48 by ~10%, larger tiles do not help.
+constexpr int64_t BM = 96;  // query rows per work item (multiple of MR and of NR)
+constexpr int64_t BN = 48;  // keys per block (multiple of MR)
 
 struct Item {
   int64_t segment, head, q0, cost;
@@ -28,33 +29,104 @@ struct Item {
 
 // Per-thread scratch, reused across items and calls.
 struct Scratch {
-  std::vector<float> q, s, p, o, m, l;
+  std::vector<float> qt, st, o, m, l, alpha, limit;
 };
 
+#if CM3LEON_ATTN_AVX2
+// Online-softmax step on a transposed score tile st[keys][BM], eight queries per vector (vertical
+// reductions only). Masks keys at or beyond each query's limit (relative to this block) when `masked`;
+// rows [keys, keys_pad) are padding and get P = 0. Leaves P in st, updates m and l, writes alpha.
+inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t queries, bool masked,
+                          const float* limit, float* m, float* l, float* alpha) {
+  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
+  for (int64_t c = 0; c < queries; c += 8) {
+    const __m256 lim = _mm256_loadu_ps(limit + c);
+    __m256 mx = neg_inf;
+    for (int64_t r = 0; r < keys; ++r) {
+      __m256 x = _mm256_loadu_ps(st + r * BM + c);
+      if (masked) {
+        x = _mm256_blendv_ps(neg_inf, x, _mm256_cmp_ps(_mm256_set1_ps(float(r)), lim, _CMP_LT_OQ));
+        _mm256_storeu_ps(st + r * BM + c, x);
+      }
+      mx = _mm256_max_ps(mx, x);
+    }
+    const __m256 m_old = _mm256_loadu_ps(m + c);
+    const __m256 m_new = _mm256_max_ps(m_old, mx);
+    // Queries that have seen no key yet keep m = -inf; subtracting 0 then gives 2^-inf = 0, not NaN.
+    const __m256 m_use =
+        _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
+    const __m256 a = exp2_neg(_mm256_sub_ps(m_old, m_use));
+    __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
+    int64_t r = 0;
+    for (; r + 2 <= keys; r += 2) {
+      const __m256 p0 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(st + r * BM + c), m_use));
+      const __m256 p1 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(st + (r + 1) * BM + c), m_use));
+      _mm256_storeu_ps(st + r * BM + c, p0);
+      _mm256_storeu_ps(st + (r + 1) * BM + c, p1);
+      sum0 = _mm256_add_ps(sum0, p0);
+      sum1 = _mm256_add_ps(sum1, p1);
+    }
+    for (; r < keys; ++r) {
+      const __m256 p0 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(st + r * BM + c), m_use));
+      _mm256_storeu_ps(st + r * BM + c, p0);
+      sum0 = _mm256_add_ps(sum0, p0);
+    }
+    for (; r < keys_pad; ++r) _mm256_storeu_ps(st + r * BM + c, _mm256_setzero_ps());
+    _mm256_storeu_ps(l + c, _mm256_fmadd_ps(_mm256_loadu_ps(l + c), a, _mm256_add_ps(sum0, sum1)));
+    _mm256_storeu_ps(m + c, m_new);
+    _mm256_storeu_ps(alpha + c, a);
+  }
+}
+#else
+inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t queries, bool masked,
+                          const float* limit, float* m, float* l, float* alpha) {
+  for (int64_t c = 0; c < queries; ++c) {
+    float mx = kNegInf;
+    for (int64_t r = 0; r < keys; ++r) {
+      if (masked && float(r) >= limit[c]) st[r * BM + c] = kNegInf;
+      mx = std::max(mx, st[r * BM + c]);
+    }
+    const float m_new = std::max(m[c], mx), m_use = m_new == kNegInf ? 0.f : m_new;
+    alpha[c] = std::exp2(m[c] - m_use);
+    float sum = 0.f;
+    for (int64_t r = 0; r < keys; ++r) sum += (st[r * BM + c] = std::exp2(st[r * BM + c] - m_use));
+    for (int64_t r = keys; r < keys_pad; ++r) st[r * BM + c] = 0.f;
+    l[c] = l[c] * alpha[c] + sum;
+    m[c] = m_new;
+  }
+}
+#endif
+
+// Scores are computed transposed, S^T = K Q^T ([keys][queries]): the softmax then reduces vertically
+// (eight queries per vector, no horizontal sums), and P^T serves directly as the A operand of O += P V
+// (six query columns per micro-kernel step), so no tile is ever transposed.
 template <typename T>
 void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out, float* lse) {
   const int64_t d = pr.head_dim, dp = round_up(d, NR), hq = pr.heads_q, hkv = pr.heads_kv;
   const int64_t group = hq / hkv;
 
-  // Pack K^T and V (fp32) once: block n0 of segment s, kv head h starts at (h * k_total + k_off[s] + n0) * dp.
+  // K and V as fp32 rows of dp floats, packed once per call (bf16/fp16 widened once): block n0 of segment
+  // s, kv head h starts at row h * k_total + k_off[s] + n0. Even fp32 is copied: in place, consecutive keys
+  // of one head lie heads_kv * head_dim floats apart (4 KiB for 16 x 64), all in the same L1 sets.
   std::vector<int64_t> k_off(size_t(pr.num_segments) + 1, 0);
   for (int64_t s = 0; s < pr.num_segments; ++s) k_off[s + 1] = k_off[s] + round_up(pr.segments[s].k_len, BN);
   const int64_t k_total = k_off.back();
-  std::vector<float> kt(size_t(hkv * k_total * dp)), vr(size_t(hkv * k_total * dp));
-  std::vector<Item> pack_items;
-  for (int64_t s = 0; s < pr.num_segments; ++s)
-    for (int64_t h = 0; h < hkv; ++h)
-      for (int64_t n0 = 0; n0 < pr.segments[s].k_len; n0 += BN) pack_items.push_back({s, h, n0, 0});
-  parallel_items(int64_t(pack_items.size()), [&](int64_t i) {
-    const Item& it = pack_items[size_t(i)];
-    const Segment& sg = pr.segments[it.segment];
-    const int64_t cols = std::min(BN, sg.k_len - it.q0);
-    const int64_t src = ((sg.k_start + it.q0) * hkv + it.head) * d;
-    const int64_t dst = (it.head * k_total + k_off[it.segment] + it.q0) * dp;
-    pack_panels(k + src, hkv * d, cols, d, 1.f, BN, BN, dp, kt.data() + dst);
-    pack_rows(v + src, hkv * d, cols, d, 1.f, BN, dp, vr.data() + dst);
-  });
-
+  std::vector<float> kr(size_t(hkv * k_total * dp)), vr(size_t(hkv * k_total * dp));
+  {
+    std::vector<Item> pack_items;
+    for (int64_t s = 0; s < pr.num_segments; ++s)
+      for (int64_t h = 0; h < hkv; ++h)
+        for (int64_t n0 = 0; n0 < pr.segments[s].k_len; n0 += 4 * BN) pack_items.push_back({s, h, n0, 0});
+    parallel_items(int64_t(pack_items.size()), [&](int64_t i) {
+      const Item& it = pack_items[size_t(i)];
+      const Segment& sg = pr.segments[it.segment];
+      const int64_t keys = std::min(4 * BN, sg.k_len - it.q0), keys_pad = round_up(keys, MR);
+      const int64_t src = ((sg.k_start + it.q0) * hkv + it.head) * d;
+      const int64_t dst = (it.head * k_total + k_off[it.segment] + it.q0) * dp;
+      pack_rows(k + src, hkv * d, keys, d, 1.f, keys_pad, dp, kr.data() + dst);
+      pack_rows(v + src, hkv * d, keys, d, 1.f, keys_pad, dp, vr.data() + dst);
+    });
+  }
   std::vector<Item> items;
   for (int64_t s = 0; s < pr.num_segments; ++s) {
     const Segment& sg = pr.segments[s];
@@ -71,46 +143,53 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     const Item& it = items[size_t(idx)];
     const Segment& sg = pr.segments[it.segment];
     const int64_t h = it.head, q0 = it.q0, hk = h / group;
-    const int64_t rows = std::min(BM, sg.q_len - q0), rows_pad = round_up(rows, MR);
+    const int64_t rows = std::min(BM, sg.q_len - q0), rows16 = round_up(rows, NR), rows6 = round_up(rows, MR);
     const int64_t keys = visible_keys(q0 + rows - 1, sg.q_len, sg.k_len, pr.causal);
+    auto seen_by = [&](int64_t i) { return visible_keys(i, sg.q_len, sg.k_len, pr.causal); };
+    // Queries whose limit reaches at least this far need no mask in a block.
+    const int64_t unmasked_until = visible_keys(q0, sg.q_len, sg.k_len, pr.causal);
 
     thread_local Scratch sc;
-    sc.q.resize(size_t(BM * dp)); sc.o.assign(size_t(BM * dp), 0.f);
-    sc.s.resize(size_t(BM * BN)); sc.p.resize(size_t(BM * BN));
-    sc.m.assign(size_t(BM), kNegInf); sc.l.assign(size_t(BM), 0.f);
-    float *qp = sc.q.data(), *s = sc.s.data(), *pp = sc.p.data(), *o = sc.o.data();
-    pack_panels(q + ((sg.q_start + q0) * hq + h) * d, hq * d, rows, d, qscale, MR, rows_pad, dp, qp);
+    sc.qt.resize(size_t(dp * BM)); sc.st.resize(size_t(BN * BM)); sc.o.assign(size_t(BM * dp), 0.f);
+    sc.m.assign(size_t(BM), kNegInf); sc.l.assign(size_t(BM), 0.f); sc.alpha.resize(size_t(BM));
+    sc.limit.resize(size_t(BM));
+    float *qt = sc.qt.data(), *st = sc.st.data(), *o = sc.o.data();
+    pack_panels(q + ((sg.q_start + q0) * hq + h) * d, hq * d, rows, d, qscale, BM, BM, dp, qt);  // Q^T
 
     for (int64_t n0 = 0; n0 < keys; n0 += BN) {
-      const int64_t cols = std::min(BN, keys - n0), cols_pad = round_up(cols, NR);
+      const int64_t cols = std::min(BN, keys - n0), cols6 = round_up(cols, MR);
       const int64_t blk = (hk * k_total + k_off[it.segment] + n0) * dp;
-      panel_gemm(qp, rows_pad, kt.data() + blk, BN, cols_pad, dp, s, BN, false);
-      for (int64_t r = 0; r < rows_pad; ++r) {
-        float* sr = s + r * BN;
-        const int64_t valid =
-            r < rows ? std::clamp<int64_t>(visible_keys(q0 + r, sg.q_len, sg.k_len, pr.causal) - n0, 0, cols) : 0;
-        std::fill(sr + valid, sr + cols_pad, kNegInf);
-        const float m_new = std::max(sc.m[r], row_max(sr, cols_pad));
-        if (m_new == kNegInf) {
-          std::fill(sr, sr + cols_pad, 0.f);
-        } else {
-          const float alpha = exp2f(sc.m[r] - m_new);
-          sc.l[r] = sc.l[r] * alpha + exp2_shifted_sum(sr, cols_pad, m_new);
-          sc.m[r] = m_new;
-          if (alpha != 1.f) scale_row(o + r * dp, dp, alpha);
+      const bool masked = n0 + cols > unmasked_until;
+      if (masked)
+        for (int64_t r = 0; r < BM; ++r)
+          sc.limit[size_t(r)] =
+              r < rows ? float(visible_keys(q0 + r, sg.q_len, sg.k_len, pr.causal) - n0) : 0.f;
+      // Six K rows (padding rows are zero) x 16 queries; on the causal diagonal, tiles that every one of
+      // their queries masks out are skipped (the softmax masks their stale scores).
+      for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
+        for (int64_t qc = 0; qc < rows16; qc += NR)
+          if (!masked || n0 + kr0 < seen_by(q0 + std::min(qc + NR, rows) - 1))
+            micro_6x16(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
+      softmax_block(st, cols, cols6, rows16, masked, sc.limit.data(), sc.m.data(), sc.l.data(),
+                    sc.alpha.data());
+      for (int64_t r = 0; r < rows; ++r)
+        if (sc.alpha[size_t(r)] != 1.f) scale_row(o + r * dp, dp, sc.alpha[size_t(r)]);
+      for (int64_t dc = 0; dc < dp; dc += NR)  // a 16-column strip of V stays in L1 across query panels
+        for (int64_t qr = 0; qr < rows6; qr += MR) {
+          // Keys past the last one these six queries see have P = 0: stop the depth there.
+          const int64_t depth =
+              masked ? std::clamp<int64_t>(seen_by(q0 + std::min(qr + MR, rows) - 1) - n0, 0, cols) : cols;
+          if (depth > 0)
+            micro_6x16(st + qr, BM, 1, vr.data() + blk + dc, dp, depth, o + qr * dp + dc, dp, true);
         }
-        // P into row panels (the micro-kernel's A operand, depth = keys).
-        float* panel = pp + (r / MR) * cols * MR + r % MR;
-        for (int64_t j = 0; j < cols; ++j) panel[j * MR] = sr[j];
-      }
-      panel_gemm(pp, rows_pad, vr.data() + blk, dp, dp, cols, o, dp, true);
     }
 
     for (int64_t r = 0; r < rows; ++r) {
-      const float l = sc.l[r], inv = l > 0.f ? 1.f / l : 0.f;
+      const float l = sc.l[size_t(r)], inv = l > 0.f ? 1.f / l : 0.f;
       T* dst = out + ((sg.q_start + q0 + r) * hq + h) * d;
       for (int64_t i = 0; i < d; ++i) from_float(o[r * dp + i] * inv, dst + i);
-      lse[sg.lse_start + h * pr.lse_head_stride + q0 + r] = l > 0.f ? (sc.m[r] + std::log2(l)) * kLn2 : kNegInf;
+      lse[sg.lse_start + h * pr.lse_head_stride + q0 + r] =
+          l > 0.f ? (sc.m[size_t(r)] + std::log2(l)) * kLn2 : kNegInf;
     }
   });
 }

@@ -19,7 +19,6 @@ struct Problem {
   DType dtype;
   const Segment* segments;
   int64_t num_segments;
-  int64_t q_tokens;  // rows in q/out (for scratch sizing)
   int64_t heads_q, heads_kv, head_dim;  // head_dim: multiple of 8, at most 256
   int64_t lse_head_stride;
   float scale;  // softmax scale applied to q.k

@@ -1,10 +1,10 @@
 // Split-KV attention for short queries (decode: one new token per row).
 //
-// Decode is memory-bound: every cached K/V row is read once per token. A work item is (segment, kv head,
-// slice of the key range); it handles all query rows of the GQA group at once so each K/V row is loaded
-// (and widened from bf16/fp16) once while it sits in L1. Scores of eight keys are computed together and
-// reduced with one transpose-add, the softmax is online, and the slices' partial (max, sum, output) are
-// merged by their log-sum-exp. Splitting the key range keeps both cores busy when batch x heads is small.
+// Decode is memory-bound: every cached K/V row is read once per token, so the loop order follows memory
+// (tokens outer, heads inner) and each K/V element is widened from bf16/fp16 once. Eight dot products are
+// computed together and reduced with one transpose-add; the softmax is online; the key range of each row is
+// split into slices when there are fewer rows than cores can use, and the slices' partial (max, sum,
+// output) are merged by their log-sum-exp.
 #include "attention/attention_decode.h"
 
 #include <algorithm>
@@ -18,24 +18,23 @@ namespace cm3leon::attention {
 #if CM3LEON_ATTN_AVX2
 namespace {
 
-constexpr int64_t kMaxRows = 8;    // query rows per kv head that the decode path takes
-constexpr int64_t kChunk = 64;     // keys per online-softmax step (their K/V rows stay in L1)
-constexpr int64_t kMinSlice = 512; // keys per split slice at least (merging costs a pass over the output)
+constexpr int64_t kMaxRows = 8;     // query rows per kv head that the decode path takes
+constexpr int64_t kChunk = 32;      // keys per online-softmax step
+constexpr int64_t kMinSlice = 512;  // keys per split slice at least (merging costs a pass over the output)
 
-// Dot products of q (fp32, d floats) with eight key rows.
+// Eight dot products q_i . k_i (fp32 queries, keys widened on load).
 template <typename T>
-inline __m256 dot8(const float* q, const T* const* krow, int64_t d) {
+inline __m256 dot8(const float* const* q, const T* const* k, int64_t d) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   for (int64_t i = 0; i < d; i += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + i);
-    a0 = _mm256_fmadd_ps(qv, load8(krow[0] + i), a0);
-    a1 = _mm256_fmadd_ps(qv, load8(krow[1] + i), a1);
-    a2 = _mm256_fmadd_ps(qv, load8(krow[2] + i), a2);
-    a3 = _mm256_fmadd_ps(qv, load8(krow[3] + i), a3);
-    a4 = _mm256_fmadd_ps(qv, load8(krow[4] + i), a4);
-    a5 = _mm256_fmadd_ps(qv, load8(krow[5] + i), a5);
-    a6 = _mm256_fmadd_ps(qv, load8(krow[6] + i), a6);
-    a7 = _mm256_fmadd_ps(qv, load8(krow[7] + i), a7);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), load8(k[0] + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), load8(k[1] + i), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), load8(k[2] + i), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + i), load8(k[3] + i), a3);
+    a4 = _mm256_fmadd_ps(_mm256_loadu_ps(q[4] + i), load8(k[4] + i), a4);
+    a5 = _mm256_fmadd_ps(_mm256_loadu_ps(q[5] + i), load8(k[5] + i), a5);
+    a6 = _mm256_fmadd_ps(_mm256_loadu_ps(q[6] + i), load8(k[6] + i), a6);
+    a7 = _mm256_fmadd_ps(_mm256_loadu_ps(q[7] + i), load8(k[7] + i), a7);
   }
   // Transpose-reduce: lane j of the result is the full sum of a_j.
   const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
@@ -44,38 +43,19 @@ inline __m256 dot8(const float* q, const T* const* krow, int64_t d) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// o[0:d] = o * alpha + sum_j p[j] * v_j for n value rows (row stride `stride`).
+// o[0:d] += p * v[0:d]
 template <typename T>
-inline void accumulate_pv(float* o, float alpha, const float* p, const T* v, int64_t stride, int64_t n,
-                          int64_t d) {
-  const __m256 av = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 32 <= d; i += 32) {  // four independent accumulators hide the FMA latency
-    __m256 o0 = _mm256_mul_ps(_mm256_loadu_ps(o + i), av), o1 = _mm256_mul_ps(_mm256_loadu_ps(o + i + 8), av);
-    __m256 o2 = _mm256_mul_ps(_mm256_loadu_ps(o + i + 16), av);
-    __m256 o3 = _mm256_mul_ps(_mm256_loadu_ps(o + i + 24), av);
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 pj = _mm256_broadcast_ss(p + j);
-      const T* vj = v + j * stride + i;
-      o0 = _mm256_fmadd_ps(pj, load8(vj), o0);
-      o1 = _mm256_fmadd_ps(pj, load8(vj + 8), o1);
-      o2 = _mm256_fmadd_ps(pj, load8(vj + 16), o2);
-      o3 = _mm256_fmadd_ps(pj, load8(vj + 24), o3);
-    }
-    _mm256_storeu_ps(o + i, o0); _mm256_storeu_ps(o + i + 8, o1);
-    _mm256_storeu_ps(o + i + 16, o2); _mm256_storeu_ps(o + i + 24, o3);
-  }
-  for (; i < d; i += 8) {
-    __m256 o0 = _mm256_mul_ps(_mm256_loadu_ps(o + i), av);
-    for (int64_t j = 0; j < n; ++j) o0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), load8(v + j * stride + i), o0);
-    _mm256_storeu_ps(o + i, o0);
-  }
+inline void axpy(float* o, float p, const T* v, int64_t d) {
+  const __m256 pv = _mm256_set1_ps(p);
+  for (int64_t i = 0; i < d; i += 8)
+    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(o + i)));
 }
 
-struct Partial {  // one slice's result for one query row
-  float m, l;     // running max (log2 units) and sum of 2^(s - m)
-};
-
+// A work item is (segment, slice of its keys) and covers every query row of the segment ("pairs" of query
+// head and position; pair = h * q_len + i). Cached rows are [token][heads_kv][d], so walking keys in token
+// order with all heads inside reads K and V sequentially (per-head walks would stride by heads_kv * d bytes
+// and defeat the prefetchers). Per chunk of keys: scores of all pairs, the online softmax vectorised over
+// eight pairs at a time, then O += P V.
 template <typename T>
 void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float* lse) {
   const int64_t d = pr.head_dim, hq = pr.heads_q, hkv = pr.heads_kv, group = hq / hkv;
@@ -84,83 +64,129 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
     max_k = std::max(max_k, pr.segments[s].k_len);
     max_q = std::max(max_q, pr.segments[s].q_len);
   }
-  const int64_t rows_max = group * max_q;
-  const int64_t heads = pr.num_segments * hkv;
-  const int64_t want = 4 * int64_t(num_threads());
-  const int64_t splits =
-      std::max<int64_t>(1, std::min(ceil_div(want, std::max<int64_t>(heads, 1)), max_k / kMinSlice));
-  std::vector<float> part_o(size_t(heads * splits * rows_max * d));
-  std::vector<Partial> part_ml(size_t(heads * splits * rows_max));
+  const int64_t pairs_max = round_up(hq * max_q, 8);
+  const int64_t want = 8 * int64_t(num_threads());  // enough items for dynamic balance on busy cores
+  const int64_t splits = std::max<int64_t>(
+      1, std::min(ceil_div(want, std::max<int64_t>(pr.num_segments, 1)), max_k / kMinSlice));
+  const int64_t items = pr.num_segments * splits;
+  std::vector<float> part_o(size_t(items * pairs_max * d)), part_m(size_t(items * pairs_max)),
+      part_l(size_t(items * pairs_max));
   const float qscale = pr.scale * kLog2e;
+  const int64_t stride = hkv * d;  // elements between consecutive cached tokens
 
-  parallel_items(heads * splits, [&](int64_t item) {
-    const int64_t hs = item / splits, split = item % splits;
-    const Segment& sg = pr.segments[hs / hkv];
-    const int64_t hk = hs % hkv, rows = group * sg.q_len;
+  parallel_items(items, [&](int64_t item) {
+    const Segment& sg = pr.segments[item / splits];
+    const int64_t split = item % splits, pairs = hq * sg.q_len, pairs8 = round_up(pairs, 8);
     const int64_t slice = round_up(ceil_div(sg.k_len, splits), 8);
     const int64_t k0 = std::min(sg.k_len, split * slice), k1 = std::min(sg.k_len, k0 + slice);
-    float* o = part_o.data() + item * rows_max * d;
-    Partial* ml = part_ml.data() + item * rows_max;
+    float* o = part_o.data() + item * pairs_max * d;
+    float* m = part_m.data() + item * pairs_max;
+    float* l = part_l.data() + item * pairs_max;
 
-    float qs[kMaxRows][256];
-    int64_t limit[kMaxRows];
+    thread_local std::vector<float> qs, sc;
+    thread_local std::vector<int64_t> koff;
+    thread_local std::vector<float> limit;
+    qs.resize(size_t(pairs8 * d)); sc.resize(size_t(kChunk * pairs8));
+    koff.resize(size_t(pairs8)); limit.resize(size_t(pairs8));
     int64_t k_end = k0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t h = hk * group + r / sg.q_len, i = r % sg.q_len;
+    for (int64_t pi = 0; pi < pairs8; ++pi) {
+      const int64_t pc = std::min(pi, pairs - 1);  // padding lanes repeat the last pair
+      const int64_t h = pc / sg.q_len, i = pc % sg.q_len;
       const T* src = q + ((sg.q_start + i) * hq + h) * d;
-      for (int64_t c = 0; c < d; ++c) qs[r][c] = to_float(src[c]) * qscale;
-      limit[r] = std::min(k1, visible_keys(i, sg.q_len, sg.k_len, pr.causal));
-      k_end = std::max(k_end, limit[r]);
-      ml[r] = {kNegInf, 0.f};
-      std::fill(o + r * d, o + (r + 1) * d, 0.f);
+      for (int64_t c = 0; c < d; ++c) qs[size_t(pi * d + c)] = to_float(src[c]) * qscale;
+      koff[size_t(pi)] = (h / group) * d;
+      const int64_t lim = std::min(k1, visible_keys(i, sg.q_len, sg.k_len, pr.causal));
+      limit[size_t(pi)] = float(lim);
+      k_end = std::max(k_end, lim);
+      m[pi] = kNegInf;
+      l[pi] = 0.f;
     }
+    std::fill(o, o + pairs8 * d, 0.f);
+    if (pairs == 0) return;
 
-    const int64_t stride = hkv * d;
-    const T* kbase = k + (sg.k_start * hkv + hk) * d;
-    const T* vbase = v + (sg.k_start * hkv + hk) * d;
-    alignas(32) float s[kChunk];
+    const T* kbase = k + sg.k_start * stride;
+    const T* vbase = v + sg.k_start * stride;
     for (int64_t n0 = k0; n0 < k_end; n0 += kChunk) {
-      const int64_t cnt = std::min(kChunk, k_end - n0), cnt8 = round_up(cnt, 8);
-      const T* krow[kChunk];
-      for (int64_t j = 0; j < cnt8; ++j) krow[j] = kbase + std::min(n0 + j, n0 + cnt - 1) * stride;
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t j = 0; j < cnt8; j += 8) _mm256_store_ps(s + j, dot8(qs[r], krow + j, d));
-        const int64_t valid = std::clamp<int64_t>(limit[r] - n0, 0, cnt);
-        if (valid == 0) continue;
-        std::fill(s + valid, s + cnt8, kNegInf);
-        const float m_new = std::max(ml[r].m, row_max(s, cnt8));
-        const float alpha = exp2f(ml[r].m - m_new);
-        ml[r].l = ml[r].l * alpha + exp2_shifted_sum(s, cnt8, m_new);
-        ml[r].m = m_new;
-        accumulate_pv(o + r * d, alpha, s, vbase + n0 * stride, stride, valid, d);
+      const int64_t cnt = std::min(kChunk, k_end - n0);
+      // Scores, key-major: sc[j][pair].
+      for (int64_t j = 0; j < cnt; ++j) {
+        const T* krow = kbase + (n0 + j) * stride;
+        for (int64_t p0 = 0; p0 < pairs8; p0 += 8) {
+          const float* qp[8];
+          const T* kp[8];
+          for (int64_t u = 0; u < 8; ++u) {
+            qp[u] = qs.data() + (p0 + u) * d;
+            kp[u] = krow + koff[size_t(p0 + u)];
+          }
+          _mm256_storeu_ps(sc.data() + j * pairs8 + p0, dot8(qp, kp, d));
+        }
+      }
+      // Online softmax over this chunk for eight pairs at a time; P overwrites the scores.
+      for (int64_t p0 = 0; p0 < pairs8; p0 += 8) {
+        const __m256 lim = _mm256_loadu_ps(limit.data() + p0);
+        __m256 mx = _mm256_set1_ps(kNegInf);
+        for (int64_t j = 0; j < cnt; ++j) {
+          float* sj = sc.data() + j * pairs8 + p0;
+          const __m256 keep = _mm256_cmp_ps(_mm256_set1_ps(float(n0 + j)), lim, _CMP_LT_OQ);
+          const __m256 x = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), _mm256_loadu_ps(sj), keep);
+          _mm256_storeu_ps(sj, x);
+          mx = _mm256_max_ps(mx, x);
+        }
+        const __m256 m_old = _mm256_loadu_ps(m + p0);
+        __m256 m_new = _mm256_max_ps(m_old, mx);
+        // Rows with nothing visible yet keep max -inf; subtract 0 instead so 2^(-inf - 0) = 0, not NaN.
+        const __m256 none = _mm256_cmp_ps(m_new, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
+        m_new = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), none);
+        const __m256 alpha = exp2_neg(_mm256_sub_ps(m_old, m_new));
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t j = 0; j < cnt; ++j) {
+          float* sj = sc.data() + j * pairs8 + p0;
+          const __m256 pj = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sj), m_new));
+          _mm256_storeu_ps(sj, pj);
+          sum = _mm256_add_ps(sum, pj);
+        }
+        _mm256_storeu_ps(l + p0, _mm256_fmadd_ps(_mm256_loadu_ps(l + p0), alpha, sum));
+        _mm256_storeu_ps(m + p0, m_new);
+        alignas(32) float a[8];
+        _mm256_store_ps(a, alpha);
+        for (int64_t u = 0; u < 8; ++u)
+          if (a[u] != 1.f) scale_row(o + (p0 + u) * d, d, a[u]);
+      }
+      // O += P V, reading V rows in token order.
+      for (int64_t j = 0; j < cnt; ++j) {
+        const T* vrow = vbase + (n0 + j) * stride;
+        const float* pj = sc.data() + j * pairs8;
+        for (int64_t pi = 0; pi < pairs; ++pi)
+          if (pj[pi] != 0.f) axpy(o + pi * d, pj[pi], vrow + koff[size_t(pi)], d);
       }
     }
   });
 
-  // Merge the slices of every (segment, kv head, row) by their log-sum-exp.
-  parallel_items(heads, [&](int64_t hs) {
-    const Segment& sg = pr.segments[hs / hkv];
-    const int64_t hk = hs % hkv;
-    for (int64_t r = 0; r < group * sg.q_len; ++r) {
-      const int64_t h = hk * group + r / sg.q_len, i = r % sg.q_len;
-      float m = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, part_ml[size_t((hs * splits + sp) * rows_max + r)].m);
-      float acc[256] = {};
-      float l = 0.f;
-      if (m != kNegInf) {
-        for (int64_t sp = 0; sp < splits; ++sp) {
-          const Partial& pm = part_ml[size_t((hs * splits + sp) * rows_max + r)];
-          if (pm.m == kNegInf) continue;
-          const float w = exp2f(pm.m - m);
-          l += pm.l * w;
-          const float* po = part_o.data() + ((hs * splits + sp) * rows_max + r) * d;
-          for (int64_t c = 0; c < d; ++c) acc[c] += po[c] * w;
-        }
+  // Merge the slices of every (segment, pair) by their log-sum-exp. (A slice whose rows saw nothing has
+  // m = 0 and l = 0, so it adds nothing.)
+  parallel_items(pr.num_segments, [&](int64_t seg) {
+    const Segment& sg = pr.segments[seg];
+    for (int64_t pi = 0; pi < hq * sg.q_len; ++pi) {
+      const int64_t h = pi / sg.q_len, i = pi % sg.q_len;
+      float mm = kNegInf;
+      for (int64_t sp = 0; sp < splits; ++sp) {
+        const size_t at = size_t((seg * splits + sp) * pairs_max + pi);
+        if (part_l[at] > 0.f) mm = std::max(mm, part_m[at]);
       }
-      const float inv = l > 0.f ? 1.f / l : 0.f;
+      float acc[256] = {};
+      float ll = 0.f;
+      for (int64_t sp = 0; sp < splits && mm != kNegInf; ++sp) {
+        const size_t at = size_t((seg * splits + sp) * pairs_max + pi);
+        if (part_l[at] == 0.f) continue;
+        const float w = exp2f(part_m[at] - mm);
+        ll += part_l[at] * w;
+        const float* po = part_o.data() + at * size_t(d);
+        for (int64_t c = 0; c < d; ++c) acc[c] += po[c] * w;
+      }
+      const float inv = ll > 0.f ? 1.f / ll : 0.f;
       T* dst = out + ((sg.q_start + i) * hq + h) * d;
       for (int64_t c = 0; c < d; ++c) from_float(acc[c] * inv, dst + c);
-      lse[sg.lse_start + h * pr.lse_head_stride + i] = l > 0.f ? (m + std::log2(l)) * kLn2 : kNegInf;
+      lse[sg.lse_start + h * pr.lse_head_stride + i] = ll > 0.f ? (mm + std::log2(ll)) * kLn2 : kNegInf;
     }
   });
 }
@@ -176,8 +202,8 @@ bool decode_applies(const Problem& p) {
 void decode_forward(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
   dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    decode(p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out),
-           lse);
+    decode(p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+           static_cast<T*>(out), lse);
   });
 }
 #else

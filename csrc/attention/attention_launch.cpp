@@ -12,29 +12,36 @@ namespace cm3leon::attention {
 
 namespace {
 
-// Checks shared by every entry point: matching dtypes, head counts and dims, contiguity.
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim) {
-  TORCH_CHECK_VALUE(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "q, k, v must be ", ndim,
-                    "-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                   "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+// Checks shared by every entry point: matching dtypes and devices, head counts and dims, contiguity.
+// (The KV-cache wrapper leaves these to C++ to keep decode's per-call cost low, so messages name the
+// arguments as the caller knows them.)
+void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t ndim, const char* kn = "k",
+               const char* vn = "v") {
+  TORCH_CHECK_VALUE(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "q, ", kn, ", ", vn, " must be ",
+                    ndim, "-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, ", kn, ", ",
+                   vn, " must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
                    v.scalar_type());
+  TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), "q, ", kn, ", ", vn,
+                    " must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
   float_dtype(q, "q");
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
-                    v.sizes());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), kn, " and ", vn, " must have the same shape, got ", k.sizes(),
+                    " and ", v.sizes());
   const int64_t d = q.size(-1), hq = q.size(-2), hkv = k.size(-2);
-  TORCH_CHECK_VALUE(k.size(-1) == d, "k's head dim (", k.size(-1), ") must equal q's (", d, ")");
-  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k's (", hkv, ")");
-  TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ", d);
+  TORCH_CHECK_VALUE(k.size(-1) == d, kn, "'s head dim (", k.size(-1), ") must equal q's (", d, ")");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of ", kn, "'s (",
+                    hkv, ")");
+  TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ",
+                    d);
   check_contiguous(q, "q");
-  check_contiguous(k, "k");
-  check_contiguous(v, "v");
+  check_contiguous(k, kn);
+  check_contiguous(v, vn);
 }
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
                      int64_t lse_head_stride, double softmax_scale, bool causal) {
-  return Problem{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.numel() / (q.size(-1) * q.size(-2)),
-                 q.size(-2), k.size(-2), q.size(-1), lse_head_stride, float(softmax_scale), causal};
+  return Problem{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.size(-2), k.size(-2),
+                 q.size(-1), lse_head_stride, float(softmax_scale), causal};
 }
 
 std::vector<Segment> dense_segments(const at::Tensor& q, const at::Tensor& k) {
@@ -66,8 +73,9 @@ std::vector<Segment> varlen_segments(const at::Tensor& q, const at::Tensor& k, c
                                      const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
   check_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q);
   check_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k);
-  TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
-                    cu_q.size(0), " and ", cu_k.size(0));
+  TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0),
+                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_q.size(0), " and ",
+                    cu_k.size(0));
   const int32_t *cq = cu_q.data_ptr<int32_t>(), *ck = cu_k.data_ptr<int32_t>();
   std::vector<Segment> segments(size_t(cu_q.size(0) - 1));
   for (size_t i = 0; i < segments.size(); ++i)
@@ -77,8 +85,9 @@ std::vector<Segment> varlen_segments(const at::Tensor& q, const at::Tensor& k, c
 
 void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
                     at::IntArrayRef lse_shape) {
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape ",
-                    q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
+                    out.sizes());
   TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
                    "dout and out must have q's dtype");
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 ",
@@ -93,15 +102,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
                                                             const at::Tensor& v, const at::Tensor& out,
                                                             const at::Tensor& lse) {
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  backward_cpu(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(), dout.data_ptr(),
-               dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
+  backward_cpu(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
+               dout.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
   return {dq, dk, dv};
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      double softmax_scale, bool causal) {
+OutLse forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale,
+                          bool causal) {
   check_qkv(q, k, v, 4);
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
   const std::vector<Segment> segments = dense_segments(q, k);
@@ -112,21 +121,18 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu_launch(const at::Tensor& q, const
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu_launch(const at::Tensor& dout, const at::Tensor& q,
-                                                                   const at::Tensor& k, const at::Tensor& v,
-                                                                   const at::Tensor& out, const at::Tensor& lse,
-                                                                   double softmax_scale, bool causal) {
+Grads backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const Tensor& out, const Tensor& lse, double softmax_scale, bool causal) {
   check_qkv(q, k, v, 4);
   check_backward(dout, q, out, lse, {q.size(0), q.size(2), q.size(1)});
   const std::vector<Segment> segments = dense_segments(q, k);
-  return run_backward(make_problem(q, k, segments, q.size(1), softmax_scale, causal), dout, q, k, v, out, lse);
+  const Problem p = make_problem(q, k, segments, q.size(1), softmax_scale, causal);
+  return run_backward(p, dout, q, k, v, out, lse);
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu_launch(const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                             int64_t max_seqlen_k, double softmax_scale,
-                                                             bool causal) {
+OutLse varlen_forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, double softmax_scale, bool causal) {
   check_qkv(q, k, v, 3);
   const std::vector<Segment> segments =
       varlen_segments(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
@@ -137,23 +143,23 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu_launch(const at::Tensor& q
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu_launch(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double softmax_scale, bool causal) {
+Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
+                                 const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                 double softmax_scale, bool causal) {
   check_qkv(q, k, v, 3);
   check_backward(dout, q, out, lse, {q.size(1), q.size(0)});
   const std::vector<Segment> segments =
       varlen_segments(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  return run_backward(make_problem(q, k, segments, q.size(0), softmax_scale, causal), dout, q, k, v, out, lse);
+  const Problem p = make_problem(q, k, segments, q.size(0), softmax_scale, causal);
+  return run_backward(p, dout, q, k, v, out, lse);
 }
 
-std::tuple<at::Tensor, at::Tensor> kvcache_cpu_launch(const at::Tensor& q, const at::Tensor& k_cache,
-                                                      const at::Tensor& v_cache, const c10::optional<at::Tensor>& k,
-                                                      const c10::optional<at::Tensor>& v,
-                                                      const c10::optional<at::Tensor>& cache_seqlens,
-                                                      int64_t cache_seqlen, double softmax_scale, bool causal) {
-  check_qkv(q, k_cache, v_cache, 4);
+OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                          const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
+                          const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen,
+                          double softmax_scale, bool causal) {
+  check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
   TORCH_CHECK_VALUE(k_cache.size(0) == b, "k_cache's batch (", k_cache.size(0), ") must equal q's (", b, ")");
   TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together");
@@ -164,7 +170,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cpu_launch(const at::Tensor& q, const
                       "k and v must be [batch, new_tokens, heads_kv, head_dim] matching the cache, got ",
                       k->sizes(), " and ", v->sizes());
     TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
-                     "k and v must have the cache's dtype");
+                     "k and v must have the cache's dtype, got ", k->scalar_type(), " and ",
+                     v->scalar_type());
+    TORCH_CHECK_VALUE(k->device() == q.device() && v->device() == q.device(),
+                      "k and v must be on q's device");
     check_contiguous(*k, "k");
     check_contiguous(*v, "v");
     new_len = k->size(1);
@@ -182,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cpu_launch(const at::Tensor& q, const
   std::vector<Segment> segments(static_cast<size_t>(b));
   for (int64_t i = 0; i < b; ++i) {
     const int64_t start = starts ? starts[i] : cache_seqlen;
-    TORCH_CHECK_VALUE(start >= 0 && start + new_len <= cache_len, "cache_seqlens[", i, "] = ", start, " plus ",
-                      new_len, " new tokens overflows the cache of ", cache_len, " positions");
+    TORCH_CHECK_VALUE(start >= 0 && start + new_len <= cache_len, "cache_seqlens[", i, "] = ", start,
+                      " plus ", new_len, " new tokens overflows the cache of ", cache_len, " positions");
     segments[size_t(i)] = {i * sq, sq, i * cache_len, start + new_len, i * hq * sq};
   }
   if (new_len > 0) {

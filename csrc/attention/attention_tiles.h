@@ -1,5 +1,5 @@
 // Building blocks shared by the attention kernels (internal, torch-free): the register-blocked 6x16
-// micro-kernel, a vectorised exp2, and packing of bf16/fp16/fp32 rows into fp32 operand panels.
+// micro-kernel, a vectorised exp2, and packing of bf16/fp16/fp32 rows into fp32 operands.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -22,10 +22,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// c[r * ldc + j] (+)= sum_p a[p * MR + r] * b[p * ldb + j] for r < 6, j < 16.
-// `a` is a packed panel (six rows interleaved per depth step); `b` is any row-major fp32 block.
-inline void micro_6x16(const float* a, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc,
-                       bool accumulate) {
+// c[r * ldc + j] (+)= sum_p a[p * lda + r * ars] * b[p * ldb + j] for r < 6, j < 16.
+// The six A values of a depth step are `ars` apart and steps are `lda` apart: a packed panel (lda = 6,
+// ars = 1), six columns of a row-major block (lda = its row length, ars = 1), or six rows of one
+// (lda = 1, ars = row length). `b` is any row-major fp32 block.
+inline void micro_6x16(const float* a, int64_t lda, int64_t ars, const float* b, int64_t ldb, int64_t depth,
+                       float* c, int64_t ldc, bool accumulate) {
 #if CM3LEON_ATTN_AVX2
   // Twelve named accumulators + two b vectors + one broadcast = 15 of 16 ymm registers (arrays spill).
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
@@ -39,15 +41,16 @@ inline void micro_6x16(const float* a, const float* b, int64_t ldb, int64_t dept
   } else {
     c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
   }
-  for (int64_t p = 0; p < depth; ++p, a += MR, b += ldb) {
+  const int64_t a1 = ars, a2 = 2 * ars, a3 = 3 * ars, a4 = 4 * ars, a5 = 5 * ars;
+  for (int64_t p = 0; p < depth; ++p, a += lda, b += ldb) {
     const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
     __m256 ar;
-    ar = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(ar, b0, c00); c01 = _mm256_fmadd_ps(ar, b1, c01);
-    ar = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(ar, b0, c10); c11 = _mm256_fmadd_ps(ar, b1, c11);
-    ar = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(ar, b0, c20); c21 = _mm256_fmadd_ps(ar, b1, c21);
-    ar = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(ar, b0, c30); c31 = _mm256_fmadd_ps(ar, b1, c31);
-    ar = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(ar, b0, c40); c41 = _mm256_fmadd_ps(ar, b1, c41);
-    ar = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(ar, b0, c50); c51 = _mm256_fmadd_ps(ar, b1, c51);
+    ar = _mm256_broadcast_ss(a); c00 = _mm256_fmadd_ps(ar, b0, c00); c01 = _mm256_fmadd_ps(ar, b1, c01);
+    ar = _mm256_broadcast_ss(a + a1); c10 = _mm256_fmadd_ps(ar, b0, c10); c11 = _mm256_fmadd_ps(ar, b1, c11);
+    ar = _mm256_broadcast_ss(a + a2); c20 = _mm256_fmadd_ps(ar, b0, c20); c21 = _mm256_fmadd_ps(ar, b1, c21);
+    ar = _mm256_broadcast_ss(a + a3); c30 = _mm256_fmadd_ps(ar, b0, c30); c31 = _mm256_fmadd_ps(ar, b1, c31);
+    ar = _mm256_broadcast_ss(a + a4); c40 = _mm256_fmadd_ps(ar, b0, c40); c41 = _mm256_fmadd_ps(ar, b1, c41);
+    ar = _mm256_broadcast_ss(a + a5); c50 = _mm256_fmadd_ps(ar, b0, c50); c51 = _mm256_fmadd_ps(ar, b1, c51);
   }
   _mm256_storeu_ps(c + 0 * ldc, c00); _mm256_storeu_ps(c + 0 * ldc + 8, c01);
   _mm256_storeu_ps(c + 1 * ldc, c10); _mm256_storeu_ps(c + 1 * ldc + 8, c11);
@@ -61,19 +64,10 @@ inline void micro_6x16(const float* a, const float* b, int64_t ldb, int64_t dept
     for (int j = 0; j < NR; ++j) acc[r][j] = accumulate ? c[r * ldc + j] : 0.f;
   for (int64_t p = 0; p < depth; ++p)
     for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NR; ++j) acc[r][j] += a[p * MR + r] * b[p * ldb + j];
+      for (int j = 0; j < NR; ++j) acc[r][j] += a[p * lda + r * ars] * b[p * ldb + j];
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) c[r * ldc + j] = acc[r][j];
 #endif
-}
-
-// C[rows_pad x cols_pad] (+)= A . B with A packed as row panels ([rows_pad / 6][depth][6]) and B row-major
-// [depth][ldb]; cols_pad is a multiple of 16, rows_pad of 6.
-inline void panel_gemm(const float* a, int64_t rows_pad, const float* b, int64_t ldb, int64_t cols_pad,
-                       int64_t depth, float* c, int64_t ldc, bool accumulate) {
-  for (int64_t rp = 0; rp < rows_pad; rp += MR)
-    for (int64_t j = 0; j < cols_pad; j += NR)
-      micro_6x16(a + rp * depth, b + j, ldb, depth, c + rp * ldc + j, ldc, accumulate);
 }
 
 #if CM3LEON_ATTN_AVX2
@@ -97,20 +91,6 @@ inline __m256 exp2_neg(__m256 x) {
   return _mm256_and_ps(scaled, underflow);
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // Eight consecutive elements widened to fp32.
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16* p) {
@@ -121,36 +101,6 @@ inline __m256 load8(const fp16* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 #endif
-
-// Row max over n (multiple of 8) values; and the in-place p = 2^(x - m) with its sum.
-inline float row_max(const float* x, int64_t n) {
-#if CM3LEON_ATTN_AVX2
-  __m256 m = _mm256_set1_ps(kNegInf);
-  for (int64_t j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
-  return hmax(m);
-#else
-  float m = kNegInf;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
-  return m;
-#endif
-}
-
-inline float exp2_shifted_sum(float* x, int64_t n, float m) {
-#if CM3LEON_ATTN_AVX2
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 s = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; j += 8) {
-    const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
-    _mm256_storeu_ps(x + j, p);
-    s = _mm256_add_ps(s, p);
-  }
-  return hsum(s);
-#else
-  float s = 0.f;
-  for (int64_t j = 0; j < n; ++j) { x[j] = std::exp2(x[j] - m); s += x[j]; }
-  return s;
-#endif
-}
 
 inline void scale_row(float* x, int64_t n, float a) {
   for (int64_t j = 0; j < n; ++j) x[j] *= a;

@@ -1,0 +1,96 @@
+"""Attention benchmarks: cm3leon's fused CPU kernels beside torch's scaled_dot_product_attention (SDPA) on the
+same inputs (each in its native layout: ours (B, S, H, D), SDPA's (B, H, S, D)).
+
+Cases (issue #3 targets): causal forward fp32 B=1 H=16 S=2048 D=64 (GFLOP/s, target >= 1.2x SDPA); decode
+fp32 B=8 H=16 D=64 over 4096 cached tokens (GB/s of K/V read, target >= 1.5x); causal backward (ratio, aim
+>= 1.0x); the per-call overhead of a tiny decode call; and torch.mm as the machine's fp32 matmul peak.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cm3leon_kernels as ck
+
+B, H, S, D = 1, 16, 2048, 64
+CAUSAL_FLOPS = 4 * B * H * D * S * (S + 1) / 2  # q.k and p.v over the visible (lower-triangle) pairs
+
+
+def _qkv(b, s, h, d, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, s, h, d, generator=g).to(dtype) for _ in range(3)]
+
+
+def _sdpa_layout(*ts):
+    return [t.transpose(1, 2).contiguous() for t in ts]
+
+
+@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa"])
+def test_forward_causal(benchmark, bench_record, impl):
+    q, k, v = _qkv(B, S, H, D)
+    if impl == "cm3leon":
+        fn = lambda: ck.flash_attn_func(q, k, v, causal=True)  # noqa: E731
+    else:
+        qs, ks, vs = _sdpa_layout(q, k, v)
+        fn = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
+    bench_record(benchmark, case=f"attn fwd causal fp32 B={B} H={H} S={S} D={D}", impl=impl,
+                 work=CAUSAL_FLOPS, unit="GFLOP/s")
+    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa"])
+def test_backward_causal(benchmark, bench_record, impl):
+    q, k, v = [t.requires_grad_() for t in _qkv(B, S, H, D)]
+    if impl == "cm3leon":
+        out = ck.flash_attn_func(q, k, v, causal=True)
+        inputs = (q, k, v)
+    else:
+        inputs = [t.detach().requires_grad_() for t in _sdpa_layout(q, k, v)]
+        out = F.scaled_dot_product_attention(*inputs, is_causal=True)
+    dout = torch.randn_like(out)
+    bench_record(benchmark, case=f"attn bwd causal fp32 B={B} H={H} S={S} D={D}", impl=impl,
+                 work=2.5 * CAUSAL_FLOPS, unit="GFLOP/s")
+    benchmark.pedantic(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True), rounds=3,
+                       warmup_rounds=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa"])
+def test_decode(benchmark, bench_record, impl, dtype):
+    b, cache = 8, 4096
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, 1, H, D, generator=g).to(dtype)
+    kc, vc = [torch.randn(b, cache, H, D, generator=g).to(dtype) for _ in range(2)]
+    if impl == "cm3leon":
+        fn = lambda: ck.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=cache)  # noqa: E731
+    else:
+        qs, ks, vs = _sdpa_layout(q, kc, vc)
+        fn = lambda: F.scaled_dot_product_attention(qs, ks, vs)  # noqa: E731
+    name = str(dtype).split(".")[1]
+    bench_record(benchmark, case=f"attn decode {name} B={b} H={H} D={D} cache={cache}", impl=impl,
+                 work=kc.numel() * kc.element_size() * 2, unit="GB/s")
+    benchmark.pedantic(fn, rounds=20, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa"])
+def test_decode_call_overhead(benchmark, bench_record, impl):
+    """A decode call too small to measure anything but the per-call cost (Python checks + dispatch)."""
+    q, kc, vc = torch.randn(1, 1, 1, 64), torch.randn(1, 16, 1, 64), torch.randn(1, 16, 1, 64)
+    kn, vn = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 1, 64)
+    if impl == "cm3leon":
+        fn = lambda: ck.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=8)  # noqa: E731
+    else:
+        qs, ks, vs = _sdpa_layout(q, kc[:, :9], vc[:, :9])
+        fn = lambda: F.scaled_dot_product_attention(qs, ks, vs)  # noqa: E731
+    bench_record(benchmark, case="attn decode call overhead B=1 H=1 D=64 cache=9", impl=impl)
+    benchmark.pedantic(fn, rounds=200, iterations=20, warmup_rounds=5)
+
+
+def test_matmul_peak(benchmark, bench_record):
+    """The machine's fp32 matmul rate (torch.mm), the yardstick for the attention GFLOP/s."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    bench_record(benchmark, case=f"fp32 matmul peak (torch.mm {n}^3)", impl="torch.mm", work=2 * n ** 3,
+                 unit="GFLOP/s")
+    benchmark.pedantic(lambda: a @ b, rounds=5, warmup_rounds=1)

@@ -1,0 +1,331 @@
+"""Fused attention: forward, backward, packed documents and KV-cache decode against float64 references."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cm3leon_kernels as ck
+from cm3leon_kernels import reference as ref
+from tests.helpers import assert_fa_rule, poisoned_outputs
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+EPS = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+# Gradients cancel exactly in some cases (one visible key: dS = P (dO.v - dO.o) = 0) where plain PyTorch's
+# error happens to be 0 too; the kernel's fp32 rounding of the O(|dO| |v| sqrt(d)) terms needs a floor.
+GRAD_EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def _rand(*shape, dtype):
+    return torch.randn(*shape, dtype=torch.float32).to(dtype)
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _check_against_reference(run, run_ref, inputs, dtype, name, grads=True):
+    """FA rule for the output and (optionally) the gradients of q, k, v: the kernel's error against the
+    float64 reference must be at most 2x plain PyTorch's error in the kernel's dtype (+ eps)."""
+    x = _leaves(*inputs)
+    with poisoned_outputs():
+        out, lse = run(*x)
+    x64 = _leaves(*[t.double() for t in inputs])
+    out64, lse64 = run_ref(*x64)
+    xb = _leaves(*inputs)
+    outb, lseb = run_ref(*xb)
+    assert_fa_rule(out, out64, outb, name=f"{name} out", eps=EPS[dtype])
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse finiteness differs from the reference"
+    assert (lse[~finite] == float("-inf")).all(), f"{name}: rows without keys must have lse = -inf"
+    assert_fa_rule(lse[finite], lse64[finite], lseb.float()[finite], name=f"{name} lse", eps=1e-5)
+    if not grads:
+        return
+    dout = torch.randn_like(out64).to(dtype)
+    with poisoned_outputs():
+        out.backward(dout)
+    out64.backward(dout.double())
+    outb.backward(dout)
+    for label, a, b64, bb in zip("qkv", x, x64, xb):
+        assert_fa_rule(a.grad, b64.grad, bb.grad, name=f"{name} d{label}", eps=GRAD_EPS[dtype])
+
+
+# ---- flash_attn_func ---------------------------------------------------------------------------------------
+
+DENSE_CASES = [  # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal
+    (2, 37, 37, 4, 4, 64, True),
+    (2, 37, 37, 4, 4, 64, False),
+    (1, 130, 130, 2, 2, 32, True),    # several query and key blocks
+    (2, 5, 70, 4, 2, 64, True),       # seqlen_q < seqlen_k: bottom-right aligned
+    (1, 70, 21, 3, 1, 96, True),      # seqlen_q > seqlen_k: top rows see no key (MQA)
+    (1, 53, 99, 8, 2, 80, False),     # GQA 4:1, odd lengths
+    (2, 1, 1, 2, 1, 128, True),       # single token
+    (1, 3, 300, 4, 1, 64, True),      # short queries take the decode path (GQA group shares K/V)
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_flash_attn_func_matches_reference(case, dtype):
+    b, sq, sk, hq, hkv, d, causal = case
+    q = _rand(b, sq, hq, d, dtype=dtype)
+    k, v = _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
+    _check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=causal, return_lse=True),
+                             lambda q, k, v: ref.attention(q, k, v, causal=causal), (q, k, v), dtype,
+                             str(case))
+
+
+@pytest.mark.parametrize("head_dim", [8, 32, 64, 80, 96, 128, 256])
+def test_head_dims_and_softmax_scale(head_dim):
+    q = torch.randn(1, 29, 2, head_dim)
+    k, v = torch.randn(1, 41, 1, head_dim), torch.randn(1, 41, 1, head_dim)
+    _check_against_reference(
+        lambda q, k, v: ck.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, return_lse=True),
+        lambda q, k, v: ref.attention(q, k, v, softmax_scale=0.3, causal=True), (q, k, v), torch.float32,
+        f"d={head_dim}")
+
+
+def test_rows_without_keys_give_zero_and_zero_grad():
+    q, k, v = _leaves(torch.randn(1, 9, 2, 32), torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32))
+    out, lse = ck.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert (out[:, :5] == 0).all() and (lse[:, :, :5] == float("-inf")).all()
+    out.sum().backward()
+    assert (q.grad[:, :5] == 0).all() and torch.isfinite(k.grad).all()
+
+
+def test_large_scores_are_stable():
+    """Scores near 1000: the online softmax must rescale without overflow. (Forward only: recomputing P
+    from a saved lse of magnitude ~1000 has an inherent relative error of |lse| * 2^-24, as in
+    FlashAttention.)"""
+    q = torch.randn(1, 64, 2, 64) * 30
+    k, v = torch.randn(1, 64, 2, 64) * 30, torch.randn(1, 64, 2, 64)
+    _check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=True, return_lse=True),
+                             lambda q, k, v: ref.attention(q, k, v, causal=True), (q, k, v), torch.float32,
+                             "large scores", grads=False)
+
+
+def test_non_contiguous_inputs_are_accepted():
+    qkv = torch.randn(2, 17, 3, 4, 32)  # a fused qkv projection: q, k, v are strided views
+    q, k, v = qkv.unbind(2)
+    out = ck.flash_attn_func(q, k, v, causal=True)
+    torch.testing.assert_close(out, ref.attention(q, k, v, causal=True)[0], atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 2), sq=st.integers(0, 70), sk=st.integers(0, 70), group=st.sampled_from([1, 2, 3]),
+       hkv=st.integers(1, 2), d=st.sampled_from([16, 40, 64]), causal=st.booleans())
+def test_random_shapes_forward(b, sq, sk, group, hkv, d, causal):
+    q, k, v = torch.randn(b, sq, group * hkv, d), torch.randn(b, sk, hkv, d), torch.randn(b, sk, hkv, d)
+    with poisoned_outputs():
+        out, lse = ck.flash_attn_func(q, k, v, causal=causal, return_lse=True)
+    out64, lse64 = ref.attention(q.double(), k.double(), v.double(), causal=causal)
+    assert_fa_rule(out, out64, ref.attention(q, k, v, causal=causal)[0], name="out", eps=1e-6)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(lse64))
+
+
+# ---- flash_attn_varlen_func --------------------------------------------------------------------------------
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_matches_reference(dtype, causal):
+    lq, lk = [13, 0, 60, 1, 7, 0], [13, 5, 75, 1, 0, 0]  # empty documents on either side
+    hq, hkv, d = 4, 2, 64
+    q, k, v = _rand(sum(lq), hq, d, dtype=dtype), _rand(sum(lk), hkv, d, dtype=dtype), _rand(sum(lk), hkv, d,
+                                                                                              dtype=dtype)
+    cq, ckk = _cu(lq), _cu(lk)
+    _check_against_reference(
+        lambda q, k, v: ck.flash_attn_varlen_func(q, k, v, cq, ckk, max(lq), max(lk), causal=causal,
+                                                  return_lse=True),
+        lambda q, k, v: ref.attention_varlen(q, k, v, cq, ckk, causal=causal), (q, k, v), dtype, "varlen")
+
+
+def test_varlen_equals_separate_calls():
+    lengths = [5, 33, 1, 20]
+    q, k, v = torch.randn(59, 2, 32), torch.randn(59, 2, 32), torch.randn(59, 2, 32)
+    packed = ck.flash_attn_varlen_func(q, k, v, _cu(lengths), _cu(lengths), 33, 33, causal=True)
+    start = 0
+    for n in lengths:
+        s = slice(start, start + n)
+        one = ck.flash_attn_func(q[None, s], k[None, s], v[None, s], causal=True)[0]
+        torch.testing.assert_close(packed[s], one, atol=1e-6, rtol=1e-5)
+        start += n
+
+
+# ---- flash_attn_with_kvcache -------------------------------------------------------------------------------
+
+KV_CASES = [  # batch, seqlen_q (= new tokens), cache_len, heads_q, heads_kv, head_dim, cache_seqlens
+    (3, 1, 64, 4, 2, 64, [0, 17, 63]),        # ragged decode, an empty row
+    (2, 1, 2100, 2, 1, 64, [2000, 1500]),     # long cache: the key range is split across cores
+    (2, 4, 40, 4, 4, 32, [3, 30]),            # several new tokens (causal among them)
+    (1, 20, 50, 2, 1, 128, [10]),             # prefill into a cache: tiled path
+    (2, 1, 16, 8, 1, 80, 5),                  # int cache_seqlens, MQA
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "-".join(map(str, c[:6])))
+def test_kvcache_matches_reference(case, dtype):
+    b, sn, cache_len, hq, hkv, d, lens = case
+    seqlens = lens if isinstance(lens, int) else torch.tensor(lens, dtype=torch.int32)
+    q = _rand(b, sn, hq, d, dtype=dtype)
+    k_new, v_new = _rand(b, sn, hkv, d, dtype=dtype), _rand(b, sn, hkv, d, dtype=dtype)
+    k_cache, v_cache = _rand(b, cache_len, hkv, d, dtype=dtype), _rand(b, cache_len, hkv, d, dtype=dtype)
+    k64, v64 = k_cache.double(), v_cache.double()
+    kb, vb = k_cache.clone(), v_cache.clone()
+    seqlens_before = seqlens.clone() if isinstance(seqlens, torch.Tensor) else seqlens
+    with poisoned_outputs():
+        out = ck.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens)
+    out64, _ = ref.attention_with_kvcache(q.double(), k64, v64, k_new.double(), v_new.double(), seqlens)
+    outb, _ = ref.attention_with_kvcache(q, kb, vb, k_new, v_new, seqlens)
+    assert_fa_rule(out, out64, outb, name="kvcache out", eps=EPS[dtype])
+    assert torch.equal(k_cache, kb) and torch.equal(v_cache, vb), "new k/v must be written into the cache"
+    if isinstance(seqlens, torch.Tensor):
+        assert torch.equal(seqlens, seqlens_before), "cache_seqlens must not be modified"
+
+
+def test_kvcache_without_new_tokens_and_full_cache():
+    q, kc, vc = torch.randn(2, 1, 2, 32), torch.randn(2, 9, 2, 32), torch.randn(2, 9, 2, 32)
+    full = ck.flash_attn_with_kvcache(q, kc, vc)
+    torch.testing.assert_close(full, ck.flash_attn_func(q, kc, vc, causal=True), atol=1e-6, rtol=1e-5)
+    part = ck.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([4, 9], dtype=torch.int32))
+    torch.testing.assert_close(part[0], ck.flash_attn_func(q[:1], kc[:1, :4], vc[:1, :4])[0], atol=1e-6,
+                               rtol=1e-5)
+
+
+def test_decode_loop_matches_full_attention():
+    """Token-by-token decode through the cache reproduces causal attention over the whole sequence."""
+    s, h, d = 12, 2, 32
+    q, k, v = torch.randn(1, s, h, d), torch.randn(1, s, h, d), torch.randn(1, s, h, d)
+    kc, vc = torch.zeros(1, 16, h, d), torch.zeros(1, 16, h, d)
+    steps = [ck.flash_attn_with_kvcache(q[:, t:t + 1], kc, vc, k[:, t:t + 1], v[:, t:t + 1], cache_seqlens=t)
+             for t in range(s)]
+    torch.testing.assert_close(torch.cat(steps, 1), ck.flash_attn_func(q, k, v, causal=True), atol=1e-6,
+                               rtol=1e-5)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+def _i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def _qkv(b=1, s=8, hq=4, hkv=2, d=32, dtype=torch.float32):
+    return torch.randn(b, s, hq, d, dtype=dtype), torch.randn(b, s, hkv, d, dtype=dtype), \
+        torch.randn(b, s, hkv, d, dtype=dtype)
+
+
+def _bad_calls():
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    q3, k3, v3 = q[0], k[0], v[0]
+    kc, vc = torch.zeros(2, 10, 2, 32), torch.zeros(2, 10, 2, 32)
+    qd, kn = torch.randn(2, 1, 4, 32), torch.randn(2, 1, 2, 32)
+    return {
+        "head count": (lambda: ck.flash_attn_func(q, torch.randn(1, 8, 3, 32), torch.randn(1, 8, 3, 32)),
+                       ValueError, "head count"),
+        "dtype mismatch": (lambda: ck.flash_attn_func(q, k.half(), v.half()), TypeError, "share a dtype"),
+        "int dtype": (lambda: ck.flash_attn_func(q.int(), k.int(), v.int()), TypeError, "q must be"),
+        "dropout": (lambda: ck.flash_attn_func(q, k, v, dropout_p=0.1), ValueError, "dropout_p"),
+        "head dim": (lambda: ck.flash_attn_func(*_qkv(d=12)), ValueError, "head dim"),
+        "k/v shape": (lambda: ck.flash_attn_func(q, k, v[:, :4]), ValueError, "k and v"),
+        "batch": (lambda: ck.flash_attn_func(q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch"),
+        "rank": (lambda: ck.flash_attn_func(q3, k3, v3), ValueError, "q must be 4-D"),
+        "last dim stride": (lambda: ck.flash_attn_func(q.transpose(2, 3), k, v), ValueError,
+                            "last dimension"),
+        "device": (lambda: ck.flash_attn_func(q, k.to("meta"), v.to("meta")), ValueError, "k is on meta"),
+        "cu dtype": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu.long(), cu, 5, 5), TypeError,
+                     "cu_seqlens_q must be int32"),
+        "cu end": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, _i32([0, 3, 7]), 5, 5), ValueError,
+                   "cu_seqlens_k[-1]"),
+        "cu decreasing": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, _i32([0, 5, 3, 8]),
+                                                            _i32([0, 3, 5, 8]), 8, 8),
+                          ValueError, "non-decreasing"),
+        "cu start": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, _i32([1, 8]), _i32([0, 8]), 8, 8),
+                     ValueError, "cu_seqlens_q[0]"),
+        "max_seqlen": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, cu, 4, 5), ValueError, "max_seqlen"),
+        "cu count": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, _i32([0, 8]), 8, 8), ValueError,
+                     "same length"),
+        "cache overflow": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(),
+                                                              torch.tensor([3, 10], dtype=torch.int32)),
+                           ValueError, "cache_seqlens[1] = 10"),
+        "negative seqlen": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=-1), ValueError,
+                            "cache_seqlens"),
+        "seqlens dtype": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(),
+                                                             torch.tensor([3, 4])), TypeError, "int32"),
+        "k without v": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, None, 3), ValueError, "together"),
+        "cache strided": (lambda: ck.flash_attn_with_kvcache(qd, kc[:, ::2], vc[:, ::2], cache_seqlens=2),
+                          ValueError, "contiguous"),
+        "cache dtype": (lambda: ck.flash_attn_with_kvcache(qd, kc.half(), vc.half(), cache_seqlens=2),
+                        TypeError, "share a dtype"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_bad_input_raises_clear_error(name):
+    call, exc, message = _bad_calls()[name]
+    with pytest.raises(exc, match=re.escape(message)):
+        call()
+
+
+def test_bad_input_reaches_cpp_checks():
+    """The C++ launchers re-check what the Python wrappers check (calls straight into torch.ops)."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="multiple"):
+        torch.ops.cm3leon.flash_attn_forward(q, torch.randn(1, 8, 3, 32), torch.randn(1, 8, 3, 32), 1.0,
+                                             False)
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.cm3leon.flash_attn_forward(q, k.double(), v.double(), 1.0, False)
+
+
+# ---- torch.library integration -----------------------------------------------------------------------------
+
+def test_opcheck_all_ops():
+    q, k, v = _qkv(b=2, s=9)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    ops = torch.ops.cm3leon
+    torch.library.opcheck(ops.flash_attn_forward, (q, k, v, 0.3, True))
+    out, lse = ops.flash_attn_forward(q, k, v, 0.3, True)
+    torch.library.opcheck(ops.flash_attn_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
+                                                    out.detach(), lse, 0.3, True))
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    q3, k3, v3 = [t.detach()[0].repeat(1, 1, 1).requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(ops.flash_attn_varlen_forward, (q3, k3, v3, cu, cu, 6, 6, 0.3, True))
+    o3, l3 = ops.flash_attn_varlen_forward(q3, k3, v3, cu, cu, 6, 6, 0.3, True)
+    torch.library.opcheck(ops.flash_attn_varlen_backward,
+                          (torch.randn_like(o3), q3.detach(), k3.detach(), v3.detach(), o3.detach(), l3, cu,
+                           cu, 6, 6, 0.3, True))
+    kc, vc = torch.randn(2, 12, 2, 32), torch.randn(2, 12, 2, 32)
+    torch.library.opcheck(ops.flash_attn_kvcache, (torch.randn(2, 1, 4, 32), kc, vc, torch.randn(2, 1, 2, 32),
+                                                   torch.randn(2, 1, 2, 32), _i32([3, 11]), 0, 0.2, True))
+
+
+def test_torch_compile_fullgraph_forward_backward_and_decode():
+    q, k, v = _leaves(*_qkv(s=16))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def train_step(q, k, v):
+        return (ck.flash_attn_func(q, k, v, causal=True) ** 2).sum()
+
+    train_step(q, k, v).backward()
+    q2, k2, v2 = _leaves(q, k, v)
+    (ck.flash_attn_func(q2, k2, v2, causal=True) ** 2).sum().backward()
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(a.grad, b.grad)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def decode(q, kc, vc, kn, vn, lens):
+        return ck.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens)
+
+    kc, vc = torch.zeros(2, 8, 2, 32), torch.zeros(2, 8, 2, 32)
+    qd, kn, vn = torch.randn(2, 1, 4, 32), torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32)
+    lens = torch.tensor([0, 5], dtype=torch.int32)
+    out = decode(qd, kc, vc, kn, vn, lens)
+    assert torch.equal(kc[1, 5], kn[1, 0]), "compiled call must update the cache in place"
+    torch.testing.assert_close(out, ck.flash_attn_with_kvcache(qd, kc.clone(), vc.clone(), kn, vn, lens))
