@@ -2,13 +2,20 @@
 
 Drop-in ops, registered with ``torch.library`` as ``torch.ops.cm3leon.*`` (so ``torch.compile`` traces them):
 
+- Attention (FlashAttention-compatible): :func:`flash_attn_func`, :func:`flash_attn_varlen_func`,
+  :func:`flash_attn_with_kvcache`.
 - VQ codebook lookup: :func:`vq_nearest`, :func:`vq_embed`, :func:`vector_quantize`.
+- Sampling: :func:`cfg_sample` (CFG / instruct CFG with top-k/top-p/min-p), :func:`contrastive_sample` (CD-K).
 
 ``cm3leon_kernels.reference`` holds the plain-PyTorch versions used as test oracle and benchmark baseline.
 """
 from ._native import cpu_features, cuda_built
+from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from .sampling import cfg_sample, contrastive_sample
 from .vq import VQOutput, vector_quantize, vq_embed, vq_nearest
 
 __version__ = "0.1.0"
 
-__all__ = ["vq_nearest", "vq_embed", "vector_quantize", "VQOutput", "cuda_built", "cpu_features"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
+           "vq_nearest", "vq_embed", "vector_quantize", "VQOutput",
+           "cfg_sample", "contrastive_sample", "cuda_built", "cpu_features"]

@@ -5,9 +5,13 @@ obviously right, not fast.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["vq_distances", "vq_nearest", "vq_embed"]
+__all__ = ["vq_distances", "vq_nearest", "vq_embed", "attention", "attention_varlen",
+           "attention_with_kvcache", "cfg_mix", "cfg_probs", "contrastive_probs", "hf_chain_sample"]
 
 
 def vq_distances(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -32,3 +36,186 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2"
 
 def vq_embed(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return codebook[indices]
+
+
+# ---- Attention ---------------------------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
+              causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention on ``(batch, seqlen, nheads, headdim)`` tensors, in the inputs' dtype.
+
+    Materialises the full score matrix with an explicit mask. GQA/MQA: k/v heads are repeated
+    (``repeat_interleave``) to q's head count. The causal mask is bottom-right aligned (query ``i`` sees keys
+    ``j <= i + Sk - Sq``). Returns ``(out, lse)`` with ``lse [batch, nheads, seqlen_q]`` (natural log; rows
+    that see no key get ``out = 0`` and ``lse = -inf``). Differentiable (for gradient references).
+    """
+    sq, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    k = k.repeat_interleave(hq // hkv, dim=2)
+    v = v.repeat_interleave(hq // hkv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + sk - sq, float("-inf"))
+    # Softmax that gives 0 (not NaN) for fully masked rows, with finite gradients everywhere.
+    row_max = scores.amax(dim=-1, keepdim=True).detach() if sk else scores.new_zeros(scores.shape[:-1] + (1,))
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    e = torch.exp(scores - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    lse = (torch.log(denom) + row_max).squeeze(-1)
+    return out, lse
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, softmax_scale: float | None = None, causal: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference packed-document attention: :func:`attention` per document on ``(tokens, nheads, headdim)``.
+    Returns ``(out, lse [nheads, total_q])``."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        o, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                           softmax_scale, causal)
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                           cache_seqlens: torch.Tensor | int | None = None, softmax_scale: float | None = None,
+                           causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference KV-cache attention: writes k/v into the caches (in place) at ``cache_seqlens`` per row, then
+    attends each row's queries to its ``cache_seqlens[b] + new`` valid keys. Returns ``(out, lse)``."""
+    b, cache_len = q.shape[0], k_cache.shape[1]
+    if cache_seqlens is None:
+        starts = [cache_len] * b
+    elif isinstance(cache_seqlens, int):
+        starts = [cache_seqlens] * b
+    else:
+        starts = cache_seqlens.tolist()
+    new = 0 if k is None else k.shape[1]
+    outs, lses = [], []
+    for i in range(b):
+        if new:
+            k_cache[i, starts[i]:starts[i] + new] = k[i]
+            v_cache[i, starts[i]:starts[i] + new] = v[i]
+        n = starts[i] + new
+        o, lse = attention(q[i:i + 1], k_cache[i:i + 1, :n], v_cache[i:i + 1, :n], softmax_scale, causal)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+# ---- Sampling: the exact final distributions (float64) and the Hugging Face-style chain baseline ---------
+
+def cfg_mix(logits: torch.Tensor, guidance_scale: float | Sequence[float] | None) -> torch.Tensor:
+    """The guided logits ``[B, V]`` in float64 for ``logits [B, S, V]`` (stream order as ``cfg_sample``);
+    a token with ``-inf`` in any stream is ``-inf``."""
+    x = logits.double()
+    streams = x.shape[1]
+    if streams == 1:
+        mixed = x[:, 0]
+    elif streams == 2:
+        mixed = x[:, 0] + guidance_scale * (x[:, 1] - x[:, 0])
+    else:
+        s_img, s_txt = guidance_scale
+        mixed = x[:, 0] + s_img * (x[:, 1] - x[:, 0]) + s_txt * (x[:, 2] - x[:, 1])
+    excluded = torch.isneginf(x).any(dim=1)
+    return mixed.masked_fill(excluded, -math.inf)
+
+
+def _restrict(z: torch.Tensor, allowed_range: Sequence[int] | None, allowed_mask: torch.Tensor | None
+              ) -> torch.Tensor:
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if allowed_range is not None:
+        keep[:, :allowed_range[0]] = False
+        keep[:, allowed_range[1]:] = False
+    if allowed_mask is not None:
+        keep &= allowed_mask.expand_as(keep)
+    return z.masked_fill(~keep, -math.inf)
+
+
+def _one_hot_argmax(z: torch.Tensor) -> torch.Tensor:
+    # torch.argmax returns the first maximal index, the kernels' tie rule.
+    return torch.nn.functional.one_hot(z.argmax(dim=-1), z.shape[-1]).double()
+
+
+def _top_k_threshold(z: torch.Tensor, k: int) -> torch.Tensor:
+    """z with every value below the k-th largest finite value set to -inf (ties at the boundary kept)."""
+    if k <= 0:
+        return z
+    count = torch.isfinite(z).sum(dim=-1, keepdim=True)
+    kth = z.sort(dim=-1, descending=True).values.gather(-1, (torch.clamp(count, max=k) - 1).clamp(min=0))
+    return z.masked_fill(z < kth, -math.inf)
+
+
+def _top_p_threshold(z: torch.Tensor, p: float) -> torch.Tensor:
+    """Keeps token x iff the probability of the tokens with a strictly larger logit is < p."""
+    if p >= 1.0:
+        return z
+    probs = torch.softmax(z, dim=-1)
+    above = torch.stack([(probs[b] * (z[b][None, :] > z[b][:, None])).sum(-1) for b in range(z.shape[0])])
+    return z.masked_fill(above >= p, -math.inf)
+
+
+def cfg_probs(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] | None,
+              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+              allowed_range: Sequence[int] | None = None, allowed_mask: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """The exact float64 distribution ``[B, V]`` that ``cfg_sample`` draws from (one-hot for greedy).
+
+    O(V^2) per row (top-p by pairwise comparison, so ties follow the kernel's threshold rule): small V only.
+    """
+    z = _restrict(cfg_mix(logits, guidance_scale), allowed_range, allowed_mask)
+    if temperature == 0:
+        return _one_hot_argmax(z)
+    z = _top_k_threshold(z / temperature, top_k)
+    z = _top_p_threshold(z, top_p)
+    if min_p > 0:
+        z = z.masked_fill(z < z.max(dim=-1, keepdim=True).values + math.log(min_p), -math.inf)
+    return torch.softmax(z, dim=-1)
+
+
+def contrastive_probs(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, *, alpha: float = 0.1,
+                      k: int = 1, temperature: float = 1.0, amateur_temperature: float = 1.0,
+                      allowed_range: Sequence[int] | None = None, allowed_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """The exact float64 CD-K distribution ``[B, V]`` that ``contrastive_sample`` draws from (one-hot for
+    greedy), written literally from PAPER.md §5: probabilities, head set, log-ratio scores, softmax."""
+    e, a = expert_logits.double(), amateur_logits.double()
+    excluded = torch.isneginf(e) | torch.isneginf(a)
+    e = _restrict(e.masked_fill(excluded, -math.inf), allowed_range, allowed_mask)
+    a = a.masked_fill(torch.isneginf(e), -math.inf)
+    log_p_exp = torch.log_softmax(e, dim=-1)
+    log_p_ama = torch.log_softmax(a / amateur_temperature, dim=-1)
+    count = torch.isfinite(e).sum(dim=-1, keepdim=True)
+    kth = log_p_exp.sort(dim=-1, descending=True).values.gather(-1, torch.clamp(count, max=k) - 1)
+    head = torch.isfinite(e) & (log_p_exp >= kth + (math.log(alpha) if alpha > 0 else -math.inf))
+    score = torch.where(head, log_p_exp - log_p_ama, torch.full_like(e, -math.inf))
+    if temperature == 0:
+        return _one_hot_argmax(score)
+    return torch.softmax(score / temperature, dim=-1)
+
+
+def hf_chain_sample(logits: torch.Tensor, *, guidance_scale: float, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The Hugging Face-style logits-processor chain (the benchmark baseline) for ``logits [B, 2, V]``:
+    CFG mix, temperature, top-k (mask below the k-th value), top-p via a full sort, softmax, multinomial.
+    Runs in the logits' dtype, as ``generate`` does."""
+    scores = logits[:, 0] + guidance_scale * (logits[:, 1] - logits[:, 0])
+    scores = scores / temperature
+    if top_k > 0:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = cumulative <= (1 - top_p)
+        remove_sorted[..., -1:] = False  # keep at least one token
+        remove = remove_sorted.scatter(1, sorted_indices, remove_sorted)
+        scores = scores.masked_fill(remove, -math.inf)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -2,20 +2,58 @@
 // pybind11 module that makes cm3leon_kernels._C importable. Argument checking and autograd live in Python
 // (cm3leon_kernels/*.py); kernels live in csrc/<family>/.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include "common/cpu_features.h"
+#include "attention/attention_launch.h"
+#include "common/philox.h"
+#include "sampling/sampling_launch.h"
 #include "vq/vq_launch.h"
 
 TORCH_LIBRARY(cm3leon, m) {
   // VQ codebook lookup (cm3leon_kernels/vq.py). z is [N, D]; the Python wrapper flattens leading dims.
   m.def("vq_nearest(Tensor z, Tensor codebook, str metric='l2') -> (Tensor indices, Tensor distance)");
   m.def("vq_embed(Tensor indices, Tensor codebook) -> Tensor");
+
+  // ---- Attention (cm3leon_kernels/attention.py) -------------------------------------------------------
+  // FlashAttention-compatible fused attention; lse is float32 [B, Hq, Sq] (varlen: [Hq, total_q]).
+  m.def("flash_attn_forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal)"
+        " -> (Tensor out, Tensor lse)");
+  m.def("flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " float softmax_scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("flash_attn_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  m.def("flash_attn_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale,"
+        " bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Appends k/v into the caches in place (at cache_seqlens, or cache_seqlen for every row when it is None).
+  m.def("flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v,"
+        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+  // ---- Sampling (cm3leon_kernels/sampling.py) ----
+  // Both return (tokens int64 [B], logprobs float32 [B]). The vocabulary restriction is [range_lo, range_hi)
+  // intersected with allowed_mask; randomness is Philox keyed by `seed` (or the per-row `seeds` tensor) and
+  // `step` (or `step_tensor`), see csrc/common/philox.h.
+  m.def("cfg_sample(Tensor logits, float[] guidance_scale, float temperature, int top_k, float top_p, "
+        "float min_p, int range_lo, int range_hi, Tensor? allowed_mask, int seed, Tensor? seeds, int step, "
+        "Tensor? step_tensor) -> (Tensor tokens, Tensor logprobs)");
+  m.def("contrastive_sample(Tensor expert_logits, Tensor amateur_logits, float alpha, int k, float temperature, "
+        "float amateur_temperature, int range_lo, int range_hi, Tensor? allowed_mask, int seed, Tensor? seeds, "
+        "int step, Tensor? step_tensor) -> (Tensor tokens, Tensor logprobs)");
 }
 
 TORCH_LIBRARY_IMPL(cm3leon, CPU, m) {
   m.impl("vq_nearest", &cm3leon::vq::nearest_cpu_launch);
   m.impl("vq_embed", &cm3leon::vq::embed_cpu_launch);
+  // Attention
+  m.impl("flash_attn_forward", &cm3leon::attention::forward_cpu_launch);
+  m.impl("flash_attn_backward", &cm3leon::attention::backward_cpu_launch);
+  m.impl("flash_attn_varlen_forward", &cm3leon::attention::varlen_forward_cpu_launch);
+  m.impl("flash_attn_varlen_backward", &cm3leon::attention::varlen_backward_cpu_launch);
+  m.impl("flash_attn_kvcache", &cm3leon::attention::kvcache_cpu_launch);
+  // Sampling
+  m.impl("cfg_sample", &cm3leon::sampling::cfg_sample_cpu_launch);
+  m.impl("contrastive_sample", &cm3leon::sampling::contrastive_sample_cpu_launch);
 }
 
 #ifdef CM3LEON_WITH_CUDA
@@ -46,4 +84,12 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cm3leon_kernels native extension: ops are registered as torch.ops.cm3leon.*";
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled into this build.");
   m.def("cpu_features", &cpu_features, "SIMD features the CPU kernels were compiled for.");
+  // Sampling: the Philox stream, exposed so tests can check known-answer vectors and recompute draws.
+  m.def("philox4x32_10", [](std::array<uint32_t, 4> counter, uint32_t key0, uint32_t key1) {
+    const cm3leon::Philox4x32 out = cm3leon::philox4x32_10({{counter[0], counter[1], counter[2], counter[3]}}, key0, key1);
+    return std::array<uint32_t, 4>{out.v[0], out.v[1], out.v[2], out.v[3]};
+  }, "Philox4x32-10 of a counter (4 x uint32) under a key (2 x uint32).");
+  m.def("philox_uniform", [](uint64_t seed, uint32_t row, uint64_t step) {
+    return cm3leon::philox_uniform(seed, row, step);
+  }, "The sampling uniform in [0, 1) of stream (seed, row, step).");
 }

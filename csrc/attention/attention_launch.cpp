@@ -1,0 +1,203 @@
+#include "attention/attention_launch.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <vector>
+
+#include "attention/attention_cpu.h"
+#include "common/tensor_checks.h"
+
+namespace cm3leon::attention {
+
+namespace {
+
+// Checks shared by every entry point: matching dtypes, head counts and dims, contiguity.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim) {
+  TORCH_CHECK_VALUE(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "q, k, v must be ", ndim,
+                    "-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                   "q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+                   v.scalar_type());
+  float_dtype(q, "q");
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  const int64_t d = q.size(-1), hq = q.size(-2), hkv = k.size(-2);
+  TORCH_CHECK_VALUE(k.size(-1) == d, "k's head dim (", k.size(-1), ") must equal q's (", d, ")");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k's (", hkv, ")");
+  TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ", d);
+  check_contiguous(q, "q");
+  check_contiguous(k, "k");
+  check_contiguous(v, "v");
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
+                     int64_t lse_head_stride, double softmax_scale, bool causal) {
+  return Problem{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.numel() / (q.size(-1) * q.size(-2)),
+                 q.size(-2), k.size(-2), q.size(-1), lse_head_stride, float(softmax_scale), causal};
+}
+
+std::vector<Segment> dense_segments(const at::Tensor& q, const at::Tensor& k) {
+  const int64_t b = q.size(0), sq = q.size(1), sk = k.size(1), hq = q.size(2);
+  std::vector<Segment> segments(static_cast<size_t>(b));
+  for (int64_t i = 0; i < b; ++i) segments[size_t(i)] = {i * sq, sq, i * sk, sk, i * hq * sq};
+  return segments;
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got ",
+                    cu.sizes());
+  TORCH_CHECK_VALUE(cu.device().is_cpu(), name, " must be on the CPU with the other inputs");
+  check_contiguous(cu, name);
+  const int32_t* c = cu.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+  for (int64_t i = 1; i < cu.size(0); ++i) {
+    TORCH_CHECK_VALUE(c[i] >= c[i - 1], name, " must be non-decreasing: ", name, "[", i, "] = ", c[i], " < ",
+                      c[i - 1]);
+    TORCH_CHECK_VALUE(c[i] - c[i - 1] <= max_seqlen, name, ": document ", i - 1, " has ", c[i] - c[i - 1],
+                      " tokens, more than max_seqlen ", max_seqlen);
+  }
+  TORCH_CHECK_VALUE(c[cu.size(0) - 1] == total, name, "[-1] (", c[cu.size(0) - 1],
+                    ") must equal the number of packed tokens (", total, ")");
+}
+
+std::vector<Segment> varlen_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
+                                     const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
+  check_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q);
+  check_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k);
+  TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
+                    cu_q.size(0), " and ", cu_k.size(0));
+  const int32_t *cq = cu_q.data_ptr<int32_t>(), *ck = cu_k.data_ptr<int32_t>();
+  std::vector<Segment> segments(size_t(cu_q.size(0) - 1));
+  for (size_t i = 0; i < segments.size(); ++i)
+    segments[i] = {cq[i], cq[i + 1] - cq[i], ck[i], ck[i + 1] - ck[i], cq[i]};
+  return segments;
+}
+
+void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                    at::IntArrayRef lse_shape) {
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape ",
+                    q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+                   "dout and out must have q's dtype");
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 ",
+                    lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
+  check_contiguous(dout, "dout");
+  check_contiguous(out, "out");
+  check_contiguous(lse, "lse");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, const at::Tensor& dout,
+                                                            const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& out,
+                                                            const at::Tensor& lse) {
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  backward_cpu(p, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(), dout.data_ptr(),
+               dq.data_ptr(), dk.data_ptr(), dv.data_ptr());
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      double softmax_scale, bool causal) {
+  check_qkv(q, k, v, 4);
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
+  const std::vector<Segment> segments = dense_segments(q, k);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  forward_cpu(make_problem(q, k, segments, q.size(1), softmax_scale, causal), q.data_ptr(), k.data_ptr(),
+              v.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu_launch(const at::Tensor& dout, const at::Tensor& q,
+                                                                   const at::Tensor& k, const at::Tensor& v,
+                                                                   const at::Tensor& out, const at::Tensor& lse,
+                                                                   double softmax_scale, bool causal) {
+  check_qkv(q, k, v, 4);
+  check_backward(dout, q, out, lse, {q.size(0), q.size(2), q.size(1)});
+  const std::vector<Segment> segments = dense_segments(q, k);
+  return run_backward(make_problem(q, k, segments, q.size(1), softmax_scale, causal), dout, q, k, v, out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu_launch(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k, double softmax_scale,
+                                                             bool causal) {
+  check_qkv(q, k, v, 3);
+  const std::vector<Segment> segments =
+      varlen_segments(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  forward_cpu(make_problem(q, k, segments, q.size(0), softmax_scale, causal), q.data_ptr(), k.data_ptr(),
+              v.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu_launch(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double softmax_scale, bool causal) {
+  check_qkv(q, k, v, 3);
+  check_backward(dout, q, out, lse, {q.size(1), q.size(0)});
+  const std::vector<Segment> segments =
+      varlen_segments(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  return run_backward(make_problem(q, k, segments, q.size(0), softmax_scale, causal), dout, q, k, v, out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> kvcache_cpu_launch(const at::Tensor& q, const at::Tensor& k_cache,
+                                                      const at::Tensor& v_cache, const c10::optional<at::Tensor>& k,
+                                                      const c10::optional<at::Tensor>& v,
+                                                      const c10::optional<at::Tensor>& cache_seqlens,
+                                                      int64_t cache_seqlen, double softmax_scale, bool causal) {
+  check_qkv(q, k_cache, v_cache, 4);
+  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
+  TORCH_CHECK_VALUE(k_cache.size(0) == b, "k_cache's batch (", k_cache.size(0), ") must equal q's (", b, ")");
+  TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together");
+  int64_t new_len = 0;
+  if (k.has_value()) {
+    TORCH_CHECK_VALUE(k->dim() == 4 && k->size(0) == b && k->size(2) == k_cache.size(2) &&
+                          k->size(3) == k_cache.size(3) && v->sizes() == k->sizes(),
+                      "k and v must be [batch, new_tokens, heads_kv, head_dim] matching the cache, got ",
+                      k->sizes(), " and ", v->sizes());
+    TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
+                     "k and v must have the cache's dtype");
+    check_contiguous(*k, "k");
+    check_contiguous(*v, "v");
+    new_len = k->size(1);
+  }
+  const int32_t* starts = nullptr;
+  if (cache_seqlens.has_value()) {
+    const at::Tensor& cs = *cache_seqlens;
+    TORCH_CHECK_TYPE(cs.scalar_type() == at::kInt, "cache_seqlens must be int32, got ", cs.scalar_type());
+    TORCH_CHECK_VALUE(cs.dim() == 1 && cs.size(0) == b, "cache_seqlens must be [batch] = [", b, "], got ",
+                      cs.sizes());
+    TORCH_CHECK_VALUE(cs.device().is_cpu(), "cache_seqlens must be on the CPU with the cache");
+    check_contiguous(cs, "cache_seqlens");
+    starts = cs.data_ptr<int32_t>();
+  }
+  std::vector<Segment> segments(static_cast<size_t>(b));
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t start = starts ? starts[i] : cache_seqlen;
+    TORCH_CHECK_VALUE(start >= 0 && start + new_len <= cache_len, "cache_seqlens[", i, "] = ", start, " plus ",
+                      new_len, " new tokens overflows the cache of ", cache_len, " positions");
+    segments[size_t(i)] = {i * sq, sq, i * cache_len, start + new_len, i * hq * sq};
+  }
+  if (new_len > 0) {
+    const int64_t row = k_cache.size(2) * k_cache.size(3);
+    append_cpu(k_cache.element_size(), k->data_ptr(), k_cache.data_ptr(), b, new_len, cache_len, row, starts,
+               int32_t(cache_seqlen));
+    append_cpu(v_cache.element_size(), v->data_ptr(), v_cache.data_ptr(), b, new_len, cache_len, row, starts,
+               int32_t(cache_seqlen));
+  }
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
+  forward_cpu(make_problem(q, k_cache, segments, sq, softmax_scale, causal), q.data_ptr(), k_cache.data_ptr(),
+              v_cache.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
+  return {out, lse};
+}
+
+}  // namespace cm3leon::attention

@@ -1,0 +1,325 @@
+"""cfg_sample / contrastive_sample: exact distributions, exact draws, determinism, invariance, errors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cm3leon_kernels import _C, cfg_sample, contrastive_sample, reference
+
+V = 37           # small vocabulary for the distribution tests
+N = 1 << 18      # draws per distribution test (262,144)
+
+# Total-variation bound for N i.i.d. draws from p over V categories:
+#   E[TV] = 1/2 sum_i E|p̂_i - p_i| <= 1/2 sum_i sqrt(p_i / N) <= 1/2 sqrt(V / N)   (Jensen, Cauchy-Schwarz),
+# and one draw moves TV by at most 1/N, so McDiarmid gives P(TV >= E[TV] + t) <= exp(-2 N t^2).
+# With a false-alarm probability of 1e-9 per test, t = sqrt(ln(1e9) / (2N)). For V = 37, N = 2^18 the bound is
+# about 0.012, while e.g. dropping or wrongly keeping a token of probability 3% moves TV by >= 0.03.
+TV_BOUND = 0.5 * math.sqrt(V / N) + math.sqrt(math.log(1e9) / (2 * N))
+
+
+def _logits(streams: int, *, scale: float = 1.5, vocab: int = V, batch: int = 1, seed: int = 1,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, streams, vocab, generator=g) * scale).to(dtype)
+
+
+def _empirical(tokens: torch.Tensor, vocab: int = V) -> torch.Tensor:
+    return torch.bincount(tokens, minlength=vocab).double() / tokens.numel()
+
+
+def _assert_distribution(tokens: torch.Tensor, probs: torch.Tensor) -> None:
+    emp = _empirical(tokens, probs.numel())
+    tv = 0.5 * (emp - probs).abs().sum().item()
+    assert tv <= TV_BOUND, f"TV {tv:.4f} > bound {TV_BOUND:.4f}"
+    never = probs == 0
+    assert emp[never].sum() == 0, f"filtered tokens drawn: {never.nonzero().flatten().tolist()}"
+
+
+CFG_CASES = [
+    dict(streams=1, guidance_scale=None),
+    dict(streams=2, guidance_scale=3.0, temperature=0.7),
+    dict(streams=3, guidance_scale=(1.5, 2.5)),
+    dict(streams=2, guidance_scale=2.0, top_k=5),
+    dict(streams=2, guidance_scale=2.0, top_p=0.8),
+    dict(streams=1, guidance_scale=None, min_p=0.05),
+    dict(streams=2, guidance_scale=1.5, temperature=1.3, top_k=10, top_p=0.9, min_p=0.02, allowed_range=(3, 30)),
+    dict(streams=2, guidance_scale=2.0, top_p=0.7, allowed_mask="vector"),
+    dict(streams=1, guidance_scale=None, top_k=4, top_p=0.95, allowed_mask="rows"),
+    dict(streams=2, guidance_scale=2.0, top_k=8, dtype=torch.bfloat16),
+    dict(streams=3, guidance_scale=(1.5, 7.5), top_p=0.85, dtype=torch.float16),
+    dict(streams=1, guidance_scale=None, top_k=3, top_p=0.6, integer_logits=True),  # ties at both thresholds
+]
+
+
+def _mix_gain(streams: int, guidance_scale) -> float:
+    """Standard deviation of the mixed logits for i.i.d. unit-variance streams."""
+    if streams == 1:
+        return 1.0
+    if streams == 2:
+        return math.hypot(1 - guidance_scale, guidance_scale)
+    s_img, s_txt = guidance_scale
+    return math.sqrt((1 - s_img) ** 2 + (s_img - s_txt) ** 2 + s_txt ** 2)
+
+
+def _case_inputs(case: dict, batch: int):
+    case = dict(case)
+    streams = case.pop("streams")
+    dtype = case.pop("dtype", torch.float32)
+    # Mixed logits with standard deviation 1.2 whatever the guidance, so the filters keep several tokens.
+    scale = 1.2 / _mix_gain(streams, case["guidance_scale"])
+    if case.pop("integer_logits", False):
+        base = torch.randint(-3, 3, (1, streams, V), generator=torch.Generator().manual_seed(2)).float().to(dtype)
+    else:
+        base = _logits(streams, scale=scale, dtype=dtype)
+    mask = case.pop("allowed_mask", None)
+    if mask is not None:
+        vec = torch.rand(V, generator=torch.Generator().manual_seed(3)) < 0.6
+        case["allowed_mask"] = vec if mask == "vector" else vec.expand(batch, V).contiguous()
+    return base, case
+
+
+@pytest.mark.parametrize("case", CFG_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_cfg_distribution(case):
+    base, opts = _case_inputs(case, N)
+    tokens, logprobs = cfg_sample(base.expand(N, -1, -1), seed=1234, step=7, return_logprobs=True, **opts)
+    ref_opts = dict(opts)
+    if "allowed_mask" in ref_opts and ref_opts["allowed_mask"].dim() == 2:
+        ref_opts["allowed_mask"] = ref_opts["allowed_mask"][:1]
+    probs = reference.cfg_probs(base, **ref_opts)[0]
+    assert (probs > 0).sum() >= 3 and probs.max() < 0.8, "test case must leave a real choice"
+    _assert_distribution(tokens, probs)
+    # logprobs: the log-probability of each drawn token under the exact final distribution
+    torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case", [
+    dict(alpha=0.1, k=1),
+    dict(alpha=0.05, k=3, temperature=0.8, amateur_temperature=0.5),
+    dict(alpha=0.2, k=2, allowed_range=(5, 33), dtype=torch.bfloat16),
+    dict(alpha=0.0, k=1, temperature=1.5),
+], ids=str)
+def test_contrastive_distribution(case):
+    case = dict(case)
+    dtype = case.pop("dtype", torch.float32)
+    x = _logits(2, scale=1.2, seed=5, dtype=dtype)
+    amateur, expert = x[:, 0], x[:, 1]
+    seeds = torch.arange(N, dtype=torch.int64) * 7919 + 11  # per-row seeds this time
+    tokens, logprobs = contrastive_sample(expert.expand(N, -1), amateur.expand(N, -1), seed=seeds, step=0,
+                                          return_logprobs=True, **case)
+    probs = reference.contrastive_probs(expert, amateur, **case)[0]
+    assert (probs > 0).sum() >= 2, "test case must leave a choice"
+    _assert_distribution(tokens, probs)
+    torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=2e-4, rtol=0)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference draw in token order, and whether u is safely away (1e-6) from a CDF step."""
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    margin = (cdf - u[:, None] * cdf[:, -1:]).abs().min(dim=-1).values
+    return pick, margin > 1e-6
+
+
+@pytest.mark.parametrize("opts", [
+    dict(top_k=50, top_p=0.9),
+    dict(top_p=0.5, temperature=0.8),
+    dict(top_k=1000, min_p=0.01, allowed_range=(1000, 9192)),
+    dict(),
+], ids=str)
+def test_cfg_exact_draw_large_vocab(opts):
+    """Each row's token is exactly the float64 inverse-CDF draw with the row's Philox uniform: checks every
+    threshold (radix selection over many bins) on a realistic vocabulary, row by row."""
+    batch, vocab, seed, step = 24, 16411, 99, 3
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(batch, 2, vocab, generator=g) * 2
+    logits[:, :, 100:140] += 6  # a head of likely tokens, as in real LM outputs
+    tokens = cfg_sample(logits, guidance_scale=2.5, seed=seed, step=step, **opts)
+    probs = _large_probs(logits, 2.5, **opts)
+    u = torch.tensor([_C.philox_uniform(seed, r, step) for r in range(batch)], dtype=torch.float64)
+    expected, safe = _inverse_cdf(probs, u)
+    assert safe.all()
+    assert torch.equal(tokens, expected)
+
+
+def _large_probs(logits, scale, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, allowed_range=None):
+    """cfg_probs with top-p done by sorting (O(V log V)), valid when no two logits tie (random floats)."""
+    z = reference._restrict(reference.cfg_mix(logits, scale), allowed_range, None) / temperature
+    z = reference._top_k_threshold(z, top_k)
+    if top_p < 1:
+        probs = torch.softmax(z, -1)
+        sp, order = probs.sort(-1, descending=True)
+        above = sp.cumsum(-1) - sp
+        z = z.masked_fill((above >= top_p).scatter(1, order, above >= top_p), -math.inf)
+    if min_p > 0:
+        z = z.masked_fill(z < z.max(-1, keepdim=True).values + math.log(min_p), -math.inf)
+    return torch.softmax(z, -1)
+
+
+def test_philox_known_answers():
+    # Random123's known-answer vectors for philox4x32_10.
+    assert _C.philox4x32_10([0, 0, 0, 0], 0, 0) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert _C.philox4x32_10([0xFFFFFFFF] * 4, 0xFFFFFFFF, 0xFFFFFFFF) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6,
+                                                                         0x6D5451FD]
+    assert _C.philox4x32_10([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], 0xA4093822, 0x299F31D0) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_determinism_and_step():
+    x = _logits(2, batch=64, vocab=500)
+    a = cfg_sample(x, guidance_scale=2.0, seed=5, step=1)
+    assert torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=1))
+    assert torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=torch.tensor(1)))
+    assert not torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=2))
+    assert not torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=6, step=1))
+    # Unsigned and signed spellings of the same 64 bits are the same seed.
+    assert torch.equal(cfg_sample(x, guidance_scale=2.0, seed=2**64 - 1, step=0),
+                       cfg_sample(x, guidance_scale=2.0, seed=-1, step=0))
+
+
+def test_per_row_seed_batch_invariance():
+    x = _logits(2, batch=16, vocab=3001, seed=9)
+    seeds = torch.randint(0, 2**62, (16,), dtype=torch.int64)
+    opts = dict(guidance_scale=3.0, top_k=40, top_p=0.9, seed=seeds, step=11)
+    full = cfg_sample(x, **opts)
+    perm = torch.randperm(16)
+    assert torch.equal(cfg_sample(x[perm], **{**opts, "seed": seeds[perm]}), full[perm])
+    for r in range(0, 16, 5):  # alone, via a tensor seed and via an int seed (B = 1 uses row 0)
+        assert cfg_sample(x[r:r + 1], **{**opts, "seed": seeds[r:r + 1]}).item() == full[r].item()
+        assert cfg_sample(x[r:r + 1], **{**opts, "seed": int(seeds[r])}).item() == full[r].item()
+    e, a = x[:, 1], x[:, 0]
+    cd = contrastive_sample(e, a, k=3, seed=seeds, step=2)
+    assert torch.equal(contrastive_sample(e[perm], a[perm], k=3, seed=seeds[perm], step=2), cd[perm])
+
+
+def test_thread_count_invariance():
+    x = _logits(2, batch=9, vocab=20000, seed=3)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cfg_sample(x, guidance_scale=2.0, top_p=0.95, seed=1, step=0)
+        torch.set_num_threads(max(2, prev))
+        many = cfg_sample(x, guidance_scale=2.0, top_p=0.95, seed=1, step=0)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_argmax(dtype):
+    x = torch.randint(-4, 4, (64, 2, 301)).to(dtype)  # integer logits: many ties, argmax takes the lowest
+    tokens, logprobs = cfg_sample(x, guidance_scale=2.0, temperature=0.0, top_k=5, top_p=0.5, seed=0, step=0,
+                                  return_logprobs=True)
+    assert torch.equal(tokens, reference.cfg_mix(x, 2.0).argmax(-1))
+    assert torch.all(logprobs == 0)
+    lo, hi = 100, 200
+    tokens = cfg_sample(x, guidance_scale=2.0, temperature=0.0, allowed_range=(lo, hi), seed=0, step=0)
+    assert torch.equal(tokens, reference.cfg_mix(x, 2.0)[:, lo:hi].argmax(-1) + lo)
+    e, a = x[:, 1], x[:, 0]
+    cd = contrastive_sample(e, a, alpha=0.5, k=2, temperature=0.0, seed=0, step=0)
+    assert torch.equal(cd, reference.contrastive_probs(e, a, alpha=0.5, k=2, temperature=0.0).argmax(-1))
+
+
+def test_neg_inf_excludes_and_strided_input():
+    x = _logits(2, batch=4000, vocab=V)
+    x[:, 0, :10] = -math.inf  # unconditional -inf excludes, whatever the conditional says
+    x[:, 1, 20] = -math.inf
+    wide = torch.zeros(4000, 3, V + 5)
+    wide[:, :2, :V] = x
+    tokens = cfg_sample(wide[:, :2, :V], guidance_scale=2.0, seed=0, step=0)  # strided rows and streams
+    assert torch.equal(tokens, cfg_sample(x.contiguous(), guidance_scale=2.0, seed=0, step=0))
+    assert not ((tokens < 10) | (tokens == 20)).any()
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(guidance_scale=2.0, temperature=-1.0), ValueError, "temperature"),
+    (dict(guidance_scale=2.0, top_p=0.0), ValueError, "top_p"),
+    (dict(guidance_scale=2.0, top_p=1.5), ValueError, "top_p"),
+    (dict(guidance_scale=2.0, min_p=2.0), ValueError, "min_p"),
+    (dict(guidance_scale=2.0, top_k=V + 1), ValueError, "top_k"),
+    (dict(guidance_scale=2.0, top_k=2.5), TypeError, "top_k"),
+    (dict(guidance_scale=(1.0, 2.0)), ValueError, "guidance_scale"),
+    (dict(guidance_scale=None), ValueError, "guidance_scale"),
+    (dict(guidance_scale=2.0, allowed_range=(5, 5)), ValueError, "allowed_range"),
+    (dict(guidance_scale=2.0, allowed_range=(0, V + 1)), ValueError, "allowed_range"),
+    (dict(guidance_scale=2.0, allowed_mask=torch.ones(V + 1, dtype=torch.bool)), ValueError, "allowed_mask"),
+    (dict(guidance_scale=2.0, allowed_mask=torch.ones(V)), TypeError, "allowed_mask"),
+    (dict(guidance_scale=2.0, seed=1.5), TypeError, "seed"),
+    (dict(guidance_scale=2.0, seed=torch.zeros(3, dtype=torch.int64)), ValueError, "seed"),
+    (dict(guidance_scale=2.0, seed=torch.zeros(4, dtype=torch.int32)), TypeError, "seed"),
+    (dict(guidance_scale=2.0, step=-1), ValueError, "step"),
+    (dict(guidance_scale=2.0, step=torch.zeros(2, dtype=torch.int64)), ValueError, "step"),
+])
+def test_cfg_bad_arguments(kwargs, exc, match):
+    kwargs = {"seed": 0, "step": 0, **kwargs}
+    with pytest.raises(exc, match=match):
+        cfg_sample(_logits(2, batch=4), **kwargs)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_logits_raise(bad):
+    x = _logits(2, batch=4)
+    x[2, 1, 7] = bad
+    with pytest.raises(ValueError, match="row 2 holds NaN or \\+inf"):
+        cfg_sample(x, guidance_scale=2.0, seed=0, step=0)
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        contrastive_sample(x[:, 1], x[:, 0], seed=0, step=0)
+    big = torch.full((1, 2, 5), 3e38)
+    big[0, 0] = -3e38
+    with pytest.raises(ValueError, match="non-finite"):  # the mix overflows float32
+        cfg_sample(big, guidance_scale=3.0, seed=0, step=0)
+
+
+def test_empty_row_raises():
+    x = _logits(2, batch=3)
+    mask = torch.ones(3, V, dtype=torch.bool)
+    mask[1] = False
+    with pytest.raises(ValueError, match="row 1 has no allowed token"):
+        cfg_sample(x, guidance_scale=2.0, allowed_mask=mask, seed=0, step=0)
+    x[0, 0, 3:] = -math.inf
+    with pytest.raises(ValueError, match="row 0 has no allowed token"):
+        cfg_sample(x, guidance_scale=2.0, allowed_range=(3, V), seed=0, step=0)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(alpha=1.5), ValueError, "alpha"),
+    (dict(k=0), ValueError, "k"),
+    (dict(k=V + 1), ValueError, "k"),
+    (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(amateur_temperature=0.0), ValueError, "amateur_temperature"),
+])
+def test_contrastive_bad_arguments(kwargs, exc, match):
+    x = _logits(2, batch=4)
+    with pytest.raises(exc, match=match):
+        contrastive_sample(x[:, 1], x[:, 0], seed=0, step=0, **kwargs)
+    with pytest.raises(ValueError, match="amateur_logits"):
+        contrastive_sample(x[:, 1], x[:2, 0], seed=0, step=0)
+
+
+def test_opcheck():
+    x = _logits(2, batch=5, vocab=97)
+    mask = torch.rand(97) < 0.5
+    seeds = torch.arange(5, dtype=torch.int64)
+    ops = torch.ops.cm3leon
+    torch.library.opcheck(ops.cfg_sample.default,
+                          (x, [2.0], 0.9, 10, 0.9, 0.01, 3, 90, mask, 0, seeds, 0, torch.tensor(4)))
+    torch.library.opcheck(ops.cfg_sample.default, (x[:, :1], [], 1.0, 0, 1.0, 0.0, 0, 97, None, 7, None, 3, None))
+    torch.library.opcheck(ops.contrastive_sample.default,
+                          (x[:, 1], x[:, 0], 0.1, 2, 1.0, 0.5, 0, 97, None, 1, None, 0, None))
+
+
+def test_torch_compile_fullgraph():
+    x = _logits(2, batch=6, vocab=211)
+    seeds = torch.arange(6, dtype=torch.int64)
+
+    def step_fn(logits, step):
+        a = cfg_sample(logits, guidance_scale=2.0, top_k=20, top_p=0.9, seed=seeds, step=step)
+        b = contrastive_sample(logits[:, 1], logits[:, 0], k=2, seed=seeds, step=step)
+        return a, b
+
+    compiled = torch.compile(step_fn, fullgraph=True, backend="aot_eager")
+    for s in range(3):
+        step = torch.tensor(s)
+        got, want = compiled(x, step), step_fn(x, step)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
