@@ -9,6 +9,9 @@ Three entry points share the weights:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,9 +23,22 @@ from .kv_cache import KVCache
 from .layers import FeedForward, HeadNorm, Rotary, make_norm
 
 
+@dataclass(frozen=True)
+class AttentionBackend:
+    """The three attention entry points the model calls, with FlashAttention's signatures."""
+
+    flash_attn_func: Callable
+    flash_attn_varlen_func: Callable
+    flash_attn_with_kvcache: Callable
+
+
+KERNELS = AttentionBackend(ck.flash_attn_func, ck.flash_attn_varlen_func, ck.flash_attn_with_kvcache)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: CM3LeonConfig) -> None:
+    def __init__(self, config: CM3LeonConfig, backend: AttentionBackend = KERNELS) -> None:
         super().__init__()
+        self.backend = backend
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         d = config.d_model
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
@@ -41,7 +57,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, positions)
-        return q, k, v
+        # Under autocast the norms and rotary run in float32 while v comes out of a bf16 matmul: the fused
+        # kernel takes one dtype, the one the projections produced.
+        return q.to(v.dtype), k.to(v.dtype), v
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None, *,
                 cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0,
@@ -49,21 +67,21 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, positions, rotary)
         if cache is not None:
             k_cache, v_cache, seqlens = cache
-            out = ck.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True)
+            out = self.backend.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens, causal=True)
         elif cu_seqlens is not None:
-            out = ck.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+            out = self.backend.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
         else:
-            out = ck.flash_attn_func(q, k, v, causal=True)
+            out = self.backend.flash_attn_func(q, k, v, causal=True)
         return self.o_proj(out.reshape(*x.shape[:-1], self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, config: CM3LeonConfig) -> None:
+    def __init__(self, config: CM3LeonConfig, attention_backend: AttentionBackend = KERNELS) -> None:
         super().__init__()
         self.attn_norm = make_norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, attention_backend)
         self.ffn_norm = make_norm(config)
         self.ffn = FeedForward(config)
 
@@ -73,15 +91,19 @@ class Block(nn.Module):
 
 
 class CM3Leon(nn.Module):
-    """Decoder-only transformer over one text + image token vocabulary (CM3Leon or Chameleon layout)."""
+    """Decoder-only transformer over one text + image token vocabulary (CM3Leon or Chameleon layout).
 
-    def __init__(self, config: CM3LeonConfig) -> None:
+    ``attention_backend`` defaults to the ``cm3leon_kernels`` ops; the benchmarks pass a PyTorch-SDPA
+    :class:`AttentionBackend` to measure the same model without our kernels.
+    """
+
+    def __init__(self, config: CM3LeonConfig, *, attention_backend: AttentionBackend = KERNELS) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
         self.rotary = Rotary(config.head_dim, config.rope_theta) if config.positions == "rope" else None
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, attention_backend) for _ in range(config.n_layers))
         self.final_norm = make_norm(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()

@@ -8,7 +8,7 @@ from cm3leon.model import CM3Leon
 
 LAYOUTS = {
     # The CM3Leon (OPT-like) layout with a non-zero init so the test sees every block's contribution.
-    "cm3leon": CM3LeonConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=4, max_seq_len=64, init_std=0.05,
+    "cm3leon": CM3LeonConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, init_std=0.05,
                              zero_init_output_proj=False),
     # Chameleon layout with GQA.
     "chameleon": CM3LeonConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=80,
