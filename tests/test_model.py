@@ -109,3 +109,14 @@ def test_config_validation():
     with pytest.raises(ValueError, match="unknown preset"):
         preset("gpt-5")
     assert preset("tiny", n_layers=3).n_layers == 3
+
+
+def test_torch_compile_fullgraph_decode_step_mutates_the_cache():
+    model = small_model("chameleon")
+    compiled_cache, eager_cache = model.allocate_cache(2, 32), model.allocate_cache(2, 32)
+    step = torch.compile(model.step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for tokens in (torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[7], [8]]), torch.tensor([[9], [1]])):
+            torch.testing.assert_close(step(tokens, compiled_cache), model.step(tokens, eager_cache))
+    assert compiled_cache.seqlens.tolist() == [5, 5]
+    assert torch.equal(compiled_cache.k, eager_cache.k) and torch.equal(compiled_cache.v, eager_cache.v)
