@@ -3,8 +3,8 @@
 Every benchmark calls ``record(benchmark, case=..., impl=..., work=..., unit=...)``:
 - ``case``: the problem (e.g. ``"vq N=16384 K=8192 D=256 fp32"``); all implementations of one case share it.
 - ``impl``: ``"cm3leon"`` for our kernel, anything else is a baseline it is compared with.
-- ``work`` and ``unit``: the amount of work per call and its rate unit (``"GFLOP/s"`` with work in FLOPs, or
-  ``"GB/s"`` with work in bytes), so the report can print achieved throughput.
+- ``work`` and ``unit``: the amount of work per call and its rate unit (``"GFLOP/s"`` with work in FLOPs,
+  ``"GB/s"`` with work in bytes, or ``"tok/s"`` with work in tokens), so the report can print throughput.
 - extra keyword arguments (e.g. ``peak_extra_mib``) are shown in the report's notes column.
 """
 from __future__ import annotations

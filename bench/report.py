@@ -41,7 +41,8 @@ def rows(data: dict) -> list[list[str]]:
             median = b["stats"]["median"]
             rate = ""
             if info.get("work") and info.get("unit"):
-                rate = f"{info['work'] / median / 1e9:.1f} {info['unit']}"
+                scale = 1e9 if info["unit"].startswith("G") else 1.0  # GFLOP/s, GB/s vs plain tok/s
+                rate = f"{info['work'] / median / scale:.1f} {info['unit']}"
             speedup = "" if ours_median is None or info.get("impl") == "cm3leon" else \
                 f"{median / ours_median:.2f}x"
             notes = ", ".join(f"{k}={v}" for k, v in info.items()

@@ -1,2 +1,11 @@
 """cm3leon: a thin CM3Leon-style model, tokenizers, data, training and generation on cm3leon_kernels."""
+from .checkpoint import load, load_chameleon, save
+from .config import PRESETS, CM3LeonConfig, preset
+from .generate import SamplingOptions, generate
+from .kv_cache import KVCache
+from .model import CM3Leon
+
 __version__ = "0.1.0"
+
+__all__ = ["CM3Leon", "CM3LeonConfig", "PRESETS", "preset", "KVCache", "save", "load", "load_chameleon",
+           "generate", "SamplingOptions"]

@@ -1,0 +1,92 @@
+"""Generation core: prefill + cached decode with cfg_sample / contrastive_sample."""
+from __future__ import annotations
+
+import pytest
+import torch
+from model_fixtures import small_model
+
+from cm3leon.generate import SamplingOptions, generate
+
+GREEDY = SamplingOptions(temperature=0.0)
+
+
+def _greedy_reference(model, prompt, n, uncond=None, scale=1.0):
+    """Token-by-token argmax with full (uncached) forwards, mixing streams as CFG does."""
+    seq, useq, out = list(prompt), list(uncond or []), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([seq]))[0, -1]
+            if uncond is not None:
+                u = model(torch.tensor([useq]))[0, -1]
+                logits = u + scale * (logits - u)
+            token = int(logits.argmax())
+            out.append(token)
+            seq.append(token)
+            useq.append(token)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["cm3leon", "chameleon"])
+def test_greedy_generation_matches_uncached_argmax_with_ragged_prompts(layout):
+    model = small_model(layout)
+    prompts = [[5, 9, 1, 33], [7], [2, 2, 2, 2, 2, 2, 80]]
+    got = generate(model, prompts, max_new_tokens=6, options=GREEDY)
+    assert got == [_greedy_reference(model, p, 6) for p in prompts]
+
+
+def test_cfg_streams_decode_as_rows_of_one_batch():
+    model = small_model("chameleon")
+    prompts, uncond = [[5, 9, 1, 33], [7, 8]], [[3], [3, 3, 3]]
+    options = SamplingOptions(temperature=0.0, guidance_scale=2.5)
+    got = generate(model, prompts, unconditional_prompts=uncond, max_new_tokens=5, options=options)
+    assert got == [_greedy_reference(model, p, 5, u, 2.5) for p, u in zip(prompts, uncond)]
+
+
+def test_per_request_seeds_make_requests_independent_of_their_batch():
+    model = small_model("cm3leon")
+    options = SamplingOptions(temperature=1.0, top_p=0.95)
+    both = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=8, options=options, seeds=[11, 22])
+    alone = generate(model, [[4, 5]], max_new_tokens=8, options=options, seeds=[22])
+    assert both[1] == alone[0]
+    again = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=8, options=options, seeds=[11, 22])
+    assert again == both
+    other = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=8, options=options, seeds=[12, 23])
+    assert other != both
+
+
+def test_stop_tokens_and_allowed_range():
+    model = small_model("cm3leon")
+    first = generate(model, [[1, 2, 3]], max_new_tokens=8, options=GREEDY)[0]
+    for token in first:  # stopping at a token returns what came before its first occurrence
+        got = generate(model, [[1, 2, 3]], max_new_tokens=8, options=GREEDY, stop_tokens=[token])[0]
+        assert got == first[:first.index(token)]
+    unseen = next(t for t in range(97) if t not in first)
+    assert generate(model, [[1, 2, 3]], max_new_tokens=8, options=GREEDY, stop_tokens=[unseen])[0] == first
+    restricted = SamplingOptions(temperature=1.0, allowed_range=(40, 50))
+    tokens = generate(model, [[1], [2]], max_new_tokens=10, options=restricted, seeds=3)
+    assert all(40 <= t < 50 for row in tokens for t in row) and all(len(row) == 10 for row in tokens)
+
+
+def test_three_stream_instruct_cfg_and_contrastive_decoding_run():
+    model = small_model("chameleon")
+    three = SamplingOptions(temperature=0.0, guidance_scale=(1.5, 7.5))
+    out = generate(model, [[4, 5, 6]], unconditional_prompts=[[3]], image_conditional_prompts=[[3, 6]],
+                   max_new_tokens=4, options=three)
+    assert len(out[0]) == 4
+    cd = SamplingOptions(contrastive=True, cd_alpha=0.1, cd_k=3, temperature=1.0)
+    a = generate(model, [[4, 5, 6]], unconditional_prompts=[[3]], max_new_tokens=6, options=cd, seeds=5)
+    assert a == generate(model, [[4, 5, 6]], unconditional_prompts=[[3]], max_new_tokens=6, options=cd, seeds=5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompts=[[]], max_new_tokens=2), "at least one token"),
+    (dict(prompts=[[1]], max_new_tokens=64), "exceeds the model's max_seq_len"),
+    (dict(prompts=[[1], [2]], unconditional_prompts=[[3]], max_new_tokens=2), "one prompt per request"),
+    (dict(prompts=[[1]], max_new_tokens=2, seeds=[1, 2]), "one seed per request"),
+    (dict(prompts=[[1]], max_new_tokens=2, options=SamplingOptions(contrastive=True)), "unconditional"),
+    (dict(prompts=[[1, 200]], max_new_tokens=2), "tokens must be in"),
+])
+def test_bad_requests_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(small_model("cm3leon"), **kwargs)
