@@ -1,8 +1,7 @@
 """FSDP2 wrapping, proven with a 2-process CPU run on the gloo backend."""
 from __future__ import annotations
 
-import os
-import socket
+import datetime
 import sys
 from pathlib import Path
 
@@ -15,12 +14,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model_fixtures import small_model  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_step(model, tokens, cu):
     logits = model(tokens, cu_seqlens=cu, max_seqlen=12)
     loss = torch.nn.functional.cross_entropy(logits[:-1].float(), tokens[1:])
@@ -28,9 +21,10 @@ def _train_step(model, tokens, cu):
     return loss.detach()
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    # A file store instead of a TCP port: no port to race for with other processes on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         from cm3leon.distributed import shard_model
 
@@ -42,14 +36,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"loss": loss, "grads": grads}, Path(out_dir) / "rank0.pt")
-        dist.all_reduce(loss)
+        dist.barrier()  # both ranks are done with the collectives before either tears down
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_fsdp2_two_process_gradients_match_single_process(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     result = torch.load(tmp_path / "rank0.pt")
     # Reference: the same two ranks' batches on one process; FSDP averages gradients over ranks.
     model = small_model("chameleon").train()
