@@ -209,12 +209,13 @@ def _shape_inside(shape: str, x: np.ndarray, y: np.ndarray, box: tuple[int, int,
 def coverage(scene: Scene) -> np.ndarray:
     """Per-object pixel coverage in [0, 1]: float32 ``[n_objects, H, W]`` (anti-aliased, 4x4 supersampling)."""
     size, ss = scene.image_size, _SUPERSAMPLE
-    offs = (np.arange(size * ss, dtype=np.float64) + 0.5) / ss
-    ys, xs = np.meshgrid(offs, offs, indexing="ij")
     out = np.zeros((len(scene.objects), size, size), dtype=np.float32)
     for i, obj in enumerate(scene.objects):
-        inside = _shape_inside(obj.shape, xs, ys, obj.box).astype(np.float32)
-        out[i] = inside.reshape(size, ss, size, ss).mean(axis=(1, 3))
+        x0, y0, x1, y1 = obj.box  # shapes never leave their box: sample only there
+        xs = x0 + (np.arange((x1 - x0) * ss, dtype=np.float64) + 0.5) / ss
+        ys = y0 + (np.arange((y1 - y0) * ss, dtype=np.float64) + 0.5) / ss
+        inside = _shape_inside(obj.shape, xs[None, :], ys[:, None], obj.box).astype(np.float32)
+        out[i, y0:y1, x0:x1] = inside.reshape(y1 - y0, ss, x1 - x0, ss).mean(axis=(1, 3))
     return out
 
 
