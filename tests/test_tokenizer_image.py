@@ -21,6 +21,16 @@ def _images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny model's convolutions are too small to gain from threads, and OpenMP barriers cost a lot
+    when the cores are shared: run this file single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny() -> ImageTokenizer:
     return ImageTokenizer(ImageTokenizerConfig.preset("tiny")).eval()
@@ -67,7 +77,7 @@ def test_encode_matches_training_forward(tiny):
 def test_training_reduces_loss():
     images = _images(32)
     config = ImageTokenizerConfig.preset("tiny")
-    result = train_image_tokenizer(config, images, steps=40, batch_size=16, lr=3e-3, warmup=5, progress=False,
+    result = train_image_tokenizer(config, images, steps=30, batch_size=16, lr=3e-3, warmup=5, progress=False,
                                    log_every=1)
     first = sum(h["recon_loss"] for h in result.history[:3]) / 3
     last = sum(h["recon_loss"] for h in result.history[-3:]) / 3
@@ -165,3 +175,13 @@ def test_bad_input(tiny):
         train_image_tokenizer("tiny", _images(4), steps=0, progress=False)
     with pytest.raises(TypeError, match="images_or_dataset"):
         train_image_tokenizer("tiny", [1, 2], steps=1, progress=False)
+
+
+def test_psnr_values():
+    a = torch.zeros(2, 3, 4, 4)
+    assert torch.allclose(psnr(a, a + 0.1), torch.full((2,), 20.0))
+    assert torch.isinf(psnr(a, a)).all()
+    u8 = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    assert torch.allclose(psnr(u8, torch.ones(1, 3, 4, 4) * 0.9), torch.tensor([20.0]))
+    with pytest.raises(ValueError, match="shapes differ"):
+        psnr(a, a[:1])

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Union
 
 __all__ = ["ImageTokenizerConfig"]
 
@@ -37,7 +38,7 @@ class ImageTokenizerConfig:
     code_dim: int = 32
     base_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 4)
-    res_blocks: tuple[int, ...] = (0, 1, 1)
+    res_blocks: Union[int, tuple[int, ...]] = (0, 1, 1)  # stored as a tuple after __post_init__
     beta: float = 0.25
     metric: str = "l2"
     l1_weight: float = 1.0
@@ -47,7 +48,6 @@ class ImageTokenizerConfig:
     disc_channels: int = 64
     restart_every: int = 50
     restart_min_usage: int = 1
-    extra: dict = field(default_factory=dict)  # free-form notes saved with checkpoints
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))

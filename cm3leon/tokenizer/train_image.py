@@ -3,8 +3,8 @@
     python -m cm3leon.tokenizer.train_image --steps 1500 --out runs/tokenizer
 
 Writes ``<out>/image_tokenizer.pt`` (checkpoint), ``<out>/train_log.json`` (loss history) and
-``<out>/eval.json`` (held-out PSNR, training time and, when ``cm3leon.data`` provides a scorer, the share
-of decoded reconstructions the scorer reads correctly).
+``<out>/eval.json`` (held-out PSNR, training time, and the share of decoded reconstructions that the shapes
+scorer ``cm3leon.data.metrics.prompt_alignment`` reads exactly as their scene).
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from cm3leon.data import ShapesWorld
+from cm3leon.data.metrics import prompt_alignment
 
 from .image import ImageTokenizer
 from .image_config import ImageTokenizerConfig
@@ -27,8 +30,8 @@ HELD_OUT_SEED_OFFSET = 1_000_003  # held-out scenes come from a different world 
 
 
 def evaluate(tokenizer: ImageTokenizer, world, n: int) -> dict[str, float]:
-    """Held-out PSNR (on uint8 reconstructions, what a consumer sees) and, if available, the scorer's read
-    rate of reconstructions (an object list read exactly as the scene's)."""
+    """Held-out PSNR (on uint8 reconstructions, what a consumer sees) and the scorer's read rate of the
+    reconstructions (objects read exactly as the scene's)."""
     images = world.images(n, start=0)
     recon = tokenizer.reconstruct(images, as_uint8=True)
     values = psnr(images, recon)
@@ -36,21 +39,16 @@ def evaluate(tokenizer: ImageTokenizer, world, n: int) -> dict[str, float]:
                                 "psnr_median_db": float(values.median()), "psnr_min_db": float(values.min()),
                                 "psnr_of_mean_mse_db": float(-10 * torch.log10(
                                     ((images.float() - recon.float()) / 255).pow(2).mean()))}
-    read_rate = _scorer_read_rate(world, recon, n)
-    if read_rate is not None:
-        result["scorer_read_rate"] = read_rate
+    result.update(_scorer_rates(world, recon, n))
     return result
 
 
-def _scorer_read_rate(world, recon: torch.Tensor, n: int) -> Optional[float]:
-    """Share of reconstructions the shapes scorer reads back as their scene, or None without a scorer."""
-    try:
-        from cm3leon.data.scorer import scene_matches  # the data package's exact-match reader
-    except ImportError:
-        return None
-    scenes = world.scenes(n, start=0)
-    hits = sum(bool(scene_matches(recon[i], scenes[i])) for i in range(n))
-    return hits / n
+def _scorer_rates(world, recon: torch.Tensor, n: int) -> dict[str, float]:
+    """Share of reconstructions the shapes scorer reads back exactly as their scene (prompt alignment 1.0),
+    and the mean alignment."""
+    scores = [prompt_alignment(recon[i], scene) for i, scene in enumerate(world.scenes(n, start=0))]
+    return {"scorer_read_rate": sum(s == 1.0 for s in scores) / n,
+            "scorer_mean_alignment": sum(scores) / n}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -75,8 +73,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value)
     config = ImageTokenizerConfig.preset(args.preset, **overrides)
-
-    from cm3leon.data import ShapesWorld  # imported late: the tokenizer package does not need the data one
 
     world = ShapesWorld(image_size=config.image_size, seed=args.seed)
     heldout = ShapesWorld(image_size=config.image_size, seed=args.seed + HELD_OUT_SEED_OFFSET)
