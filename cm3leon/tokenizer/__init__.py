@@ -15,7 +15,17 @@ from .text import PAPER_TEXT_VOCAB_SIZE, TextTokenizer
 from .vocabulary import NUM_SENTINELS, SPECIAL_TOKENS, Vocabulary
 
 __all__ = [
-    "DocumentCodec", "Segment", "ImageTokenizer", "TokenizerOutput", "ImageTokenizerConfig", "TrainResult",
-    "train_image_tokenizer", "psnr", "PAPER_TEXT_VOCAB_SIZE", "TextTokenizer", "NUM_SENTINELS",
-    "SPECIAL_TOKENS", "Vocabulary",
+    "NUM_SENTINELS",
+    "PAPER_TEXT_VOCAB_SIZE",
+    "SPECIAL_TOKENS",
+    "DocumentCodec",
+    "ImageTokenizer",
+    "ImageTokenizerConfig",
+    "Segment",
+    "TextTokenizer",
+    "TokenizerOutput",
+    "TrainResult",
+    "Vocabulary",
+    "psnr",
+    "train_image_tokenizer",
 ]

@@ -8,8 +8,6 @@ where it is immediately useful again.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -57,8 +55,8 @@ class Codebook(nn.Module):
 
     @torch.no_grad()
     def restart_dead(self, samples: torch.Tensor, min_usage: int = 1,
-                     optimizer: Optional[torch.optim.Optimizer] = None,
-                     generator: Optional[torch.Generator] = None) -> int:
+                     optimizer: torch.optim.Optimizer | None = None,
+                     generator: torch.Generator | None = None) -> int:
         """Re-initialises dead codes from ``samples`` (recent encoder outputs ``[N, D]``), resets usage.
 
         Each dead code becomes a random sample plus noise of 1% of the samples' std, so several codes

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional, Union
 
 import torch
 
@@ -26,7 +25,7 @@ from .vocabulary import Vocabulary
 
 __all__ = ["DocumentCodec", "Segment"]
 
-Segment = Union[str, torch.Tensor]
+Segment = str | torch.Tensor
 
 
 class DocumentCodec:
@@ -39,7 +38,7 @@ class DocumentCodec:
     """
 
     def __init__(self, text_tokenizer: TextTokenizer, vocabulary: Vocabulary,
-                 image_shape: Optional[tuple[int, int]] = None) -> None:
+                 image_shape: tuple[int, int] | None = None) -> None:
         if text_tokenizer.vocab_size != vocabulary.text_size:
             raise ValueError(f"text_tokenizer.vocab_size ({text_tokenizer.vocab_size}) != "
                              f"vocabulary.text_size ({vocabulary.text_size})")
@@ -94,7 +93,7 @@ class DocumentCodec:
         return ids
 
     # ---- ids -> segments -------------------------------------------------------------------------------
-    def decode(self, ids: Union[Sequence[int], torch.Tensor]) -> list[Segment]:
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> list[Segment]:
         """Global ids of one document -> its segments.
 
         Raises ValueError (naming ``ids``) for ids outside the vocabulary, specials other than ``<break>``,
@@ -106,7 +105,7 @@ class DocumentCodec:
             segments.append(self._decode_run(run))
         return segments
 
-    def decode_documents(self, ids: Union[Sequence[int], torch.Tensor]) -> list[list[Segment]]:
+    def decode_documents(self, ids: Sequence[int] | torch.Tensor) -> list[list[Segment]]:
         """Ids of ``<eos>``-separated documents -> a list of documents (empty ones are skipped, so a leading
         or trailing ``<eos>`` is accepted)."""
         return [self.decode(doc) for doc in _split(_as_list(ids), self.vocabulary.eos_id) if doc]
@@ -140,7 +139,7 @@ class DocumentCodec:
         return side, side
 
 
-def _as_list(ids: Union[Sequence[int], torch.Tensor]) -> list[int]:
+def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(ids, torch.Tensor):
         if ids.ndim != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
             raise ValueError(f"ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")

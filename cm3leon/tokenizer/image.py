@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from os import PathLike
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -116,14 +116,14 @@ class ImageTokenizer(nn.Module):
         return indices
 
     # ---- checkpoints -----------------------------------------------------------------------------------
-    def save(self, path: Union[str, PathLike]) -> None:
+    def save(self, path: str | PathLike) -> None:
         """Writes config + weights to one file (``torch.save``; loads with ``weights_only=True``)."""
         torch.save({"format": _FORMAT, "config": json.dumps(self.config.to_dict()),
                     "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, path)
 
     @classmethod
-    def load(cls, path: Union[str, PathLike], map_location: Optional[Union[str, torch.device]] = "cpu"
-             ) -> "ImageTokenizer":
+    def load(cls, path: str | PathLike, map_location: str | torch.device | None = "cpu"
+             ) -> ImageTokenizer:
         """Reads a checkpoint written by :meth:`save`; returns the tokenizer in eval mode."""
         blob = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:

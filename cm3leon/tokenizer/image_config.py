@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Union
 
 __all__ = ["ImageTokenizerConfig"]
 
@@ -38,7 +37,7 @@ class ImageTokenizerConfig:
     code_dim: int = 32
     base_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2, 4)
-    res_blocks: Union[int, tuple[int, ...]] = (0, 1, 1)  # stored as a tuple after __post_init__
+    res_blocks: int | tuple[int, ...] = (0, 1, 1)  # stored as a tuple after __post_init__
     beta: float = 0.25
     metric: str = "l2"
     l1_weight: float = 1.0
@@ -86,16 +85,16 @@ class ImageTokenizerConfig:
         return self.image_size // self.downsample
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "ImageTokenizerConfig":
+    def preset(cls, name: str, **overrides) -> ImageTokenizerConfig:
         """``"paper"``: 256x256 -> 32x32 tokens, codebook 8192 (PAPER.md §2);
         ``"demo"``: 32x32 -> 8x8 tokens, codebook 512 (trains on CPU in minutes);
         ``"tiny"``: for tests (16x16 -> 4x4, codebook 64, narrow)."""
         presets = {
-            "paper": dict(image_size=256, codebook_size=8192, code_dim=256, base_channels=128,
-                          channel_mult=(1, 1, 2, 2), res_blocks=2, gan_weight=0.1, gan_start_step=10_000),
-            "demo": dict(),
-            "tiny": dict(image_size=16, codebook_size=64, code_dim=8, base_channels=8, channel_mult=(1, 2, 2),
-                         res_blocks=(1, 1, 1), disc_channels=8, restart_every=5),
+            "paper": {"image_size": 256, "codebook_size": 8192, "code_dim": 256, "base_channels": 128,
+                          "channel_mult": (1, 1, 2, 2), "res_blocks": 2, "gan_weight": 0.1, "gan_start_step": 10_000},
+            "demo": {},
+            "tiny": {"image_size": 16, "codebook_size": 64, "code_dim": 8, "base_channels": 8, "channel_mult": (1, 2, 2),
+                         "res_blocks": (1, 1, 1), "disc_channels": 8, "restart_every": 5},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
@@ -108,7 +107,7 @@ class ImageTokenizerConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ImageTokenizerConfig":
+    def from_dict(cls, data: dict) -> ImageTokenizerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

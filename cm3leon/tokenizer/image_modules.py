@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from .image_config import ImageTokenizerConfig
 
-__all__ = ["Encoder", "Decoder", "ResBlock"]
+__all__ = ["Decoder", "Encoder", "ResBlock"]
 
 
 def _norm(channels: int) -> nn.GroupNorm:

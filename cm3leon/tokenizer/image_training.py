@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn import functional as F
@@ -23,7 +23,7 @@ from .image import ImageTokenizer
 from .image_config import ImageTokenizerConfig
 from .metrics import psnr
 
-__all__ = ["train_image_tokenizer", "TrainResult", "BatchSource"]
+__all__ = ["BatchSource", "TrainResult", "train_image_tokenizer"]
 
 BatchSource = Callable[[int, int], torch.Tensor]  # (step, batch_size) -> images [B, 3, H, W]
 
@@ -60,9 +60,9 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t)))
 
 
-def train_image_tokenizer(config: Union[ImageTokenizerConfig, str], images_or_dataset: Any, steps: int, *,
+def train_image_tokenizer(config: ImageTokenizerConfig | str, images_or_dataset: Any, steps: int, *,
                           batch_size: int = 64, lr: float = 2e-3, warmup: int = 50, seed: int = 0,
-                          tokenizer: Optional[ImageTokenizer] = None, progress: bool = True,
+                          tokenizer: ImageTokenizer | None = None, progress: bool = True,
                           log_every: int = 10) -> TrainResult:
     """Trains an image tokenizer on CPU (or wherever ``tokenizer`` lives).
 

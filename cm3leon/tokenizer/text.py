@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from os import PathLike
-from typing import Union
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-__all__ = ["TextTokenizer", "PAPER_TEXT_VOCAB_SIZE"]
+__all__ = ["PAPER_TEXT_VOCAB_SIZE", "TextTokenizer"]
 
 PAPER_TEXT_VOCAB_SIZE = 56_320
 _BYTE_ALPHABET = 256
@@ -36,7 +35,7 @@ class TextTokenizer:
 
     @classmethod
     def train(cls, corpus: Iterable[str], vocab_size: int = PAPER_TEXT_VOCAB_SIZE, *,
-              min_frequency: int = 2) -> "TextTokenizer":
+              min_frequency: int = 2) -> TextTokenizer:
         """Learns BPE merges on ``corpus`` (an iterable of strings).
 
         Args:
@@ -79,12 +78,12 @@ class TextTokenizer:
             raise ValueError(f"ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def save(self, path: Union[str, PathLike]) -> None:
+    def save(self, path: str | PathLike) -> None:
         """Writes the tokenizer as one JSON file (the ``tokenizers`` format)."""
         self._tok.save(str(path))
 
     @classmethod
-    def load(cls, path: Union[str, PathLike]) -> "TextTokenizer":
+    def load(cls, path: str | PathLike) -> TextTokenizer:
         """Reads a file written by :meth:`save`."""
         return cls(Tokenizer.from_file(str(path)))
 

@@ -12,7 +12,6 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -24,7 +23,7 @@ from .image_config import ImageTokenizerConfig
 from .image_training import train_image_tokenizer
 from .metrics import psnr
 
-__all__ = ["main", "evaluate"]
+__all__ = ["evaluate", "main"]
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # held-out scenes come from a different world seed than training scenes
 
@@ -51,7 +50,7 @@ def _scorer_rates(world, recon: torch.Tensor, n: int) -> dict[str, float]:
             "scorer_mean_alignment": sum(scores) / n}
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     """Parses arguments, trains, saves, evaluates; returns the evaluation dict (also written to eval.json)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo", help="ImageTokenizerConfig preset (demo, paper, tiny)")

@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from os import PathLike
-from typing import Union
 
 import torch
 
-__all__ = ["Vocabulary", "SPECIAL_TOKENS", "NUM_SENTINELS"]
+__all__ = ["NUM_SENTINELS", "SPECIAL_TOKENS", "Vocabulary"]
 
 NUM_SENTINELS = 16
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<eos>", "<break>", "<mask>", "<infill>") + tuple(
     f"<mask:{i}>" for i in range(NUM_SENTINELS))
 
-IdsLike = Union[int, Sequence[int], torch.Tensor]
+IdsLike = int | Sequence[int] | torch.Tensor
 
 
 def _check_count(name: str, value: object) -> int:
@@ -147,13 +146,13 @@ class Vocabulary:
         return {"text_size": self.text_size, "image_codes": self.image_codes,
                 "special_tokens": list(SPECIAL_TOKENS)}
 
-    def save(self, path: Union[str, PathLike]) -> None:
+    def save(self, path: str | PathLike) -> None:
         """Writes the vocabulary as JSON."""
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2)
 
     @classmethod
-    def load(cls, path: Union[str, PathLike]) -> "Vocabulary":
+    def load(cls, path: str | PathLike) -> Vocabulary:
         """Reads a vocabulary written by :meth:`save`; ValueError if its special tokens differ from ours."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
