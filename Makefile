@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install "setuptools>=64" wheel cmake ninja
-	$(PIP) install numpy tqdm "tokenizers>=0.19" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6.100" faiss-gpu
+	$(PIP) install numpy tqdm "tokenizers>=0.19" "pillow>=9.1" "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6.100" faiss-gpu
 	touch $(STAMP)
 
 # Editable install: builds cm3leon_kernels._C with CMake + ninja against the venv's torch.
