@@ -185,3 +185,26 @@ def test_psnr_values():
     assert torch.allclose(psnr(u8, torch.ones(1, 3, 4, 4) * 0.9), torch.tensor([20.0]))
     with pytest.raises(ValueError, match="shapes differ"):
         psnr(a, a[:1])
+
+
+def test_shapes_task_documents_round_trip():
+    """Documents of the data package's SFT tasks: images -> grids (one batched encode) -> ids -> back."""
+    from cm3leon.data import ShapesWorld
+    from cm3leon.data.tasks import sft_examples
+    from cm3leon.tokenizer import DocumentCodec, TextTokenizer, Vocabulary, tokenize_images
+
+    model = ImageTokenizer(ImageTokenizerConfig.preset("tiny", image_size=32)).eval()
+    docs = [ex.segments() for ex in sft_examples(ShapesWorld(image_size=32, seed=3), 7)]
+    text_tok = TextTokenizer.train([s for d in docs for s in d if isinstance(s, str)], vocab_size=300)
+    vocab = Vocabulary(text_tok.vocab_size, model.config.codebook_size)
+    codec = DocumentCodec(text_tok, vocab, image_shape=(8, 8))
+    tokenized = tokenize_images(docs, model)
+    assert [len(d) for d in tokenized] == [len(d) for d in docs]
+    first_image = next(s for s in docs[0] if isinstance(s, torch.Tensor))
+    first_grid = next(s for s in tokenized[0] if isinstance(s, torch.Tensor))
+    assert torch.equal(first_grid, model.encode(first_image[None])[0])
+    back = codec.decode_documents(codec.encode_documents(tokenized))
+    for doc, got in zip(tokenized, back):
+        assert len(doc) == len(got)
+        for a, b in zip(doc, got):
+            assert a == b if isinstance(a, str) else torch.equal(a, b)

@@ -74,3 +74,12 @@ def test_bad_input(tok):
         tok.decode([tok.vocab_size])
     with pytest.raises(ValueError, match="ids"):
         tok.decode([-1])
+
+
+def test_shapes_corpus_round_trips():
+    from cm3leon.tokenizer.train_text import shapes_corpus
+
+    corpus = shapes_corpus(60)
+    assert len(corpus) >= 60 and all(isinstance(t, str) and t for t in corpus)
+    tok = TextTokenizer.train(corpus, vocab_size=600)
+    assert all(tok.decode(tok.encode(t)) == t for t in corpus)

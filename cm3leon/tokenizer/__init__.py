@@ -6,7 +6,7 @@
 - :class:`Vocabulary` (``vocabulary.py``): specials + text ids + image codes in one id space.
 - :class:`DocumentCodec` (``document.py``): documents (text / image segments) <-> global ids.
 """
-from .document import DocumentCodec, Segment
+from .document import DocumentCodec, Segment, tokenize_images
 from .image import ImageTokenizer, TokenizerOutput
 from .image_config import ImageTokenizerConfig
 from .image_training import TrainResult, train_image_tokenizer
@@ -27,5 +27,5 @@ __all__ = [
     "TrainResult",
     "Vocabulary",
     "psnr",
-    "train_image_tokenizer",
+    "tokenize_images", "train_image_tokenizer",
 ]

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 
 import torch
 
+from .image import ImageTokenizer
 from .text import TextTokenizer
 from .vocabulary import Vocabulary
 
-__all__ = ["DocumentCodec", "Segment"]
+__all__ = ["DocumentCodec", "Segment", "tokenize_images"]
 
 Segment = str | torch.Tensor
 
@@ -137,6 +138,17 @@ class DocumentCodec:
         if side * side != n:
             raise ValueError(f"ids contain an image run of {n} tokens, not a square grid; pass image_shape")
         return side, side
+
+
+def tokenize_images(documents: Sequence[Sequence[Segment | torch.Tensor]], image_tokenizer: ImageTokenizer,
+                    ) -> list[list[Segment]]:
+    """Replaces every image segment ``[3, H, W]`` (uint8 or float 0..1, as ``cm3leon.data`` tasks produce) by
+    its token grid ``[h, w]``, encoding all images of all documents in one batched call. Text segments and
+    grids (2-D tensors) pass through unchanged."""
+    images = [seg for doc in documents for seg in doc if isinstance(seg, torch.Tensor) and seg.ndim == 3]
+    grids = iter(image_tokenizer.encode(torch.stack(images)) if images else ())
+    return [[next(grids) if isinstance(seg, torch.Tensor) and seg.ndim == 3 else seg for seg in doc]
+            for doc in documents]
 
 
 def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
