@@ -208,3 +208,15 @@ def test_shapes_task_documents_round_trip():
         assert len(doc) == len(got)
         for a, b in zip(doc, got):
             assert a == b if isinstance(a, str) else torch.equal(a, b)
+
+
+def test_cli_writes_checkpoint_log_and_eval(tmp_path):
+    from cm3leon.tokenizer.train_image import main
+
+    metrics = main(["--preset", "tiny", "--set", "image_size=32", "--steps", "2", "--batch-size", "4",
+                    "--eval-images", "3", "--out", str(tmp_path), "--no-progress"])
+    assert {"psnr_mean_db", "scorer_read_rate", "train_seconds", "train_cpu_seconds"} <= set(metrics)
+    assert 0.0 <= metrics["scorer_read_rate"] <= 1.0
+    model = ImageTokenizer.load(tmp_path / "image_tokenizer.pt")
+    assert model.config.image_size == 32 and (tmp_path / "train_log.json").exists()
+    assert (tmp_path / "eval.json").exists()
