@@ -23,44 +23,29 @@ from cm3leon.data import (
     vqa_accuracy,
 )
 from cm3leon.data.metrics import attributes
+from cm3leon.data.scorer_eval import degrade, scorer_accuracy
 from cm3leon.data.shapes import Scene
-
-
-def _attrs(scene):
-    return list(map(attributes, scene.objects))
-
-
-def degrade(images: torch.Tensor, sigma: float, noise: float, seed: int) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float [N, 3, H, W] in 0..1 after a Gaussian blur (sigma px) and Gaussian
-    noise (std ``noise`` in 0..255 units): a stand-in for a tokenizer's reconstructions."""
-    x = images.float() / 255
-    n, c, h, w = x.shape
-    if sigma > 0:
-        r = int(np.ceil(3 * sigma))
-        k = torch.exp(-0.5 * (torch.arange(-r, r + 1.0) / sigma) ** 2)
-        k = (k[:, None] * k[None]) / k.sum() ** 2
-        x = x.reshape(n * c, 1, h, w)
-        x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r,) * 4, mode="replicate"), k[None, None])
-        x = x.reshape(n, c, h, w)
-    g = torch.Generator().manual_seed(seed)
-    return (x + torch.randn(x.shape, generator=g) * noise / 255).clamp(0, 1)
 
 
 @pytest.mark.parametrize("size,n", [(32, 600), (64, 200)])
 def test_scorer_reads_ground_truth_images(size, n):
-    world = ShapesWorld(size, seed=1000 + size)
-    scenes = world.scenes(n)
-    correct = sum(_attrs(read_scene(render(s))) == _attrs(s) for s in scenes)
-    assert correct / n >= 0.99
+    assert scorer_accuracy(ShapesWorld(size, seed=1000 + size), n) >= 0.99
 
 
 @pytest.mark.parametrize("size,sigma,noise", [(32, 0.7, 8.0), (32, 1.0, 12.0), (64, 1.0, 12.0)])
 def test_scorer_tolerates_blur_and_noise(size, sigma, noise):
     world = ShapesWorld(size, seed=77)
-    n = 150
-    images = degrade(world.images(n), sigma, noise, seed=size)
-    correct = sum(_attrs(read_scene(img)) == _attrs(s) for img, s in zip(images, world.scenes(n)))
-    assert correct / n >= 0.97
+    assert scorer_accuracy(world, 150, sigma=sigma, noise=noise) >= 0.97
+
+
+def test_degrade():
+    x = ShapesWorld(32, seed=0).images(3)
+    assert torch.equal(degrade(x), x.float() / 255)
+    blurred = degrade(x, sigma=1.0)
+    assert blurred.shape == x.shape and (blurred - x.float() / 255).abs().max() > 0.2
+    assert torch.allclose(blurred.mean(dim=(2, 3)), x.float().mean(dim=(2, 3)) / 255, atol=2e-3)  # mass kept
+    noisy = degrade(x, noise=10.0, seed=1)
+    assert torch.equal(noisy, degrade(x, noise=10.0, seed=1)) and not torch.equal(noisy, degrade(x, noise=10.0))
 
 
 def test_scorer_input_layouts_agree():

@@ -20,7 +20,8 @@ from __future__ import annotations
 import json
 from os import PathLike
 from pathlib import Path
-from typing import Any, Union
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from cm3leon.data.shapes import ShapesWorld, caption, render
 CAPTIONS_JSONL = "captions.jsonl"
 
 
-def _pil():  # noqa: ANN202 - module object
+def _pil() -> ModuleType:
     """Import Pillow (a dependency of the ``cm3leon`` package), with an actionable error if missing."""
     try:
         from PIL import Image
@@ -42,8 +43,10 @@ def _pil():  # noqa: ANN202 - module object
 
 def _check_entry(entry: Any, root: Path, where: str) -> tuple[Path, str]:
     """Validate one captions entry; ``where`` ("captions.jsonl:3") prefixes every error."""
+    # malformed file content is a ValueError (bad data), not a TypeError (bad argument)
     if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'image' and 'caption', got {type(entry).__name__}")
+        raise ValueError(  # noqa: TRY004
+            f"{where}: expected a JSON object with 'image' and 'caption', got {type(entry).__name__}")
     missing = [k for k in ("image", "caption") if k not in entry]
     if missing:
         raise ValueError(f"{where}: missing key(s) {missing}")
@@ -51,7 +54,7 @@ def _check_entry(entry: Any, root: Path, where: str) -> tuple[Path, str]:
     if not isinstance(image, str) or not image:
         raise ValueError(f"{where}: 'image' must be a non-empty string, got {image!r}")
     if not isinstance(text, str):
-        raise ValueError(f"{where}: 'caption' must be a string, got {type(text).__name__}")
+        raise ValueError(f"{where}: 'caption' must be a string, got {type(text).__name__}")  # noqa: TRY004
     path = (root / image).resolve()
     if Path(image).is_absolute() or not path.is_relative_to(root.resolve()):
         raise ValueError(f"{where}: image path {image!r} must be relative to the folder and stay inside it")
@@ -60,7 +63,7 @@ def _check_entry(entry: Any, root: Path, where: str) -> tuple[Path, str]:
     return path, text
 
 
-def read_captions(root: Union[str, PathLike], captions: str = CAPTIONS_JSONL) -> list[tuple[Path, str]]:
+def read_captions(root: str | PathLike, captions: str = CAPTIONS_JSONL) -> list[tuple[Path, str]]:
     """Parse and validate ``root/captions`` (``.jsonl`` or ``.json``) into ``(image path, caption)`` pairs."""
     root = Path(root)
     file = root / captions
@@ -89,7 +92,7 @@ def read_captions(root: Union[str, PathLike], captions: str = CAPTIONS_JSONL) ->
     return items
 
 
-def load_image(path: Union[str, PathLike], size: int) -> torch.Tensor:
+def load_image(path: str | PathLike, size: int) -> torch.Tensor:
     """Read an image as RGB, resize its shorter side to ``size`` (bicubic) and centre-crop to
     ``torch.uint8 [3, size, size]``."""
     Image = _pil()
@@ -118,7 +121,7 @@ class ImageCaptionFolder(Dataset):
         captions: the captions file name inside ``root`` (``captions.jsonl`` or a ``.json`` list).
     """
 
-    def __init__(self, root: Union[str, PathLike], image_size: int = 32, captions: str = CAPTIONS_JSONL) -> None:
+    def __init__(self, root: str | PathLike, image_size: int = 32, captions: str = CAPTIONS_JSONL) -> None:
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         self.root = Path(root)
@@ -133,7 +136,7 @@ class ImageCaptionFolder(Dataset):
         return load_image(path, self.image_size), text
 
 
-def export_shapes_folder(world: ShapesWorld, root: Union[str, PathLike], n: int, start: int = 0) -> Path:
+def export_shapes_folder(world: ShapesWorld, root: str | PathLike, n: int, start: int = 0) -> Path:
     """Write scenes ``start .. start + n - 1`` of ``world`` as ``root/images/{index:06d}.png`` plus
     ``root/captions.jsonl``. Returns the captions file path."""
     Image = _pil()

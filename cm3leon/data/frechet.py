@@ -15,6 +15,7 @@ parts as with a general ``sqrtm``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -45,7 +46,7 @@ class FixedFeatureNet(nn.Module):
         super().__init__()
         rng = np.random.default_rng(seed)
         layers: list[nn.Module] = []
-        for cin, cout in zip(_WIDTHS[:-1], _WIDTHS[1:]):
+        for cin, cout in itertools.pairwise(_WIDTHS):
             conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
             fan_in = cin * 9  # He init keeps activations O(1) through the ReLUs
             w = rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / fan_in)

@@ -20,8 +20,6 @@ Measured on ground truth and on noisy/blurred copies: see ``docs/data.md``.
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 import torch
 
@@ -36,7 +34,7 @@ from cm3leon.data.shapes import (
     side_pixels,
 )
 
-ImageLike = Union[np.ndarray, torch.Tensor]
+ImageLike = np.ndarray | torch.Tensor
 
 #: Fraction of its box each shape covers.
 FILL: dict[str, float] = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}

@@ -25,7 +25,6 @@ task)``; :func:`format_segments` prints a document with image placeholders (for 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ CAPTION_PREFIX = "Describe the given picture."
 GROUNDED_PREFIX = "Generate an image with"
 STRUCTURE_PREFIX = "Make high quality image from"
 
-Segment = Union[str, torch.Tensor]
+Segment = str | torch.Tensor
 
 
 def image_of(scene: Scene) -> torch.Tensor:
@@ -138,7 +137,7 @@ class StructureExample:
         return [f"{STRUCTURE_PREFIX} {self.kind}", self.condition, self.caption, self.image]
 
 
-Example = Union[CaptionExample, EditExample, VQAExample, GroundedExample, StructureExample]
+Example = CaptionExample | EditExample | VQAExample | GroundedExample | StructureExample
 
 
 def make_example(world: ShapesWorld, index: int, task: str) -> Example:
