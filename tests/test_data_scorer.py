@@ -38,6 +38,20 @@ def test_scorer_tolerates_blur_and_noise(size, sigma, noise):
     assert scorer_accuracy(world, 150, sigma=sigma, noise=noise) >= 0.97
 
 
+def test_scorer_tolerates_a_tinted_background_and_colour_cast():
+    """Decoders shift colours: a dimmed background (-15) plus a per-image colour cast of up to +-10."""
+    world = ShapesWorld(32, seed=21)
+    n = 200
+    x = world.images(n).float()
+    g = torch.Generator().manual_seed(0)
+    background = x.min(dim=1, keepdim=True).values >= 250
+    y = torch.where(background, x - 15, x) + (torch.rand(n, 3, 1, 1, generator=g) * 2 - 1) * 10
+    y = degrade(y.clamp(0, 255).to(torch.uint8), sigma=0.8, noise=8, seed=1)
+    correct = sum(list(map(attributes, read_scene(img).objects)) == list(map(attributes, s.objects))
+                  for img, s in zip(y, world.scenes(n)))
+    assert correct / n >= 0.97
+
+
 def test_degrade():
     x = ShapesWorld(32, seed=0).images(3)
     assert torch.equal(degrade(x), x.float() / 255)

@@ -3,7 +3,9 @@
 The scorer needs no learning; it inverts the renderer:
 
 1. **Colour lines.** A rendered pixel is ``bg + t * (c - bg)`` for one palette colour ``c`` and a coverage
-   ``t`` in [0, 1] (anti-aliasing and blur keep pixels on that line). For each pixel and colour we project
+   ``t`` in [0, 1] (anti-aliasing and blur keep pixels on that line). ``bg`` is estimated as the image's
+   per-channel median (objects cover well under half of a scene), so a dimmed or tinted background from
+   a decoder does not add spurious coverage. For each pixel and colour we project
    onto the line: ``t_c`` and the residual distance. A pixel is *foreground* when its best-fitting colour
    (smallest residual) has ``t >= 0.5``.
 2. **Objects** are the 8-connected foreground components (objects sit in different grid cells, at least
@@ -40,8 +42,7 @@ ImageLike = np.ndarray | torch.Tensor
 FILL: dict[str, float] = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
 _NAMES = list(PALETTE)
 _BG = np.asarray(BACKGROUND, dtype=np.float64)
-_DIRS = np.asarray([PALETTE[n] for n in _NAMES], dtype=np.float64) - _BG  # [C, 3]
-_DIR_SQ = (_DIRS**2).sum(-1)  # [C]
+_COLOURS = np.asarray([PALETTE[n] for n in _NAMES], dtype=np.float64)  # [C, 3]
 _NEIGHBOURS8 = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
 
 
@@ -68,15 +69,16 @@ def as_hwc_float(image: ImageLike) -> np.ndarray:
     return np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0
 
 
-def colour_lines(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Project pixels ``[..., 3]`` onto each background->colour line.
+def colour_lines(img: np.ndarray, background: np.ndarray = _BG) -> tuple[np.ndarray, np.ndarray]:
+    """Project pixels ``[..., 3]`` onto each ``background`` -> palette colour line.
 
     Returns ``(t, residual)``, both ``[..., C]``: the unclipped coverage along each line and the distance
     to the nearest point of the segment (``t`` clipped to [0, 1]).
     """
-    rel = img[..., None, :] - _BG  # [..., C, 3]
-    t = (rel * _DIRS).sum(-1) / _DIR_SQ
-    nearest = np.clip(t, 0.0, 1.0)[..., None] * _DIRS
+    dirs = _COLOURS - background
+    rel = img[..., None, :] - background  # [..., C, 3]
+    t = (rel * dirs).sum(-1) / (dirs**2).sum(-1)
+    nearest = np.clip(t, 0.0, 1.0)[..., None] * dirs
     return t, np.sqrt(((rel - nearest) ** 2).sum(-1))
 
 
@@ -106,9 +108,9 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def classify_colour(rgb: np.ndarray) -> str:
+def classify_colour(rgb: np.ndarray, background: np.ndarray = _BG) -> str:
     """Palette name whose background->colour line passes nearest to ``rgb`` (float, 0..255)."""
-    _, residual = colour_lines(np.asarray(rgb, dtype=np.float64))
+    _, residual = colour_lines(np.asarray(rgb, dtype=np.float64), background)
     return _NAMES[int(np.argmin(residual))]
 
 
@@ -146,7 +148,8 @@ def read_scene(image: ImageLike, min_area_fraction: float = 0.3) -> Scene:
     size = img.shape[0]
     if img.shape[1] != size:
         raise ValueError(f"image must be square, got {img.shape[0]}x{img.shape[1]}")
-    t, residual = colour_lines(img)
+    background = np.median(img.reshape(-1, 3), axis=0)  # objects cover well under half of any scene
+    t, residual = colour_lines(img, background)
     best = np.argmin(residual, axis=-1)
     strength = np.take_along_axis(t, best[..., None], axis=-1)[..., 0]
     foreground = strength >= 0.5
@@ -157,7 +160,7 @@ def read_scene(image: ImageLike, min_area_fraction: float = 0.3) -> Scene:
     for i in ids:
         comp = labels == i
         others = foreground & ~comp
-        colour = classify_colour(img[comp].mean(axis=0))
+        colour = classify_colour(img[comp].mean(axis=0), background)
         c = _NAMES.index(colour)
         region = _dilate(comp, 2) & ~_dilate(others, 1)
         mass = float(np.clip(t[..., c][region], -0.5, 1.5).sum())
