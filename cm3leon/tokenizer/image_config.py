@@ -35,7 +35,7 @@ class ImageTokenizerConfig:
     image_size: int = 32
     codebook_size: int = 512
     code_dim: int = 32
-    base_channels: int = 32
+    base_channels: int = 16
     channel_mult: tuple[int, ...] = (1, 2, 4)
     res_blocks: int | tuple[int, ...] = (0, 1, 1)  # stored as a tuple after __post_init__
     beta: float = 0.25
