@@ -123,6 +123,17 @@ def test_caption_image_layout(codec, text_tok, vocab):
     assert all(vocab.is_image(t) for t in ids[n_text + 1:]) and len(ids) == n_text + 1 + 16
 
 
+def test_text_to_image_prompt(codec, vocab):
+    grid = _grid(7)
+    prompt = codec.text_to_image_prompt("a red circle")
+    assert prompt[0] == vocab.eos_id and prompt[-1] == vocab.break_id
+    # the prompt followed by the sampled image tokens is the caption-image document
+    completed = prompt + vocab.image_to_global(grid.reshape(-1).tolist())
+    assert completed[1:] == codec.encode_caption_image("a red circle", grid)
+    caption, back = codec.decode_documents(completed)[0]
+    assert caption == "a red circle" and torch.equal(back, grid)
+
+
 def test_interleaved_round_trip(codec, vocab):
     doc = ["Edit first image following the instruction", _grid(1), "make it blue \u00e9\n", _grid(2), _grid(3),
            "  spaces  "]

@@ -84,6 +84,11 @@ class DocumentCodec:
         """The caption-image document ``caption <break> image`` (text first)."""
         return self.encode([caption, image_tokens])
 
+    def text_to_image_prompt(self, caption: str) -> list[int]:
+        """The zero-shot text-to-image prompt ``<eos> caption <break>`` (PAPER.md §2): sample
+        ``h·w`` image tokens after it."""
+        return [self.vocabulary.eos_id, *self.encode_segment(caption, name="caption"), self.vocabulary.break_id]
+
     def encode_documents(self, documents: Sequence[Sequence[Segment]]) -> list[int]:
         """Several documents -> ids with ``<eos>`` between them."""
         ids: list[int] = []
