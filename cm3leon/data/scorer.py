@@ -3,9 +3,10 @@
 The scorer needs no learning; it inverts the renderer:
 
 1. **Colour lines.** A rendered pixel is ``bg + t * (c - bg)`` for one palette colour ``c`` and a coverage
-   ``t`` in [0, 1] (anti-aliasing and blur keep pixels on that line). ``bg`` is estimated as the image's
-   per-channel median (objects cover well under half of a scene), so a dimmed or tinted background from
-   a decoder does not add spurious coverage. For each pixel and colour we project
+   ``t`` in [0, 1] (anti-aliasing and blur keep pixels on that line). ``bg`` is estimated from the image
+   (first the per-channel median, as objects cover well under half of a scene; for the coverage sums the
+   mean of the pixels far from every object), so a dimmed or tinted background from a decoder, or noise
+   clipped at white, does not add spurious coverage. For each pixel and colour we project
    onto the line: ``t_c`` and the residual distance. A pixel is *foreground* when its best-fitting colour
    (smallest residual) has ``t >= 0.5``.
 2. **Objects** are the 8-connected foreground components (objects sit in different grid cells, at least
@@ -97,15 +98,18 @@ def _components(mask: np.ndarray) -> np.ndarray:
         labels = best
 
 
-def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
-    """Square (Chebyshev) dilation of a bool mask by ``r`` pixels."""
-    h, w = mask.shape
-    padded = np.pad(mask, r)
-    out = np.zeros_like(mask)
-    for dy in range(-r, r + 1):
-        for dx in range(-r, r + 1):
-            out |= padded[r + dy:r + dy + h, r + dx:r + dx + w]
-    return out
+def _grow(labels: np.ndarray, steps: int) -> np.ndarray:
+    """Grow labelled regions into unlabelled (0) pixels by ``steps`` 8-neighbour steps; where two regions
+    meet, the first to arrive keeps the pixel (ties: the larger label), i.e. an approximate Voronoi split."""
+    h, w = labels.shape
+    grown = labels.copy()
+    for _ in range(steps):
+        padded = np.pad(grown, 1)
+        reach = np.zeros_like(grown)
+        for dy, dx in _NEIGHBOURS8:
+            np.maximum(reach, padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w], out=reach)
+        grown = np.where(grown == 0, reach, grown)
+    return grown
 
 
 def classify_colour(rgb: np.ndarray, background: np.ndarray = _BG) -> str:
@@ -117,16 +121,18 @@ def classify_colour(rgb: np.ndarray, background: np.ndarray = _BG) -> str:
 def classify_shape_size(mass: float, extent: int, image_size: int) -> tuple[str, str]:
     """(shape, size) whose nominal mass ``FILL[shape] * side**2`` and side best explain an object.
 
-    ``mass`` is the summed coverage (preserved by blur), ``extent`` the thresholded box's longer side
-    (blur shrinks it at corners and apexes, so it alone would confuse a blurred large triangle with a
-    small square). The cost adds both squared relative errors.
+    ``mass`` is the summed coverage (preserved by blur), ``extent`` the thresholded box's longer side.
+    The cost adds both squared relative errors; an extent *below* the nominal side costs a quarter as
+    much, because blur shrinks thresholded boxes at corners and apexes (a blurred large triangle would
+    otherwise pass for a small square), while nothing makes them grow.
     """
     best, best_cost = ("", ""), float("inf")
     for size_name in SIZES:
         side = side_pixels(image_size, size_name)
         for shape, fill in FILL.items():
             nominal = fill * side**2
-            cost = ((mass - nominal) / nominal) ** 2 + ((extent - side) / side) ** 2
+            rel = (extent - side) / side
+            cost = ((mass - nominal) / nominal) ** 2 + (rel**2 if rel > 0 else rel**2 / 4)
             if cost < best_cost:
                 best, best_cost = (shape, size_name), cost
     return best
@@ -155,15 +161,22 @@ def read_scene(image: ImageLike, min_area_fraction: float = 0.3) -> Scene:
     foreground = strength >= 0.5
     labels = _components(foreground)
     min_area = min_area_fraction * FILL["triangle"] * side_pixels(size, SIZES[0]) ** 2
-    ids = [i for i in np.unique(labels) if i and (labels == i).sum() >= min_area]
+    ids, counts = np.unique(labels, return_counts=True)
+    labels[np.isin(labels, ids[(ids == 0) | (counts < min_area)])] = 0
+    # every object's blur halo, split between neighbours. Pixels no halo reaches give the background
+    # colour for the coverage sums: their mean, not the median, so that noise clipped at white biases
+    # background pixels inside the halos by as much as outside (to first order).
+    halos = _grow(labels, max(3, round(size / 6)))  # about half a grid cell
+    far = halos == 0
+    if far.any():
+        background = img[far].mean(axis=0)
+        t, _ = colour_lines(img, background)
+    t = np.clip(t, -0.5, 1.5)
     objects = []
-    for i in ids:
+    for i in np.unique(labels[labels > 0]):
         comp = labels == i
-        others = foreground & ~comp
         colour = classify_colour(img[comp].mean(axis=0), background)
-        c = _NAMES.index(colour)
-        region = _dilate(comp, 2) & ~_dilate(others, 1)
-        mass = float(np.clip(t[..., c][region], -0.5, 1.5).sum())
+        mass = float(t[..., _NAMES.index(colour)][halos == i].sum())
         ys, xs = np.nonzero(comp)
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         extent = max(box[2] - box[0], box[3] - box[1])
