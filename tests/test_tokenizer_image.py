@@ -50,6 +50,16 @@ def test_presets():
         ImageTokenizerConfig(res_blocks=(1, 1))
 
 
+def test_paper_preset_network_shapes():
+    """256x256 -> 32x32 latents of code_dim and back, checked on the meta device (no compute)."""
+    with torch.device("meta"):
+        model = ImageTokenizer(ImageTokenizerConfig.preset("paper"))
+        latents = model.encoder(torch.zeros(2, 3, 256, 256))
+        assert latents.shape == (2, 256, 32, 32)
+        assert model.decoder(latents).shape == (2, 3, 256, 256)
+    assert model.codebook.weight.shape == (8192, 256)
+
+
 def test_encode_decode_shapes_and_batching(tiny):
     images = _images(5)
     tokens = tiny.encode(images)
