@@ -4,18 +4,18 @@ The scorer needs no learning; it inverts the renderer:
 
 1. **Colour lines.** A rendered pixel is ``bg + t * (c - bg)`` for one palette colour ``c`` and a coverage
    ``t`` in [0, 1] (anti-aliasing and blur keep pixels on that line). ``bg`` is estimated from the image
-   (first the per-channel median, as objects cover well under half of a scene; for the coverage sums the
-   mean of the pixels far from every object), so a dimmed or tinted background from a decoder, or noise
-   clipped at white, does not add spurious coverage. For each pixel and colour we project
-   onto the line: ``t_c`` and the residual distance. A pixel is *foreground* when its best-fitting colour
-   (smallest residual) has ``t >= 0.5``.
+   (the per-channel median: objects cover well under half of a scene), so a dimmed or tinted background
+   from a decoder does not look like coverage. For each pixel and colour we project onto the line:
+   ``t_c`` and the residual distance. A pixel is *foreground* when its best-fitting colour (smallest
+   residual) has ``t >= 0.5``.
 2. **Objects** are the 8-connected foreground components (objects sit in different grid cells, at least
    two pixels apart); components smaller than a fraction of the small shape's area are dropped as noise.
 3. **Colour** of an object: the palette line nearest to its mean foreground pixel (averaging beats noise).
 4. **Shape and size** together: the candidate whose nominal mass (fill ratio x side**2: square 1, circle
-   pi/4, triangle 1/2) and side best fit the object's ``mass`` (summed coverage ``t`` of its colour around
-   the component: blur moves mass but preserves it, noise averages out) and the longer side of its
-   thresholded box (relative squared errors, summed).
+   pi/4, triangle 1/2) and side best fit the object's ``mass`` and the longer side of its thresholded box
+   (:func:`classify_shape_size`). ``mass`` sums the coverage ``t`` of the object's colour over its *halo*
+   (the component grown by half a grid cell, split with neighbours), measured from the mean colour of
+   the pixels no halo reaches: blur moves coverage but preserves its sum, and noise averages out.
 5. **Position**: the grid cell holding the box centre.
 
 Measured on ground truth and on noisy/blurred copies: see ``docs/data.md``.
