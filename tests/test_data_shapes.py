@@ -5,6 +5,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cm3leon.data import (
     EDIT_KINDS,
@@ -75,9 +77,20 @@ def test_scene_invariants(size):
     assert counts == {1, 2, 3}
 
 
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(16, 80), seed=st.integers(0, 2**32 - 1), index=st.integers(0, 10**6))
+def test_any_world_renders_scenes_the_scorer_reads_exactly(size, seed, index):
+    world = ShapesWorld(size, seed=seed)
+    scene = world.scene(index)
+    assert side_pixels(size, "small") < side_pixels(size, "large")
+    assert coverage(scene).sum(axis=0).max() <= 1.0
+    assert list(map(attributes, read_scene(render(scene)).objects)) == list(map(attributes, scene.objects))
+
+
 def test_world_argument_errors():
-    with pytest.raises(ValueError, match="image_size"):
-        ShapesWorld(8)
+    for bad in (12, 32.0, True):
+        with pytest.raises(ValueError, match="image_size"):
+            ShapesWorld(bad)
     with pytest.raises(ValueError, match="min_objects"):
         ShapesWorld(32, min_objects=2, max_objects=1)
     with pytest.raises(ValueError, match="index"):

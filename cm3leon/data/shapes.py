@@ -138,15 +138,16 @@ class ShapesWorld:
     """Deterministic generator of shapes scenes.
 
     Args:
-        image_size: side of the square images in pixels (>= 12; 32 for the demo, 64 also works well).
+        image_size: side of the square images in pixels (>= 16, so that small and large shapes differ;
+            32 for the demo, 64 also works well).
         seed: world seed. Scene ``index`` of a world depends only on ``(seed, index)``.
         min_objects / max_objects: object count range (inclusive, 1..3).
     """
 
     def __init__(self, image_size: int = 32, seed: int = 0, min_objects: int = 1,
                  max_objects: int = MAX_OBJECTS) -> None:
-        if not isinstance(image_size, int) or image_size < 12:
-            raise ValueError(f"image_size must be an int >= 12, got {image_size!r}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+            raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
         if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, "
                              f"got min_objects={min_objects}, max_objects={max_objects}")
