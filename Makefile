@@ -14,12 +14,13 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install "setuptools>=64" wheel cmake ninja
-	$(PIP) install numpy tqdm safetensors transformers "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6.100" faiss-gpu nvidia-cutlass
+	$(PIP) install nvidia-cutlass  # CUTLASS/CuTe headers for the CUDA compile check
 	touch $(STAMP)
 
-# Editable install: builds cm3leon_kernels._C with CMake + ninja against the venv's torch.
+# Editable install with the test and retrieval extras (dependencies come from pyproject.toml): builds
+# cm3leon_kernels._C with CMake + ninja against the venv's torch, which already satisfies "torch>=2.4".
 build: $(STAMP)
-	$(PIP) install --no-build-isolation --no-deps -e .
+	$(PIP) install --no-build-isolation -e ".[test,retrieval]"
 
 test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)
