@@ -1,10 +1,13 @@
-"""Peak extra resident memory of a call, measured in a forked child from the kernel's high-water mark."""
+"""Peak extra resident memory of one call, measured in a fresh (spawned) process.
+
+A fresh interpreter is needed: forking a process whose OpenMP thread pool is running can deadlock the child,
+and in a long-lived process memory freed by earlier calls would hide this call's use.
+"""
 from __future__ import annotations
 
 import ctypes
-import os
-import pickle
-from collections.abc import Callable
+import importlib
+import multiprocessing
 from pathlib import Path
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -17,36 +20,23 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _measure_here(fn: Callable[[], object]) -> float:
-    # Every allocation of 4 KiB or more gets fresh pages, so memory freed by earlier calls in the parent
-    # cannot hide this call's use; then reset the high-water mark to the current RSS.
-    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 4096)
-    Path("/proc/self/clear_refs").write_text("5")
+def _measure(factory: str, args: tuple) -> float:
+    module, name = factory.split(":")
+    fn = getattr(importlib.import_module(module), name)(*args)  # builds the inputs, returns the call
+    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 4096)  # every buffer >= 4 KiB gets fresh pages
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     base = _status_kib("VmRSS")
     fn()
     return round((_status_kib("VmHWM") - base) / 1024, 1)
 
 
-def peak_extra_mib(fn: Callable[[], object]) -> float | None:
-    """MiB by which peak RSS rises above the starting RSS while ``fn`` runs (None where unsupported).
+def peak_extra_mib(factory: str, *args) -> float | None:
+    """MiB by which peak RSS rises while the call runs; None where /proc does not allow measuring.
 
-    Runs ``fn`` once in a forked child (inputs are shared copy-on-write and not counted).
+    ``factory`` is ``"module:function"``; ``function(*args)`` runs in the child, builds the inputs (not
+    counted) and returns the zero-argument call to measure.
     """
-    if not Path("/proc/self/clear_refs").exists() or not hasattr(os, "fork"):
+    if not Path("/proc/self/clear_refs").exists():
         return None
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_fd)
-        try:
-            result = _measure_here(fn)
-        except Exception:  # report "unknown" rather than a number
-            result = None
-        with os.fdopen(write_fd, "wb") as pipe:
-            pickle.dump(result, pipe)
-        os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        result = pickle.load(pipe)
-    os.waitpid(pid, 0)
-    return result
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure, (factory, args))

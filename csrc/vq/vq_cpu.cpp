@@ -12,62 +12,16 @@
 #include <limits>
 #include <vector>
 
+#include "common/micro_kernel.h"
 #include "common/parallel.h"
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 namespace cm3leon::vq {
 namespace {
 
-constexpr int64_t MR = 6;    // z rows per micro-kernel
-constexpr int64_t NR = 16;   // codes per micro-kernel (two AVX registers)
+constexpr int64_t MR = kMicroRows;  // z rows per micro-kernel
+constexpr int64_t NR = kMicroCols;  // codes per micro-kernel
 constexpr int64_t MC = 96;   // z rows per work item (16 panels of 6; ~96 KiB packed at d=256)
 constexpr int64_t KC = 256;  // depth chunk: a code panel chunk (16 KiB) must stay in L1
-
-// c[MR][NR] (+)= a[MR rows][depth] . b[NR codes][depth], operands packed d-major.
-inline void micro_kernel(const float* a, const float* b, int64_t depth, bool accumulate, float* c) {
-#if defined(__AVX2__) && defined(__FMA__)
-  // Twelve named accumulators + two code vectors + one broadcast = 15 of the 16 ymm registers; written out
-  // so the compiler neither spills an accumulator nor re-loads the code vectors as FMA memory operands.
-  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  if (accumulate) {
-    c00 = _mm256_loadu_ps(c + 0 * NR); c01 = _mm256_loadu_ps(c + 0 * NR + 8);
-    c10 = _mm256_loadu_ps(c + 1 * NR); c11 = _mm256_loadu_ps(c + 1 * NR + 8);
-    c20 = _mm256_loadu_ps(c + 2 * NR); c21 = _mm256_loadu_ps(c + 2 * NR + 8);
-    c30 = _mm256_loadu_ps(c + 3 * NR); c31 = _mm256_loadu_ps(c + 3 * NR + 8);
-    c40 = _mm256_loadu_ps(c + 4 * NR); c41 = _mm256_loadu_ps(c + 4 * NR + 8);
-    c50 = _mm256_loadu_ps(c + 5 * NR); c51 = _mm256_loadu_ps(c + 5 * NR + 8);
-  } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
-  }
-  for (int64_t p = 0; p < depth; ++p, a += MR, b += NR) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 ar;
-    ar = _mm256_broadcast_ss(a + 0); c00 = _mm256_fmadd_ps(ar, b0, c00); c01 = _mm256_fmadd_ps(ar, b1, c01);
-    ar = _mm256_broadcast_ss(a + 1); c10 = _mm256_fmadd_ps(ar, b0, c10); c11 = _mm256_fmadd_ps(ar, b1, c11);
-    ar = _mm256_broadcast_ss(a + 2); c20 = _mm256_fmadd_ps(ar, b0, c20); c21 = _mm256_fmadd_ps(ar, b1, c21);
-    ar = _mm256_broadcast_ss(a + 3); c30 = _mm256_fmadd_ps(ar, b0, c30); c31 = _mm256_fmadd_ps(ar, b1, c31);
-    ar = _mm256_broadcast_ss(a + 4); c40 = _mm256_fmadd_ps(ar, b0, c40); c41 = _mm256_fmadd_ps(ar, b1, c41);
-    ar = _mm256_broadcast_ss(a + 5); c50 = _mm256_fmadd_ps(ar, b0, c50); c51 = _mm256_fmadd_ps(ar, b1, c51);
-  }
-  _mm256_storeu_ps(c + 0 * NR, c00); _mm256_storeu_ps(c + 0 * NR + 8, c01);
-  _mm256_storeu_ps(c + 1 * NR, c10); _mm256_storeu_ps(c + 1 * NR + 8, c11);
-  _mm256_storeu_ps(c + 2 * NR, c20); _mm256_storeu_ps(c + 2 * NR + 8, c21);
-  _mm256_storeu_ps(c + 3 * NR, c30); _mm256_storeu_ps(c + 3 * NR + 8, c31);
-  _mm256_storeu_ps(c + 4 * NR, c40); _mm256_storeu_ps(c + 4 * NR + 8, c41);
-  _mm256_storeu_ps(c + 5 * NR, c50); _mm256_storeu_ps(c + 5 * NR + 8, c51);
-#else
-  float acc[MR][NR];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) acc[r][j] = accumulate ? c[r * NR + j] : 0.f;
-  for (int64_t p = 0; p < depth; ++p)
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NR; ++j) acc[r][j] += a[p * MR + r] * b[p * NR + j];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NR; ++j) c[r * NR + j] = acc[r][j];
-#endif
-}
 
 template <typename T>
 float row_norm(const T* x, int64_t d) {
@@ -146,8 +100,8 @@ void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t r
     for (int64_t p0 = 0; p0 < d; p0 += KC) {
       const int64_t depth = std::min(KC, d - p0);
       for (int64_t zp = 0; zp < z_panels; ++zp)
-        micro_kernel(zpack.data() + zp * d * MR + p0 * MR, cpanel + p0 * NR, depth, p0 > 0,
-                     tile.data() + zp * MR * NR);
+        micro_6x16(zpack.data() + zp * d * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
+                   tile.data() + zp * MR * NR, NR, p0 > 0);
     }
     const float* bias = codes.bias.data() + panel * NR;
     for (int64_t r = 0; r < rows; ++r) {
