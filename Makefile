@@ -27,7 +27,7 @@ test: build
 
 bench: build
 	mkdir -p .benchmarks
-	$(PY) -m pytest bench --benchmark-enable --benchmark-json=.benchmarks/latest.json -q
+	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-enable --benchmark-json=.benchmarks/latest.json -q
 	$(PY) bench/report.py .benchmarks/latest.json
 
 demo: bench

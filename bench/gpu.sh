@@ -14,5 +14,5 @@ CM3LEON_CUDA=1 $PIP install --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import cm3leon_kernels as ck, torch; assert ck.cuda_built(); print('torch', torch.__version__, torch.cuda.get_device_name())"
 "$VENV/bin/python" -m pytest tests -q -x
 mkdir -p .benchmarks
-"$VENV/bin/python" -m pytest bench --benchmark-enable --benchmark-json=.benchmarks/gpu.json -q
+"$VENV/bin/python" -m pytest bench -o python_files='bench_*.py' --benchmark-enable --benchmark-json=.benchmarks/gpu.json -q
 "$VENV/bin/python" bench/report.py .benchmarks/gpu.json --markdown

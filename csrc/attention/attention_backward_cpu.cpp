@@ -37,7 +37,7 @@ struct Scratch {
 // block is visible to query c when r < limit[c] (limit <= valid keys of the block; 0 for padding queries).
 inline void softmax_grad_block(float* s, float* dp, const float* lse2, const float* dsum,
                                const float* limit) {
-#if CM3LEON_ATTN_AVX2
+#if CM3LEON_AVX2
   for (int64_t c = 0; c < BM; c += 8) {
     const __m256 lv = _mm256_loadu_ps(lse2 + c), dv = _mm256_loadu_ps(dsum + c);
     const __m256 lim = _mm256_loadu_ps(limit + c);

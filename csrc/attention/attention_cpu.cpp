@@ -32,7 +32,7 @@ struct Scratch {
   std::vector<float> qt, st, o, m, l, alpha, limit;
 };
 
-#if CM3LEON_ATTN_AVX2
+#if CM3LEON_AVX2
 // Online-softmax step on a transposed score tile st[keys][BM], eight queries per vector (vertical
 // reductions only). Masks keys at or beyond each query's limit (relative to this block) when `masked`;
 // rows [keys, keys_pad) are padding and get P = 0. Leaves P in st, updates m and l, writes alpha.

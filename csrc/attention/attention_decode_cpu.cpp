@@ -15,7 +15,7 @@
 
 namespace cm3leon::attention {
 
-#if CM3LEON_ATTN_AVX2
+#if CM3LEON_AVX2
 namespace {
 
 constexpr int64_t kMaxRows = 8;     // query rows per kv head that the decode path takes

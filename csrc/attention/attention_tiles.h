@@ -8,10 +8,7 @@
 
 #include "common/half.h"
 #include "common/micro_kernel.h"
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define CM3LEON_ATTN_AVX2 1
-#endif
+#include "common/simd.h"
 
 namespace cm3leon::attention {
 
@@ -24,7 +21,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-#if CM3LEON_ATTN_AVX2
+#if CM3LEON_AVX2
 // 2^x for x <= 0 (scores minus their running max); x below -126 (and -inf) gives exactly 0.
 inline __m256 exp2_neg(__m256 x) {
   const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ);
@@ -45,15 +42,6 @@ inline __m256 exp2_neg(__m256 x) {
   return _mm256_and_ps(scaled, underflow);
 }
 
-// Eight consecutive elements widened to fp32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const fp16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 #endif
 
 inline void scale_row(float* x, int64_t n, float a) {
@@ -70,7 +58,7 @@ void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t d, float scal
     int64_t i = 0;
     if (r < rows) {
       const T* in = src + r * stride;
-#if CM3LEON_ATTN_AVX2
+#if CM3LEON_AVX2
       const __m256 sv = _mm256_set1_ps(scale);
       for (; i + 8 <= d; i += 8) _mm256_storeu_ps(out + i, _mm256_mul_ps(load8(in + i), sv));
 #endif

@@ -189,7 +189,7 @@ int64_t keep_at_least(float* v, int64_t n, float t) {
 double weigh(const float* v, int64_t n, float max, float* w) {
   int64_t i = 0;
   double total = 0.0;
-#if CM3LEON_SAMPLING_AVX2
+#if CM3LEON_AVX2
   const __m256 m = _mm256_set1_ps(max);
   for (; i + 8 <= n; i += 8) {
     const __m256 e = simd::exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(v + i), m));
@@ -211,7 +211,7 @@ inline float weight_at(float z, float t, float max) { return z >= t ? exp_nonpos
 float chunk_weight(const float* z, int64_t begin, int64_t end, float t, float max) {
   int64_t i = begin;
   float sum = 0.f;
-#if CM3LEON_SAMPLING_AVX2
+#if CM3LEON_AVX2
   if (end - begin == kChunk) {
     const __m256 tv = _mm256_set1_ps(t), m = _mm256_set1_ps(max);
     __m256 acc = _mm256_setzero_ps();
@@ -326,7 +326,7 @@ inline float mix_one(const T* const* src, int64_t i, bool allowed, const MixPara
 template <int S, typename T>
 ChunkStats cfg_chunk(const T* const* src, const bool* mask, int64_t begin, int64_t end, const MixParams& p,
                      float* z) {
-#if CM3LEON_SAMPLING_AVX2
+#if CM3LEON_AVX2
   if (end - begin == kChunk) {
     const __m256 ninf = _mm256_set1_ps(-kInf), inf = _mm256_set1_ps(kInf);
     const __m256 s0 = _mm256_set1_ps(p.s0), s1 = _mm256_set1_ps(p.s1), inv_t = _mm256_set1_ps(p.inv_t);
@@ -387,7 +387,7 @@ ChunkStats contrastive_chunk_scalar(float e, float a, bool allowed, float inv_ta
 template <typename T>
 ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t begin, int64_t end,
                              float inv_ta, float* z, float* score) {
-#if CM3LEON_SAMPLING_AVX2
+#if CM3LEON_AVX2
   if (end - begin == kChunk) {
     const __m256 ninf = _mm256_set1_ps(-kInf), inf = _mm256_set1_ps(kInf), ita = _mm256_set1_ps(inv_ta);
     __m256 vmax = ninf, vbad = _mm256_setzero_ps();
@@ -421,7 +421,7 @@ ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t b
 ChunkStats head_scores(float* z, const float* score, int64_t begin, int64_t end, float head, float inv_t) {
   float max = -kInf;
   int64_t i = begin;
-#if CM3LEON_SAMPLING_AVX2
+#if CM3LEON_AVX2
   if (end - begin == kChunk) {
     const __m256 h = _mm256_set1_ps(head), ninf = _mm256_set1_ps(-kInf), it = _mm256_set1_ps(inv_t);
     __m256 vmax = ninf;

@@ -7,10 +7,7 @@
 #include <cstring>
 
 #include "common/half.h"
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define CM3LEON_SAMPLING_AVX2 1
-#endif
+#include "common/simd.h"
 
 namespace cm3leon::sampling::simd {
 
@@ -34,7 +31,7 @@ inline float exp_nonpositive(float x) {
   return x <= -87.f ? 0.f : p * scale;
 }
 
-#if CM3LEON_SAMPLING_AVX2
+#if CM3LEON_AVX2
 inline __m256 exp_nonpositive(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.f), shifter = _mm256_set1_ps(12582912.f);
   const __m256 xc = _mm256_max_ps(x, lo);
@@ -53,14 +50,7 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LE_OQ), e);
 }
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const bf16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const fp16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
+using cm3leon::load8;
 // 8 bools -> all-ones lanes where true.
 inline __m256 load_mask8(const bool* p) {
   int64_t bytes;
