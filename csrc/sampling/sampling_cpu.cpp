@@ -291,6 +291,21 @@ struct ChunkStats {
   bool bad;
 };
 
+#if CM3LEON_AVX2
+// ChunkStats accumulated eight tokens at a time by the vector dense passes.
+struct VecChunkStats {
+  __m256 vmax = _mm256_set1_ps(-kInf), vbad = _mm256_setzero_ps();
+  int64_t count = 0;
+
+  void add(__m256 zv, __m256 bad, __m256 excluded) {
+    vmax = _mm256_max_ps(vmax, zv);
+    vbad = _mm256_or_ps(vbad, bad);
+    count += 8 - __builtin_popcount(unsigned(_mm256_movemask_ps(excluded)));
+  }
+  ChunkStats result() const { return {simd::hmax(vmax), count, _mm256_movemask_ps(vbad) != 0}; }
+};
+#endif
+
 // ---- dense passes --------------------------------------------------------------------------------------
 
 struct MixParams {
@@ -330,8 +345,7 @@ ChunkStats cfg_chunk(const T* const* src, const bool* mask, int64_t begin, int64
   if (end - begin == kChunk) {
     const __m256 ninf = _mm256_set1_ps(-kInf), inf = _mm256_set1_ps(kInf);
     const __m256 s0 = _mm256_set1_ps(p.s0), s1 = _mm256_set1_ps(p.s1), inv_t = _mm256_set1_ps(p.inv_t);
-    __m256 vmax = ninf, vbad = _mm256_setzero_ps();
-    int64_t count = 0;
+    VecChunkStats st;
     for (int64_t i = begin; i < end; i += 8) {
       const __m256 u = simd::load8(src[0] + i);
       __m256 bad = simd::nan_or_pos_inf(u), excluded = _mm256_cmp_ps(u, ninf, _CMP_EQ_OQ), m = u;
@@ -353,11 +367,9 @@ ChunkStats cfg_chunk(const T* const* src, const bool* mask, int64_t begin, int64
       if (mask) excluded = _mm256_or_ps(excluded, simd::masked_out8(mask + i));
       const __m256 zv = _mm256_blendv_ps(scaled, ninf, excluded);
       _mm256_storeu_ps(z + i, zv);
-      vmax = _mm256_max_ps(vmax, zv);
-      vbad = _mm256_or_ps(vbad, bad);
-      count += 8 - __builtin_popcount(unsigned(_mm256_movemask_ps(excluded)));
+      st.add(zv, bad, excluded);
     }
-    return {simd::hmax(vmax), count, _mm256_movemask_ps(vbad) != 0};
+    return st.result();
   }
 #endif
   ChunkStats st{-kInf, 0, false};
@@ -390,8 +402,7 @@ ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t b
 #if CM3LEON_AVX2
   if (end - begin == kChunk) {
     const __m256 ninf = _mm256_set1_ps(-kInf), inf = _mm256_set1_ps(kInf), ita = _mm256_set1_ps(inv_ta);
-    __m256 vmax = ninf, vbad = _mm256_setzero_ps();
-    int64_t count = 0;
+    VecChunkStats st;
     for (int64_t i = begin; i < end; i += 8) {
       const __m256 ev = simd::load8(e + i), av = simd::load8(a + i);
       __m256 bad = _mm256_or_ps(simd::nan_or_pos_inf(ev), simd::nan_or_pos_inf(av));
@@ -403,11 +414,9 @@ ChunkStats contrastive_chunk(const T* e, const T* a, const bool* mask, int64_t b
       const __m256 zv = _mm256_blendv_ps(ev, ninf, excluded);
       _mm256_storeu_ps(z + i, zv);
       _mm256_storeu_ps(score + i, s);
-      vmax = _mm256_max_ps(vmax, zv);
-      vbad = _mm256_or_ps(vbad, bad);
-      count += 8 - __builtin_popcount(unsigned(_mm256_movemask_ps(excluded)));
+      st.add(zv, bad, excluded);
     }
-    return {simd::hmax(vmax), count, _mm256_movemask_ps(vbad) != 0};
+    return st.result();
   }
 #endif
   ChunkStats st{-kInf, 0, false};
@@ -481,23 +490,31 @@ RowStatus finish_row(Workspace& ws, int64_t r, int64_t lo, int64_t n, bool greed
   return RowStatus::Ok;
 }
 
-template <typename T>
-struct CfgJob {
-  const T* logits;
-  int64_t row_stride, stream_stride;
-  const CfgOptions& o;
+// What both sampling jobs share: the allowed vocabulary, the randomness, and where each row's result goes.
+struct RowJob {
   const Vocab& allowed;
   const SeedSpec& seeds;
   int64_t* tokens;
   float* logprobs;
 
   int64_t width() const { return allowed.range_hi - allowed.range_lo; }
+  // Row r's mask from the start of the allowed range, or null.
+  const bool* mask_row(int64_t r) const {
+    return allowed.mask ? allowed.mask + r * allowed.mask_row_stride + allowed.range_lo : nullptr;
+  }
+};
+
+template <typename T>
+struct CfgJob : RowJob {
+  const T* logits;
+  int64_t row_stride, stream_stride;
+  const CfgOptions& o;
 
   ChunkStats dense(int64_t r, Workspace& ws, int64_t c0, int64_t c1) const {
     const int64_t lo = allowed.range_lo;
     const T* row = logits + r * row_stride + lo;
     const T* src[3] = {row, row + stream_stride, row + 2 * stream_stride};
-    const bool* mask = allowed.mask ? allowed.mask + r * allowed.mask_row_stride + lo : nullptr;
+    const bool* mask = mask_row(r);
     const MixParams p{o.scale0, o.scale1, o.temperature > 0.f ? 1.f / o.temperature : 1.f};
     float* z = ws.z.data();
     return dense_pass(ws, width(), c0, c1, [&](int64_t b, int64_t e) {
@@ -544,23 +561,17 @@ struct CfgJob {
 };
 
 template <typename T>
-struct ContrastiveJob {
+struct ContrastiveJob : RowJob {
   const T* expert;
   const T* amateur;
   int64_t e_stride, a_stride;
   const ContrastiveOptions& o;
-  const Vocab& allowed;
-  const SeedSpec& seeds;
-  int64_t* tokens;
-  float* logprobs;
-
-  int64_t width() const { return allowed.range_hi - allowed.range_lo; }
 
   ChunkStats dense(int64_t r, Workspace& ws, int64_t c0, int64_t c1) const {
     const int64_t lo = allowed.range_lo;
     const T* e = expert + r * e_stride + lo;
     const T* a = amateur + r * a_stride + lo;
-    const bool* mask = allowed.mask ? allowed.mask + r * allowed.mask_row_stride + lo : nullptr;
+    const bool* mask = mask_row(r);
     const float inv_ta = 1.f / o.amateur_temperature;
     float* z = ws.z.data();
     float* score = ws.score.data();
@@ -649,8 +660,8 @@ RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t 
                         float* logprobs) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const CfgJob<T> job{static_cast<const T*>(logits), row_stride, stream_stride, options, allowed, seeds, tokens,
-                        logprobs};
+    const CfgJob<T> job{{allowed, seeds, tokens, logprobs}, static_cast<const T*>(logits), row_stride,
+                        stream_stride, options};
     return run_rows(batch, false, job);
   });
 }
@@ -661,8 +672,8 @@ RowError contrastive_sample_cpu(DType dtype, const void* expert, const void* ama
                                 int64_t* tokens, float* logprobs) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const ContrastiveJob<T> job{static_cast<const T*>(expert), static_cast<const T*>(amateur), expert_row_stride,
-                                amateur_row_stride, options, allowed, seeds, tokens, logprobs};
+    const ContrastiveJob<T> job{{allowed, seeds, tokens, logprobs}, static_cast<const T*>(expert),
+                                static_cast<const T*>(amateur), expert_row_stride, amateur_row_stride, options};
     return run_rows(batch, true, job);
   });
 }
