@@ -119,7 +119,8 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
     done = torch.zeros(n, dtype=torch.bool, device=device)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
     for step in tqdm(range(max_new_tokens), disable=not progress, desc="decode", unit="tok"):
-        per_stream = logits.float().view(n_streams, n, -1)
+        # The samplers read any dtype and any row/stream strides (fp32 math): no copy of the logits per step.
+        per_stream = logits.view(n_streams, n, -1)
         token = _sample(per_stream, options, seed_t, step)
         out[:, step] = token
         hit = torch.isin(token, stops) & ~done
@@ -137,7 +138,7 @@ def _sample(per_stream: torch.Tensor, options: SamplingOptions, seeds: torch.Ten
         return ck.contrastive_sample(per_stream[1], per_stream[0], alpha=options.cd_alpha, k=options.cd_k,
                                      temperature=options.temperature, allowed_range=options.allowed_range,
                                      seed=seeds, step=step)
-    logits = per_stream.transpose(0, 1).contiguous()  # [n, streams, V]
+    logits = per_stream.transpose(0, 1)  # [n, streams, V], a strided view
     return ck.cfg_sample(logits, guidance_scale=options.guidance_scale if logits.shape[1] > 1 else 1.0,
                          temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                          min_p=options.min_p, allowed_range=options.allowed_range, seed=seeds, step=step)
