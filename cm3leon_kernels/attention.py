@@ -142,7 +142,8 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             k: torch.Tensor | None = None, v: torch.Tensor | None = None,
                             cache_seqlens: torch.Tensor | int | None = None,
-                            softmax_scale: float | None = None, causal: bool = True) -> torch.Tensor:
+                            softmax_scale: float | None = None, causal: bool = True,
+                            return_softmax_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention against a preallocated KV cache (generation); not differentiable.
 
     If ``k``/``v`` ``(batch, seqlen_new, nheads_kv, headdim)`` are given they are written into ``k_cache``/
@@ -151,6 +152,9 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     ``cache_seqlens[b] + seqlen_new`` positions. ``cache_seqlens`` (an int, or int32 ``(batch,)``) is not
     modified: advance it yourself. ``None`` means the whole cache is valid. Decode (``seqlen_q == 1``) splits
     the key range across cores and merges the partial results by their log-sum-exp.
+
+    With ``return_softmax_lse=True`` (FlashAttention's name) returns ``(out, lse)``, lse float32
+    ``(batch, nheads, seqlen_q)`` in natural log units (``-inf`` for a query that sees no key).
 
     Raises:
         TypeError / ValueError naming the argument, including ``cache_seqlens`` when new tokens would overflow
@@ -183,7 +187,8 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if not q.is_contiguous():
         q = q.contiguous()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return _kvcache_op(q, k_cache, v_cache, k, v, seqlens, scalar, scale, bool(causal))[0]
+    out, lse = _kvcache_op(q, k_cache, v_cache, k, v, seqlens, scalar, scale, bool(causal))
+    return (out, lse) if return_softmax_lse else out
 
 
 # ---- torch.library registration: fake (meta) kernels for tracing, autograd -------------------------------

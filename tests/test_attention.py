@@ -27,6 +27,14 @@ def _leaves(*ts):
     return [t.detach().clone().requires_grad_() for t in ts]
 
 
+def _check_lse(lse, lse64, lseb, name):
+    """lse: -inf exactly where the float64 reference has no key, the FA rule elsewhere."""
+    finite = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse finiteness differs from the reference"
+    assert (lse[~finite] == float("-inf")).all(), f"{name}: rows without keys must have lse = -inf"
+    assert_fa_rule(lse[finite], lse64[finite], lseb.float()[finite], name=f"{name} lse", eps=1e-5)
+
+
 def _check_against_reference(run, run_ref, inputs, dtype, name, grads=True):
     """FA rule for the output and (optionally) the gradients of q, k, v: the kernel's error against the
     float64 reference must be at most 2x plain PyTorch's error in the kernel's dtype (+ eps)."""
@@ -38,10 +46,7 @@ def _check_against_reference(run, run_ref, inputs, dtype, name, grads=True):
     xb = _leaves(*inputs)
     outb, lseb = run_ref(*xb)
     assert_fa_rule(out, out64, outb, name=f"{name} out", eps=EPS[dtype])
-    finite = torch.isfinite(lse64)
-    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse finiteness differs from the reference"
-    assert (lse[~finite] == float("-inf")).all(), f"{name}: rows without keys must have lse = -inf"
-    assert_fa_rule(lse[finite], lse64[finite], lseb.float()[finite], name=f"{name} lse", eps=1e-5)
+    _check_lse(lse, lse64, lseb, name)
     if not grads:
         return
     dout = torch.randn_like(out64).to(dtype)
@@ -181,10 +186,12 @@ def test_kvcache_matches_reference(case, dtype):
     kb, vb = k_cache.clone(), v_cache.clone()
     seqlens_before = seqlens.clone() if isinstance(seqlens, torch.Tensor) else seqlens
     with poisoned_outputs():
-        out = ck.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens)
-    out64, _ = ref.attention_with_kvcache(q.double(), k64, v64, k_new.double(), v_new.double(), seqlens)
-    outb, _ = ref.attention_with_kvcache(q, kb, vb, k_new, v_new, seqlens)
+        out, lse = ck.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
+                                              return_softmax_lse=True)
+    out64, lse64 = ref.attention_with_kvcache(q.double(), k64, v64, k_new.double(), v_new.double(), seqlens)
+    outb, lseb = ref.attention_with_kvcache(q, kb, vb, k_new, v_new, seqlens)
     assert_fa_rule(out, out64, outb, name="kvcache out", eps=EPS[dtype])
+    _check_lse(lse, lse64, lseb, "kvcache")
     assert torch.equal(k_cache, kb) and torch.equal(v_cache, vb), "new k/v must be written into the cache"
     if isinstance(seqlens, torch.Tensor):
         assert torch.equal(seqlens, seqlens_before), "cache_seqlens must not be modified"
