@@ -291,6 +291,7 @@ __device__ Draw draw_inverse_cdf(const Src& src, float t, float max, double u, S
       cum += sh.warp_total[w];
     }
     sh.pick_warp = chosen;
+    sh.pick = 0;  // overwritten by the chosen warp (chosen >= 0 whenever the total is positive)
     sh.cum_before = cum;
     sh.draw_target = target;
     sh.total = total;

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1) contrastive_sample_kernel(const C
   float kth = st.max;
   if (k > 1) {
     const Cached<ContrastiveRow<T>> z{cache, p.cached, row};
-    kth = select_threshold(z, -kInf, Measure{false, 0.f, 0.f}, Target{false, double(k)}, false, sh).threshold;
+    kth = select_threshold(z, -kInf, Measure{false, 0.f, 0.f}, Target{false, double(k)}, true, sh).threshold;
   }
   row.head = p.use_alpha ? float_at_least(double(kth) + p.log_alpha) : -kInf;
   row.final_scores = true;
