@@ -92,7 +92,9 @@ __global__ void __launch_bounds__(kThreads, 1) cfg_sample_kernel(const CfgParams
   const Cached<CfgRow<T>> z{cache, p.cached, row};
   float t = -kInf;
   int64_t candidates = -1;  // top-k's candidates left in shared memory
-  if (p.top_k > 0 && p.top_k < st.count) {
+  if (p.top_k == 1 && st.count > 1) {  // top-1 keeps the max (and its ties): no selection needed
+    t = st.max;
+  } else if (p.top_k > 0 && p.top_k < st.count) {
     const Selection k = select_threshold(z, -kInf, Measure{false, 0.f, 0.f}, Target{false, double(p.top_k)},
                                          true, sh);
     t = k.threshold;
