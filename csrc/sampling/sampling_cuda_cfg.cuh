@@ -64,6 +64,31 @@ struct CfgParams {
   Outputs out;
 };
 
+// The kernel parameters of a call; `cached` starts as the row width (the launch lowers it to what fits).
+template <typename T>
+CfgParams<T> make_cfg_params(const void* logits, int64_t row_stride, int64_t stream_stride, const CfgOptions& o,
+                             double log_min_p, const Vocab& allowed, const DeviceSeeds& seeds, const Outputs& out) {
+  CfgParams<T> p;
+  p.logits = static_cast<const T*>(logits);
+  p.row_stride = row_stride;
+  p.stream_stride = stream_stride;
+  p.streams = int(o.streams);
+  p.s0 = o.scale0;
+  p.s1 = o.scale1;
+  p.inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;  // as the CPU kernel (float division)
+  p.greedy = o.temperature == 0.f;
+  p.use_min_p = o.min_p > 0.0;
+  p.top_k = o.top_k;
+  p.top_p = o.top_p;
+  p.log_min_p = log_min_p;
+  p.cached = allowed.range_hi - allowed.range_lo;
+  p.weight_scale = weight_scale(p.cached);
+  p.allowed = allowed;
+  p.seeds = seeds;
+  p.out = out;
+  return p;
+}
+
 // Samples row r (called by every thread of the row's block); `cache` holds p.cached floats.
 template <typename T>
 __device__ void cfg_sample_row(const CfgParams<T>& p, int64_t r, float* cache, Shared& sh) {

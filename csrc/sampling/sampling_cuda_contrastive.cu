@@ -16,23 +16,10 @@ template <typename T>
 cudaError_t launch(const void* expert, const void* amateur, int64_t batch, int64_t expert_row_stride,
                    int64_t amateur_row_stride, const ContrastiveOptions& o, double log_alpha, const Vocab& allowed,
                    const DeviceSeeds& seeds, const Outputs& out, cudaStream_t stream) {
-  ContrastiveParams<T> p;
-  p.expert = static_cast<const T*>(expert);
-  p.amateur = static_cast<const T*>(amateur);
-  p.expert_row_stride = expert_row_stride;
-  p.amateur_row_stride = amateur_row_stride;
-  p.k = o.k;
-  p.use_alpha = o.alpha > 0.0;
-  p.greedy = o.temperature == 0.f;
-  p.log_alpha = log_alpha;
-  p.inv_ta = 1.f / o.amateur_temperature;
-  p.inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
-  p.allowed = allowed;
-  p.seeds = seeds;
-  p.out = out;
+  ContrastiveParams<T> p = make_contrastive_params<T>(expert, amateur, expert_row_stride, amateur_row_stride, o,
+                                                       log_alpha, allowed, seeds, out);
   size_t bytes = 0;
-  cudaError_t err = configure_row_cache(contrastive_sample_kernel<T>, allowed.range_hi - allowed.range_lo,
-                                        &p.cached, &bytes);
+  cudaError_t err = configure_row_cache(contrastive_sample_kernel<T>, p.cached, &p.cached, &bytes);
   if (err != cudaSuccess) return err;
   contrastive_sample_kernel<T><<<unsigned(batch), kThreads, bytes, stream>>>(p);
   return cudaGetLastError();

@@ -58,6 +58,30 @@ struct ContrastiveParams {
   Outputs out;
 };
 
+// The kernel parameters of a call; `cached` starts as the row width (the launch lowers it to what fits).
+template <typename T>
+ContrastiveParams<T> make_contrastive_params(const void* expert, const void* amateur, int64_t expert_row_stride,
+                                             int64_t amateur_row_stride, const ContrastiveOptions& o,
+                                             double log_alpha, const Vocab& allowed, const DeviceSeeds& seeds,
+                                             const Outputs& out) {
+  ContrastiveParams<T> p;
+  p.expert = static_cast<const T*>(expert);
+  p.amateur = static_cast<const T*>(amateur);
+  p.expert_row_stride = expert_row_stride;
+  p.amateur_row_stride = amateur_row_stride;
+  p.k = o.k;
+  p.use_alpha = o.alpha > 0.0;
+  p.greedy = o.temperature == 0.f;
+  p.log_alpha = log_alpha;
+  p.inv_ta = 1.f / o.amateur_temperature;
+  p.inv_t = o.temperature > 0.f ? 1.f / o.temperature : 1.f;
+  p.allowed = allowed;
+  p.seeds = seeds;
+  p.cached = allowed.range_hi - allowed.range_lo;
+  p.out = out;
+  return p;
+}
+
 // Samples row r (called by every thread of the row's block); `cache` holds p.cached floats.
 template <typename T>
 __device__ void contrastive_sample_row(const ContrastiveParams<T>& p, int64_t r, float* cache, Shared& sh) {
