@@ -118,7 +118,11 @@ inline unsigned __match_any_sync(unsigned, unsigned v) {
   return warp_mask(v, [v](unsigned long long x) { return x == v; });
 }
 // One fiber runs at a time: plain read-modify-writes are atomic.
-inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) { const auto o = *a; *a += v; return o; }
+inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
+  const auto o = *a;
+  *a += v;
+  return o;
+}
 inline int atomicAdd(int* a, int v) { const int o = *a; *a += v; return o; }
 inline long long atomicMin(long long* a, long long v) { const long long o = *a; *a = std::min(o, v); return o; }
 template <class T>

@@ -1,4 +1,5 @@
-// cfg_sample on the GPU: the __global__ kernel around cfg_sample_row (sampling_cuda_cfg.cuh) and its launch.
+// cfg_sample on the GPU: the __global__ kernel around cfg_sample_row (sampling_cuda_cfg.cuh)
+// and its launch.
 #include "sampling/sampling_cuda_cfg.cuh"
 
 namespace cm3leon::sampling {

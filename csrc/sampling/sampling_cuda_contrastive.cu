@@ -1,4 +1,5 @@
-// contrastive_sample on the GPU: the __global__ kernel around contrastive_sample_row (sampling_cuda_contrastive.cuh) and its launch.
+// contrastive_sample on the GPU: the __global__ kernel around contrastive_sample_row (sampling_cuda_contrastive.cuh)
+// and its launch.
 #include "sampling/sampling_cuda_contrastive.cuh"
 
 namespace cm3leon::sampling {
