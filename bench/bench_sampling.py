@@ -85,3 +85,84 @@ def test_tiny_call_overhead(benchmark, bench_record, impl):
         fn = lambda: op(x, [3.0], 1.0, 0, 1.0, 0.0, 0, 16, None, 0, None, 0, None)  # noqa: E731
     bench_record(benchmark, case="tiny call B=1 V=16 (overhead)", impl=impl)
     benchmark.pedantic(fn, rounds=2000, warmup_rounds=10)
+
+
+# ---- CUDA (skipped without a GPU): B = 64, V = 65536 CFG beside the same chain on the GPU ------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GPU_BATCH = 64
+
+
+def _gpu_bench(benchmark, fn, rounds: int = 200) -> None:
+    """Times fn plus a device synchronisation (so each round is the kernel's wall time, not its launch)."""
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=5)
+
+
+def _flashinfer_cfg(x: torch.Tensor, scale: float, top_k: int, top_p: float):
+    """FlashInfer's fused top-k/top-p sampler after the CFG mix in PyTorch (it has no stream mix)."""
+    flashinfer = pytest.importorskip("flashinfer")
+    return lambda: flashinfer.sampling.top_k_top_p_sampling_from_logits(  # noqa: E731
+        (x[:, 0] + scale * (x[:, 1] - x[:, 0])).float().contiguous(), top_k, top_p)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["cm3leon", "hf_chain", "flashinfer"])
+def test_cuda_cfg_topk_topp(benchmark, bench_record, impl, dtype):
+    """CFG (S = 2, s = 3) + top-k 50 + top-p 0.9 on the GPU: both streams are read once by the fused kernel."""
+    x = _logits(GPU_BATCH, 2, dtype=dtype).cuda()
+    if impl == "cm3leon":
+        step = torch.zeros((), dtype=torch.int64, device="cuda")
+        fn = lambda: cfg_sample(x, guidance_scale=3.0, top_k=50, top_p=0.9, seed=0, step=step)  # noqa: E731
+    elif impl == "hf_chain":
+        fn = lambda: reference.hf_chain_sample(x, guidance_scale=3.0, top_k=50, top_p=0.9)  # noqa: E731
+    else:
+        fn = _flashinfer_cfg(x, 3.0, 50, 0.9)
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    bench_record(benchmark, case=f"cuda cfg top-k 50 top-p 0.9 B={GPU_BATCH} V={V} {name}", impl=impl,
+                 work=_bytes(x), unit="GB/s")
+    _gpu_bench(benchmark, fn, rounds=50 if impl == "hf_chain" else 200)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["cm3leon", "hf_chain"])
+def test_cuda_cfg_plain(benchmark, bench_record, impl):
+    """CFG + temperature only (no filters): the streaming floor of the fused kernel."""
+    x = _logits(GPU_BATCH, 2).cuda()
+    if impl == "cm3leon":
+        fn = lambda: cfg_sample(x, guidance_scale=3.0, seed=0, step=0)  # noqa: E731
+    else:
+        fn = lambda: reference.hf_chain_sample(x, guidance_scale=3.0)  # noqa: E731
+    bench_record(benchmark, case=f"cuda cfg no filter B={GPU_BATCH} V={V} fp32", impl=impl, work=_bytes(x),
+                 unit="GB/s")
+    _gpu_bench(benchmark, fn)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["cm3leon", "torch_argmax"])
+def test_cuda_cfg_greedy(benchmark, bench_record, impl):
+    x = _logits(GPU_BATCH, 2, dtype=torch.bfloat16).cuda()
+    if impl == "cm3leon":
+        fn = lambda: cfg_sample(x, guidance_scale=3.0, temperature=0.0, seed=0, step=0)  # noqa: E731
+    else:
+        fn = lambda: (x[:, 0] + 3.0 * (x[:, 1] - x[:, 0])).argmax(-1)  # noqa: E731
+    bench_record(benchmark, case=f"cuda cfg greedy B={GPU_BATCH} V={V} bf16", impl=impl, work=_bytes(x), unit="GB/s")
+    _gpu_bench(benchmark, fn)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["cm3leon", "torch_chain"])
+def test_cuda_contrastive(benchmark, bench_record, impl):
+    x = _logits(GPU_BATCH, 2).cuda()
+    expert, amateur = x[:, 1], x[:, 0]
+    if impl == "cm3leon":
+        fn = lambda: contrastive_sample(expert, amateur, k=4, seed=0, step=0)  # noqa: E731
+    else:
+        fn = lambda: torch.multinomial(reference.contrastive_probs(expert, amateur, k=4), 1)  # noqa: E731
+    bench_record(benchmark, case=f"cuda contrastive k=4 B={GPU_BATCH} V={V} fp32", impl=impl, work=_bytes(x),
+                 unit="GB/s")
+    _gpu_bench(benchmark, fn, rounds=50 if impl != "cm3leon" else 200)

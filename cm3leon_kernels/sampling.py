@@ -24,11 +24,13 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import FLOAT_DTYPES, check_same_device, check_supported_device, check_tensor
-from ._native import ops
+from ._native import cuda_built, ops
 
 __all__ = ["cfg_sample", "contrastive_sample"]
 
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
+# Devices with kernels: CUDA when this build has the CUDA kernels (csrc/sampling/sampling_cuda_*.cu).
+_DEVICES = ("cpu", "cuda") if cuda_built() else ("cpu",)
 
 
 def _is_number(x: object) -> bool:
@@ -174,7 +176,7 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] 
     top_p = _check_real("top_p", top_p, 0.0, 1.0, lo_open=True)
     min_p = _check_real("min_p", min_p, 0.0, 1.0)
     if logits.device.type != "cpu":
-        check_supported_device("logits", logits, ("cpu",))
+        check_supported_device("logits", logits, _DEVICES)
     lo, hi = _vocab_args(allowed_range, allowed_mask, batch, vocab, logits.device)
     seed_int, seeds = _seed_args(seed, batch, logits.device)
     step_int, step_tensor = _step_args(step)
@@ -226,7 +228,7 @@ def contrastive_sample(expert_logits: torch.Tensor, amateur_logits: torch.Tensor
     if vocab == 0:
         raise ValueError("expert_logits has an empty vocabulary (V = 0)")
     check_same_device(expert_logits=expert_logits, amateur_logits=amateur_logits)
-    check_supported_device("expert_logits", expert_logits, ("cpu",))
+    check_supported_device("expert_logits", expert_logits, _DEVICES)
     if expert_logits.stride(1) != 1:
         expert_logits = expert_logits.contiguous()
     if amateur_logits.stride(1) != 1:

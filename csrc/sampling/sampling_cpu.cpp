@@ -17,13 +17,13 @@
 #include <algorithm>
 #include <functional>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <new>
 #include <vector>
 
 #include "common/parallel.h"
 #include "common/philox.h"
+#include "sampling/sampling_math.h"
 #include "sampling/sampling_simd.h"
 
 namespace cm3leon::sampling {
@@ -35,27 +35,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int64_t kChunk = 64;  // tokens per chunk (8 AVX2 vectors)
 // Below this size, clearing and scanning the radix histograms costs more than selecting directly.
 constexpr int64_t kSmallSelect = 1024;
-
-// The smallest float f with f >= t, so `z >= t` and `z >= f` agree for every float z.
-inline float float_at_least(double t) {
-  if (t == -double(kInf)) return -kInf;
-  float f = float(t);
-  if (double(f) < t) f = std::nextafter(f, kInf);
-  return f;
-}
-
-// Order-preserving map float -> uint32 (larger float, larger key) and back.
-inline uint32_t float_key(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-inline float key_float(uint32_t k) {
-  const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
 
 struct Workspace {
   std::vector<float> z;          // dense row (cfg: mixed logits / T; contrastive: expert, then final scores)

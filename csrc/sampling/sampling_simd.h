@@ -8,28 +8,13 @@
 
 #include "common/half.h"
 #include "common/simd.h"
+#include "sampling/sampling_math.h"
 
 namespace cm3leon::sampling::simd {
 
-// exp(x) for x <= 0 to ~2 ulp (Cody-Waite reduction, degree-6 Taylor); exactly 0 at or below -87.
-inline float exp_nonpositive(float x) {
-  const float xc = x < -87.f ? -87.f : x;
-  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
-  const float n = std::fma(xc, 1.44269504f, shifter) - shifter;
-  float r = std::fma(n, -0.693145752f, xc);
-  r = std::fma(n, -1.42860677e-6f, r);
-  float p = 1.f / 720.f;
-  p = std::fma(p, r, 1.f / 120.f);
-  p = std::fma(p, r, 1.f / 24.f);
-  p = std::fma(p, r, 1.f / 6.f);
-  p = std::fma(p, r, 0.5f);
-  p = std::fma(p, r, 1.f);
-  p = std::fma(p, r, 1.f);
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x <= -87.f ? 0.f : p * scale;
-}
+// The scalar exp_nonpositive lives in sampling_math.h (shared with the CUDA kernels); the vector one below
+// runs the same operations lane by lane.
+using cm3leon::sampling::exp_nonpositive;
 
 #if CM3LEON_AVX2
 inline __m256 exp_nonpositive(__m256 x) {
