@@ -105,8 +105,8 @@ CUDA = torch.cuda.is_available() and ck.cuda_built()
 @pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa.flash"])
 def test_backward_causal_cuda(benchmark, bench_record, impl):
     """bf16 causal backward, batch x seqlen = 16k tokens, head dim 128. cm3leon's backward op is timed on the
-    forward of the plain-PyTorch reference (so it does not depend on the CUDA forward); SDPA's flash backward through
-    autograd. Both synchronise inside the timed function."""
+    forward of the plain-PyTorch reference (so it does not depend on the CUDA forward); SDPA's flash backward
+    through autograd. Both synchronise inside the timed function."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from cm3leon_kernels import reference as ref

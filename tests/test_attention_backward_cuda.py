@@ -1,8 +1,9 @@
-"""CUDA attention backward (flash_attn_backward / flash_attn_varlen_backward on the GPU) against float64 autograd
-of the reference, with the FlashAttention tolerance rule.
+"""CUDA attention backward (flash_attn_backward / flash_attn_varlen_backward on the GPU) against float64
+autograd of the reference, with the FlashAttention tolerance rule.
 
-The ops are called directly with ``out``/``lse`` of the float64 reference, so these tests do not depend on the
-CUDA forward; ``test_public_api_backward`` runs the whole differentiable path once the forward is on the GPU too.
+The ops are called directly with ``out``/``lse`` of the float64 reference, so these tests do not depend on
+the CUDA forward; ``test_public_api_backward`` runs the whole differentiable path once the forward is on the
+GPU too.
 Skipped without a GPU and a CUDA build.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _check_grads(grads, grads64, grads_b, dtype, name):
 
 
 def _dense_backward(q, k, v, dout, scale, causal):
-    """Runs the CUDA backward op on the reference's forward; returns (grads, float64 grads, baseline grads)."""
+    """Runs the CUDA backward op on the reference's forward: (grads, float64 grads, baseline grads)."""
     out64, lse64, g64, gb = _reference_grads(lambda q, k, v: ref.attention(q, k, v, scale, causal), (q, k, v),
                                              dout)
     with poisoned_outputs():
@@ -62,15 +63,15 @@ def _dense_backward(q, k, v, dout, scale, causal):
 DENSE_CASES = [  # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal
     (2, 37, 37, 4, 4, 64, True),
     (2, 37, 37, 4, 4, 64, False),
-    (1, 130, 130, 2, 2, 32, True),     # several query and key blocks
+    (1, 130, 130, 2, 2, 32, True),     # several query and key blocks, head dim 32 in the 64 bucket
     (2, 5, 70, 4, 2, 64, True),        # seqlen_q < seqlen_k: bottom-right aligned
-    (1, 70, 21, 3, 1, 96, True),       # seqlen_q > seqlen_k: top rows see no key (MQA)
-    (1, 53, 99, 8, 2, 80, False),      # GQA 4:1, head dim 80 in the 96 bucket
+    (1, 70, 21, 3, 1, 96, True),       # seqlen_q > seqlen_k: top rows see no key (MQA); 96 in the 128 bucket
+    (1, 53, 99, 8, 2, 80, False),      # GQA 4:1, head dim 80 in the 128 bucket
     (2, 1, 1, 2, 1, 128, True),        # single token
     (1, 200, 333, 6, 2, 128, True),    # GQA 3:1 over several blocks, odd lengths
     (1, 129, 65, 2, 2, 160, False),    # head dim 160 in the 256 bucket
     (1, 96, 96, 2, 1, 256, True),
-    (1, 45, 77, 2, 2, 8, True),        # head dim 8 in the 32 bucket
+    (1, 45, 77, 2, 2, 8, True),        # head dim 8 in the 64 bucket
     (2, 300, 300, 4, 1, 40, True),     # MQA, head dim 40 in the 64 bucket
 ]
 
@@ -79,7 +80,8 @@ DENSE_CASES = [  # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causa
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_backward_matches_float64_autograd(case, dtype):
     b, sq, sk, hq, hkv, d, causal = case
-    q, k, v = _rand(b, sq, hq, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
+    q = _rand(b, sq, hq, d, dtype=dtype)
+    k, v = _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
     dout = _rand(b, sq, hq, d, dtype=dtype)
     grads, g64, gb = _dense_backward(q, k, v, dout, d ** -0.5, causal)
     _check_grads(grads, g64, gb, dtype, str(case))
@@ -96,7 +98,8 @@ def test_softmax_scale_and_large_values(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 def test_rows_without_keys_get_zero_dq(dtype):
-    q, k, v = _rand(1, 70, 2, 64, dtype=dtype), _rand(1, 21, 2, 64, dtype=dtype), _rand(1, 21, 2, 64, dtype=dtype)
+    q = _rand(1, 70, 2, 64, dtype=dtype)
+    k, v = _rand(1, 21, 2, 64, dtype=dtype), _rand(1, 21, 2, 64, dtype=dtype)
     (dq, dk, dv), _, _ = _dense_backward(q, k, v, _rand(1, 70, 2, 64, dtype=dtype), 0.125, True)
     assert (dq[:, :49] == 0).all(), "queries that see no key must get dq = 0"
     assert torch.isfinite(dk).all() and torch.isfinite(dv).all()
@@ -149,8 +152,8 @@ def test_varlen_backward_matches_float64_autograd(dtype, causal):
     out64, lse64, g64, gb = _reference_grads(
         lambda q, k, v: ref.attention_varlen(q, k, v, cq, ckk, causal=causal), (q, k, v), dout)
     with poisoned_outputs():
-        grads = ops.flash_attn_varlen_backward(dout, q, k, v, out64.to(dtype), lse64.float(), cq, ckk, max(lq),
-                                               max(lk), d ** -0.5, causal)
+        grads = ops.flash_attn_varlen_backward(dout, q, k, v, out64.to(dtype), lse64.float(), cq, ckk,
+                                               max(lq), max(lk), d ** -0.5, causal)
     _check_grads(grads, g64, gb, dtype, f"varlen causal={causal}")
     assert (grads[1][13:18] == 0).all(), "keys of a document without queries must get dk = 0"
 
@@ -162,7 +165,8 @@ def test_public_api_backward():
     except NotImplementedError:
         pytest.skip("the attention forward has no CUDA kernel in this build")
     dtype = torch.bfloat16
-    q, k, v = _rand(2, 91, 6, 64, dtype=dtype), _rand(2, 91, 2, 64, dtype=dtype), _rand(2, 91, 2, 64, dtype=dtype)
+    q = _rand(2, 91, 6, 64, dtype=dtype)
+    k, v = _rand(2, 91, 2, 64, dtype=dtype), _rand(2, 91, 2, 64, dtype=dtype)
     dout = _rand(2, 91, 6, 64, dtype=dtype)
     x = _leaves(q, k, v)
     ck.flash_attn_func(*x, causal=True).backward(dout)
@@ -181,7 +185,8 @@ def test_public_api_backward():
 
 def _op_inputs(sk=47, dtype=torch.bfloat16):
     """Arguments of flash_attn_backward with a consistent forward (out, lse of the float64 reference)."""
-    q, k, v = _rand(1, 33, 4, 32, dtype=dtype), _rand(1, sk, 2, 32, dtype=dtype), _rand(1, sk, 2, 32, dtype=dtype)
+    q = _rand(1, 33, 4, 32, dtype=dtype)
+    k, v = _rand(1, sk, 2, 32, dtype=dtype), _rand(1, sk, 2, 32, dtype=dtype)
     out, lse = ref.attention(q.double(), k.double(), v.double(), causal=True)
     return torch.randn_like(q), q, k, v, out.to(dtype), lse.float()
 
@@ -203,14 +208,15 @@ def _bad_call(name):
     k3, v3 = (t[:, :, :1].expand(-1, -1, 3, -1).contiguous() for t in (k, v))
     d12 = [t[..., :12].contiguous() for t in (dout, q, k, v, out)]
     q_strided = q.transpose(1, 2).contiguous().transpose(1, 2)
+    bwd = ops.flash_attn_backward
     calls = {
-        "lse shape": (ValueError, lambda: ops.flash_attn_backward(dout, q, k, v, out, lse[:, :, 1:], 0.2, True)),
-        "lse dtype": (ValueError, lambda: ops.flash_attn_backward(dout, q, k, v, out, lse.double(), 0.2, True)),
-        "out dtype": (TypeError, lambda: ops.flash_attn_backward(dout, q, k, v, out.half(), lse, 0.2, True)),
-        "dout shape": (ValueError, lambda: ops.flash_attn_backward(dout[:, 1:], q, k, v, out, lse, 0.2, True)),
-        "heads": (ValueError, lambda: ops.flash_attn_backward(dout, q, k3, v3, out, lse, 0.2, True)),
-        "head dim": (ValueError, lambda: ops.flash_attn_backward(*d12, lse, 0.2, True)),
-        "non-contiguous": (ValueError, lambda: ops.flash_attn_backward(dout, q_strided, k, v, out, lse, 0.2, True)),
+        "lse shape": (ValueError, lambda: bwd(dout, q, k, v, out, lse[:, :, 1:], 0.2, True)),
+        "lse dtype": (ValueError, lambda: bwd(dout, q, k, v, out, lse.double(), 0.2, True)),
+        "out dtype": (TypeError, lambda: bwd(dout, q, k, v, out.half(), lse, 0.2, True)),
+        "dout shape": (ValueError, lambda: bwd(dout[:, 1:], q, k, v, out, lse, 0.2, True)),
+        "heads": (ValueError, lambda: bwd(dout, q, k3, v3, out, lse, 0.2, True)),
+        "head dim": (ValueError, lambda: bwd(*d12, lse, 0.2, True)),
+        "non-contiguous": (ValueError, lambda: bwd(dout, q_strided, k, v, out, lse, 0.2, True)),
         "cu_seqlens on cpu": (ValueError, lambda: ops.flash_attn_varlen_backward(
             d1, q1, k1, v1, o1, l1, cu.cpu(), cu, 33, 33, 0.2, True)),
         "cu_seqlens dtype": (TypeError, lambda: ops.flash_attn_varlen_backward(

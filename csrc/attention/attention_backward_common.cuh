@@ -16,15 +16,19 @@ struct Seg {
   int q_len, k_len;
 };
 
-__device__ inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+__device__ inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
 
 __device__ inline Seg segment(const BackwardParams& p, int64_t b) {
   if (p.cu_seqlens_q == nullptr)
     return {b * p.seqlen_q, b * p.seqlen_k, int(p.seqlen_q), int(p.seqlen_k)};
   // Clamped so inconsistent cu_seqlens cannot address memory outside q/k (the values are not re-validated
   // here: that would need a host sync).
-  const int64_t q0 = clamp64(p.cu_seqlens_q[b], 0, p.total_q), q1 = clamp64(p.cu_seqlens_q[b + 1], q0, p.total_q);
-  const int64_t k0 = clamp64(p.cu_seqlens_k[b], 0, p.total_k), k1 = clamp64(p.cu_seqlens_k[b + 1], k0, p.total_k);
+  const int64_t q0 = clamp64(p.cu_seqlens_q[b], 0, p.total_q);
+  const int64_t q1 = clamp64(p.cu_seqlens_q[b + 1], q0, p.total_q);
+  const int64_t k0 = clamp64(p.cu_seqlens_k[b], 0, p.total_k);
+  const int64_t k1 = clamp64(p.cu_seqlens_k[b + 1], k0, p.total_k);
   return {q0, k0, int(q1 - q0), int(k1 - k0 < p.seqlen_k ? k1 - k0 : p.seqlen_k)};
 }
 

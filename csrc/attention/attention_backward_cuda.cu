@@ -2,8 +2,9 @@
 //   1. preprocess: D = rowsum(dO * O) per (query, head) in fp32, and zero the fp32 dQ accumulator;
 //   2. main kernel (per key block): dK, dV written directly, dQ added into the accumulator with atomics;
 //   3. postprocess: dQ = scale * accumulator, in the output dtype.
-// bf16 / fp16 run the tensor-core kernel of the smallest head-dim bucket (32, 64, 96, 128, 256) that holds
-// head_dim; float32 runs the SIMT kernel.
+// bf16 / fp16 run the tensor-core kernel of the smallest head-dim bucket (64, 128, 256) that holds head_dim;
+// float32 runs the SIMT kernel. (Three buckets, not one per head dim: each costs ~1 CPU-minute of nvcc per
+// arch.)
 #include <cutlass/numeric_types.h>
 
 #include "attention/attention_backward_kernels.h"
@@ -58,9 +59,7 @@ decltype(auto) dispatch_cuda_float(DType dtype, F&& f) {
 
 cudaError_t main_kernel(const BackwardParams& p, cudaStream_t stream) {
   if (p.dtype == DType::Float32) return backward_simt(p, stream);
-  if (p.head_dim <= 32) return backward_sm80<32>(p, stream);
   if (p.head_dim <= 64) return backward_sm80<64>(p, stream);
-  if (p.head_dim <= 96) return backward_sm80<96>(p, stream);
   if (p.head_dim <= 128) return backward_sm80<128>(p, stream);
   return backward_sm80<256>(p, stream);
 }

@@ -33,12 +33,15 @@ void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
   check_contiguous(q, "q");
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
                     v.sizes());
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape ",
-                    q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
+                    out.sizes());
   const int64_t d = q.size(-1), hq = q.size(-2), hkv = k.size(-2);
   TORCH_CHECK_VALUE(k.size(-1) == d, "k's head dim (", k.size(-1), ") must equal q's (", d, ")");
-  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k's (", hkv, ")");
-  TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ", d);
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k's (", hkv,
+                    ")");
+  TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ",
+                    d);
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 ",
                     lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK_VALUE(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
@@ -98,8 +101,9 @@ BackwardParams base_params(const at::Tensor& q, const at::Tensor& k, double soft
 
 }  // namespace
 
-Grads backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& out, const at::Tensor& lse, double softmax_scale, bool causal) {
+Grads backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                           double softmax_scale, bool causal) {
   check_inputs(dout, q, k, v, out, lse, 4, {q.size(0), q.size(2), q.size(1)});
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
   TORCH_CHECK_VALUE(q.size(1) <= INT_MAX && k.size(1) <= INT_MAX, "sequence lengths must fit in int32");
@@ -115,14 +119,16 @@ Grads backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at
 Grads varlen_backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal) {
+                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                                  bool causal) {
   check_inputs(dout, q, k, v, out, lse, 3, {q.size(1), q.size(0)});
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
-                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
-                    cu_seqlens_k.size(0));
-  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT_MAX && max_seqlen_k <= INT_MAX,
+                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0),
+                    " and ", cu_seqlens_k.size(0));
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT_MAX &&
+                        max_seqlen_k <= INT_MAX,
                     "max_seqlen_q and max_seqlen_k must be in [0, 2^31), got ", max_seqlen_q, " and ",
                     max_seqlen_k);
   // cu_seqlens live on the GPU: their values are not re-checked here (that would need a host sync); the

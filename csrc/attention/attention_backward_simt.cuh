@@ -1,9 +1,9 @@
 // Attention backward for float32 inputs with plain fp32 FMAs: the slow, simple path (tensor cores would need
 // TF32 and lose the precision fp32 users ask for).
 //
-// Same decomposition as the tensor-core kernel, on 16 x 16 tiles: a block owns 16 keys of one kv head (K, V in
-// shared memory, dK and dV in registers) and sweeps the (query head of the GQA group, 16-query block) steps
-// that can see them. 256 threads: for S and dP one thread per (key, query) pair, for dK / dV one per
+// Same decomposition as the tensor-core kernel, on 16 x 16 tiles: a block owns 16 keys of one kv head (K, V
+// in shared memory, dK and dV in registers) and sweeps the (query head of the GQA group, 16-query block)
+// steps that can see them. 256 threads: for S and dP one thread per (key, query) pair, for dK / dV one per
 // (key, column mod 16), for dQ one per (query, column mod 16). Shared rows are padded by one float so column
 // reads of 16 rows fall in 16 different banks.
 #pragma once
@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(kSimtThreads) backward_simt_kernel(const Backw
         sc += sK[row * ld + c] * sQ[lane * ld + c];
         dp += sV[row * ld + c] * sdO[lane * ld + c];
       }
-      const float pr = visible(m0 + lane, n0 + row, s, p.causal) ? exp2f(sc * scale_log2 - s_lse2[lane]) : 0.f;
+      const bool keep = visible(m0 + lane, n0 + row, s, p.causal);
+      const float pr = keep ? exp2f(sc * scale_log2 - s_lse2[lane]) : 0.f;
       sP[row * LP + lane] = pr;
       sdS[row * LP + lane] = pr * (dp - s_dsum[lane]);
     }

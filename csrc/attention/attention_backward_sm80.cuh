@@ -8,10 +8,10 @@
 //   dQ_accum += dS K                             (fp32 atomics: other key blocks add to the same rows)
 // Looping over the query heads of a group inside the block sums the GQA gradients of dK/dV in registers, so
 // they need neither atomics nor a per-query-head workspace (the cost: heads_q / heads_kv fewer blocks).
-// Operands go global -> shared with 16-byte cp.async (rows and head-dim columns past the ends are zero-filled,
-// so one instantiation serves every head dim up to kHeadDim) and shared -> registers with ldmatrix
-// (transposed ldmatrix for the operands read along tokens). The next step's Q / dO load is issued before the
-// dQ product so it overlaps with it.
+// Operands go global -> shared with 16-byte cp.async (rows and head-dim columns past the ends are
+// zero-filled, so one instantiation serves every head dim up to kHeadDim) and shared -> registers with
+// ldmatrix (transposed ldmatrix for the operands read along tokens). The next step's Q / dO load is issued
+// before the dQ product so it overlaps with it.
 #pragma once
 #include <type_traits>
 
@@ -28,7 +28,8 @@ using namespace cute;
 template <int kHeadDim_, typename Element_>
 struct Sm80Traits {
   using Element = Element_;
-  static constexpr int kHeadDim = kHeadDim_;  // multiple of 32
+  static constexpr int kHeadDim = kHeadDim_;  // multiple of 64
+  static_assert(kHeadDim % 64 == 0, "head-dim buckets are multiples of 64 (one swizzled row atom wide)");
   static constexpr int kBlockM = 64;          // queries per step
   static constexpr int kBlockN = 64;          // keys per block
   static constexpr int kThreads = 256;        // 8 warps
@@ -40,14 +41,12 @@ struct Sm80Traits {
   // dV, dK on [kBlockN, head dim] and dQ on [kBlockM, head dim]: warps 4 x 2, each 16 x 16 per tile.
   using MmaD = TiledMMA<Mma, Layout<Shape<_4, _2, _1>>, Tile<_64, _32, _16>>;
 
-  // Shared tiles: rows of 64 (or 32) elements, XOR-swizzled so ldmatrix and cp.async are conflict-free.
-  static constexpr int kRowElems = kHeadDim % 64 == 0 ? 64 : 32;
-  using RowAtom = decltype(composition(Swizzle<kRowElems == 64 ? 3 : 2, 3, 3>{},
-                                       Layout<Shape<_8, Int<kRowElems>>, Stride<Int<kRowElems>, _1>>{}));
+  // Shared tiles: atoms of 8 rows x 64 elements (128 bytes), XOR-swizzled in 16-byte chunks so ldmatrix and
+  // cp.async are conflict-free.
+  using RowAtom = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
   using LayoutQ = decltype(tile_to_shape(RowAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   using LayoutK = decltype(tile_to_shape(RowAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  using AtomPdS = decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using LayoutPdS = decltype(tile_to_shape(AtomPdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  using LayoutPdS = decltype(tile_to_shape(RowAtom{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
   // Transposed views ((d, token) -> the same element), for products that reduce over tokens.
   using LayoutQt = decltype(composition(LayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{},
                                                                GenRowMajor{})));
@@ -61,7 +60,7 @@ struct Sm80Traits {
   using LayoutPdStPlain = decltype(get_nonswizzle_portion(LayoutPdSt{}));
 
   // Global -> shared: one 16-byte cp.async (8 elements) per thread and row chunk.
-  static constexpr int kThreadsPerRow = kRowElems / 8;
+  static constexpr int kThreadsPerRow = 64 / 8;
   using GmemCopy = decltype(make_tiled_copy(
       Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<uint128_t>, Element>{},
       Layout<Shape<Int<kThreads / kThreadsPerRow>, Int<kThreadsPerRow>>, Stride<Int<kThreadsPerRow>, _1>>{},
@@ -69,7 +68,7 @@ struct Sm80Traits {
   using Ldsm = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
   using LdsmT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
 
-  // sQ, sdO [kBlockM, d]; sK, sV [kBlockN, d]; sP, sdS [kBlockM, kBlockN]; then lse2 and D of the step's rows.
+  // sQ, sdO [kBlockM, d]; sK, sV [kBlockN, d]; sP, sdS [kBlockM, kBlockN]; then the step's lse2 and D.
   static constexpr int kTileElems = 2 * kBlockM * kHeadDim + 2 * kBlockN * kHeadDim + 2 * kBlockM * kBlockN;
   static constexpr int kSmemBytes = kTileElems * int(sizeof(Element)) + 2 * kBlockM * int(sizeof(float));
 };
