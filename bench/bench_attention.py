@@ -94,3 +94,43 @@ def test_matmul_peak(benchmark, bench_record):
     bench_record(benchmark, case=f"fp32 matmul peak (torch.mm {n}^3)", impl="torch.mm", work=2 * n ** 3,
                  unit="GFLOP/s")
     benchmark.pedantic(lambda: a @ b, rounds=5, warmup_rounds=1)
+
+
+# ---- CUDA backward (issue #5 target: >= 1.1x SDPA's flash backward on H100) --------------------------------
+
+CUDA = torch.cuda.is_available() and ck.cuda_built()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build of cm3leon_kernels")
+@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa.flash"])
+def test_backward_causal_cuda(benchmark, bench_record, impl):
+    """bf16 causal backward, batch x seqlen = 16k tokens, head dim 128. cm3leon's backward op is timed on the
+    forward of the plain-PyTorch reference (so it does not depend on the CUDA forward); SDPA's flash backward
+    through autograd. Both synchronise inside the timed function."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from cm3leon_kernels import reference as ref
+
+    b, s, h, d = 8, 2048, 16, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, dout = [torch.randn(b, s, h, d, generator=g, device="cuda").to(torch.bfloat16) for _ in range(4)]
+    if impl == "cm3leon":
+        out, lse = ref.attention(q, k, v, causal=True)  # the inputs of the timed backward (bf16 forward)
+        args = (dout, q, k, v, out, lse.float(), d ** -0.5, True)
+
+        def fn():
+            torch.ops.cm3leon.flash_attn_backward(*args)
+            torch.cuda.synchronize()
+    else:
+        inputs = [t.detach().requires_grad_() for t in _sdpa_layout(q, k, v)]
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(*inputs, is_causal=True)
+        douts = dout.transpose(1, 2).contiguous()
+
+        def fn():
+            torch.autograd.grad(out, inputs, douts, retain_graph=True)
+            torch.cuda.synchronize()
+    flops = 2.5 * 4 * b * h * d * s * (s + 1) / 2
+    bench_record(benchmark, case=f"attn bwd causal bf16 CUDA B={b} H={h} S={s} D={d}", impl=impl, work=flops,
+                 unit="GFLOP/s")
+    benchmark.pedantic(fn, rounds=10, warmup_rounds=2)

@@ -10,6 +10,9 @@
 #include "common/philox.h"
 #include "sampling/sampling_launch.h"
 #include "vq/vq_launch.h"
+#ifdef CM3LEON_WITH_CUDA
+#include "attention/attention_backward_cuda_launch.h"
+#endif
 
 TORCH_LIBRARY(cm3leon, m) {
   // VQ codebook lookup (cm3leon_kernels/vq.py). z is [N, D]; the Python wrapper flattens leading dims.
@@ -64,6 +67,9 @@ TORCH_LIBRARY_IMPL(cm3leon, CUDA, m) {
   // Sampling (csrc/sampling/sampling_cuda_launch.cpp)
   m.impl("cfg_sample", &cm3leon::sampling::cfg_sample_cuda_launch);
   m.impl("contrastive_sample", &cm3leon::sampling::contrastive_sample_cuda_launch);
+  // Attention backward (csrc/attention/attention_backward_cuda*)
+  m.impl("flash_attn_backward", &cm3leon::attention::backward_cuda_launch);
+  m.impl("flash_attn_varlen_backward", &cm3leon::attention::varlen_backward_cuda_launch);
 }
 #endif
 

@@ -1,0 +1,147 @@
+#include "attention/attention_backward_cuda_launch.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "attention/attention_backward_cuda.h"
+#include "common/tensor_checks.h"
+
+namespace cm3leon::attention {
+namespace {
+
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Shapes, dtypes, devices and contiguity of the backward's tensors (Python validates first; this is the
+// second line of defence, so bad input raises instead of reading out of bounds).
+void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& out, const at::Tensor& lse, int64_t ndim, at::IntArrayRef lse_shape) {
+  TORCH_CHECK_VALUE(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "q, k, v must be ", ndim,
+                    "-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor");
+  float_dtype(q, "q");
+  for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&out, "out"}, {&dout, "dout"}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(),
+                     ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " is on ", t->device(), " but q is on ", q.device());
+    check_contiguous(*t, name);
+  }
+  check_contiguous(q, "q");
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
+                    v.sizes());
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
+                    out.sizes());
+  const int64_t d = q.size(-1), hq = q.size(-2), hkv = k.size(-2);
+  TORCH_CHECK_VALUE(k.size(-1) == d, "k's head dim (", k.size(-1), ") must equal q's (", d, ")");
+  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k's (", hkv,
+                    ")");
+  TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ",
+                    d);
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 ",
+                    lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
+  check_contiguous(lse, "lse");
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got ",
+                    cu.sizes());
+  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " is on ", cu.device(), " but q is on ", q.device());
+  check_contiguous(cu, name);
+}
+
+// The tensor-core kernels load with 16-byte cp.async: a view whose data does not start on a 16-byte boundary
+// (an odd storage offset) is copied once into a fresh (aligned) allocation.
+at::Tensor aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
+// Allocates the gradients and the fp32 workspaces (dQ accumulator, D = rowsum(dO * O)) and runs the kernels.
+Grads run(BackwardParams p, const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+          const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse, const char* op) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor dout = aligned(dout_in), q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  const at::Tensor out = aligned(out_in);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const at::TensorOptions f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq_accum = at::empty({p.total_q, p.heads_q, p.head_dim}, f32);
+  at::Tensor dsum = at::empty({p.heads_q, p.total_q}, f32);
+  p.dtype = float_dtype(q, "q");
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.dout = dout.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_accum = dq_accum.data_ptr<float>();
+  p.dsum = dsum.data_ptr<float>();
+  const cudaError_t err = backward_cuda(p, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
+  return {dq, dk, dv};
+}
+
+BackwardParams base_params(const at::Tensor& q, const at::Tensor& k, double softmax_scale, bool causal) {
+  BackwardParams p{};
+  p.heads_q = q.size(-2);
+  p.heads_kv = k.size(-2);
+  p.head_dim = q.size(-1);
+  p.scale = float(softmax_scale);
+  p.causal = causal;
+  return p;
+}
+
+}  // namespace
+
+Grads backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                           double softmax_scale, bool causal) {
+  check_inputs(dout, q, k, v, out, lse, 4, {q.size(0), q.size(2), q.size(1)});
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
+  TORCH_CHECK_VALUE(q.size(1) <= INT_MAX && k.size(1) <= INT_MAX, "sequence lengths must fit in int32");
+  BackwardParams p = base_params(q, k, softmax_scale, causal);
+  p.batch = q.size(0);
+  p.seqlen_q = q.size(1);
+  p.seqlen_k = k.size(1);
+  p.total_q = p.batch * p.seqlen_q;
+  p.total_k = p.batch * p.seqlen_k;
+  return run(p, dout, q, k, v, out, lse, "flash_attn_backward");
+}
+
+Grads varlen_backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                                  bool causal) {
+  check_inputs(dout, q, k, v, out, lse, 3, {q.size(1), q.size(0)});
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
+                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0),
+                    " and ", cu_seqlens_k.size(0));
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT_MAX &&
+                        max_seqlen_k <= INT_MAX,
+                    "max_seqlen_q and max_seqlen_k must be in [0, 2^31), got ", max_seqlen_q, " and ",
+                    max_seqlen_k);
+  // cu_seqlens live on the GPU: their values are not re-checked here (that would need a host sync); the
+  // kernels clamp them to the token counts, so inconsistent values give wrong gradients, never bad accesses.
+  BackwardParams p = base_params(q, k, softmax_scale, causal);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.batch = cu_seqlens_q.size(0) - 1;
+  p.seqlen_q = max_seqlen_q;
+  p.seqlen_k = max_seqlen_k;
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  return run(p, dout, q, k, v, out, lse, "flash_attn_varlen_backward");
+}
+
+}  // namespace cm3leon::attention

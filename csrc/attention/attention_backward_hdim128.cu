@@ -1,0 +1,6 @@
+// bf16 / fp16 attention backward for head dims up to 128 (own translation unit: buckets compile in parallel).
+#include "attention/attention_backward_sm80.cuh"
+
+namespace cm3leon::attention::bwd {
+template cudaError_t backward_sm80<128>(const BackwardParams&, cudaStream_t);
+}  // namespace cm3leon::attention::bwd
