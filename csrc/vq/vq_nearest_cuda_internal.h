@@ -27,6 +27,7 @@ struct CodebookBounds {
   float abs_bias;           // max |bias|
   float weight_times_norm;  // max |weight| * ||c||
   float norm;               // max ||c||
+  float weight;             // max |weight|
 };
 
 // A row's best approximate candidates (ascending score; empty slots have index -1 and score +inf) and the

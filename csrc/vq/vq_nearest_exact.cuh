@@ -64,6 +64,7 @@ __global__ void code_stats_kernel(const T* __restrict__ codebook, int64_t k, int
   atomicMax(reinterpret_cast<unsigned int*>(&bounds->abs_bias), bound_bits(fabs(double(s.bias))));
   atomicMax(reinterpret_cast<unsigned int*>(&bounds->weight_times_norm), bound_bits(weight_times_norm));
   atomicMax(reinterpret_cast<unsigned int*>(&bounds->norm), bound_bits(norm));
+  atomicMax(reinterpret_cast<unsigned int*>(&bounds->weight), bound_bits(fabs(double(s.weight))));
 }
 
 // dst[r, :] = src[r, :] followed by zeros up to d_pad (aligned, vector-friendly copies for the GEMM).
@@ -91,14 +92,15 @@ struct FinalizeParams {
   unsigned long long* non_finite_rows;
 };
 
-// E for a row of norm zn: |approx - true score| <= (gamma + 2^-22) * zn * max(|w| ||c||) + 2^-22 * max|b|,
-// where gamma bounds |z.c - computed z.c| / (sum |z_i c_i|) <= / (||z|| ||c||): input rounding plus fp32
-// accumulation (taken as (d + 16) * 2^-22 for any tensor-core summation order), and the 2^-22 terms cover
-// the fp32 rounding of bias, weight and the fused multiply-add. Doubled for safety.
+// E for a row of norm zn: |approx - true score| <= (gamma + 2^-22) * zn * max(|w| ||c||) + 2^-22 * max|b|
+// + (d + 16) * 2^-125 * max|w|, where gamma bounds |z.c - computed z.c| / sum |z_i c_i| (and sum |z_i c_i|
+// <= ||z|| ||c||): input rounding plus fp32 accumulation (taken as (d + 16) * 2^-22 for any tensor-core
+// summation order); the 2^-22 terms cover the fp32 rounding of bias, weight and the fused multiply-add, the
+// last term products and sums flushed to zero below 2^-126. Doubled for safety.
 __device__ inline double error_bound(const FinalizeParams& p, double zn) {
   const double gamma = p.product_error + double(p.d + 16) * 0x1p-22;
   return 2.0 * ((gamma + 0x1p-22) * zn * double(p.bounds->weight_times_norm) +
-                0x1p-22 * double(p.bounds->abs_bias));
+                0x1p-22 * double(p.bounds->abs_bias) + double(p.d + 16) * 0x1p-125 * double(p.bounds->weight));
 }
 
 // The exact distance of row z to code c in double (all lanes get the result).
