@@ -11,7 +11,7 @@ namespace cm3leon::vq::nearest_gpu {
 
 constexpr int kTileRows = 128;   // rows of z per GEMM block
 constexpr int kTileCodes = 128;  // codes per GEMM tile
-constexpr int kKeep = 4;         // approximate candidates kept per row (and per code split)
+constexpr int kKeep = 8;         // approximate candidates kept per row (and per code split)
 
 // Approximate score of a code: bias + weight * (z . c). It ranks codes like the exact distance:
 // L2: ||c||^2 - 2 z.c (= ||z - c||^2 - ||z||^2); cosine: -2 z.c / ||c|| (= 2 ||z|| (cos distance - 1)).

@@ -5,9 +5,10 @@
 // pipeline over (code tile, depth chunk) pairs; each chunk is 128 bytes of every row (64 bf16/fp16 or 32 fp32
 // values) in a swizzled (bank-conflict-free) shared-memory layout. fp32 inputs run the TF32 MMA on the raw
 // fp32 bits (the tensor core truncates them to TF32); the finaliser's exact re-check makes the result exact.
-// A block walks the code tiles [blockIdx.y * tiles_per_split, ...) and, per thread and row, keeps its best two
+// A block walks the code tiles [blockIdx.y * tiles_per_split, ...) and, per thread and row, keeps its best three
 // scores and the lowest score it dropped; at the end the block merges its 8 contributors per row into kKeep
-// candidates and writes them to out[blockIdx.y, row].
+// candidates and writes them to out[blockIdx.y, row]. (Three per thread and kKeep = 8 keep the exact full scan
+// rare: simulated on N(0,1) data, D=256, K=8192: 1 fp32 row in 2000, versus 3.5% with two and four.)
 #pragma once
 #include <cute/tensor.hpp>
 #include <cute/arch/copy_sm80.hpp>
@@ -75,10 +76,10 @@ struct GemmConfig {
       int((cute::cosize(SmemLayoutA{}) + cute::cosize(SmemLayoutB{})) * sizeof(Element));
 };
 
-// One contributor's view of a row at the end of the block: its best two scores and what it dropped.
+// One contributor's view of a row at the end of the block: its best three scores and what it dropped.
 struct RowEntry {
-  float score0, score1, dropped;
-  int32_t index0, index1;
+  float score[3], dropped;
+  int32_t index[3];
 };
 
 template <typename T>
@@ -161,15 +162,15 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, 1) nearest_gemm_kerne
   static_assert(kRows * kContributors * sizeof(RowEntry) + kRows * sizeof(int) <= Config::kSmemBytes,
                 "the merge area reuses the pipeline's shared memory");
 
-  float best0[kSlots], best1[kSlots], dropped[kSlots];
-  int32_t index0[kSlots], index1[kSlots];
+  float best0[kSlots], best1[kSlots], best2[kSlots], dropped[kSlots];
+  int32_t index0[kSlots], index1[kSlots], index2[kSlots];
   CUTE_UNROLL
   for (int s = 0; s < kSlots; ++s) {
-    best0[s] = best1[s] = dropped[s] = kInf;
-    index0[s] = index1[s] = -1;
+    best0[s] = best1[s] = best2[s] = dropped[s] = kInf;
+    index0[s] = index1[s] = index2[s] = -1;
   }
 
-  // Folds one code tile's accumulators into the per-row best two (strict <: equal scores keep the earlier
+  // Folds one code tile's accumulators into the per-row best three (strict <: equal scores keep the earlier
   // code; ties are settled exactly by the finaliser anyway). Codes past k score +inf and never count.
   auto epilogue = [&](int tile) {
     const int code0 = tile * kCodes;
@@ -190,14 +191,16 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, 1) nearest_gemm_kerne
           for (int h = 0; h < 2; ++h) {
             const int slot = 2 * m + h;
             const float score = fmaf(weight, acc(c + 2 * h, m, n), bias);
-            const bool better = score < best1[slot];
-            dropped[slot] = fminf(dropped[slot], better ? best1[slot] : score);  // fminf ignores NaN
-            if (better) {
-              const bool top = score < best0[slot];
-              best1[slot] = top ? best0[slot] : score;
-              index1[slot] = top ? index0[slot] : code;
-              best0[slot] = top ? score : best0[slot];
-              index0[slot] = top ? code : index0[slot];
+            const bool better = score < best2[slot];
+            dropped[slot] = fminf(dropped[slot], better ? best2[slot] : score);  // fminf ignores NaN
+            if (better) {  // rare after the first tiles
+              const bool above0 = score < best0[slot], above1 = score < best1[slot];
+              best2[slot] = above1 ? best1[slot] : score;
+              index2[slot] = above1 ? index1[slot] : code;
+              best1[slot] = above0 ? best0[slot] : (above1 ? score : best1[slot]);
+              index1[slot] = above0 ? index0[slot] : (above1 ? code : index1[slot]);
+              best0[slot] = above0 ? score : best0[slot];
+              index0[slot] = above0 ? code : index0[slot];
             }
           }
         }
@@ -245,7 +248,8 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, 1) nearest_gemm_kerne
       const int row = int(get<0>(tCcC(2 * h, m, 0)));
       const int pos = atomicAdd(&counts[row], 1);
       if (pos < kContributors)
-        entries[row * kContributors + pos] = {best0[slot], best1[slot], dropped[slot], index0[slot], index1[slot]};
+        entries[row * kContributors + pos] = {{best0[slot], best1[slot], best2[slot]}, dropped[slot],
+                                              {index0[slot], index1[slot], index2[slot]}};
     }
   }
   __syncthreads();
@@ -254,9 +258,9 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, 1) nearest_gemm_kerne
     Candidates out = empty_candidates();
     const int count = min(counts[r], kContributors);
     for (int j = 0; j < count; ++j) {
-      const RowEntry e = entries[r * kContributors + j];
-      if (e.index0 >= 0) offer(out, e.score0, e.index0);
-      if (e.index1 >= 0) offer(out, e.score1, e.index1);
+      const RowEntry& e = entries[r * kContributors + j];
+      for (int q = 0; q < 3; ++q)
+        if (e.index[q] >= 0) offer(out, e.score[q], e.index[q]);
       out.dropped = fminf(out.dropped, e.dropped);
     }
     p.out[int64_t(blockIdx.y) * p.n + row0 + r] = out;
