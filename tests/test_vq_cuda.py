@@ -85,12 +85,14 @@ def test_nearest_random_shapes(n, k, d, scale, dtype, seed):
     _check_nearest(z, codebook, "l2")
 
 
-def test_fp32_indices_equal_the_float64_argmin_at_tokenizer_scale():
-    """fp32 inputs go through TF32 tensor cores; the exact re-check must still give the true argmin."""
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_indices_equal_the_float64_argmin_at_tokenizer_scale(dtype):
+    """fp32 inputs go through TF32 tensor cores, 16-bit ones through their own: the exact re-check must still
+    give the true argmin of every row (4096 latents, 8192 codes of 256 dims)."""
     g = torch.Generator().manual_seed(0)
-    z = torch.randn(4096, 256, generator=g).to(CUDA)
-    codebook = torch.randn(8192, 256, generator=g).to(CUDA)
-    # float64's expanded form is exact to ~1e-13 here; the fp32 one is the plain-PyTorch baseline.
+    z = torch.randn(4096, 256, generator=g).to(dtype).to(CUDA)
+    codebook = torch.randn(8192, 256, generator=g).to(dtype).to(CUDA)
+    # float64's expanded form is exact to ~1e-13 here; the same form in the inputs' dtype is the baseline.
     exact = _expanded_l2(z.double(), codebook.double())
     _check_nearest(z, codebook, "l2", exact=exact, baseline=_expanded_l2(z, codebook))
 
