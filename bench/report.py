@@ -41,7 +41,7 @@ def rows(data: dict) -> list[list[str]]:
             median = b["stats"]["median"]
             rate = ""
             if info.get("work") and info.get("unit"):
-                scale = 1e9 if info["unit"].startswith("G") else 1.0  # GFLOP/s, GB/s vs plain tok/s
+                scale = {"G": 1e9, "T": 1e12}.get(info["unit"][0], 1.0)  # GFLOP/s, TFLOP/s, GB/s; tok/s
                 rate = f"{info['work'] / median / scale:.1f} {info['unit']}"
             speedup = "" if ours_median is None or info.get("impl") == "cm3leon" else \
                 f"{median / ours_median:.2f}x"

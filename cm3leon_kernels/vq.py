@@ -1,8 +1,9 @@
 """Fused VQ codebook lookup: nearest code, gather, and the straight-through training form.
 
 The nearest-code search computes distances tile by tile and keeps the running argmin, so it never builds the
-``N x K`` distance matrix (memory ``O(N + K·D)``). Inputs may be float32, bfloat16 or float16; all
-arithmetic is float32.
+``N x K`` distance matrix (memory ``O(N + K·D)``). Inputs may be float32, bfloat16 or float16. On the CPU all
+arithmetic is float32; on CUDA a tensor-core GEMM picks candidates and an exact float64 re-check decides
+(docs/vq.md, "CUDA").
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from typing import NamedTuple
 import torch
 
 from ._checks import FLOAT_DTYPES, check_contiguous, check_same_device, check_supported_device, check_tensor
-from ._native import ops
+from ._native import cuda_built, ops
 
 __all__ = ["vq_nearest", "vq_embed", "vector_quantize", "VQOutput"]
 
 _METRICS = ("l2", "cosine")
+# Devices with VQ kernels: the CUDA ones exist only in CUDA builds (no silent CPU round trip).
+_DEVICES = ("cpu", "cuda") if cuda_built() else ("cpu",)
 
 
 def _check_codebook(codebook: torch.Tensor) -> None:
@@ -42,7 +45,8 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2"
 
     Raises:
         TypeError / ValueError naming the argument for wrong dtypes, shapes, devices, non-contiguous
-        tensors, an empty codebook, an unknown metric, or NaN/inf values.
+        tensors, an empty codebook, an unknown metric, or NaN/inf values; NotImplementedError on a
+        device without a kernel (CUDA needs a CUDA build, see ``cuda_built()``).
     """
     check_tensor("z", z, dtypes=FLOAT_DTYPES, min_ndim=1)
     _check_codebook(codebook)
@@ -53,7 +57,7 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2"
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     check_same_device(z=z, codebook=codebook)
-    check_supported_device("z", z, ("cpu",))
+    check_supported_device("z", z, _DEVICES)
     check_contiguous("z", z)
     indices, distance = ops.vq_nearest(z.reshape(-1, z.shape[-1]), codebook, metric)
     return indices.view(z.shape[:-1]), distance.view(z.shape[:-1])
@@ -67,6 +71,7 @@ def vq_embed(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     check_tensor("indices", indices, dtypes=(torch.int64,))
     _check_codebook(codebook)
     check_same_device(indices=indices, codebook=codebook)
+    check_supported_device("codebook", codebook, _DEVICES)
     check_contiguous("indices", indices)
     out = ops.vq_embed(indices.reshape(-1), codebook)
     return out.view(*indices.shape, codebook.shape[1])

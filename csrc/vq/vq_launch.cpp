@@ -15,20 +15,26 @@ void check_codebook(const at::Tensor& codebook) {
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> nearest_cpu_launch(const at::Tensor& z, const at::Tensor& codebook,
-                                                      c10::string_view metric) {
+Metric check_nearest_args(const at::Tensor& z, const at::Tensor& codebook, c10::string_view metric) {
   check_codebook(codebook);
   TORCH_CHECK_VALUE(z.dim() == 2 && z.size(1) == codebook.size(1), "z must be [N, D] with D = ",
                     codebook.size(1), " (the codebook's), got ", z.sizes());
   TORCH_CHECK_TYPE(z.scalar_type() == codebook.scalar_type(), "z and codebook must share a dtype, got ",
                    z.scalar_type(), " and ", codebook.scalar_type());
+  TORCH_CHECK_VALUE(z.device() == codebook.device(), "z and codebook must be on the same device");
   check_contiguous(z, "z");
   TORCH_CHECK_VALUE(metric == "l2" || metric == "cosine", "metric must be 'l2' or 'cosine', got '", metric, "'");
+  return metric == "l2" ? Metric::L2 : Metric::Cosine;
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_cpu_launch(const at::Tensor& z, const at::Tensor& codebook,
+                                                      c10::string_view metric) {
+  const Metric kind = check_nearest_args(z, codebook, metric);
   const int64_t n = z.size(0);
   at::Tensor indices = at::empty({n}, z.options().dtype(at::kLong));
   at::Tensor distance = at::empty({n}, z.options().dtype(at::kFloat));
   const int64_t bad = nearest_cpu(float_dtype(z, "z"), z.data_ptr(), codebook.data_ptr(), n, codebook.size(0),
-                                  codebook.size(1), metric == "l2" ? Metric::L2 : Metric::Cosine,
+                                  codebook.size(1), kind,
                                   indices.data_ptr<int64_t>(), distance.data_ptr<float>());
   TORCH_CHECK_VALUE(bad == 0, "z or codebook holds NaN/inf: ", bad, " row(s) of z have no finite distance");
   return {indices, distance};
