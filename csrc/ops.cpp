@@ -7,6 +7,7 @@
 
 #include "common/cpu_features.h"
 #include "attention/attention_launch.h"
+#include "attention/attention_cuda_launch.h"
 #include "common/philox.h"
 #include "sampling/sampling_launch.h"
 #include "vq/vq_launch.h"
@@ -61,6 +62,10 @@ TORCH_LIBRARY_IMPL(cm3leon, CPU, m) {
 #ifdef CM3LEON_WITH_CUDA
 TORCH_LIBRARY_IMPL(cm3leon, CUDA, m) {
   m.impl("vq_embed", &cm3leon::vq::embed_cuda_launch);
+  // Attention forward and KV cache (csrc/attention/attention_cuda_launch.cpp)
+  m.impl("flash_attn_forward", &cm3leon::attention::forward_cuda_launch);
+  m.impl("flash_attn_varlen_forward", &cm3leon::attention::varlen_forward_cuda_launch);
+  m.impl("flash_attn_kvcache", &cm3leon::attention::kvcache_cuda_launch);
 }
 #endif
 

@@ -1,6 +1,7 @@
 // The call as every CUDA attention kernel sees it (torch-free, CuTe-free): AttnParams and SeqInfo, see
 // attention_cuda_traits.cuh for the overview.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 namespace cm3leon::attention::cuda {
@@ -27,6 +28,7 @@ struct AttnParams {
   bool causal;              // bottom-right aligned: query i sees keys j <= i + k_len - q_len
 };
 
+#ifdef __CUDACC__
 struct SeqInfo {
   int64_t q_start, k_start, lse_start;
   int q_len, k_len;
@@ -59,6 +61,7 @@ struct SeqInfo {
  private:
   __device__ static int64_t clamp64(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 };
+#endif  // __CUDACC__
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

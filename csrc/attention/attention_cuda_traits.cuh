@@ -1,7 +1,8 @@
 // Shared, torch-free building blocks of the CUDA attention kernels (forward, decode; reusable by a backward).
 //
-//   AttnParams         (attention_cuda_params.cuh, CuTe-free) one call: raw pointers, token strides, lengths, scale, mask. Dense, varlen (device
+//   AttnParams         one call: raw pointers, token strides, lengths, scale, mask. Dense, varlen (device
 //                      cu_seqlens) and KV-cache (device cache_seqlens) calls all fill this one struct.
+//                      Lives in attention_cuda_params.cuh (CuTe-free, for the SIMT and decode kernels).
 //   SeqInfo            where batch row / document b lives in q/k/out/lse, resolved on the device and clamped
 //                      to the tensors' token counts, so bad device-side lengths can never index out of bounds.
 //   Sm80Traits<...>    CuTe tile configuration of the sm80 tensor-core kernels: mma.sync m16n8k16 TiledMMA
