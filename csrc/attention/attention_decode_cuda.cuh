@@ -6,8 +6,9 @@
 // head (the GQA group times the q length, at most ROWS), so each K/V row is read once for all of them. The
 // row's valid keys [0, k_len) are cut into `splits` equal ranges; in a block, TPK threads share one key (each
 // holds 16-byte slices of the head dim) and the 128 / TPK key slots keep their own online softmax, merged at
-// the end through shared memory. With one split the result is final; otherwise each split writes a partial
-// (out normalised by its own sum, lse) to the workspace and decode_merge_kernel combines them by lse.
+// the end through shared memory in a fixed order (deterministic). With one split the result is final;
+// otherwise each split writes a partial (out normalised by its own sum, lse) to the workspace and
+// decode_merge_kernel combines them by lse.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -161,30 +162,38 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
     }
   }
 
-  // Merge the key slots: rescale each to the block max, sum through shared memory.
+  // Merge the key slots: rescale each to the block max and add them into shared memory one slot at a time
+  // (a fixed order, so results are reproducible run to run).
   if (sub == 0) {
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) max_smem[slot][r] = m[r];
   }
   __syncthreads();
+  float weight[ROWS];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    if (r >= rows) break;
     float block_max = -INFINITY;
     for (int t = 0; t < kSlots; ++t) block_max = fmaxf(block_max, max_smem[t][r]);
-    const float w = m[r] == -INFINITY ? 0.f : exp2f(m[r] - block_max);
-    if (w == 0.f) continue;
+    weight[r] = m[r] == -INFINITY ? 0.f : exp2f(m[r] - block_max);
+  }
+  for (int t = 0; t < kSlots; ++t) {
+    if (slot == t) {
 #pragma unroll
-    for (int n = 0; n < NV; ++n) {
-      const int e0 = (sub + n * TPK) * VE;
-      if (e0 < d) {
+      for (int r = 0; r < ROWS; ++r) {
+        if (r >= rows || weight[r] == 0.f) continue;
 #pragma unroll
-        for (int x = 0; x < VE; ++x) atomicAdd(&acc_smem[r][e0 + x], acc[r][n * VE + x] * w);
+        for (int n = 0; n < NV; ++n) {
+          const int e0 = (sub + n * TPK) * VE;
+          if (e0 < d) {
+#pragma unroll
+            for (int x = 0; x < VE; ++x) acc_smem[r][e0 + x] += acc[r][n * VE + x] * weight[r];
+          }
+        }
+        if (sub == 0) sum_smem[r] += l[r] * weight[r];
       }
     }
-    if (sub == 0) atomicAdd(&sum_smem[r], l[r] * w);
+    __syncthreads();
   }
-  __syncthreads();
 
   for (int idx = tid; idx < rows * d; idx += kDecodeThreads) {
     const int r = idx / d, e = idx % d, g = r / sq, i = r % sq, h = hk * group + g;
