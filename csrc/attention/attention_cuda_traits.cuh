@@ -96,7 +96,7 @@ struct Sm80Traits {
 
 // An m16n8 accumulator fragment (MMA=4, MMA_M, MMA_N) viewed as (rows=(2, MMA_M), cols=(2, MMA_N)).
 template <typename Layout>
-__device__ __forceinline__ auto acc_rowcol_layout(Layout acc) {
+CUTE_HOST_DEVICE auto acc_rowcol_layout(Layout acc) {
   using namespace cute;
   auto l = logical_divide(acc, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)), make_layout(get<0, 0>(l), get<2>(l)));
@@ -105,7 +105,7 @@ __device__ __forceinline__ auto acc_rowcol_layout(Layout acc) {
 // The (MMA=4, MMA_M, MMA_N) accumulator of S = Q K^T read as the A operand ((4, 2), MMA_M, MMA_N / 2) of
 // the next m16n8k16 mma: two adjacent n8 tiles form one k16 slice.
 template <typename Layout>
-__device__ __forceinline__ auto acc_as_a_layout(Layout acc) {
+CUTE_HOST_DEVICE auto acc_as_a_layout(Layout acc) {
   using namespace cute;
   auto l = logical_divide(acc, Shape<X, X, _2>{});  // (4, MMA_M, (2, MMA_N / 2))
   return make_layout(make_layout(get<0>(l), get<2, 0>(l)), get<1>(l), get<2, 1>(l));
