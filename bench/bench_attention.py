@@ -101,7 +101,7 @@ def test_matmul_peak(benchmark, bench_record):
     benchmark.pedantic(lambda: a @ b, rounds=5, warmup_rounds=1)
 
 
-# ---- CUDA ----------------------------------------------------------------------------------------------------
+# ---- CUDA -------------------------------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
                                 reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
@@ -150,8 +150,8 @@ def test_cuda_forward_causal(benchmark, bench_record, impl, seqlen):
                     lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
                     lambda: _flash_attn_package().flash_attn_func(q, k, v, causal=True))
     flops = 4 * b * CUDA_H * CUDA_D * seqlen * (seqlen + 1) / 2
-    bench_record(benchmark, case=f"cuda attn fwd causal bf16 B={b} H={CUDA_H} S={seqlen} D={CUDA_D}", impl=impl,
-                 work=flops, unit="GFLOP/s")
+    bench_record(benchmark, case=f"cuda attn fwd causal bf16 B={b} H={CUDA_H} S={seqlen} D={CUDA_D}",
+                 impl=impl, work=flops, unit="GFLOP/s")
     benchmark.pedantic(fn, rounds=20, warmup_rounds=3)
 
 
@@ -166,6 +166,6 @@ def test_cuda_decode(benchmark, bench_record, impl):
     fn = _cuda_impl(impl, lambda: ck.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens),
                     lambda: F.scaled_dot_product_attention(qs, ks, vs),
                     lambda: _flash_attn_package().flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))
-    bench_record(benchmark, case=f"cuda attn decode bf16 B={b} H={CUDA_H} D={CUDA_D} cache={cache}", impl=impl,
-                 work=kc.numel() * kc.element_size() * 2, unit="GB/s")
+    bench_record(benchmark, case=f"cuda attn decode bf16 B={b} H={CUDA_H} D={CUDA_D} cache={cache}",
+                 impl=impl, work=kc.numel() * kc.element_size() * 2, unit="GB/s")
     benchmark.pedantic(fn, rounds=50, warmup_rounds=5)

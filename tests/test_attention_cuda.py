@@ -2,7 +2,8 @@
 
 Mirrors tests/test_attention.py's forward cases on the device: the FlashAttention rule (error <= 2x plain
 PyTorch's in the same dtype, on the same GPU), odd lengths, seqlen_q != seqlen_k, GQA/MQA, head dims 8..256
-including ones that run padded (80, 160), empty documents, ragged caches, poisoned outputs, bad input, opcheck.
+including ones that run padded (80, 160), empty documents, ragged caches, poisoned outputs, bad input,
+opcheck.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _cu(lengths):
 
 
 def _check(out, lse, run_ref, inputs, dtype, name):
-    """FA rule for out and lse against the float64 reference; lse must be -inf exactly where no key is seen."""
+    """FA rule for out and lse against the float64 reference; lse is -inf exactly where no key is seen."""
     out64, lse64 = run_ref(*[t.double() for t in inputs])
     outb, lseb = run_ref(*inputs)
     assert out.dtype == dtype and out.device.type == "cuda"
@@ -54,8 +55,8 @@ def _dense(b, sq, sk, hq, hkv, d, causal, dtype, scale=None, spread=1.0):
     k, v = _rand(b, sk, hkv, d, dtype=dtype, scale=spread), _rand(b, sk, hkv, d, dtype=dtype)
     with poisoned_outputs():
         out, lse = ck.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
-    _check(out, lse, lambda q, k, v: ref.attention(q, k, v, softmax_scale=scale, causal=causal), (q, k, v), dtype,
-           f"{(b, sq, sk, hq, hkv, d, causal)} {dtype}")
+    _check(out, lse, lambda q, k, v: ref.attention(q, k, v, softmax_scale=scale, causal=causal), (q, k, v),
+           dtype, f"{(b, sq, sk, hq, hkv, d, causal)} {dtype}")
 
 
 # ---- flash_attn_func ---------------------------------------------------------------------------------------
@@ -87,7 +88,8 @@ def test_head_dims_and_softmax_scale(head_dim, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 def test_rows_without_keys_give_zero(dtype):
-    q, k, v = _rand(1, 140, 2, 64, dtype=dtype), _rand(1, 4, 2, 64, dtype=dtype), _rand(1, 4, 2, 64, dtype=dtype)
+    q = _rand(1, 140, 2, 64, dtype=dtype)
+    k, v = _rand(1, 4, 2, 64, dtype=dtype), _rand(1, 4, 2, 64, dtype=dtype)
     with poisoned_outputs():
         out, lse = ck.flash_attn_func(q, k, v, causal=True, return_lse=True)
     assert (out[:, :136] == 0).all() and (lse[:, :, :136] == float("-inf")).all()
@@ -150,10 +152,11 @@ def test_varlen_matches_reference(dtype, causal):
                                                                                               dtype=dtype)
     cq, ckk = _cu(lq), _cu(lk)
     with poisoned_outputs():
-        out, lse = ck.flash_attn_varlen_func(q, k, v, cq, ckk, max(lq), max(lk), causal=causal, return_lse=True)
+        out, lse = ck.flash_attn_varlen_func(q, k, v, cq, ckk, max(lq), max(lk), causal=causal,
+                                             return_lse=True)
     assert lse.shape == (hq, sum(lq))
-    _check(out, lse, lambda q, k, v: ref.attention_varlen(q, k, v, cq.cpu(), ckk.cpu(), causal=causal), (q, k, v),
-           dtype, "varlen")
+    _check(out, lse, lambda q, k, v: ref.attention_varlen(q, k, v, cq.cpu(), ckk.cpu(), causal=causal),
+           (q, k, v), dtype, "varlen")
 
 
 def test_varlen_equals_separate_calls():
@@ -261,9 +264,10 @@ def _bad_calls():
                       "cu_seqlens_q is on cpu"),
         "cu dtype": (lambda: ck.flash_attn_varlen_func(q[0], k[0], v[0], cu.long(), cu, 5, 5), TypeError,
                      "cu_seqlens_q must be int32"),
-        "head dim": (lambda: ck.flash_attn_func(q[..., :12], k[..., :12], v[..., :12]), ValueError, "head dim"),
-        "cache overflow (int)": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(), 10), ValueError,
-                                 "overflows the cache"),
+        "head dim": (lambda: ck.flash_attn_func(q[..., :12], k[..., :12], v[..., :12]), ValueError,
+                     "head dim"),
+        "cache overflow (int)": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(), 10),
+                                 ValueError, "overflows the cache"),
         "seqlens on cpu": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(),
                                                               torch.tensor([3, 4], dtype=torch.int32)),
                            ValueError, "cache_seqlens is on cpu"),
@@ -305,7 +309,5 @@ def test_opcheck_forward_ops():
     torch.library.opcheck(ops.flash_attn_varlen_forward, (q[0].repeat(1, 1, 1), k[0], v[0], cu, cu, 6, 6, 0.3,
                                                           True))
     kc, vc = _rand(2, 12, 2, 32, dtype=torch.bfloat16), _rand(2, 12, 2, 32, dtype=torch.bfloat16)
-    torch.library.opcheck(ops.flash_attn_kvcache, (_rand(2, 1, 4, 32, dtype=torch.bfloat16), kc, vc,
-                                                   _rand(2, 1, 2, 32, dtype=torch.bfloat16),
-                                                   _rand(2, 1, 2, 32, dtype=torch.bfloat16), _i32([3, 11]), 0, 0.2,
-                                                   True))
+    qd, kn, vn = (_rand(2, 1, h, 32, dtype=torch.bfloat16) for h in (4, 2, 2))
+    torch.library.opcheck(ops.flash_attn_kvcache, (qd, kc, vc, kn, vn, _i32([3, 11]), 0, 0.2, True))

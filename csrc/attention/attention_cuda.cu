@@ -58,7 +58,8 @@ cudaError_t decode_launch(const AttnParams& p, int splits, float* ws, cudaStream
 template <typename T>
 cudaError_t decode_typed(const AttnParams& p, int splits, float* ws, cudaStream_t stream) {
   const int rows = p.heads_q / p.heads_kv * p.seqlen_q;
-  return rows == 1 ? decode_launch<T, 1>(p, splits, ws, stream) : decode_launch<T, kDecodeMaxRows>(p, splits, ws, stream);
+  return rows == 1 ? decode_launch<T, 1>(p, splits, ws, stream)
+                   : decode_launch<T, kDecodeMaxRows>(p, splits, ws, stream);
 }
 
 }  // namespace

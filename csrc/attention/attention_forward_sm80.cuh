@@ -8,6 +8,7 @@
 // 16-byte stores. GQA: q head h reads kv head h / (heads_q / heads_kv).
 #pragma once
 #include "attention/attention_cuda_traits.cuh"
+#include "attention/attention_forward_sm80.h"
 
 namespace cm3leon::attention::cuda {
 
@@ -242,6 +243,11 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) forward_sm80_kernel(cons
   }
 }
 
+// The tile configuration of each head-dim instantiation: 8 warps x 16 query rows; 64-key blocks, 32 for head
+// dim 256 (keeps the fp32 O accumulators + scores within 255 registers without spills).
+template <int kHeadDim, typename Element>
+using ForwardSm80Traits = Sm80Traits<kHeadDim, 128, (kHeadDim <= 128 ? 64 : 32), 8, Element>;
+
 template <typename Traits>
 cudaError_t launch_forward_sm80(const AttnParams& p, cudaStream_t stream) {
   constexpr int smem = Traits::kSmemBytes;
@@ -254,6 +260,11 @@ cudaError_t launch_forward_sm80(const AttnParams& p, cudaStream_t stream) {
   if (m_blocks == 0 || p.batch == 0 || p.heads_q == 0) return cudaSuccess;
   kernel<<<dim3(unsigned(m_blocks), unsigned(p.batch), unsigned(p.heads_q)), Traits::kNThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename Element, int kHeadDim>
+cudaError_t run_forward_sm80(const AttnParams& p, cudaStream_t stream) {
+  return launch_forward_sm80<ForwardSm80Traits<kHeadDim, Element>>(p, stream);
 }
 
 }  // namespace cm3leon::attention::cuda

@@ -1,13 +1,8 @@
-// sm80 forward instantiation for head dim 96 (and smaller dims padded up to it).
+// sm80 forward instantiations for head dim 96 (and smaller dims padded up to it), one file per head dim so
+// they compile in parallel.
 #include "attention/attention_forward_sm80.cuh"
-#include "attention/attention_forward_sm80.h"
 
 namespace cm3leon::attention::cuda {
-
-template <typename Element, int kHeadDim>
-cudaError_t run_forward_sm80(const AttnParams& p, cudaStream_t stream) {
-  return launch_forward_sm80<Sm80Traits<kHeadDim, 128, 64, 8, Element>>(p, stream);
-}
 
 template cudaError_t run_forward_sm80<cutlass::bfloat16_t, 96>(const AttnParams&, cudaStream_t);
 template cudaError_t run_forward_sm80<cutlass::half_t, 96>(const AttnParams&, cudaStream_t);

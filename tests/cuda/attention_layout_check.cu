@@ -1,11 +1,11 @@
 // Host-side check of the fragment-coordinate assumptions the sm80 attention kernels rely on (runs without a
-// GPU: CuTe layouts are host-evaluable). For every thread of each tile configuration: the (row, key) of each
-// S accumulator element equals the formulas the causal/length mask uses; the accumulator viewed as the A
-// operand of O += P V holds the same (row, key) as partition_A; O accumulator rows equal S rows (so one
-// rescale factor per row is right). Exit status 0 when all hold. Built and run by
-// tests/test_attention_cuda_layouts.py.
+// GPU: CuTe layouts are host-evaluable). For every thread of each forward tile configuration
+// (ForwardSm80Traits): the (row, key) of each S accumulator element equals the formulas the causal/length
+// mask uses; the accumulator viewed as the A operand of O += P V holds the same (row, key) as partition_A;
+// O accumulator rows equal S rows (so one rescale factor per row is right). Exit status 0 when all hold.
+// Built and run by tests/test_attention_cuda_layouts.py.
 #include <cstdio>
-#include "attention/attention_cuda_traits.cuh"
+#include "attention/attention_forward_sm80.cuh"
 using namespace cute;
 using namespace cm3leon::attention::cuda;
 
@@ -25,7 +25,11 @@ int check() {
       for (int c = 0; c < size<1>(rc); ++c) {
         auto co = rc(r, c);
         int er = row0 + (r % 2) * 8 + (r / 2) * 16 * NW, ec = col0 + (c % 2) + (c / 2) * 8;
-        if (get<0>(co) != er || get<1>(co) != ec) { if (bad < 5) printf("S mismatch t%d r%d c%d got (%d,%d) want (%d,%d)\n", tidx, r, c, int(get<0>(co)), int(get<1>(co)), er, ec); ++bad; }
+        if (get<0>(co) != er || get<1>(co) != ec) {
+          if (bad < 5) printf("S mismatch t%d r%d c%d got (%d,%d) want (%d,%d)\n", tidx, r, c, int(get<0>(co)),
+                              int(get<1>(co)), er, ec);
+          ++bad;
+        }
       }
     // P as the A operand of O += P V: same (row, key) at every index as partition_A of a (BM, BN) identity
     Tensor tPcP = make_tensor(tScS.data(), acc_as_a_layout(tScS.layout()));
@@ -34,9 +38,17 @@ int check() {
     for (int i = 0; i < size(tAcA); ++i) {
       if (!(tPcP(i) == tAcA(i))) { if (bad < 5) printf("A mismatch t%d i%d\n", tidx, i); ++bad; }
     }
-    if (rank(tPcP) != 3 || size<1>(tPcP) != size<1>(tAcA) || size<2>(tPcP) != size<2>(tAcA)) { printf("A shape mismatch\n"); ++bad; }
-    for (int m = 0; m < size<1>(tAcA); ++m) for (int k = 0; k < size<2>(tAcA); ++k) for (int v = 0; v < size<0>(tAcA); ++v)
-      if (!(tPcP(v, m, k) == tAcA(v, m, k))) { if (bad < 5) printf("A(v,m,k) mismatch t%d\n", tidx); ++bad; }
+    if (rank(tPcP) != 3 || size<1>(tPcP) != size<1>(tAcA) || size<2>(tPcP) != size<2>(tAcA)) {
+      printf("A shape mismatch\n");
+      ++bad;
+    }
+    for (int m = 0; m < size<1>(tAcA); ++m)
+      for (int k = 0; k < size<2>(tAcA); ++k)
+        for (int v = 0; v < size<0>(tAcA); ++v)
+          if (!(tPcP(v, m, k) == tAcA(v, m, k))) {
+            if (bad < 5) printf("A(v,m,k) mismatch t%d\n", tidx);
+            ++bad;
+          }
     // O accumulator rows equal S rows (same rescale factors)
     Tensor cO = make_identity_tensor(Shape<Int<BM>, Int<HD>>{});
     Tensor tOcO = thr.partition_C(cO);
@@ -51,9 +63,10 @@ int check() {
 
 int main() {
   int bad = 0;
-  bad += check<Sm80Traits<32, 128, 64, 8, cutlass::bfloat16_t>>();
-  bad += check<Sm80Traits<96, 128, 64, 8, cutlass::half_t>>();
-  bad += check<Sm80Traits<128, 128, 64, 8, cutlass::bfloat16_t>>();
-  bad += check<Sm80Traits<256, 128, 32, 8, cutlass::bfloat16_t>>();
+  bad += check<ForwardSm80Traits<32, cutlass::bfloat16_t>>();
+  bad += check<ForwardSm80Traits<64, cutlass::half_t>>();
+  bad += check<ForwardSm80Traits<96, cutlass::half_t>>();
+  bad += check<ForwardSm80Traits<128, cutlass::bfloat16_t>>();
+  bad += check<ForwardSm80Traits<256, cutlass::bfloat16_t>>();
   return bad != 0;
 }
