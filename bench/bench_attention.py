@@ -4,6 +4,11 @@ same inputs (each in its native layout: ours (B, S, H, D), SDPA's (B, H, S, D)).
 Cases (issue #3 targets): causal forward fp32 B=1 H=16 S=2048 D=64 (GFLOP/s, target >= 1.2x SDPA); decode
 fp32 B=8 H=16 D=64 over 4096 cached tokens (GB/s of K/V read, target >= 1.5x); causal backward (ratio, aim
 >= 1.0x); the per-call overhead of a tiny decode call; and torch.mm as the machine's fp32 matmul peak.
+
+CUDA cases (issue #5 targets, skipped without a GPU and a CUDA build): causal bf16 forward over 16k tokens
+(batch x seqlen) with 16 heads of dim 128 beside SDPA's flash backend and, when installed, the flash-attn
+package (target >= 1.3x SDPA, >= 450 TFLOP/s on H100); bf16 decode B=8 H=16 D=128 over a 4096-token cache
+(GB/s of K/V read, target >= 80% of HBM bandwidth). Timed functions end with torch.cuda.synchronize().
 """
 from __future__ import annotations
 
@@ -96,41 +101,105 @@ def test_matmul_peak(benchmark, bench_record):
     benchmark.pedantic(lambda: a @ b, rounds=5, warmup_rounds=1)
 
 
-# ---- CUDA backward (issue #5 target: >= 1.1x SDPA's flash backward on H100) --------------------------------
+# ---- CUDA -------------------------------------------------------------------------------------------------
 
-CUDA = torch.cuda.is_available() and ck.cuda_built()
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
+                                reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
+CUDA_TOKENS, CUDA_H, CUDA_D = 16384, 16, 128
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a GPU and a CUDA build of cm3leon_kernels")
-@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa.flash"])
-def test_backward_causal_cuda(benchmark, bench_record, impl):
-    """bf16 causal backward, batch x seqlen = 16k tokens, head dim 128. cm3leon's backward op is timed on the
-    forward of the plain-PyTorch reference (so it does not depend on the CUDA forward); SDPA's flash backward
-    through autograd. Both synchronise inside the timed function."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _flash_attn_package():
+    try:
+        import flash_attn
+    except ImportError:
+        return None
+    return flash_attn
 
-    from cm3leon_kernels import reference as ref
 
-    b, s, h, d = 8, 2048, 16, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = [torch.randn(b, s, h, d, generator=g, device="cuda").to(torch.bfloat16) for _ in range(4)]
+def _synced(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+def _cuda_impl(impl, ours, sdpa, package):
+    """The timed function for one implementation, or a skip when its library is missing."""
     if impl == "cm3leon":
-        out, lse = ref.attention(q, k, v, causal=True)  # the inputs of the timed backward (bf16 forward)
-        args = (dout, q, k, v, out, lse.float(), d ** -0.5, True)
+        return _synced(ours)
+    if impl == "torch.sdpa.flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def fn():
-            torch.ops.cm3leon.flash_attn_backward(*args)
-            torch.cuda.synchronize()
-    else:
-        inputs = [t.detach().requires_grad_() for t in _sdpa_layout(q, k, v)]
+        def run():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                sdpa()
+        return _synced(run)
+    if _flash_attn_package() is None:
+        pytest.skip("flash-attn is not installed")
+    return _synced(package)
+
+
+@needs_cuda
+@pytest.mark.parametrize("seqlen", [2048, 8192])
+@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa.flash", "flash-attn"])
+def test_cuda_forward_causal(benchmark, bench_record, impl, seqlen):
+    b = CUDA_TOKENS // seqlen
+    q, k, v = [t.cuda() for t in _qkv(b, seqlen, CUDA_H, CUDA_D, torch.bfloat16)]
+    qs, ks, vs = _sdpa_layout(q, k, v)
+    fn = _cuda_impl(impl, lambda: ck.flash_attn_func(q, k, v, causal=True),
+                    lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True),
+                    lambda: _flash_attn_package().flash_attn_func(q, k, v, causal=True))
+    flops = 4 * b * CUDA_H * CUDA_D * seqlen * (seqlen + 1) / 2
+    bench_record(benchmark, case=f"cuda attn fwd causal bf16 B={b} H={CUDA_H} S={seqlen} D={CUDA_D}",
+                 impl=impl, work=flops, unit="GFLOP/s")
+    benchmark.pedantic(fn, rounds=20, warmup_rounds=3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa.flash", "flash-attn"])
+def test_cuda_decode(benchmark, bench_record, impl):
+    b, cache = 8, 4096
+    q = torch.randn(b, 1, CUDA_H, CUDA_D, device="cuda", dtype=torch.bfloat16)
+    kc, vc = [torch.randn(b, cache, CUDA_H, CUDA_D, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    lens = torch.full((b,), cache, dtype=torch.int32, device="cuda")
+    qs, ks, vs = _sdpa_layout(q, kc, vc)
+    fn = _cuda_impl(impl, lambda: ck.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens),
+                    lambda: F.scaled_dot_product_attention(qs, ks, vs),
+                    lambda: _flash_attn_package().flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))
+    bench_record(benchmark, case=f"cuda attn decode bf16 B={b} H={CUDA_H} D={CUDA_D} cache={cache}",
+                 impl=impl, work=kc.numel() * kc.element_size() * 2, unit="GB/s")
+    benchmark.pedantic(fn, rounds=50, warmup_rounds=5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa.flash", "flash-attn"])
+def test_cuda_backward_causal(benchmark, bench_record, impl):
+    """bf16 causal backward through autograd (issue #5 target: >= 1.1x SDPA's flash backward on H100)."""
+    seqlen = 2048
+    b = CUDA_TOKENS // seqlen
+    q, k, v = [t.cuda().requires_grad_() for t in _qkv(b, seqlen, CUDA_H, CUDA_D, torch.bfloat16)]
+    dout = torch.randn_like(q)
+    qs, ks, vs = [t.detach().requires_grad_() for t in _sdpa_layout(q, k, v)]
+
+    def grads(forward, inputs, grad_out):
+        out = forward()
+        return lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+
+    def sdpa_forward():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out = F.scaled_dot_product_attention(*inputs, is_causal=True)
-        douts = dout.transpose(1, 2).contiguous()
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
 
-        def fn():
-            torch.autograd.grad(out, inputs, douts, retain_graph=True)
-            torch.cuda.synchronize()
-    flops = 2.5 * 4 * b * h * d * s * (s + 1) / 2
-    bench_record(benchmark, case=f"attn bwd causal bf16 CUDA B={b} H={h} S={s} D={d}", impl=impl, work=flops,
-                 unit="GFLOP/s")
+    if impl == "cm3leon":
+        fn = _synced(grads(lambda: ck.flash_attn_func(q, k, v, causal=True), (q, k, v), dout))
+    elif impl == "torch.sdpa.flash":
+        fn = _synced(grads(sdpa_forward, (qs, ks, vs), dout.transpose(1, 2).contiguous()))
+    else:
+        package = _flash_attn_package()
+        if package is None:
+            pytest.skip("flash-attn is not installed")
+        fn = _synced(grads(lambda: package.flash_attn_func(q, k, v, causal=True), (q, k, v), dout))
+    flops = 2.5 * 4 * b * CUDA_H * CUDA_D * seqlen * (seqlen + 1) / 2
+    bench_record(benchmark, case=f"cuda attn bwd causal bf16 B={b} H={CUDA_H} S={seqlen} D={CUDA_D}",
+                 impl=impl, work=flops, unit="GFLOP/s")
     benchmark.pedantic(fn, rounds=10, warmup_rounds=2)

@@ -6,17 +6,21 @@ tiled online softmax (it never builds the ``seqlen_q x seqlen_k`` score matrix) 
 float32, bfloat16 and float16 inputs; the backward recomputes probabilities from the saved log-sum-exp.
 Causal masks align to the bottom-right corner when ``seqlen_q != seqlen_k`` (FlashAttention >= 2.1): query
 ``i`` sees keys ``j <= i + seqlen_k - seqlen_q``; a query that sees no key gets output 0 and lse ``-inf``.
+
+On CUDA (builds with CUDA): a FlashAttention-2-style tensor-core forward for bfloat16/float16, a slow SIMT
+path for float32, and split-KV decode for the KV cache; see docs/attention.md ("CUDA").
 """
 from __future__ import annotations
 
 import torch
 
-from ._native import ops
+from ._native import cuda_built, ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_DEVICES = ("cpu",)
+# CUDA: forward, varlen and KV-cache kernels when the extension was built with CUDA (csrc/attention/*cuda*).
+_DEVICES = ("cpu", "cuda") if cuda_built() else ("cpu",)
 _kvcache_op = ops.flash_attn_kvcache.default  # resolved once: decode calls it per token per layer
 
 

@@ -7,6 +7,7 @@
 
 #include "common/cpu_features.h"
 #include "attention/attention_launch.h"
+#include "attention/attention_cuda_launch.h"
 #include "common/philox.h"
 #include "sampling/sampling_launch.h"
 #include "vq/vq_launch.h"
@@ -71,6 +72,10 @@ TORCH_LIBRARY_IMPL(cm3leon, CUDA, m) {
   // Attention backward (csrc/attention/attention_backward_cuda*)
   m.impl("flash_attn_backward", &cm3leon::attention::backward_cuda_launch);
   m.impl("flash_attn_varlen_backward", &cm3leon::attention::varlen_backward_cuda_launch);
+  // Attention forward and KV cache (csrc/attention/attention_cuda_launch.cpp)
+  m.impl("flash_attn_forward", &cm3leon::attention::forward_cuda_launch);
+  m.impl("flash_attn_varlen_forward", &cm3leon::attention::varlen_forward_cuda_launch);
+  m.impl("flash_attn_kvcache", &cm3leon::attention::kvcache_cuda_launch);
 }
 #endif
 

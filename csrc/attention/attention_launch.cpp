@@ -5,18 +5,17 @@
 
 #include <vector>
 
+#include "attention/attention_checks.h"
 #include "attention/attention_cpu.h"
 #include "common/tensor_checks.h"
 
 namespace cm3leon::attention {
 
-namespace {
-
-// Checks shared by every entry point: matching dtypes and devices, head counts and dims, contiguity.
+// Checks shared by every entry point, CPU and CUDA (attention_checks.h): matching dtypes and devices, head
+// counts and dims, contiguity.
 // (The KV-cache wrapper leaves these to C++ to keep decode's per-call cost low, so messages name the
 // arguments as the caller knows them.)
-void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t ndim, const char* kn = "k",
-               const char* vn = "v") {
+void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t ndim, const char* kn, const char* vn) {
   TORCH_CHECK_VALUE(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "q, ", kn, ", ", vn, " must be ",
                     ndim, "-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, ", kn, ", ",
@@ -37,6 +36,42 @@ void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t ndim, 
   check_contiguous(k, kn);
   check_contiguous(v, vn);
 }
+
+int64_t check_kvcache(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                      const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
+                      const c10::optional<Tensor>& cache_seqlens) {
+  check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
+  const int64_t b = q.size(0);
+  TORCH_CHECK_VALUE(k_cache.size(0) == b, "k_cache's batch (", k_cache.size(0), ") must equal q's (", b, ")");
+  TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together");
+  int64_t new_len = 0;
+  if (k.has_value()) {
+    TORCH_CHECK_VALUE(k->dim() == 4 && k->size(0) == b && k->size(2) == k_cache.size(2) &&
+                          k->size(3) == k_cache.size(3) && v->sizes() == k->sizes(),
+                      "k and v must be [batch, new_tokens, heads_kv, head_dim] matching the cache, got ",
+                      k->sizes(), " and ", v->sizes());
+    TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
+                     "k and v must have the cache's dtype, got ", k->scalar_type(), " and ",
+                     v->scalar_type());
+    TORCH_CHECK_VALUE(k->device() == q.device() && v->device() == q.device(),
+                      "k and v must be on q's device");
+    check_contiguous(*k, "k");
+    check_contiguous(*v, "v");
+    new_len = k->size(1);
+  }
+  if (cache_seqlens.has_value()) {
+    const at::Tensor& cs = *cache_seqlens;
+    TORCH_CHECK_TYPE(cs.scalar_type() == at::kInt, "cache_seqlens must be int32, got ", cs.scalar_type());
+    TORCH_CHECK_VALUE(cs.dim() == 1 && cs.size(0) == b, "cache_seqlens must be [batch] = [", b, "], got ",
+                      cs.sizes());
+    TORCH_CHECK_VALUE(cs.device() == k_cache.device(), "cache_seqlens must be on the cache's device (",
+                      k_cache.device(), "), got ", cs.device());
+    check_contiguous(cs, "cache_seqlens");
+  }
+  return new_len;
+}
+
+namespace {
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
                      int64_t lse_head_stride, double softmax_scale, bool causal) {
@@ -159,35 +194,9 @@ OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& 
                           const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
                           const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen,
                           double softmax_scale, bool causal) {
-  check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
+  const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
-  TORCH_CHECK_VALUE(k_cache.size(0) == b, "k_cache's batch (", k_cache.size(0), ") must equal q's (", b, ")");
-  TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together");
-  int64_t new_len = 0;
-  if (k.has_value()) {
-    TORCH_CHECK_VALUE(k->dim() == 4 && k->size(0) == b && k->size(2) == k_cache.size(2) &&
-                          k->size(3) == k_cache.size(3) && v->sizes() == k->sizes(),
-                      "k and v must be [batch, new_tokens, heads_kv, head_dim] matching the cache, got ",
-                      k->sizes(), " and ", v->sizes());
-    TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
-                     "k and v must have the cache's dtype, got ", k->scalar_type(), " and ",
-                     v->scalar_type());
-    TORCH_CHECK_VALUE(k->device() == q.device() && v->device() == q.device(),
-                      "k and v must be on q's device");
-    check_contiguous(*k, "k");
-    check_contiguous(*v, "v");
-    new_len = k->size(1);
-  }
-  const int32_t* starts = nullptr;
-  if (cache_seqlens.has_value()) {
-    const at::Tensor& cs = *cache_seqlens;
-    TORCH_CHECK_TYPE(cs.scalar_type() == at::kInt, "cache_seqlens must be int32, got ", cs.scalar_type());
-    TORCH_CHECK_VALUE(cs.dim() == 1 && cs.size(0) == b, "cache_seqlens must be [batch] = [", b, "], got ",
-                      cs.sizes());
-    TORCH_CHECK_VALUE(cs.device().is_cpu(), "cache_seqlens must be on the CPU with the cache");
-    check_contiguous(cs, "cache_seqlens");
-    starts = cs.data_ptr<int32_t>();
-  }
+  const int32_t* starts = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
   std::vector<Segment> segments(static_cast<size_t>(b));
   for (int64_t i = 0; i < b; ++i) {
     const int64_t start = starts ? starts[i] : cache_seqlen;

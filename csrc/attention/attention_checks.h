@@ -1,0 +1,19 @@
+// Argument checks shared by the CPU and CUDA attention launchers (defined in attention_launch.cpp).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace cm3leon::attention {
+
+// Matching dtypes (float32/bf16/fp16) and devices, head counts (GQA), head dim (multiple of 8 in [8, 256]),
+// k/v shapes, contiguity; messages name the arguments kn / vn as the caller knows them.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim, const char* kn = "k",
+               const char* vn = "v");
+
+// The KV-cache op's tensors: q/k_cache/v_cache as check_qkv, optional new k/v matching the cache,
+// cache_seqlens int32 [batch] on the cache's device. Returns the number of new tokens (0 without k/v).
+int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
+                      const c10::optional<at::Tensor>& cache_seqlens);
+
+}  // namespace cm3leon::attention

@@ -1,0 +1,188 @@
+// at::Tensor glue of the CUDA attention forward: validate, allocate out/lse, fill AttnParams, launch on the
+// current stream. No host sync.
+#include "attention/attention_cuda_launch.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <initializer_list>
+#include <limits>
+#include <utility>
+
+#include "attention/attention_checks.h"
+#include "attention/attention_cuda.h"
+#include "attention/attention_cuda_params.cuh"
+#include "common/tensor_checks.h"
+
+namespace cm3leon::attention {
+
+namespace {
+
+using OutLse = std::tuple<at::Tensor, at::Tensor>;
+
+// The kernels move 16-byte chunks: rows are (head dim % 8 == 0), base pointers must be too.
+void check_aligned(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
+                    " must start on a 16-byte boundary on CUDA (a view at an odd offset? use .clone())");
+}
+
+void check_fits_grid(int64_t value, const char* what) {
+  TORCH_CHECK_VALUE(value <= 65535, "CUDA attention supports at most 65535 ", what, ", got ", value);
+}
+
+void check_fits_int(int64_t value, const char* what) {
+  TORCH_CHECK_VALUE(value <= std::numeric_limits<int32_t>::max(), what, " (", value, ") must fit in int32");
+}
+
+cuda::AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                             at::Tensor& lse, double softmax_scale, bool causal) {
+  cuda::AttnParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.heads_q = int(q.size(-2));
+  p.heads_kv = int(k.size(-2));
+  p.head_dim = int(q.size(-1));
+  p.q_row_stride = q.size(-2) * q.size(-1);
+  p.k_row_stride = k.size(-2) * k.size(-1);
+  p.scale_log2 = float(softmax_scale) * cuda::kLog2e;
+  p.causal = causal;
+  check_fits_grid(p.heads_q, "query heads");
+  check_aligned(q, "q");
+  check_aligned(k, "k");
+  check_aligned(v, "v");
+  return p;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got ",
+                    cu.sizes());
+  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " must be on q's device (", q.device(), "), got ",
+                    cu.device());
+  check_contiguous(cu, name);
+}
+
+}  // namespace
+
+OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale,
+                           bool causal) {
+  check_qkv(q, k, v, 4);
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  cuda::AttnParams p = base_params(q, k, v, out, lse, softmax_scale, causal);
+  check_fits_grid(q.size(0), "batch rows");
+  check_fits_int(q.size(1), "seqlen_q");
+  check_fits_int(k.size(1), "seqlen_k");
+  p.batch = int(q.size(0));
+  p.seqlen_q = int(q.size(1));
+  p.seqlen_k = int(k.size(1));
+  p.k_batch_tokens = k.size(1);
+  p.total_q = q.size(0) * q.size(1);
+  p.total_k = k.size(0) * k.size(1);
+  p.lse_head_stride = q.size(1);
+  check_launch(cuda::forward_cuda(float_dtype(q, "q"), p, c10::cuda::getCurrentCUDAStream()),
+               "flash_attn_forward");
+  return {out, lse};
+}
+
+OutLse varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal) {
+  check_qkv(q, k, v, 3);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
+                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
+                    cu_seqlens_k.size(0));
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  cuda::AttnParams p = base_params(q, k, v, out, lse, softmax_scale, causal);
+  check_fits_grid(cu_seqlens_q.size(0) - 1, "documents");
+  check_fits_int(max_seqlen_q, "max_seqlen_q");
+  check_fits_int(max_seqlen_k, "max_seqlen_k");
+  p.batch = int(cu_seqlens_q.size(0) - 1);
+  // The grid covers max_seqlen_q rows per document; kernels stride over longer documents, so a too-small
+  // max_seqlen_q costs time, not correctness (at least one row block when there are tokens).
+  p.seqlen_q = int(q.size(0) > 0 && max_seqlen_q == 0 ? 1 : max_seqlen_q);
+  p.seqlen_k = int(max_seqlen_k);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
+  p.lse_head_stride = q.size(0);
+  check_launch(cuda::forward_cuda(float_dtype(q, "q"), p, c10::cuda::getCurrentCUDAStream()),
+               "flash_attn_varlen_forward");
+  return {out, lse};
+}
+
+OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
+                           const c10::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
+                           double softmax_scale, bool causal) {
+  const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
+  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
+  if (!cache_seqlens.has_value()) {
+    TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= cache_len, "cache_seqlens = ", cache_seqlen,
+                      " plus ", new_len, " new tokens overflows the cache of ", cache_len, " positions");
+  }
+  check_fits_grid(b, "batch rows");
+  check_fits_grid(k_cache.size(2), "kv heads");
+  check_fits_int(sq, "seqlen_q");
+  check_fits_int(cache_len, "the cache length");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int32_t* seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
+  if (new_len > 0) {
+    check_aligned(*k, "k");
+    check_aligned(*v, "v");
+    const int64_t row = k_cache.size(2) * k_cache.size(3);
+    for (const auto& [src, cache] : {std::pair{&*k, &k_cache}, std::pair{&*v, &v_cache}}) {
+      check_launch(cuda::append_kv_cuda(cache->element_size(), src->data_ptr(), cache->data_ptr(), b, new_len,
+                                        cache_len, row, seqlens, int32_t(cache_seqlen), stream),
+                   "flash_attn_kvcache (append)");
+    }
+  }
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
+  cuda::AttnParams p = base_params(q, k_cache, v_cache, out, lse, softmax_scale, causal);
+  p.batch = int(b);
+  p.seqlen_q = int(sq);
+  p.seqlen_k = int(cache_seqlen + new_len);
+  p.k_batch_tokens = cache_len;
+  p.cache_seqlens = seqlens;
+  p.cache_extra = int(new_len);
+  p.total_q = b * sq;
+  p.total_k = b * cache_len;
+  p.lse_head_stride = sq;
+  const DType dtype = float_dtype(q, "q");
+  if (cuda::decode_applies(p)) {
+    int sm_count = 0;
+    check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()),
+                 "flash_attn_kvcache (device query)");
+    const int splits = cuda::decode_num_splits(p, sm_count);
+    // Workspace for the per-split partial results (only when the key range is split): the op's one
+    // allocation beyond its outputs, from the caching allocator.
+    const int64_t ws_floats = cuda::decode_workspace_floats(p, splits);
+    at::Tensor ws = at::empty({ws_floats}, q.options().dtype(at::kFloat));
+    check_launch(cuda::decode_cuda(dtype, p, splits, ws_floats > 0 ? ws.data_ptr<float>() : nullptr, stream),
+                 "flash_attn_kvcache");
+  } else {
+    check_launch(cuda::forward_cuda(dtype, p, stream), "flash_attn_kvcache");
+  }
+  return {out, lse};
+}
+
+}  // namespace cm3leon::attention

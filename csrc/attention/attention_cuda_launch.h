@@ -1,0 +1,29 @@
+// at::Tensor entry points of the CUDA attention forward ops (registered in ops.cpp); same schemas and
+// semantics as the CPU launchers in attention_launch.h.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <tuple>
+
+namespace cm3leon::attention {
+
+std::tuple<at::Tensor, at::Tensor> forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                       double softmax_scale, bool causal);
+
+// cu_seqlens live on the GPU and are not read back (no host sync): out-of-range values are clamped by the
+// kernels, never dereferenced out of bounds, but not reported.
+std::tuple<at::Tensor, at::Tensor> varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                              int64_t max_seqlen_k, double softmax_scale,
+                                                              bool causal);
+
+// cache_seqlens as a GPU tensor is not read back either: positions past the cache are skipped by the append
+// and the attended length is clamped to the cache. An int cache_seqlen is checked on the host.
+std::tuple<at::Tensor, at::Tensor> kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache,
+                                                       const at::Tensor& v_cache, const c10::optional<at::Tensor>& k,
+                                                       const c10::optional<at::Tensor>& v,
+                                                       const c10::optional<at::Tensor>& cache_seqlens,
+                                                       int64_t cache_seqlen, double softmax_scale, bool causal);
+
+}  // namespace cm3leon::attention
