@@ -25,4 +25,4 @@ def test_sm80_fragment_layouts_match_the_kernels_formulas(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0 and "FAIL" not in run.stdout, run.stdout[-3000:]
-    assert run.stdout.count(": ok") == 5, run.stdout
+    assert run.stdout.count(": ok") == 3, run.stdout
