@@ -174,14 +174,13 @@ KV_CASES = [  # batch, seqlen_q (= new tokens), cache_len, heads_q, heads_kv, he
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "-".join(map(str, c[:6])))
-def test_kvcache_matches_reference(case, dtype):
+def check_kvcache_case(case, dtype, device):
+    """One KV-cache call (append + attend) against the float64 reference: out and lse by the FA rule, the
+    new k/v written into the caches, cache_seqlens left alone. Shared with the CUDA tests."""
     b, sn, cache_len, hq, hkv, d, lens = case
-    seqlens = lens if isinstance(lens, int) else torch.tensor(lens, dtype=torch.int32)
-    q = _rand(b, sn, hq, d, dtype=dtype)
-    k_new, v_new = _rand(b, sn, hkv, d, dtype=dtype), _rand(b, sn, hkv, d, dtype=dtype)
-    k_cache, v_cache = _rand(b, cache_len, hkv, d, dtype=dtype), _rand(b, cache_len, hkv, d, dtype=dtype)
+    seqlens = lens if isinstance(lens, int) else torch.tensor(lens, dtype=torch.int32, device=device)
+    q, k_new, v_new = (_rand(b, sn, h, d, dtype=dtype).to(device) for h in (hq, hkv, hkv))
+    k_cache, v_cache = (_rand(b, cache_len, hkv, d, dtype=dtype).to(device) for _ in range(2))
     k64, v64 = k_cache.double(), v_cache.double()
     kb, vb = k_cache.clone(), v_cache.clone()
     seqlens_before = seqlens.clone() if isinstance(seqlens, torch.Tensor) else seqlens
@@ -195,6 +194,12 @@ def test_kvcache_matches_reference(case, dtype):
     assert torch.equal(k_cache, kb) and torch.equal(v_cache, vb), "new k/v must be written into the cache"
     if isinstance(seqlens, torch.Tensor):
         assert torch.equal(seqlens, seqlens_before), "cache_seqlens must not be modified"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "-".join(map(str, c[:6])))
+def test_kvcache_matches_reference(case, dtype):
+    check_kvcache_case(case, dtype, "cpu")
 
 
 def test_kvcache_without_new_tokens_and_full_cache():

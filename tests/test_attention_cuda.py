@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 from tests.helpers import assert_fa_rule, poisoned_outputs
+from tests.test_attention import check_kvcache_case
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
                                 reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
@@ -188,23 +189,7 @@ KV_CASES = [  # batch, seqlen_q (= new tokens), cache_len, heads_q, heads_kv, he
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "-".join(map(str, c[:6])))
 def test_kvcache_matches_reference(case, dtype):
-    b, sn, cache_len, hq, hkv, d, lens = case
-    seqlens = lens if isinstance(lens, int) else _i32(lens)
-    q = _rand(b, sn, hq, d, dtype=dtype)
-    k_new, v_new = _rand(b, sn, hkv, d, dtype=dtype), _rand(b, sn, hkv, d, dtype=dtype)
-    k_cache, v_cache = _rand(b, cache_len, hkv, d, dtype=dtype), _rand(b, cache_len, hkv, d, dtype=dtype)
-    k64, v64 = k_cache.double(), v_cache.double()
-    kb, vb = k_cache.clone(), v_cache.clone()
-    seqlens_before = seqlens.clone() if isinstance(seqlens, torch.Tensor) else seqlens
-    with poisoned_outputs():
-        out = ck.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens)
-    ref_lens = seqlens.cpu() if isinstance(seqlens, torch.Tensor) else seqlens
-    out64, _ = ref.attention_with_kvcache(q.double(), k64, v64, k_new.double(), v_new.double(), ref_lens)
-    outb, _ = ref.attention_with_kvcache(q, kb, vb, k_new, v_new, ref_lens)
-    assert_fa_rule(out, out64, outb, name="kvcache out", eps=EPS[dtype])
-    assert torch.equal(k_cache, kb) and torch.equal(v_cache, vb), "new k/v must be written into the cache"
-    if isinstance(seqlens, torch.Tensor):
-        assert torch.equal(seqlens, seqlens_before), "cache_seqlens must not be modified"
+    check_kvcache_case(case, dtype, DEV)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])

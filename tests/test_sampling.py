@@ -318,9 +318,9 @@ def test_greedy_is_argmax(dtype):
     assert torch.equal(cd, reference.contrastive_probs(e, a, alpha=0.5, k=2, temperature=0.0).argmax(-1))
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_every_output_written(temperature):
-    x = _logits(3, batch=7, vocab=5000)
+def check_every_output_written(temperature, device):
+    """Poisoned outputs: every token and logprob of both samplers is written and valid. Shared with CUDA."""
+    x = _logits(3, batch=7, vocab=5000).to(device)
     with poisoned_outputs():
         tokens, logprobs = cfg_sample(x, guidance_scale=(1.5, 3.0), temperature=temperature, top_k=20, seed=1,
                                       step=0, return_logprobs=True)
@@ -328,6 +328,11 @@ def test_every_output_written(temperature):
                                                     return_logprobs=True)
     for t, lp in ((tokens, logprobs), (cd_tokens, cd_logprobs)):
         assert torch.all((t >= 0) & (t < 5000)) and torch.all(torch.isfinite(lp)) and torch.all(lp <= 0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_every_output_written(temperature):
+    check_every_output_written(temperature, "cpu")
 
 
 def test_neg_inf_excludes_and_strided_input():

@@ -16,8 +16,8 @@ import torch
 import cm3leon_kernels
 from cm3leon_kernels import _C, cfg_sample, contrastive_sample, reference
 
-from helpers import poisoned_outputs
-from test_sampling import CFG_CASES, N, V, _assert_distribution, _case_inputs, _inverse_cdf, _logits
+from test_sampling import (CFG_CASES, N, V, _assert_distribution, _case_inputs, _inverse_cdf, _logits,
+                           check_every_output_written)
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and cm3leon_kernels.cuda_built()),
                                 reason="needs a CUDA GPU and a build with the CUDA kernels")
@@ -196,14 +196,7 @@ def test_greedy_is_argmax(dtype):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_every_output_written(temperature):
-    x = _logits(3, batch=7, vocab=5000).to(DEV)
-    with poisoned_outputs():
-        tokens, logprobs = cfg_sample(x, guidance_scale=(1.5, 3.0), temperature=temperature, top_k=20, seed=1,
-                                      step=0, return_logprobs=True)
-        cd_tokens, cd_logprobs = contrastive_sample(x[:, 2], x[:, 0], temperature=temperature, seed=1, step=0,
-                                                    return_logprobs=True)
-    for t, lp in ((tokens, logprobs), (cd_tokens, cd_logprobs)):
-        assert torch.all((t >= 0) & (t < 5000)) and torch.all(torch.isfinite(lp)) and torch.all(lp <= 0)
+    check_every_output_written(temperature, DEV)
 
 
 def test_neg_inf_excludes_and_strided_input():

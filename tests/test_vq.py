@@ -109,9 +109,10 @@ def test_embed_gathers_rows(dtype):
     assert torch.equal(out, ref.vq_embed(indices, codebook))
 
 
-def test_vector_quantize_forward_and_gradients_match_reference():
-    z = torch.randn(3, 7, 16, dtype=torch.float32, requires_grad=True)
-    codebook = torch.randn(29, 16, requires_grad=True)
+def check_vector_quantize_matches_reference(device):
+    """vector_quantize's outputs, loss and gradients against float64 autograd. Shared with the CUDA tests."""
+    z = torch.randn(3, 7, 16, dtype=torch.float32, device=device, requires_grad=True)
+    codebook = torch.randn(29, 16, device=device, requires_grad=True)
     out = ck.vector_quantize(z, codebook, beta=0.3)
     # float64 reference of the same loss, through plain autograd
     z64 = z.detach().double().requires_grad_()
@@ -128,6 +129,10 @@ def test_vector_quantize_forward_and_gradients_match_reference():
     (loss64 + (q64 * weights.double()).sum()).backward()
     assert torch.allclose(z.grad.double(), z64.grad, atol=1e-5)
     assert torch.allclose(codebook.grad.double(), c64.grad, atol=1e-5)
+
+
+def test_vector_quantize_forward_and_gradients_match_reference():
+    check_vector_quantize_matches_reference("cpu")
 
 
 def test_vector_quantize_bf16_autocast_style_inputs():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import fa_rule_bound, poisoned_outputs
+from test_vq import check_vector_quantize_matches_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -222,24 +223,7 @@ def test_embed_gathers_rows(dtype, d):
 def test_vector_quantize_forward_and_gradients_match_reference():
     # The backward is composed of torch ops (straight-through, MSE) and vq_embed's index_add adjoint: it runs
     # on the GPU once the two forward kernels do.
-    z = torch.randn(3, 7, 16, device=CUDA, requires_grad=True)
-    codebook = torch.randn(29, 16, device=CUDA, requires_grad=True)
-    out = ck.vector_quantize(z, codebook, beta=0.3)
-    z64 = z.detach().double().requires_grad_()
-    c64 = codebook.detach().double().requires_grad_()
-    idx = ref.vq_nearest(z64.detach(), c64.detach())[0]
-    e64 = c64[idx]
-    loss64 = ((e64 - z64.detach()) ** 2).mean() + 0.3 * ((z64 - e64.detach()) ** 2).mean()
-    q64 = z64 + (e64 - z64).detach()
-    assert torch.equal(out.indices, idx)
-    assert torch.allclose(out.quantized.double(), q64, atol=1e-6)
-    assert abs(out.loss.item() - loss64.item()) <= 1e-5 * max(1.0, loss64.item())
-    weights = torch.randn_like(z)
-    (out.loss + (out.quantized * weights).sum()).backward()
-    (loss64 + (q64 * weights.double()).sum()).backward()
-    assert z.grad.device.type == "cuda" and codebook.grad.device.type == "cuda"
-    assert torch.allclose(z.grad.double(), z64.grad, atol=1e-5)
-    assert torch.allclose(codebook.grad.double(), c64.grad, atol=1e-5)
+    check_vector_quantize_matches_reference(CUDA)
 
 
 def test_vector_quantize_bf16_autocast_style_inputs():
