@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench build gpu clean
+.PHONY: test demo bench build gpu gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: bench
 # One command on a GPU machine: CUDA build, CUDA tests, GPU benchmarks (see bench/gpu.sh).
 gpu:
 	bash bench/gpu.sh
+
+# Wheels the offline GPU machine lacks (Python 3.12 there), fetched here into .whl/ for bench/gpu.sh.
+gpu-wheels: $(STAMP)
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks cm3leon_kernels/_C*.so
