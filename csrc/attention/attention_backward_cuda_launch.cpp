@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "attention/attention_backward_cuda.h"
+#include "attention/attention_checks.h"
 #include "common/tensor_checks.h"
 
 namespace cm3leon::attention {
@@ -20,32 +21,9 @@ using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // second line of defence, so bad input raises instead of reading out of bounds).
 void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& out, const at::Tensor& lse, int64_t ndim, at::IntArrayRef lse_shape) {
-  TORCH_CHECK_VALUE(q.dim() == ndim && k.dim() == ndim && v.dim() == ndim, "q, k, v must be ", ndim,
-                    "-D, got ", q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  check_qkv(q, k, v, ndim);
   TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor");
-  float_dtype(q, "q");
-  for (const auto& [t, name] : {std::pair{&k, "k"}, {&v, "v"}, {&out, "out"}, {&dout, "dout"}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(),
-                     ", got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->device() == q.device(), name, " is on ", t->device(), " but q is on ", q.device());
-    check_contiguous(*t, name);
-  }
-  check_contiguous(q, "q");
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got ", k.sizes(), " and ",
-                    v.sizes());
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
-                    "dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
-                    out.sizes());
-  const int64_t d = q.size(-1), hq = q.size(-2), hkv = k.size(-2);
-  TORCH_CHECK_VALUE(k.size(-1) == d, "k's head dim (", k.size(-1), ") must equal q's (", d, ")");
-  TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of k's (", hkv,
-                    ")");
-  TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ",
-                    d);
-  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 ",
-                    lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
-  TORCH_CHECK_VALUE(lse.device() == q.device(), "lse is on ", lse.device(), " but q is on ", q.device());
-  check_contiguous(lse, "lse");
+  check_backward(dout, q, out, lse, lse_shape);
 }
 
 void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {

@@ -16,4 +16,9 @@ int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::
                       const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
                       const c10::optional<at::Tensor>& cache_seqlens);
 
+// The backward's extra tensors: dout and out shaped, typed and placed like q, lse float32 of `lse_shape` on
+// q's device; all contiguous. (q/k/v are check_qkv's.)
+void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                    at::IntArrayRef lse_shape);
+
 }  // namespace cm3leon::attention

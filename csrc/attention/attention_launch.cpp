@@ -71,6 +71,23 @@ int64_t check_kvcache(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
   return new_len;
 }
 
+void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                    at::IntArrayRef lse_shape) {
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
+                    "dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
+                    out.sizes());
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+                   "dout and out must have q's dtype");
+  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 ",
+                    lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK_VALUE(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+                    "dout, out and lse must be on q's device ", q.device(), ", got ", dout.device(), ", ",
+                    out.device(), ", ", lse.device());
+  check_contiguous(dout, "dout");
+  check_contiguous(out, "out");
+  check_contiguous(lse, "lse");
+}
+
 namespace {
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
@@ -116,20 +133,6 @@ std::vector<Segment> varlen_segments(const at::Tensor& q, const at::Tensor& k, c
   for (size_t i = 0; i < segments.size(); ++i)
     segments[i] = {cq[i], cq[i + 1] - cq[i], ck[i], ck[i + 1] - ck[i], cq[i]};
   return segments;
-}
-
-void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
-                    at::IntArrayRef lse_shape) {
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
-                    "dout and out must have q's shape ", q.sizes(), ", got ", dout.sizes(), " and ",
-                    out.sizes());
-  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-                   "dout and out must have q's dtype");
-  TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 ",
-                    lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
-  check_contiguous(dout, "dout");
-  check_contiguous(out, "out");
-  check_contiguous(lse, "lse");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, const at::Tensor& dout,
