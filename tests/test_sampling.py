@@ -390,15 +390,22 @@ def test_non_finite_logits_raise(bad):
         contrastive_sample(e + 10, e - 10, temperature=1e-38, seed=0, step=0)
 
 
-def test_empty_row_raises():
-    x = _logits(2, batch=3)
-    mask = torch.ones(3, V, dtype=torch.bool)
+def check_empty_row_raises(device):
+    """Rows left without an allowed token raise, naming the row. Shared with the CUDA tests."""
+    x = _logits(2, batch=3).to(device)
+    mask = torch.ones(3, V, dtype=torch.bool, device=device)
     mask[1] = False
     with pytest.raises(ValueError, match="row 1 has no allowed token"):
         cfg_sample(x, guidance_scale=2.0, allowed_mask=mask, seed=0, step=0)
     x[0, 0, 3:] = -math.inf
     with pytest.raises(ValueError, match="row 0 has no allowed token"):
         cfg_sample(x, guidance_scale=2.0, allowed_range=(3, V), seed=0, step=0)
+    with pytest.raises(ValueError, match="row 0 has no allowed token"):
+        contrastive_sample(x[:, 1], x[:, 0], allowed_range=(3, V), seed=0, step=0)
+
+
+def test_empty_row_raises():
+    check_empty_row_raises("cpu")
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -17,7 +17,7 @@ import cm3leon_kernels
 from cm3leon_kernels import _C, cfg_sample, contrastive_sample, reference
 
 from test_sampling import (CFG_CASES, N, V, _assert_distribution, _case_inputs, _inverse_cdf, _logits,
-                           check_every_output_written)
+                           check_empty_row_raises, check_every_output_written)
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and cm3leon_kernels.cuda_built()),
                                 reason="needs a CUDA GPU and a build with the CUDA kernels")
@@ -241,16 +241,7 @@ def test_non_finite_logits_raise(bad):
 
 
 def test_empty_row_raises():
-    x = _logits(2, batch=3).to(DEV)
-    mask = torch.ones(3, V, dtype=torch.bool, device=DEV)
-    mask[1] = False
-    with pytest.raises(ValueError, match="row 1 has no allowed token"):
-        cfg_sample(x, guidance_scale=2.0, allowed_mask=mask, seed=0, step=0)
-    x[0, 0, 3:] = -math.inf
-    with pytest.raises(ValueError, match="row 0 has no allowed token"):
-        cfg_sample(x, guidance_scale=2.0, allowed_range=(3, V), seed=0, step=0)
-    with pytest.raises(ValueError, match="row 0 has no allowed token"):
-        contrastive_sample(x[:, 1], x[:, 0], allowed_range=(3, V), seed=0, step=0)
+    check_empty_row_raises(DEV)
 
 
 def test_device_mismatch_raises():
