@@ -25,6 +25,8 @@ def _check_codebook(codebook: torch.Tensor) -> None:
     check_tensor("codebook", codebook, dtypes=FLOAT_DTYPES, ndim=2)
     if codebook.shape[0] == 0:
         raise ValueError("codebook is empty (K = 0)")
+    if codebook.shape[1] == 0:
+        raise ValueError("codebook vectors are empty (D = 0)")
     check_contiguous("codebook", codebook)
 
 

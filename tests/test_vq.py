@@ -171,6 +171,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("call,error,match", [
     (lambda: ck.vq_nearest(torch.randn(4, 8), torch.randn(5, 7)), ValueError, "last dim"),
     (lambda: ck.vq_nearest(torch.randn(4, 8), torch.randn(0, 8)), ValueError, "codebook is empty"),
+    (lambda: ck.vq_nearest(torch.randn(4, 0), torch.randn(3, 0)), ValueError, "codebook vectors are empty"),
     (lambda: ck.vq_nearest(torch.randint(0, 5, (4, 8)), torch.randn(5, 8)), TypeError, "z must have dtype"),
     (lambda: ck.vq_nearest(torch.randn(4, 8), torch.randn(5, 8).double()), TypeError, "codebook must have"),
     (lambda: ck.vq_nearest(torch.randn(4, 8), torch.randn(5, 8).half()), TypeError, "share a dtype"),

@@ -72,8 +72,10 @@ cudaError_t backward_simt(const BackwardParams& p, cudaStream_t stream) {
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = simt_smem_bytes(p.head_dim);
   if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(&backward_simt_kernel,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    // Opt in once for the largest head dim: a per-call value could lower the limit under a concurrent
+    // launch with a larger head dim from another host thread.
+    const cudaError_t err = cudaFuncSetAttribute(&backward_simt_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 int(simt_smem_bytes(256)));
     if (err != cudaSuccess) return err;
   }
   backward_simt_kernel<<<dim3(unsigned(blocks)), kSimtThreads, smem, stream>>>(p);

@@ -145,6 +145,8 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int32_t* seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
+  check_aligned(k_cache, "k_cache");  // before the append's 16-byte stores, not only in base_params
+  check_aligned(v_cache, "v_cache");
   if (new_len > 0) {
     check_aligned(*k, "k");
     check_aligned(*v, "v");

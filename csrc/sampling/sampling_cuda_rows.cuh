@@ -199,7 +199,8 @@ cudaError_t configure_row_cache(Kernel kernel, int64_t width, int64_t* cached, s
   const int64_t room = (int64_t(optin) - int64_t(attr.sharedSizeBytes)) / int64_t(sizeof(float4)) * 4;
   *cached = room < 0 ? 0 : (width < room ? width : room);
   *bytes = size_t(*cached) * sizeof(float);
-  if (*bytes > 48 * 1024)
+  // The 48 KiB default bounds static + dynamic shared memory together, so opt in past it.
+  if (attr.sharedSizeBytes + *bytes > 48 * 1024)
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(*bytes));
   return cudaSuccess;
 }
