@@ -18,6 +18,7 @@
 #include "attention/attention_cpu.h"
 #include "attention/attention_tiles.h"
 #include "common/parallel.h"
+#include "common/scratch.h"
 
 namespace cm3leon::attention {
 namespace {
@@ -71,8 +72,8 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   for (int64_t s = 0; s < pr.num_segments; ++s) q_off[s + 1] = q_off[s] + round_up(pr.segments[s].q_len, BM);
   const int64_t q_total = q_off.back();
   const size_t qsize = size_t(hq * q_total * dp);
-  std::vector<float> q_t(qsize), q_rows(qsize), do_t(qsize), do_rows(qsize);
-  std::vector<float> lse2(size_t(hq * q_total)), dsum(size_t(hq * q_total));
+  const ScratchBuffer<float> q_t(qsize), q_rows(qsize), do_t(qsize), do_rows(qsize);
+  const ScratchBuffer<float> lse2(size_t(hq * q_total)), dsum(size_t(hq * q_total));
   std::vector<Item> pre;
   for (int64_t s = 0; s < pr.num_segments; ++s)
     for (int64_t h = 0; h < hq; ++h)
@@ -113,10 +114,13 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
   const int nt = num_threads();
-  std::vector<float> dq_acc(size_t(nt) * qsize, 0.f);  // per-thread dQ / scale, fp32
+  const ScratchBuffer<float> dq_acc(size_t(nt) * qsize);  // per-thread dQ / scale, fp32
 
 #pragma omp parallel num_threads(nt)
   {
+    // Zeroed by the team (each buffer's pages then start on its thread), all nt even if the team is smaller.
+#pragma omp for schedule(static)
+    for (int t = 0; t < nt; ++t) std::fill_n(dq_acc.data() + size_t(t) * qsize, qsize, 0.f);
     float* my_dq = dq_acc.data() + size_t(omp_get_thread_num()) * qsize;
     Scratch sc;
     sc.kr.resize(size_t(BN * dp)); sc.vr.resize(size_t(BN * dp));

@@ -15,6 +15,7 @@
 #include "attention/attention_decode.h"
 #include "attention/attention_tiles.h"
 #include "common/parallel.h"
+#include "common/scratch.h"
 
 namespace cm3leon::attention {
 namespace {
@@ -111,7 +112,8 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
   std::vector<int64_t> k_off(size_t(pr.num_segments) + 1, 0);
   for (int64_t s = 0; s < pr.num_segments; ++s) k_off[s + 1] = k_off[s] + round_up(pr.segments[s].k_len, BN);
   const int64_t k_total = k_off.back();
-  std::vector<float> kr(size_t(hkv * k_total * dp)), vr(size_t(hkv * k_total * dp));
+  // Rows past a block's last multiple of MR stay unwritten: no micro-kernel step reads them.
+  const ScratchBuffer<float> kr(size_t(hkv * k_total * dp)), vr(size_t(hkv * k_total * dp));
   {
     std::vector<Item> pack_items;
     for (int64_t s = 0; s < pr.num_segments; ++s)

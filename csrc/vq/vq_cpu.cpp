@@ -14,6 +14,7 @@
 
 #include "common/micro_kernel.h"
 #include "common/parallel.h"
+#include "common/scratch.h"
 
 namespace cm3leon::vq {
 namespace {
@@ -33,19 +34,24 @@ float row_norm(const T* x, int64_t d) {
 // The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c.
 struct PackedCodebook {
   int64_t panels;
-  std::vector<float> values;  // [panels][d][NR]
-  std::vector<float> bias;    // [panels * NR]: ||c||^2 (L2), 0 (cosine, codes pre-normalised), +inf padding
+  ScratchBuffer<float> values;  // [panels][d][NR]
+  ScratchBuffer<float> bias;    // [panels * NR]: ||c||^2 (L2), 0 (cosine, codes pre-normalised), +inf padding
 };
 
 template <typename T>
 PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric metric) {
-  PackedCodebook packed{ceil_div(k, NR), {}, {}};
-  packed.values.assign(size_t(packed.panels * d * NR), 0.f);
-  packed.bias.assign(size_t(packed.panels * NR), std::numeric_limits<float>::infinity());
+  const int64_t panels = ceil_div(k, NR);
+  PackedCodebook packed{panels, ScratchBuffer<float>(size_t(panels * d * NR)),
+                        ScratchBuffer<float>(size_t(panels * NR))};
   parallel_items(packed.panels, [&](int64_t panel) {
     float* dst = packed.values.data() + panel * d * NR;
-    for (int64_t j = 0; j < NR && panel * NR + j < k; ++j) {
+    for (int64_t j = 0; j < NR; ++j) {
       const int64_t code = panel * NR + j;
+      if (code >= k) {  // padding codes of the last panel: zero values, never the argmin
+        for (int64_t p = 0; p < d; ++p) dst[p * NR + j] = 0.f;
+        packed.bias[size_t(code)] = std::numeric_limits<float>::infinity();
+        continue;
+      }
       const T* src = codebook + code * d;
       float scale = 1.f, sq = 0.f;
       if (metric == Metric::Cosine) {
