@@ -68,13 +68,45 @@ void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t d, float scal
   }
 }
 
+#if CM3LEON_AVX2
+// dst[c * ld + r] = src[r * stride + c] * scale for an 8 x 8 block: three shuffle stages in registers.
+template <typename T>
+inline void transpose_8x8(const T* src, int64_t stride, float scale, float* dst, int64_t ld) {
+  const __m256 sv = _mm256_set1_ps(scale);
+  __m256 row[8], pair[8], quad[8];
+  for (int r = 0; r < 8; ++r) row[r] = _mm256_mul_ps(load8(src + r * stride), sv);
+  for (int r = 0; r < 8; r += 2) {  // interleave rows 2i, 2i+1 per 128-bit lane
+    pair[r] = _mm256_unpacklo_ps(row[r], row[r + 1]);
+    pair[r + 1] = _mm256_unpackhi_ps(row[r], row[r + 1]);
+  }
+  for (int r = 0; r < 8; r += 4)  // gather four rows' elements per column and lane
+    for (int h = 0; h < 2; ++h) {
+      quad[r + 2 * h] = _mm256_shuffle_ps(pair[r + h], pair[r + h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      quad[r + 2 * h + 1] = _mm256_shuffle_ps(pair[r + h], pair[r + h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  for (int c = 0; c < 4; ++c) {  // join rows 0-3 and 4-7: low lanes give columns 0-3, high lanes 4-7
+    _mm256_storeu_ps(dst + c * ld, _mm256_permute2f128_ps(quad[c], quad[c + 4], 0x20));
+    _mm256_storeu_ps(dst + (c + 4) * ld, _mm256_permute2f128_ps(quad[c], quad[c + 4], 0x31));
+  }
+}
+#endif
+
 // The same rows packed as panels of `pr` rows: dst[rows_pad / pr][dp][pr] (the micro-kernel's operand).
 template <typename T>
 void pack_panels(const T* src, int64_t stride, int64_t rows, int64_t d, float scale, int64_t pr,
                  int64_t rows_pad, int64_t dp, float* dst) {
   for (int64_t r0 = 0; r0 < rows_pad; r0 += pr) {
     float* panel = dst + r0 * dp;
-    for (int64_t r = 0; r < pr; ++r) {
+    int64_t r = 0;
+#if CM3LEON_AVX2
+    if (pr % 8 == 0 && d % 8 == 0)
+      for (; r + 8 <= pr && r0 + r + 8 <= rows; r += 8) {
+        for (int64_t i = 0; i < d; i += 8)
+          transpose_8x8(src + (r0 + r) * stride + i, stride, scale, panel + i * pr + r, pr);
+        for (int64_t i = d; i < dp; ++i) _mm256_storeu_ps(panel + i * pr + r, _mm256_setzero_ps());
+      }
+#endif
+    for (; r < pr; ++r) {
       const int64_t row = r0 + r;
       if (row < rows) {
         const T* in = src + row * stride;
