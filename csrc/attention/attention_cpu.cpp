@@ -106,9 +106,10 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
   const int64_t d = pr.head_dim, dp = round_up(d, NR), hq = pr.heads_q, hkv = pr.heads_kv;
   const int64_t group = hq / hkv;
 
-  // K and V as fp32 rows of dp floats, packed once per call (bf16/fp16 widened once): block n0 of segment
-  // s, kv head h starts at row h * k_total + k_off[s] + n0. Even fp32 is copied: in place, consecutive keys
-  // of one head lie heads_kv * head_dim floats apart (4 KiB for 16 x 64), all in the same L1 sets.
+  // K and V in fp32, packed once per call (bf16/fp16 widened once): block n0 of segment s, kv head h starts
+  // at float (h * k_total + k_off[s] + n0) * dp; K as rows of dp floats, V as 16-column strips per block
+  // (pack_strips). Even fp32 is copied: in place, consecutive keys of one head lie heads_kv * head_dim
+  // floats apart (4 KiB for 16 x 64), all in the same L1 sets.
   std::vector<int64_t> k_off(size_t(pr.num_segments) + 1, 0);
   for (int64_t s = 0; s < pr.num_segments; ++s) k_off[s + 1] = k_off[s] + round_up(pr.segments[s].k_len, BN);
   const int64_t k_total = k_off.back();
@@ -126,7 +127,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       const int64_t src = ((sg.k_start + it.q0) * hkv + it.head) * d;
       const int64_t dst = (it.head * k_total + k_off[it.segment] + it.q0) * dp;
       pack_rows(k + src, hkv * d, keys, d, 1.f, keys_pad, dp, kr.data() + dst);
-      pack_rows(v + src, hkv * d, keys, d, 1.f, keys_pad, dp, vr.data() + dst);
+      pack_strips(v + src, hkv * d, keys, d, keys_pad, BN, dp, vr.data() + dst);
     });
   }
   std::vector<Item> items;
@@ -182,7 +183,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
           const int64_t depth =
               masked ? std::clamp<int64_t>(seen_by(q0 + std::min(qr + MR, rows) - 1) - n0, 0, cols) : cols;
           if (depth > 0)
-            micro_6x16(st + qr, BM, 1, vr.data() + blk + dc, dp, depth, o + qr * dp + dc, dp, true);
+            micro_6x16(st + qr, BM, 1, vr.data() + blk + dc * BN, NR, depth, o + qr * dp + dc, dp, true);
         }
     }
 

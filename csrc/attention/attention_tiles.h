@@ -68,6 +68,27 @@ void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t d, float scal
   }
 }
 
+// The same rows as 16-column strips per block of `block` rows, dst[rows_pad / block][dp / NR][block][NR]:
+// one strip of a block, the micro-kernel's B operand in O += P V, is then contiguous memory that the
+// hardware prefetcher streams (row-major V made P V about 5% slower when V comes from L3).
+template <typename T>
+void pack_strips(const T* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad, int64_t block,
+                 int64_t dp, float* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    float* out = dst + (r / block) * block * dp + (r % block) * NR;
+    const T* in = src + r * stride;
+    for (int64_t c = 0; c < dp; c += 8) {
+      float* o = out + (c / NR) * block * NR + c % NR;
+      const bool data = r < rows && c < d;  // d is a multiple of 8
+#if CM3LEON_AVX2
+      _mm256_storeu_ps(o, data ? load8(in + c) : _mm256_setzero_ps());
+#else
+      for (int64_t j = 0; j < 8; ++j) o[j] = data ? to_float(in[c + j]) : 0.f;
+#endif
+    }
+  }
+}
+
 #if CM3LEON_AVX2
 // dst[c * ld + r] = src[r * stride + c] * scale for an 8 x 8 block: three shuffle stages in registers.
 template <typename T>
