@@ -1,7 +1,8 @@
 // Attention backward on the CPU (FlashAttention-2 algorithm): probabilities are recomputed block by block
 // from the saved log-sum-exp, never stored.
 //
-// Preprocessing packs Q and dO (fp32, both as rows and transposed per block of BM queries) and computes
+// Preprocessing packs Q and dO (fp32, both transposed and as 16-column strips per block of BM queries, the
+// B operands of S^T = K Q^T and of dV/dK, see pack_strips) and computes
 // D = rowsum(dO * O) per query row. A work item is (segment, kv head, block of BN keys): it keeps its dK/dV
 // block in registers-and-L1 scratch while it sweeps the query heads of its GQA group and the query blocks
 // that can see it (causal: the ones at or below the diagonal), so GQA gradients are summed in place.
@@ -84,18 +85,18 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
     const int64_t src = ((sg.q_start + q0) * hq + h) * d, row = h * q_total + q_off[it.segment] + q0;
     pack_panels(q + src, hq * d, rows, d, qscale, BM, BM, dp, q_t.data() + row * dp);  // [dp][BM]
-    pack_rows(q + src, hq * d, rows, d, 1.f, BM, dp, q_rows.data() + row * dp);
+    pack_strips(q + src, hq * d, rows, d, BM, BM, dp, q_rows.data() + row * dp);
     pack_panels(dout + src, hq * d, rows, d, 1.f, BM, BM, dp, do_t.data() + row * dp);
-    pack_rows(dout + src, hq * d, rows, d, 1.f, BM, dp, do_rows.data() + row * dp);
+    pack_strips(dout + src, hq * d, rows, d, BM, BM, dp, do_rows.data() + row * dp);
     for (int64_t r = 0; r < BM; ++r) {
       if (r >= rows) {  // padding queries: finite values, masked out by their limit
         dsum[size_t(row + r)] = 0.f;
         lse2[size_t(row + r)] = 0.f;
         continue;
       }
-      const T* o = out + src + r * hq * d;
+      const T *o = out + src + r * hq * d, *g = dout + src + r * hq * d;
       float acc = 0.f;
-      for (int64_t c = 0; c < d; ++c) acc += do_rows[size_t((row + r) * dp + c)] * to_float(o[c]);
+      for (int64_t c = 0; c < d; ++c) acc += to_float(g[c]) * to_float(o[c]);
       dsum[size_t(row + r)] = acc;
       const float l = lse[sg.lse_start + h * pr.lse_head_stride + q0 + r];
       // A row that saw no key (lse = -inf) has every probability masked; +inf keeps 2^(s - lse) at 0.
@@ -157,9 +158,9 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
           softmax_grad_block(s, dpt, lse2.data() + row, dsum.data() + row, sc.limit.data());
           for (int64_t r0 = 0; r0 < BN; r0 += MR)  // dV += P^T dO, dK += dS^T Q
             for (int64_t c = 0; c < dp; c += NR) {
-              micro_6x16(s + r0 * BM, 1, BM, do_rows.data() + row * dp + c, dp, rows,
+              micro_6x16(s + r0 * BM, 1, BM, do_rows.data() + row * dp + c * BM, NR, rows,
                          sc.dv.data() + r0 * dp + c, dp, true);
-              micro_6x16(dpt + r0 * BM, 1, BM, q_rows.data() + row * dp + c, dp, rows,
+              micro_6x16(dpt + r0 * BM, 1, BM, q_rows.data() + row * dp + c * BM, NR, rows,
                          sc.dk.data() + r0 * dp + c, dp, true);
             }
           for (int64_t c = 0; c < dp; c += NR)  // dQ += dS K (six query columns of dS^T per step)

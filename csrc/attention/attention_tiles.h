@@ -69,8 +69,8 @@ void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t d, float scal
 }
 
 // The same rows as 16-column strips per block of `block` rows, dst[rows_pad / block][dp / NR][block][NR]:
-// one strip of a block, the micro-kernel's B operand in O += P V, is then contiguous memory that the
-// hardware prefetcher streams (row-major V made P V about 5% slower when V comes from L3).
+// one strip of a block, a micro-kernel B operand (V in O += P V, Q and dO in dK/dV), is then contiguous
+// memory that the hardware prefetcher streams (row-major V made P V ~5% slower when V comes from L3).
 template <typename T>
 void pack_strips(const T* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad, int64_t block,
                  int64_t dp, float* dst) {
