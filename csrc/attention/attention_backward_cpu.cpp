@@ -115,7 +115,9 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
   const int nt = num_threads();
-  const ScratchBuffer<float> dq_acc(size_t(nt) * qsize);  // per-thread dQ / scale, fp32
+  // Per-thread dQ / scale in fp32, laid out like q_rows (16-column strips per query block) so that every
+  // micro-kernel tile of dQ is contiguous.
+  const ScratchBuffer<float> dq_acc(size_t(nt) * qsize);
 
 #pragma omp parallel num_threads(nt)
   {
@@ -165,7 +167,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
             }
           for (int64_t c = 0; c < dp; c += NR)  // dQ += dS K (six query columns of dS^T per step)
             for (int64_t qr = 0; qr < rows6; qr += MR)
-              micro_6x16(dpt + qr, BM, 1, kr + c, dp, BN, my_dq + (row + qr) * dp + c, dp, true);
+              micro_6x16(dpt + qr, BM, 1, kr + c, dp, BN, my_dq + row * dp + c * BM + qr * NR, NR, true);
         }
       }
       for (int64_t j = 0; j < cols; ++j) {
@@ -188,7 +190,8 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
       T* dst = dq + ((sg.q_start + q0 + r) * hq + h) * d;
       for (int64_t c = 0; c < d; ++c) {
         float acc = 0.f;
-        for (int t = 0; t < nt; ++t) acc += dq_acc[size_t(t) * qsize + size_t((row + r) * dp + c)];
+        const size_t at = size_t(row * dp + (c / NR) * BM * NR + r * NR + c % NR);
+        for (int t = 0; t < nt; ++t) acc += dq_acc[size_t(t) * qsize + at];
         from_float(acc * pr.scale, dst + c);
       }
     }
