@@ -64,6 +64,7 @@ DENSE_CASES = [  # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causa
     (2, 37, 37, 4, 4, 64, True),
     (2, 37, 37, 4, 4, 64, False),
     (1, 130, 130, 2, 2, 32, True),    # several query and key blocks
+    (1, 311, 301, 4, 2, 40, True),    # several backward key blocks (144 keys) across the diagonal, GQA
     (2, 5, 70, 4, 2, 64, True),       # seqlen_q < seqlen_k: bottom-right aligned
     (1, 70, 21, 3, 1, 96, True),      # seqlen_q > seqlen_k: top rows see no key (MQA)
     (1, 53, 99, 8, 2, 80, False),     # GQA 4:1, odd lengths
