@@ -346,6 +346,16 @@ def test_neg_inf_excludes_and_strided_input():
     assert not ((tokens < 10) | (tokens == 20)).any()
 
 
+@pytest.mark.parametrize("seed", [3, torch.zeros(0, dtype=torch.int64)], ids=["int", "tensor"])
+def test_empty_batch(seed):
+    """B = 0 returns empty outputs (it used to divide by the batch size and kill the process with SIGFPE)."""
+    x = _logits(2, batch=1)[:0]
+    tokens, logprobs = cfg_sample(x, guidance_scale=2.0, seed=seed, step=0, return_logprobs=True)
+    assert tokens.shape == (0,) and tokens.dtype == torch.int64 and logprobs.shape == (0,)
+    tokens = contrastive_sample(x[:, 1], x[:, 0], seed=seed, step=0)
+    assert tokens.shape == (0,) and tokens.dtype == torch.int64
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(guidance_scale=2.0, temperature=-1.0), ValueError, "temperature"),
     (dict(guidance_scale=2.0, top_p=0.0), ValueError, "top_p"),
