@@ -7,6 +7,7 @@ depend on which other requests share its batch.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -107,7 +108,12 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
                          f"{model.config.max_seq_len}")
 
     device = model.embed.weight.device
-    seed_list = [seeds + i for i in range(n)] if isinstance(seeds, int) else list(seeds)
+    if hasattr(type(seeds), "__index__") and not isinstance(seeds, bool):  # an int or e.g. numpy.int64
+        seed_list = [operator.index(seeds) + i for i in range(n)]
+    elif isinstance(seeds, Sequence):
+        seed_list = list(seeds)
+    else:
+        raise TypeError(f"seeds must be an int or a sequence of ints, got {type(seeds).__name__}")
     if len(seed_list) != n:
         raise ValueError(f"seeds must be an int or one seed per request ({n}), got {len(seed_list)}")
     seed_t = torch.as_tensor(seed_list, dtype=torch.int64, device=device)

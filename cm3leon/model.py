@@ -90,6 +90,18 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """Cumulative document lengths must start at 0, never decrease and end at the packed token count."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0]}")
+    drop = next((i for i in range(1, len(cu)) if cu[i] < cu[i - 1]), None)
+    if drop is not None:
+        raise ValueError(f"cu_seqlens must be non-decreasing: cu_seqlens[{drop}] = {cu[drop]} < {cu[drop - 1]}")
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens[-1] ({cu[-1]}) must equal the number of packed tokens ({total})")
+
+
 class CM3Leon(nn.Module):
     """Decoder-only transformer over one text + image token vocabulary (CM3Leon or Chameleon layout).
 
@@ -179,6 +191,8 @@ class CM3Leon(nn.Module):
             raise ValueError(f"packed tokens must be 1-D [total_tokens], got {tuple(tokens.shape)}")
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError("cu_seqlens must be a 1-D int32 tensor [n_docs + 1]")
+        if not torch.compiler.is_compiling():  # repeat_interleave below trusts the lengths: check them first
+            _check_cu_seqlens(cu_seqlens, tokens.shape[0])
         lengths = cu_seqlens.diff()
         if max_seqlen is None:
             max_seqlen = int(lengths.max())
@@ -191,7 +205,10 @@ class CM3Leon(nn.Module):
     def allocate_cache(self, batch: int, max_len: int | None = None, *, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> KVCache:
         """A zeroed KV cache for ``batch`` rows of up to ``max_len`` (default ``max_seq_len``) positions."""
-        max_len = max_len or self.config.max_seq_len
+        max_len = self.config.max_seq_len if max_len is None else max_len
+        if batch < 0 or max_len < 1:
+            raise ValueError(f"allocate_cache needs batch >= 0 and max_len >= 1, got batch={batch}, "
+                             f"max_len={max_len}")
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
         param = self.embed.weight

@@ -12,6 +12,9 @@ path for float32, and split-KV decode for the KV cache; see docs/attention.md ("
 """
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 from ._native import cuda_built, ops
@@ -58,7 +61,20 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, nam
 
 
 def _scale(softmax_scale: float | None, q: torch.Tensor) -> float:
-    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if softmax_scale is None:
+        return q.shape[-1] ** -0.5
+    scale = float(softmax_scale)
+    if not math.isfinite(scale):  # NaN/inf would silently zero the output (the kernels skip NaN scores)
+        raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+    return scale
+
+
+def _not_a_tensor(required: dict[str, object], optional: dict[str, object]) -> TypeError:
+    """The error for the first argument that is not a tensor (``optional`` ones may also be None)."""
+    bad = [(n, a) for n, a in required.items() if not isinstance(a, torch.Tensor)] + \
+        [(n, a) for n, a in optional.items() if a is not None and not isinstance(a, torch.Tensor)]
+    name, value = bad[0]
+    return TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _check_dropout(dropout_p: float) -> None:
@@ -167,9 +183,13 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # Decode calls this once per token per layer, so only what C++ cannot see is checked here (devices:
     # mixed devices would dispatch elsewhere; the cache_seqlens form); shapes, dtypes, contiguity and
     # overflow are checked by the C++ launcher, whose errors name the arguments.
-    dev = q.device
-    if k_cache.device != dev or v_cache.device != dev or (k is not None and k.device != dev) or \
-            (v is not None and v.device != dev):
+    try:
+        dev = q.device
+        mixed = k_cache.device != dev or v_cache.device != dev or (k is not None and k.device != dev) or \
+            (v is not None and v.device != dev)
+    except AttributeError:
+        raise _not_a_tensor({"q": q, "k_cache": k_cache, "v_cache": v_cache}, {"k": k, "v": v}) from None
+    if mixed:
         raise ValueError(f"q, k_cache, v_cache, k, v must be on one device, got {dev}, {k_cache.device}, "
                          f"{v_cache.device}, {None if k is None else k.device}, "
                          f"{None if v is None else v.device}")
@@ -183,14 +203,16 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         if k is not None:
             raise ValueError("cache_seqlens is required when appending k/v (None means the cache is full)")
         seqlens, scalar = None, k_cache.shape[1]
-    elif isinstance(cache_seqlens, int):
+    elif type(cache_seqlens) is int:
         seqlens, scalar = None, cache_seqlens
+    elif hasattr(type(cache_seqlens), "__index__") and not isinstance(cache_seqlens, bool):
+        seqlens, scalar = None, operator.index(cache_seqlens)  # e.g. numpy.int64
     else:
         raise TypeError("cache_seqlens must be an int or an int32 tensor, "
                         f"got {type(cache_seqlens).__name__}")
     if not q.is_contiguous():
         q = q.contiguous()
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = _scale(softmax_scale, q)
     out, lse = _kvcache_op(q, k_cache, v_cache, k, v, seqlens, scalar, scale, bool(causal))
     return (out, lse) if return_softmax_lse else out
 

@@ -44,7 +44,8 @@ def _check_real(name: str, x: object, lo: float, hi: float, *, lo_open: bool = F
             and (lo < x or (x == lo and not lo_open)) and x <= hi:  # x - x == 0: finite (rejects NaN, inf)
         return float(x)
     bracket = "(" if lo_open else "["
-    raise ValueError(f"{name} must be a number in {bracket}{lo}, {hi}], got {x!r}")
+    upper = f"{hi})" if math.isinf(hi) else f"{hi}]"
+    raise ValueError(f"{name} must be a finite number in {bracket}{lo}, {upper}, got {x!r}")
 
 
 def _as_int(name: str, x: object) -> int:
@@ -93,10 +94,9 @@ def _vocab_args(allowed_range: Sequence[int] | None, allowed_mask: torch.Tensor 
                 device: torch.device) -> tuple[int, int]:
     lo, hi = 0, vocab
     if allowed_range is not None:
-        if (not isinstance(allowed_range, (tuple, list)) or len(allowed_range) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in allowed_range)):
+        if not isinstance(allowed_range, (tuple, list)) or len(allowed_range) != 2:
             raise TypeError(f"allowed_range must be a pair of ints (lo, hi), got {allowed_range!r}")
-        lo, hi = allowed_range
+        lo, hi = (_as_int("allowed_range entries", v) for v in allowed_range)  # ints or integer scalars, not bools
         if not 0 <= lo < hi <= vocab:
             raise ValueError(f"allowed_range must satisfy 0 <= lo < hi <= V = {vocab}, got {tuple(allowed_range)}")
     if allowed_mask is not None:

@@ -7,6 +7,8 @@ arithmetic is float32; on CUDA a tensor-core GEMM picks candidates and an exact 
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -47,7 +49,8 @@ def vq_nearest(z: torch.Tensor, codebook: torch.Tensor, *, metric: str = "l2"
 
     Raises:
         TypeError / ValueError naming the argument for wrong dtypes, shapes, devices, non-contiguous
-        tensors, an empty codebook, an unknown metric, or NaN/inf values; NotImplementedError on a
+        tensors, an empty codebook, an unknown metric, or a row of z with no finite distance (NaN/inf in z;
+        codes holding NaN/inf are skipped); NotImplementedError on a
         device without a kernel (CUDA needs a CUDA build, see ``cuda_built()``).
     """
     check_tensor("z", z, dtypes=FLOAT_DTYPES, min_ndim=1)
@@ -94,8 +97,10 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25,
     Gradients: ``quantized`` passes its gradient to ``z`` unchanged; ``loss`` reaches both ``z`` and
     ``codebook``.
     """
-    if not isinstance(beta, (int, float)) or beta < 0:
-        raise ValueError(f"beta must be a non-negative number, got {beta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):  # numbers.Real: also numpy scalars
+        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite non-negative number, got {beta!r}")
     indices, _ = vq_nearest(z.detach(), codebook.detach(), metric=metric)
     codes = vq_embed(indices, codebook)
     codebook_loss = torch.mean((codes - z.detach()).float() ** 2)

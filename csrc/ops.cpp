@@ -3,6 +3,7 @@
 // (cm3leon_kernels/*.py); kernels live in csrc/<family>/.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "common/cpu_features.h"
@@ -60,6 +61,16 @@ TORCH_LIBRARY_IMPL(cm3leon, CPU, m) {
   // Sampling
   m.impl("cfg_sample", &cm3leon::sampling::cfg_sample_cpu_launch);
   m.impl("contrastive_sample", &cm3leon::sampling::contrastive_sample_cpu_launch);
+}
+
+// Ops without a derivative: backward() through them raises "derivative ... is not implemented" instead of
+// PyTorch's default for custom ops (a warning and silently missing gradients). flash_attn_kvcache is
+// documented as not differentiable (and, mutating its caches, cannot take a Python autograd formula); the
+// attention backward ops have no derivative, so double backward must fail loudly too.
+TORCH_LIBRARY_IMPL(cm3leon, Autograd, m) {
+  m.impl("flash_attn_kvcache", torch::autograd::autogradNotImplementedFallback());
+  m.impl("flash_attn_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("flash_attn_varlen_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 #ifdef CM3LEON_WITH_CUDA

@@ -1,8 +1,10 @@
 """Fused attention: forward, backward, packed documents and KV-cache decode against float64 references."""
 from __future__ import annotations
 
+import math
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -277,6 +279,19 @@ def _bad_calls():
                           ValueError, "contiguous"),
         "cache dtype": (lambda: ck.flash_attn_with_kvcache(qd, kc.half(), vc.half(), cache_seqlens=2),
                         TypeError, "share a dtype"),
+        "scale nan": (lambda: ck.flash_attn_func(q, k, v, softmax_scale=float("nan")), ValueError,
+                      "softmax_scale must be a finite number"),
+        "varlen scale inf": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, cu, 5, 5, softmax_scale=math.inf),
+                             ValueError, "softmax_scale"),
+        "decode scale nan": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=2,
+                                                                softmax_scale=float("nan")),
+                             ValueError, "softmax_scale"),
+        "q not a tensor": (lambda: ck.flash_attn_with_kvcache(None, kc, vc, cache_seqlens=2), TypeError,
+                           "q must be a torch.Tensor"),
+        "k_cache not a tensor": (lambda: ck.flash_attn_with_kvcache(qd, kc.tolist(), vc, cache_seqlens=2),
+                                 TypeError, "k_cache must be a torch.Tensor"),
+        "seqlens bool": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=True), TypeError,
+                         "cache_seqlens must be an int"),
     }
 
 
@@ -295,6 +310,31 @@ def test_bad_input_reaches_cpp_checks():
                                              False)
     with pytest.raises(TypeError, match="dtype"):
         torch.ops.cm3leon.flash_attn_forward(q, k.double(), v.double(), 1.0, False)
+
+
+def test_integer_like_cache_seqlens():
+    """A numpy integer is an int for cache_seqlens (bools are not)."""
+    qd, kc, vc = torch.randn(2, 1, 4, 32), torch.randn(2, 10, 2, 32), torch.randn(2, 10, 2, 32)
+    torch.testing.assert_close(ck.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=np.int64(3)),
+                               ck.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=3), rtol=0, atol=0)
+
+
+def test_no_silent_missing_gradients():
+    """The KV-cache op and double backward raise instead of PyTorch's warning plus missing gradients."""
+    q = torch.randn(1, 1, 2, 32, requires_grad=True)
+    out = ck.flash_attn_with_kvcache(q, torch.randn(1, 8, 2, 32), torch.randn(1, 8, 2, 32), cache_seqlens=5)
+    with pytest.raises(RuntimeError, match="flash_attn_kvcache is not implemented"):
+        out.sum().backward()
+    for varlen in (False, True):
+        q = torch.randn(1, 5, 2, 8, requires_grad=True)
+        if varlen:
+            cu = _i32([0, 2, 5])
+            out = ck.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 3, 3, causal=True)
+        else:
+            out = ck.flash_attn_func(q, q, q, causal=True)
+        (grad,) = torch.autograd.grad((out ** 2).sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="flash_attn_(varlen_)?backward is not implemented"):
+            grad.sum().backward()
 
 
 # ---- torch.library integration -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Generation core: prefill + cached decode with cfg_sample / contrastive_sample."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from model_fixtures import small_model
@@ -52,6 +53,16 @@ def test_per_request_seeds_make_requests_independent_of_their_batch():
     assert again == both
     other = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=8, options=options, seeds=[12, 23])
     assert other != both
+
+
+def test_integer_scalar_seed():
+    """A numpy integer seed means the same as the int (it used to fail with "not iterable"); floats raise."""
+    model = small_model("cm3leon")
+    options = SamplingOptions(temperature=1.0)
+    assert generate(model, [[1, 2], [3]], max_new_tokens=4, options=options, seeds=np.int64(7)) == \
+        generate(model, [[1, 2], [3]], max_new_tokens=4, options=options, seeds=7)
+    with pytest.raises(TypeError, match="seeds must be an int"):
+        generate(model, [[1, 2]], max_new_tokens=4, options=options, seeds=7.0)
 
 
 def test_stop_tokens_and_allowed_range():

@@ -92,9 +92,20 @@ def test_torch_compile_fullgraph_training_step():
     (lambda m: m(torch.zeros(1, 65, dtype=torch.long)), ValueError, "exceeds max_seq_len"),
     (lambda m: m(torch.zeros(1, 3)), TypeError, "tokens must be int64"),
     (lambda m: m(torch.zeros(5, dtype=torch.long), cu_seqlens=torch.tensor([0, 5])), ValueError, "int32"),
+    # malformed lengths used to reach repeat_interleave (RuntimeError, or heap corruption when negative)
+    (lambda m: m(torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0, -2, 6], dtype=torch.int32)),
+     ValueError, "non-decreasing"),
+    (lambda m: m(torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 2, 6], dtype=torch.int32)),
+     ValueError, r"cu_seqlens\[2\] = 2 < 4"),
+    (lambda m: m(torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 9], dtype=torch.int32)),
+     ValueError, r"cu_seqlens\[-1\] \(9\)"),
+    (lambda m: m(torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([1, 6], dtype=torch.int32)),
+     ValueError, r"cu_seqlens\[0\] must be 0"),
     (lambda m: m.step(torch.zeros(1, 9, dtype=torch.long), m.allocate_cache(1, 8)), ValueError, "overflow"),
     (lambda m: m.step(torch.zeros(2, 1, dtype=torch.long), m.allocate_cache(1, 8)), ValueError, "batch=1"),
     (lambda m: m.allocate_cache(1, 65), ValueError, "max_seq_len"),
+    (lambda m: m.allocate_cache(1, 0), ValueError, "max_len >= 1"),  # 0 used to mean max_seq_len
+    (lambda m: m.allocate_cache(-1, 8), ValueError, "batch >= 0"),
 ])
 def test_bad_input_raises_clear_errors(call, error, match):
     with pytest.raises(error, match=match):

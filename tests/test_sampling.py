@@ -346,6 +346,25 @@ def test_neg_inf_excludes_and_strided_input():
     assert not ((tokens < 10) | (tokens == 20)).any()
 
 
+def test_integer_like_allowed_range():
+    """numpy integers (e.g. from a numpy-built vocabulary) work as allowed_range bounds, like top_k and k."""
+    x = _logits(2, batch=64)
+    expected = cfg_sample(x, guidance_scale=2.0, allowed_range=(5, 9), seed=0, step=0)
+    assert torch.equal(cfg_sample(x, guidance_scale=2.0, allowed_range=(np.int64(5), np.int32(9)), seed=0, step=0),
+                       expected)
+    assert ((expected >= 5) & (expected < 9)).all()
+
+
+@pytest.mark.parametrize("seed", [3, torch.zeros(0, dtype=torch.int64)], ids=["int", "tensor"])
+def test_empty_batch(seed):
+    """B = 0 returns empty outputs (it used to divide by the batch size and kill the process with SIGFPE)."""
+    x = _logits(2, batch=1)[:0]
+    tokens, logprobs = cfg_sample(x, guidance_scale=2.0, seed=seed, step=0, return_logprobs=True)
+    assert tokens.shape == (0,) and tokens.dtype == torch.int64 and logprobs.shape == (0,)
+    tokens = contrastive_sample(x[:, 1], x[:, 0], seed=seed, step=0)
+    assert tokens.shape == (0,) and tokens.dtype == torch.int64
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(guidance_scale=2.0, temperature=-1.0), ValueError, "temperature"),
     (dict(guidance_scale=2.0, top_p=0.0), ValueError, "top_p"),
@@ -364,6 +383,9 @@ def test_neg_inf_excludes_and_strided_input():
     (dict(guidance_scale=2.0, seed=torch.zeros(4, dtype=torch.int32)), TypeError, "seed"),
     (dict(guidance_scale=2.0, step=-1), ValueError, "step"),
     (dict(guidance_scale=2.0, step=torch.zeros(2, dtype=torch.int64)), ValueError, "step"),
+    (dict(guidance_scale=2.0, allowed_range=(False, True)), TypeError, "allowed_range"),
+    (dict(guidance_scale=2.0, allowed_range=(1.0, 5)), TypeError, "allowed_range"),
+    (dict(guidance_scale=2.0, temperature=math.inf), ValueError, "temperature must be a finite number"),
 ])
 def test_cfg_bad_arguments(kwargs, exc, match):
     kwargs = {"seed": 0, "step": 0, **kwargs}

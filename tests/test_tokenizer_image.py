@@ -173,6 +173,10 @@ def test_bad_input(tiny):
         tiny.encode(torch.zeros(1, 3, 16, 16, dtype=torch.int32))
     with pytest.raises(TypeError, match="images must be a torch.Tensor"):
         tiny.encode([[0]])
+    with pytest.raises(ValueError, match=r"floating-point images must be in \[0, 1\]"):  # 0..255 floats
+        tiny.encode(torch.full((1, 3, 16, 16), 200.0))
+    with pytest.raises(ValueError, match=r"floating-point images must be in \[0, 1\]"):
+        tiny.encode(torch.full((1, 3, 16, 16), float("nan")))
     with pytest.raises(ValueError, match=r"tokens out of range \[0, 64\)"):
         tiny.decode(torch.full((1, 4, 4), 64))
     with pytest.raises(ValueError, match="tokens out of range"):

@@ -74,6 +74,10 @@ def test_bad_input(tok):
         tok.decode([tok.vocab_size])
     with pytest.raises(ValueError, match="ids"):
         tok.decode([-1])
+    with pytest.raises(ValueError, match="text must be valid Unicode"):  # a lone surrogate has no UTF-8 form
+        tok.encode("ab\ud800")
+    with pytest.raises(ValueError, match="texts must be valid Unicode"):
+        tok.encode_batch(["ok", "\udfff"])
 
 
 def test_shapes_corpus_round_trips():

@@ -1,6 +1,9 @@
 """Fused VQ codebook lookup against float64 references (see DESIGN.md, "VQ codebook lookup")."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from helpers import fa_rule_bound, poisoned_outputs
@@ -185,11 +188,39 @@ def test_torch_compile_fullgraph():
     (lambda: ck.vq_embed(torch.tensor([-1]), torch.randn(5, 8)), IndexError, "out of range"),
     (lambda: ck.vq_embed(torch.tensor([0.0]), torch.randn(5, 8)), TypeError, "indices must have dtype"),
     (lambda: ck.vector_quantize(torch.randn(4, 8), torch.randn(5, 8), beta=-1.0), ValueError, "beta"),
+    (lambda: ck.vector_quantize(torch.randn(4, 8), torch.randn(5, 8), beta=float("nan")), ValueError, "beta"),
+    (lambda: ck.vector_quantize(torch.randn(4, 8), torch.randn(5, 8), beta=math.inf), ValueError, "beta"),
+    (lambda: ck.vector_quantize(torch.randn(4, 8), torch.randn(5, 8), beta=True), TypeError, "beta"),
+    (lambda: ck.vector_quantize(torch.randn(4, 8), torch.randn(5, 8), beta="0.25"), TypeError, "beta"),
     (lambda: ck.vq_nearest([1.0, 2.0], torch.randn(5, 8)), TypeError, "z must be a torch.Tensor"),
 ])
 def test_bad_input_raises_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_non_finite_z_raises_and_non_finite_codes_are_skipped(metric, dtype):
+    """An inf in z has no finite distance to any code (it used to win with distance inf / NaN); a code holding
+    NaN/inf is never chosen."""
+    z = torch.randn(3, 8)
+    z[1, 2] = math.inf
+    with pytest.raises(ValueError, match="1 row\\(s\\) of z have no finite distance"):
+        ck.vq_nearest(z.to(dtype), torch.randn(5, 8).to(dtype), metric=metric)
+    codebook = torch.randn(5, 8)
+    codebook[1, 0], codebook[3, 4] = math.nan, -math.inf
+    z = codebook[[1, 3, 0]] + 0.01
+    z[:2] = torch.randn(2, 8)
+    indices, distance = ck.vq_nearest(z.to(dtype), codebook.to(dtype), metric=metric)
+    assert not torch.isin(indices, torch.tensor([1, 3])).any() and torch.isfinite(distance).all()
+    assert indices[2] == 0
+
+
+def test_vector_quantize_accepts_numpy_beta():
+    z, codebook = torch.randn(6, 8), torch.randn(5, 8)
+    assert torch.equal(ck.vector_quantize(z, codebook, beta=np.float32(0.5)).loss,
+                       ck.vector_quantize(z, codebook, beta=0.5).loss)
 
 
 def test_faiss_runs_cpu_indexes_without_a_gpu():

@@ -56,6 +56,10 @@ class ImageTokenizer(nn.Module):
         if images.dtype == torch.uint8:
             return images.to(device=device, dtype=torch.float32) / 127.5 - 1.0
         if images.dtype.is_floating_point:
+            # A float image in 0..255 (a common slip) would otherwise give garbage tokens silently.
+            if images.numel() and not (0.0 <= float(images.min()) and float(images.max()) <= 1.0):
+                raise ValueError("floating-point images must be in [0, 1] (uint8 images are 0..255); got values "
+                                 f"in [{float(images.min()):g}, {float(images.max()):g}]")
             return images.to(device=device, dtype=torch.float32) * 2.0 - 1.0
         raise TypeError(f"images must be uint8 (0..255) or floating point (0..1), got {images.dtype}")
 

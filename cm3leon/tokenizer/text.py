@@ -63,12 +63,18 @@ class TextTokenizer:
         """Text -> BPE ids (local to this tokenizer; see ``Vocabulary.text_to_global``)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # `tokenizers` refuses strings that are not valid UTF-8 (lone surrogates)
+            raise _not_unicode("text") from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Batched :meth:`encode` (runs in parallel inside ``tokenizers``)."""
         texts = list(_checked_strings(texts, name="texts"))
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            raise _not_unicode("texts") from None
 
     def decode(self, ids: Sequence[int]) -> str:
         """BPE ids -> text; ValueError if an id is outside ``[0, vocab_size)``."""
@@ -89,6 +95,11 @@ class TextTokenizer:
 
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size})"
+
+
+def _not_unicode(name: str) -> ValueError:
+    return ValueError(f"{name} must be valid Unicode: a lone surrogate (e.g. '\\ud800') has no UTF-8 bytes "
+                      "to tokenize")
 
 
 def _checked_strings(items: Iterable[str], name: str = "corpus") -> Iterable[str]:

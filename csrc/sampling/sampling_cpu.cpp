@@ -585,6 +585,7 @@ constexpr int64_t kMinChunksPerSplit = 128;  // 8192 tokens: below this a split 
 // do not depend on the thread count.
 template <typename Job>
 RowError run_rows(int64_t batch, bool contrastive, const Job& job) {
+  if (batch == 0) return {-1, RowStatus::Ok};  // nothing to sample (and the split count below divides by batch)
   std::vector<RowStatus> status(size_t(batch), RowStatus::Ok);
   const int64_t n = job.width(), chunks = ceil_div(n, kChunk);
   const int64_t threads = num_threads();

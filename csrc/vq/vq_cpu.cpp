@@ -170,9 +170,16 @@ int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, 
         acc += zv * cv; zz += zv * zv; cc += cv * cv;
       }
     }
+    const float dist = float(metric == Metric::L2 ? acc
+                             : (zz > 0.0 && cc > 0.0) ? 1.0 - acc / (std::sqrt(zz) * std::sqrt(cc)) : 1.0);
+    if (!std::isfinite(dist)) {  // an inf in z scores -inf against some codes, but no distance is finite
+      ++non_finite;
+      indices[row] = 0;
+      distance[row] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
     indices[row] = b.index;
-    distance[row] = float(metric == Metric::L2 ? acc
-                          : (zz > 0.0 && cc > 0.0) ? 1.0 - acc / (std::sqrt(zz) * std::sqrt(cc)) : 1.0);
+    distance[row] = dist;
   }
   return non_finite;
 }
