@@ -189,11 +189,12 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     }
 
     for (int64_t r = 0; r < rows; ++r) {
-      const float l = sc.l[size_t(r)], inv = l > 0.f ? 1.f / l : 0.f;
+      // l == 0: the row saw no key (output 0, lse -inf); a NaN l (NaN or inf inputs) gives NaN, as PyTorch.
+      const float l = sc.l[size_t(r)], inv = l == 0.f ? 0.f : 1.f / l;
       T* dst = out + ((sg.q_start + q0 + r) * hq + h) * d;
       for (int64_t i = 0; i < d; ++i) from_float(o[r * dp + i] * inv, dst + i);
       lse[sg.lse_start + h * pr.lse_head_stride + q0 + r] =
-          l > 0.f ? (sc.m[size_t(r)] + std::log2(l)) * kLn2 : kNegInf;
+          l == 0.f ? kNegInf : (sc.m[size_t(r)] + std::log2(l)) * kLn2;
     }
   });
 }

@@ -163,7 +163,7 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
   });
 
   // Merge the slices of every (segment, pair) by their log-sum-exp. (A slice whose rows saw nothing has
-  // m = 0 and l = 0, so it adds nothing.)
+  // m = 0 and l = 0, so it adds nothing; a NaN l, from NaN or inf inputs, makes the row NaN as in PyTorch.)
   parallel_items(pr.num_segments, [&](int64_t seg) {
     const Segment& sg = pr.segments[seg];
     for (int64_t pi = 0; pi < hq * sg.q_len; ++pi) {
@@ -171,7 +171,7 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
       float mm = kNegInf;
       for (int64_t sp = 0; sp < splits; ++sp) {
         const size_t at = size_t((seg * splits + sp) * pairs_max + pi);
-        if (part_l[at] > 0.f) mm = std::max(mm, part_m[at]);
+        if (part_l[at] != 0.f && !(part_m[at] <= mm)) mm = part_m[at];  // a NaN max wins
       }
       float acc[256] = {};
       float ll = 0.f;
@@ -183,10 +183,10 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
         const float* po = part_o.data() + at * size_t(d);
         for (int64_t c = 0; c < d; ++c) acc[c] += po[c] * w;
       }
-      const float inv = ll > 0.f ? 1.f / ll : 0.f;
+      const float inv = ll == 0.f ? 0.f : 1.f / ll;
       T* dst = out + ((sg.q_start + i) * hq + h) * d;
       for (int64_t c = 0; c < d; ++c) from_float(acc[c] * inv, dst + c);
-      lse[sg.lse_start + h * pr.lse_head_stride + i] = ll > 0.f ? (mm + std::log2(ll)) * kLn2 : kNegInf;
+      lse[sg.lse_start + h * pr.lse_head_stride + i] = ll == 0.f ? kNegInf : (mm + std::log2(ll)) * kLn2;
     }
   });
 }

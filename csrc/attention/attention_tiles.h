@@ -22,8 +22,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 #if CM3LEON_AVX2
-// 2^x for x <= 0 (scores minus their running max); x below -126 (and -inf) gives exactly 0.
+// 2^x for x <= 0 (scores minus their running max); x below -126 (and -inf) gives exactly 0, NaN stays NaN
+// (a NaN score must poison its row, as in PyTorch, not vanish).
 inline __m256 exp2_neg(__m256 x) {
+  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
   const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ);
   x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
   const __m256 xi = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -39,7 +41,7 @@ inline __m256 exp2_neg(__m256 x) {
   poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.f));
   const __m256i exponent = _mm256_slli_epi32(_mm256_cvtps_epi32(xi), 23);
   const __m256 scaled = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(poly), exponent));
-  return _mm256_and_ps(scaled, underflow);
+  return _mm256_or_ps(_mm256_and_ps(scaled, underflow), nan);
 }
 
 #endif
