@@ -317,8 +317,8 @@ int main(int argc, char** argv) {
     c.lo = pick({0, 1});
     c.hi = c.vocab;
     std::printf("subnormal case %d: V=%lld [%lld, %lld) T=%g k=%lld alpha=%g mask=%d streams=%d dtype=%d "
-                "cache=%lld\n", i, (long long)c.vocab, (long long)c.lo, (long long)c.hi, c.temperature, (long long)c.k, c.alpha,
-                c.mask, c.subnormal_streams, i % 2, (long long)c.cache_limit);
+                "cache=%lld\n", i, (long long)c.vocab, (long long)c.lo, (long long)c.hi, c.temperature,
+                (long long)c.k, c.alpha, c.mask, c.subnormal_streams, i % 2, (long long)c.cache_limit);
     mismatches += i % 2 == 0 ? run_case<float>(c, rng) : run_case<bf16>(c, rng);
   }
   std::printf("mismatching rows: %d\n", mismatches);
