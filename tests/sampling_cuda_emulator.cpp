@@ -6,10 +6,13 @@
 // the warp intrinsics are barriers at which a fiber yields until its block (or warp) has arrived. Fibers run
 // in thread order between barriers, so this checks the arithmetic, the indexing and the barrier structure
 // (a thread running ahead to its next barrier overwrites shared state others have not read yet), not every
-// interleaving a GPU can produce.
+// interleaving a GPU can produce. With a third argument 1 the kernel bodies run with x86 FTZ/DAZ (subnormal
+// operands and results of float operations read as zero), as nvcc's --ftz=true (implied by --use_fast_math)
+// makes the GPU run them.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <ucontext.h>
+#include <xmmintrin.h>
 
 #include <algorithm>
 #include <climits>
@@ -145,6 +148,7 @@ using namespace cm3leon::sampling;
 
 namespace {
 
+bool emulate_ftz = false;
 cuda::Shared shared_memory;
 void (*row_body)(float*, cuda::Shared&);
 std::vector<float> row_cache;
@@ -162,6 +166,8 @@ void run_block(int64_t cached, Body body) {
   row_body = [](float* c, cuda::Shared& s) { (*current_body)(c, s); };
   row_cache.assign(size_t(std::max<int64_t>(cached, 1)), std::nanf(""));
   std::memset(&shared_memory, 0xCD, sizeof shared_memory);  // garbage, like uninitialised shared memory
+  const unsigned csr = _mm_getcsr();
+  if (emulate_ftz) _mm_setcsr(csr | 0x8040u);  // FTZ | DAZ; the fibers' contexts below inherit it
   for (auto& w : emu::warp_barrier) w = {0, 32, 0};
   emu::block_barrier = {0, emu::kThreads, 0};
   for (int t = 0; t < emu::kThreads; ++t) {
@@ -185,6 +191,7 @@ void run_block(int64_t cached, Body body) {
       swapcontext(&emu::scheduler, &emu::fibers[t].ctx);
     }
   }
+  _mm_setcsr(csr);
 }
 
 struct Case {
@@ -194,6 +201,7 @@ struct Case {
   double top_p, min_p, alpha;
   int mask;  // 0 none, 1 [V], 2 [B, V]
   bool integer_logits;
+  int subnormal_streams = 0;  // the first this many streams hold fp32-subnormal logits
 };
 
 template <typename T>
@@ -205,7 +213,12 @@ int run_case(const Case& c, std::mt19937_64& rng) {
   std::normal_distribution<float> normal(0.f, 2.f);
   const int64_t S = c.contrastive ? 2 : c.streams;
   std::vector<T> x(size_t(c.batch * S * c.vocab));
-  for (auto& v : x) v = from<T>(c.integer_logits ? std::round(normal(rng)) : normal(rng));
+  for (size_t j = 0; j < x.size(); ++j) {
+    const float f = c.integer_logits ? std::round(normal(rng)) : normal(rng);
+    // Subnormal logits: multiples of 2^-133 below 2^-126 (exact in fp32 and bf16).
+    const bool subnormal = int64_t(j) / c.vocab % S < c.subnormal_streams;
+    x[j] = from<T>(subnormal ? std::ldexp(std::round(4.f * f), -133) : f);
+  }
   std::vector<uint8_t> mask_bytes;
   Vocab allowed{c.lo, c.hi, nullptr, 0};
   if (c.mask) {
@@ -267,6 +280,7 @@ int run_case(const Case& c, std::mt19937_64& rng) {
 int main(int argc, char** argv) {
   const int cases = argc > 1 ? std::atoi(argv[1]) : 20;
   std::mt19937_64 rng(argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1);
+  emulate_ftz = argc > 3 && std::atoi(argv[3]) == 1;
   auto pick = [&](std::initializer_list<int64_t> v) { return *(v.begin() + rng() % v.size()); };
   int mismatches = 0;
   for (int i = 0; i < cases; ++i) {
@@ -293,6 +307,19 @@ int main(int argc, char** argv) {
                 (long long)c.lo, (long long)c.hi, c.temperature, (long long)c.top_k, c.top_p, c.min_p,
                 (long long)c.k, c.alpha, c.mask, int(c.integer_logits), dtype, (long long)c.cache_limit);
     mismatches += dtype == 0 ? run_case<float>(c, rng) : dtype == 1 ? run_case<bf16>(c, rng) : run_case<fp16>(c, rng);
+  }
+  // CD-K with subnormal expert logits (every other case subnormal amateur logits too), in fp32 and bf16 (fp16
+  // values are never fp32-subnormal): the kernels must keep subnormals as the CPU kernel does. With alpha = 1
+  // the head set is {expert >= k-th largest}: flushing to zero merges it (these cases fail under FTZ).
+  for (int i = 0; i < 6; ++i) {
+    Case c{true, 2, 2, pick({33, 1000, 3001}), 0, 0, 0, pick({1, 2, 5}), pick({1 << 20, 64}), float(i % 3 != 0),
+           1.0, 0.0, i < 4 ? 1.0 : 0.5, int(pick({0, 1})), false, 1 + i % 2};
+    c.lo = pick({0, 1});
+    c.hi = c.vocab;
+    std::printf("subnormal case %d: V=%lld [%lld, %lld) T=%g k=%lld alpha=%g mask=%d streams=%d dtype=%d "
+                "cache=%lld\n", i, (long long)c.vocab, (long long)c.lo, (long long)c.hi, c.temperature,
+                (long long)c.k, c.alpha, c.mask, c.subnormal_streams, i % 2, (long long)c.cache_limit);
+    mismatches += i % 2 == 0 ? run_case<float>(c, rng) : run_case<bf16>(c, rng);
   }
   std::printf("mismatching rows: %d\n", mismatches);
   return mismatches == 0 ? 0 : 1;

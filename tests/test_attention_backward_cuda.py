@@ -13,7 +13,7 @@ import torch
 
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
-from tests.helpers import assert_fa_rule, poisoned_outputs
+from tests.helpers import assert_fa_rule, fa_rule_bound, poisoned_outputs
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
                                 reason="needs a GPU and a CUDA build of cm3leon_kernels")
@@ -162,6 +162,33 @@ def test_varlen_backward_matches_float64_autograd(dtype, causal):
     assert (grads[1][13:18] == 0).all(), "keys of a document without queries must get dk = 0"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("max_seqlen", [(20, 17), (1, 1), (0, 0)], ids=lambda m: f"max{m[0]}-{m[1]}")
+def test_varlen_backward_documents_longer_than_max_seqlen(dtype, max_seqlen):
+    """On CUDA max_seqlen_q/k only size the grid (cu_seqlens are not read back to check them): a document with
+    more keys than max_seqlen_k still gets dK/dV for every key (blocks stride over its key blocks). dK/dV equal
+    the run with the true maxima bit for bit (same tiles, no atomics) and all gradients match the CPU's."""
+    lq, lk = [13, 0, 150, 1, 70], [40, 5, 201, 1, 0]
+    hq, hkv, d, scale = 4, 2, 64, 0.125
+    q, k, v = _rand(sum(lq), hq, d, dtype=dtype), _rand(sum(lk), hkv, d, dtype=dtype), \
+        _rand(sum(lk), hkv, d, dtype=dtype)
+    dout = _rand(sum(lq), hq, d, dtype=dtype)
+    cq, ckk = _cu(lq), _cu(lk)
+    out64, lse64, g64, gb = _reference_grads(
+        lambda q, k, v: ref.attention_varlen(q, k, v, cq, ckk, scale, causal=True), (q, k, v), dout)
+    args = (dout, q, k, v, out64.to(dtype), lse64.float(), cq, ckk)
+    with poisoned_outputs():
+        grads = ops.flash_attn_varlen_backward(*args, *max_seqlen, scale, True)
+    _check_grads(grads, g64, gb, dtype, f"varlen max_seqlen={max_seqlen}")
+    exact = ops.flash_attn_varlen_backward(*args, max(lq), max(lk), scale, True)
+    assert torch.equal(grads[1], exact[1]) and torch.equal(grads[2], exact[2])
+    cpu = ops.flash_attn_varlen_backward(*(t.cpu() for t in args), max(lq), max(lk), scale, True)
+    for label, g, c, g64_, gb_ in zip("qkv", grads, cpu, g64, gb):
+        # Both within the FlashAttention rule of the float64 gradients, so within twice its bound of each other.
+        err = (g.cpu().double() - c.double()).abs().max().item()
+        assert err <= 2 * fa_rule_bound(g64_, gb_, eps=GRAD_EPS[dtype]), f"d{label}: {err:.3e} from the CPU's"
+
+
 def test_public_api_backward():
     """flash_attn_func / flash_attn_varlen_func + .backward() on the GPU (needs the CUDA forward as well)."""
     try:
@@ -180,11 +207,12 @@ def test_public_api_backward():
     lengths = [40, 0, 51]
     cu = _cu(lengths)
     qp, kp, vp, dp = q[0, :91], k[0, :91], v[0, :91], dout[0, :91]
-    x = _leaves(qp, kp, vp)
-    ck.flash_attn_varlen_func(*x, cu, cu, 51, 51, causal=True).backward(dp)
     _, _, g64, gb = _reference_grads(lambda q, k, v: ref.attention_varlen(q, k, v, cu, cu, causal=True),
                                      (qp, kp, vp), dp)
-    _check_grads([t.grad for t in x], g64, gb, dtype, "flash_attn_varlen_func")
+    for max_seqlen in (51, 7):  # 7: shorter than the documents, which CUDA does not check (grid size only)
+        x = _leaves(qp, kp, vp)
+        ck.flash_attn_varlen_func(*x, cu, cu, max_seqlen, max_seqlen, causal=True).backward(dp)
+        _check_grads([t.grad for t in x], g64, gb, dtype, f"flash_attn_varlen_func max_seqlen={max_seqlen}")
 
 
 def _op_inputs(sk=47, dtype=torch.bfloat16):

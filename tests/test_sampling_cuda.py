@@ -131,6 +131,32 @@ def test_contrastive_same_tokens_as_cpu():
     assert compared >= 10 * max(skipped, 1), f"too many rows skipped: {skipped} of {compared + skipped}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_contrastive_subnormal_logits_same_tokens_as_cpu(dtype):
+    """Subnormal expert (and amateur) logits are kept, as on the CPU: the samplers are built with --ftz=false.
+    With alpha = 1 the head set is {expert >= k-th largest}; flushing subnormals to zero would merge it."""
+    g = torch.Generator().manual_seed(7)
+    batch, vocab = 16, 1000
+    expert = torch.ldexp((torch.randn(batch, vocab, generator=g) * 8).round(), torch.tensor(-133))
+    amateur = torch.randn(batch, vocab, generator=g)
+    amateur[::2] = torch.ldexp((amateur[::2] * 8).round(), torch.tensor(-133))  # subnormal scores too
+    assert (expert.abs() < torch.finfo(torch.float32).tiny).all() and (expert != 0).any()
+    expert, amateur = expert.to(dtype), amateur.to(dtype)
+    for step, (k, temperature) in enumerate([(1, 0.0), (2, 0.0), (5, 1.0), (1, 1.0)]):
+        opts = dict(alpha=1.0, k=k, temperature=temperature, amateur_temperature=0.7)
+        seeds = torch.randint(0, 2**62, (batch,), generator=g)
+        cpu_tok, cpu_lp = contrastive_sample(expert, amateur, seed=seeds, step=step, return_logprobs=True, **opts)
+        gpu_tok, gpu_lp = contrastive_sample(expert.to(DEV), amateur.to(DEV), seed=seeds.to(DEV), step=step,
+                                             return_logprobs=True, **opts)
+        safe = torch.ones_like(cpu_tok, dtype=torch.bool)
+        if temperature > 0:  # skip rows whose uniform lies within rounding of a CDF step
+            probs = reference.contrastive_probs(expert, amateur, **opts)
+            _, safe = _inverse_cdf(probs, _row_uniforms(seeds, batch, step))
+        assert safe.sum() >= batch // 2, opts
+        assert torch.equal(gpu_tok.cpu()[safe], cpu_tok[safe]), opts
+        torch.testing.assert_close(gpu_lp.cpu()[safe], cpu_lp[safe], atol=1e-5, rtol=0, msg=str(opts))
+
+
 @pytest.mark.parametrize("case", CFG_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_cfg_distribution(case):
     """N draws on the GPU against the exact float64 distribution (total-variation bound of test_sampling)."""

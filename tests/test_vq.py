@@ -20,17 +20,24 @@ SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 8), (6, 16, 16), (7, 17, 9), (95, 33, 31)
           (200, 15, 257), (13, 1000, 100), (500, 64, 513), (1000, 513, 32)]
 
 
-def _check_nearest(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
+def check_nearest(z: torch.Tensor, codebook: torch.Tensor, metric: str, *, exact: torch.Tensor | None = None,
+                  baseline: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs vq_nearest on z's device (poisoned outputs) and checks the contract every device meets against the
+    float64 distances of the exact (possibly 16-bit) input values, ``exact`` [N, K] (computed when not given),
+    with the FlashAttention rule against ``baseline``, the same distances by plain PyTorch in fp32. Returns the
+    flat indices, the flat distances (float64) and ``exact`` for device-specific checks."""
     with poisoned_outputs():
         indices, distance = ck.vq_nearest(z, codebook, metric=metric)
+    assert indices.device == z.device and distance.device == z.device
     assert indices.dtype == torch.int64 and distance.dtype == torch.float32
     assert indices.shape == z.shape[:-1] == distance.shape
     flat_z = z.reshape(-1, z.shape[-1])
-    # Oracle: float64 distances on the exact (possibly 16-bit) input values.
-    exact = ref.vq_distances(flat_z.double(), codebook.double(), metric)
-    torch_same_precision = ref.vq_distances(flat_z.float(), codebook.float(), metric)
-    bound = fa_rule_bound(exact, torch_same_precision, eps=1e-5)
-    idx = indices.reshape(-1)
+    if exact is None:
+        exact = ref.vq_distances(flat_z.double(), codebook.double(), metric)
+    if baseline is None:
+        baseline = ref.vq_distances(flat_z.float(), codebook.float(), metric)
+    bound = fa_rule_bound(exact, baseline, eps=1e-5)
+    idx, dist = indices.reshape(-1), distance.reshape(-1).double()
     assert ((idx >= 0) & (idx < codebook.shape[0])).all()
     chosen = exact.gather(1, idx[:, None])[:, 0]
     best = exact.min(dim=1).values
@@ -40,7 +47,8 @@ def _check_nearest(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None
     second = exact.topk(2, dim=1, largest=False).values[:, 1] if exact.shape[1] > 1 else best + 1e9
     clear = (second - best) > bound
     assert torch.equal(idx[clear], exact.argmin(dim=1)[clear])
-    assert (distance.reshape(-1).double() - chosen).abs().max().item() <= bound
+    assert (dist - chosen).abs().max().item() <= bound
+    return idx, dist, exact
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -49,7 +57,7 @@ def _check_nearest(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None
 def test_nearest_matches_float64_reference(n, k, d, metric, dtype):
     z = torch.randn(n, d).to(dtype)
     codebook = torch.randn(k, d).to(dtype)
-    _check_nearest(z, codebook, metric)
+    check_nearest(z, codebook, metric)
 
 
 @settings(max_examples=40, deadline=None)
@@ -59,7 +67,7 @@ def test_nearest_random_shapes(n, k, d, scale, seed):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, d, generator=g) * scale
     codebook = torch.randn(k, d, generator=g) * scale
-    _check_nearest(z, codebook, "l2")
+    check_nearest(z, codebook, "l2")
 
 
 def test_small_batch_splits_the_codebook_and_keeps_lowest_index_ties():

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import fa_rule_bound, poisoned_outputs
-from test_vq import check_vector_quantize_matches_reference
+from helpers import poisoned_outputs
+from test_vq import check_nearest, check_vector_quantize_matches_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,44 +26,23 @@ SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 8), (6, 16, 16), (7, 17, 9), (95, 33, 31)
           (127, 128, 32), (128, 129, 64), (129, 127, 65), (257, 256, 96), (3, 2000, 4), (300, 1000, 12)]
 
 
-def _exact_distances(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> torch.Tensor:
-    """float64 distances of the inputs' exact values (ref.vq_distances materialises N x K x D: small only)."""
-    return ref.vq_distances(z.double(), codebook.double(), metric)
-
-
 def _expanded_l2(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """``||z||^2 + ||c||^2 - 2 z.c`` in the inputs' dtype: the N x K matrix without the N x K x D one."""
     return (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1)[None, :] - 2 * z @ codebook.T
 
 
-def _check_nearest(z: torch.Tensor, codebook: torch.Tensor, metric: str, *, exact_argmin: bool = True,
-                   exact: torch.Tensor | None = None, baseline: torch.Tensor | None = None) -> None:
-    with poisoned_outputs():
-        indices, distance = ck.vq_nearest(z, codebook, metric=metric)
-    assert indices.device == z.device and distance.device == z.device
-    assert indices.dtype == torch.int64 and distance.dtype == torch.float32
-    assert indices.shape == z.shape[:-1] == distance.shape
-    flat_z = z.reshape(-1, z.shape[-1])
-    if exact is None:
-        exact = _exact_distances(flat_z, codebook, metric)
-    if baseline is None:
-        baseline = ref.vq_distances(flat_z.float(), codebook.float(), metric)
-    bound = fa_rule_bound(exact, baseline, eps=1e-5)
-    idx = indices.reshape(-1)
-    assert ((idx >= 0) & (idx < codebook.shape[0])).all()
-    chosen = exact.gather(1, idx[:, None])[:, 0]
-    best = exact.min(dim=1).values
+def _check_nearest(z: torch.Tensor, codebook: torch.Tensor, metric: str, *, exact: torch.Tensor | None = None,
+                   baseline: torch.Tensor | None = None) -> None:
     # The CPU contract (test_vq.py): optimal up to PyTorch's own fp32 rounding ...
-    assert (chosen - best).max().item() <= bound
-    assert (distance.reshape(-1).double() - chosen).abs().max().item() <= bound
+    idx, distance, exact = check_nearest(z, codebook, metric, exact=exact, baseline=baseline)
     # ... and the CUDA one: the float64 argmin itself (lowest index on ties) wherever float64 can tell the
     # two best codes apart, whatever the input dtype; the distance is the winner's, correctly rounded.
-    if exact_argmin:
-        second = exact.topk(2, dim=1, largest=False).values[:, 1] if exact.shape[1] > 1 else best + 1e9
-        separable = (second - best) > 1e-9 * (best.abs() + 1)
-        assert torch.equal(idx[separable], exact.argmin(dim=1)[separable])
-        err = (distance.reshape(-1).double() - chosen).abs()
-        assert (err <= 2.0 ** -23 * chosen.abs() + 1e-12).all()
+    best = exact.min(dim=1).values
+    second = exact.topk(2, dim=1, largest=False).values[:, 1] if exact.shape[1] > 1 else best + 1e9
+    separable = (second - best) > 1e-9 * (best.abs() + 1)
+    assert torch.equal(idx[separable], exact.argmin(dim=1)[separable])
+    chosen = exact.gather(1, idx[:, None])[:, 0]
+    assert ((distance - chosen).abs() <= 2.0 ** -23 * chosen.abs() + 1e-12).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -167,7 +146,7 @@ def test_agrees_with_the_cpu_kernel():
     codebook = torch.randn(900, 96, generator=g)
     cpu_idx, cpu_dist = ck.vq_nearest(z, codebook)
     gpu_idx, gpu_dist = ck.vq_nearest(z.to(CUDA), codebook.to(CUDA))
-    exact = _exact_distances(z, codebook, "l2")
+    exact = ref.vq_distances(z.double(), codebook.double(), "l2")
     top2 = exact.topk(2, dim=1, largest=False).values
     clear = (top2[:, 1] - top2[:, 0]) > 1e-3  # the CPU kernel is exact only up to fp32 rounding
     assert torch.equal(cpu_idx[clear], gpu_idx.cpu()[clear])
@@ -192,6 +171,29 @@ def test_cosine_handles_zero_vectors_and_unnormalised_codes(dtype):
     indices, distance = ck.vq_nearest(z, codebook, metric="cosine")
     assert indices.tolist() == [1, 0, 2]
     assert distance[1].item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cosine_zero_rows_take_the_first_finite_code_as_on_the_cpu(dtype):
+    """A zero row is at cosine distance 1 from every finite code and NaN from the others: the lowest finite
+    code wins (as on the CPU); with no finite code the row has no finite distance and raises."""
+    g = torch.Generator().manual_seed(5)
+    codebook = torch.randn(6, 8, generator=g).to(dtype)
+    codebook[0] = float("nan")
+    codebook[1, 3] = float("inf")
+    codebook[2, 0] = float("-inf")
+    z = torch.randn(4, 8, generator=g).to(dtype)
+    z[0], z[2] = 0.0, -0.0
+    with poisoned_outputs():
+        indices, distance = ck.vq_nearest(z.to(CUDA), codebook.to(CUDA), metric="cosine")
+    cpu_indices, cpu_distance = ck.vq_nearest(z, codebook, metric="cosine")
+    assert indices[[0, 2]].tolist() == [3, 3] and distance[[0, 2]].tolist() == [1.0, 1.0]
+    assert torch.equal(indices.cpu(), cpu_indices)
+    torch.testing.assert_close(distance.cpu(), cpu_distance, atol=1e-6, rtol=0)
+    codebook[3:] = float("nan")
+    for device in ("cpu", CUDA):
+        with pytest.raises(ValueError, match="NaN"):
+            ck.vq_nearest(z[:1].to(device), codebook.to(device), metric="cosine")
 
 
 def test_non_finite_codes_are_never_chosen_but_non_finite_rows_raise():

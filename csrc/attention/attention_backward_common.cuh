@@ -29,20 +29,40 @@ __device__ inline Seg segment(const BackwardParams& p, int64_t b) {
   const int64_t q1 = clamp64(p.cu_seqlens_q[b + 1], q0, p.total_q);
   const int64_t k0 = clamp64(p.cu_seqlens_k[b], 0, p.total_k);
   const int64_t k1 = clamp64(p.cu_seqlens_k[b + 1], k0, p.total_k);
-  return {q0, k0, int(q1 - q0), int(k1 - k0 < p.seqlen_k ? k1 - k0 : p.seqlen_k)};
+  return {q0, k0, int(q1 - q0), int(k1 - k0)};
 }
 
-// The work item of a main-kernel block: key block `n_block` of kv head `head_kv` in batch row / document `b`
-// (one flat grid dimension, so no 65535 limit on heads or documents).
+// Key blocks per (batch row / document, kv head) in the main kernels' grid: those of seqlen_k (varlen: the
+// max_seqlen_k argument), at least one when there are keys. A block strides over the key blocks of its
+// document, so a document longer than max_seqlen_k is still covered completely (too small a max_seqlen_k
+// costs time, not correctness), as in the forward.
+__host__ __device__ inline int64_t grid_key_blocks(const BackwardParams& p, int block_n) {
+  const int64_t n = (p.seqlen_k + block_n - 1) / block_n;
+  return n > 0 || p.total_k == 0 ? n : 1;
+}
+
+// The work of a main-kernel block: key blocks first_n_block, first_n_block + n_stride, ... (those inside the
+// document) of kv head `head_kv` in batch row / document `b` (one flat grid dimension, so no 65535 limit on
+// heads or documents).
 struct Item {
-  int n_block, head_kv;
+  int first_n_block, n_stride;  // int: at most ceil(2^31 / block_n) key blocks (lengths are int32)
+  int head_kv;
   int64_t b;
 };
 
 __device__ inline Item work_item(const BackwardParams& p, int block_n) {
-  const int64_t n_blocks = (p.seqlen_k + block_n - 1) / block_n;
+  const int64_t n_blocks = grid_key_blocks(p, block_n);  // > 0: the grid is empty otherwise
   const int64_t i = blockIdx.x;
-  return {int(i % n_blocks), int(i / n_blocks % p.heads_kv), i / n_blocks / p.heads_kv};
+  return {int(i % n_blocks), int(n_blocks), int(i / n_blocks % p.heads_kv), i / n_blocks / p.heads_kv};
+}
+
+// x, hidden from the optimiser (no instruction is emitted). The tiles start from opaque(threadIdx.x): their
+// per-thread offsets are then recomputed per key block instead of being hoisted out of the kernel's key-block
+// loop and held in registers across it (which made the head-dim-256 kernel, at the 255-register limit, spill
+// 250 bytes).
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
 }
 
 // Query qi sees key kj (both segment-relative); padding rows/columns see nothing.

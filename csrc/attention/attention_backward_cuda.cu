@@ -67,7 +67,7 @@ cudaError_t main_kernel(const BackwardParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t backward_simt(const BackwardParams& p, cudaStream_t stream) {
-  const int64_t blocks = (p.seqlen_k + kSimtBlock - 1) / kSimtBlock * p.heads_kv * p.batch;
+  const int64_t blocks = grid_key_blocks(p, kSimtBlock) * p.heads_kv * p.batch;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const size_t smem = simt_smem_bytes(p.head_dim);

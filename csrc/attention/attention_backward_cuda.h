@@ -21,7 +21,7 @@ struct BackwardParams {
   // them to be valid (checked by the forward); it clamps them to [0, total] so bad values cannot fault.
   const int32_t *cu_seqlens_q, *cu_seqlens_k;
   int64_t batch;
-  int64_t seqlen_q, seqlen_k;  // dense: every row's lengths; packed: the max document lengths (grid size)
+  int64_t seqlen_q, seqlen_k;  // dense: every row's lengths; packed: max_seqlen_q / _k, grid size only
   int64_t total_q, total_k;    // token counts (dense: batch * seqlen)
   int64_t heads_q, heads_kv, head_dim;  // head_dim a multiple of 8 in [8, 256]; heads_q % heads_kv == 0
   float scale;  // softmax scale applied to q.k

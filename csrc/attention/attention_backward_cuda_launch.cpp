@@ -109,8 +109,12 @@ Grads varlen_backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, c
                         max_seqlen_k <= INT_MAX,
                     "max_seqlen_q and max_seqlen_k must be in [0, 2^31), got ", max_seqlen_q, " and ",
                     max_seqlen_k);
+  // Document lengths are held in int32 on the device (a document may be as long as its tensor).
+  TORCH_CHECK_VALUE(q.size(0) <= INT_MAX && k.size(0) <= INT_MAX, "token counts must fit in int32, got ",
+                    q.size(0), " and ", k.size(0));
   // cu_seqlens live on the GPU: their values are not re-checked here (that would need a host sync); the
   // kernels clamp them to the token counts, so inconsistent values give wrong gradients, never bad accesses.
+  // max_seqlen_q / max_seqlen_k only size the grid: blocks stride over the key blocks of longer documents.
   BackwardParams p = base_params(q, k, softmax_scale, causal);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();

@@ -1,11 +1,11 @@
 // Attention backward for float32 inputs with plain fp32 FMAs: the slow, simple path (tensor cores would need
 // TF32 and lose the precision fp32 users ask for).
 //
-// Same decomposition as the tensor-core kernel, on 16 x 16 tiles: a block owns 16 keys of one kv head (K, V
-// in shared memory, dK and dV in registers) and sweeps the (query head of the GQA group, 16-query block)
-// steps that can see them. 256 threads: for S and dP one thread per (key, query) pair, for dK / dV one per
-// (key, column mod 16), for dQ one per (query, column mod 16). Shared rows are padded by one float so column
-// reads of 16 rows fall in 16 different banks.
+// Same decomposition as the tensor-core kernel, on 16 x 16 tiles: a block owns 16 keys of one kv head at a
+// time (K, V in shared memory, dK and dV in registers; striding on over a document longer than max_seqlen_k)
+// and sweeps the (query head of the GQA group, 16-query block) steps that can see them. 256 threads: for S
+// and dP one thread per (key, query) pair, for dK / dV one per (key, column mod 16), for dQ one per (query,
+// column mod 16). Shared rows are padded by one float so column reads of 16 rows fall in 16 different banks.
 #pragma once
 #include "attention/attention_backward_common.cuh"
 
@@ -28,21 +28,18 @@ __device__ inline void load_rows_f32(const float* src, int64_t stride, int rows,
   }
 }
 
-__global__ void __launch_bounds__(kSimtThreads) backward_simt_kernel(const BackwardParams p) {
+// dK, dV of keys [n0, n0 + 16) (n0 < s.k_len) of kv head item.head_kv, and their dQ contributions.
+__device__ inline void backward_tile_simt(const BackwardParams& p, const Item& item, const Seg& s, int n0,
+                                          float* smem_f32) {
   constexpr int B = kSimtBlock, LP = B + 1;  // P / dS rows are padded too
-  const Item item = work_item(p, B);
-  const Seg s = segment(p, item.b);
-  const int n0 = item.n_block * B;
-  if (n0 >= s.k_len) return;
-
   const int d = int(p.head_dim), ld = d + 1, group = int(p.heads_q / p.heads_kv);
   const int64_t q_row = p.heads_q * p.head_dim, k_row = p.heads_kv * p.head_dim;
   const float scale_log2 = p.scale * kLog2e;
-  extern __shared__ float smem_f32[];
   float *sK = smem_f32, *sV = sK + B * ld, *sQ = sV + B * ld, *sdO = sQ + B * ld;
   float *sP = sdO + B * ld, *sdS = sP + B * LP, *s_lse2 = sdS + B * LP, *s_dsum = s_lse2 + B;
 
-  const int row = threadIdx.x / 16, lane = threadIdx.x % 16;  // row: key (or query for dQ); lane: column
+  const int tid = opaque(int(threadIdx.x));
+  const int row = tid / 16, lane = tid % 16;  // row: key (or query for dQ); lane: column
   const int64_t koff = (s.k_start + n0) * k_row + int64_t(item.head_kv) * d;
   load_rows_f32(static_cast<const float*>(p.k) + koff, k_row, s.k_len - n0, d, sK);
   load_rows_f32(static_cast<const float*>(p.v) + koff, k_row, s.k_len - n0, d, sV);
@@ -56,10 +53,10 @@ __global__ void __launch_bounds__(kSimtThreads) backward_simt_kernel(const Backw
     const int64_t qoff = (s.q_start + m0) * q_row + int64_t(h) * d;
     load_rows_f32(static_cast<const float*>(p.q) + qoff, q_row, s.q_len - m0, d, sQ);
     load_rows_f32(static_cast<const float*>(p.dout) + qoff, q_row, s.q_len - m0, d, sdO);
-    if (threadIdx.x < B) {
-      const int qi = m0 + threadIdx.x;
-      s_lse2[threadIdx.x] = qi < s.q_len ? lse_log2(p, item.b, s, h, qi) : INFINITY;
-      s_dsum[threadIdx.x] = qi < s.q_len ? dsum_at(p, s, h, qi) : 0.f;
+    if (tid < B) {
+      const int qi = m0 + tid;
+      s_lse2[tid] = qi < s.q_len ? lse_log2(p, item.b, s, h, qi) : INFINITY;
+      s_dsum[tid] = qi < s.q_len ? dsum_at(p, s, h, qi) : 0.f;
     }
     __syncthreads();
 
@@ -102,6 +99,18 @@ __global__ void __launch_bounds__(kSimtThreads) backward_simt_kernel(const Backw
       dk_row[c] = dk[j] * p.scale;
       dv_row[c] = dv[j];
     }
+  }
+}
+
+// Each block strides over the key blocks of its (document, kv head), as the tensor-core kernel.
+__global__ void __launch_bounds__(kSimtThreads) backward_simt_kernel(const BackwardParams p) {
+  extern __shared__ float smem_f32[];
+  const Item item = work_item(p, kSimtBlock);
+  const Seg s = segment(p, item.b);
+  // n_block + n_stride < 2^31: both are below ceil(2^31 / 16); n_block * 16 < k_len fits an int.
+  for (int n_block = item.first_n_block; int64_t(n_block) * kSimtBlock < s.k_len; n_block += item.n_stride) {
+    backward_tile_simt(p, item, s, n_block * kSimtBlock, smem_f32);
+    __syncthreads();  // the tile's last step read sK, sQ, sdO, sP, sdS: the next tile's loads overwrite them
   }
 }
 

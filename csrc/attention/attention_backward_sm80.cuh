@@ -1,7 +1,8 @@
 // Attention backward on tensor cores (SM80 mma.sync, also run as is on SM90), FlashAttention-2 structure.
 //
-// A block owns kBlockN keys of one kv head: it keeps K and V in shared memory and dK, dV in registers while
-// it sweeps every (query head of the GQA group, block of kBlockM queries that can see its keys). Per step:
+// A block owns kBlockN keys of one kv head at a time (and strides on to further key blocks of a document
+// longer than max_seqlen_k): it keeps K and V in shared memory and dK, dV in registers while it sweeps
+// every (query head of the GQA group, block of kBlockM queries that can see its keys). Per step:
 //   S = Q K^T, dP = dO V^T                       (fp32 accumulators, [kBlockM, kBlockN])
 //   P = 2^(S scale log2e - lse log2e), dS = P (dP - D)   (recomputed from the saved lse; masked -> 0)
 //   dV += P^T dO, dK += dS^T Q                   (P, dS staged in shared memory as 16-bit, read transposed)
@@ -108,21 +109,17 @@ __device__ __forceinline__ void gemm_smem(Acc& acc, RegA& ra, RegB& rb, const Sm
   }
 }
 
+// dK, dV of keys [n0, n0 + kBlockN) (n0 < s.k_len) of kv head item.head_kv, and their dQ contributions.
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1) backward_sm80_kernel(const BackwardParams p) {
+__device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, const Seg& s, int n0,
+                                   char* smem_raw) {
   using Element = typename Traits::Element;
   constexpr int kM = Traits::kBlockM, kN = Traits::kBlockN, kD = Traits::kHeadDim;
 
-  const Item item = work_item(p, kN);
-  const Seg s = segment(p, item.b);
-  const int n0 = item.n_block * kN;
-  if (n0 >= s.k_len) return;  // a block past this document's keys: nothing to write
-
-  const int tid = threadIdx.x, d = int(p.head_dim), group = int(p.heads_q / p.heads_kv);
+  const int tid = opaque(int(threadIdx.x)), d = int(p.head_dim), group = int(p.heads_q / p.heads_kv);
   const int64_t q_row = p.heads_q * p.head_dim, k_row = p.heads_kv * p.head_dim;  // token strides
   const float scale_log2 = p.scale * kLog2e;
 
-  extern __shared__ __align__(128) char smem_raw[];
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::LayoutQ{});
   Tensor sdO = make_tensor(sQ.data() + size(sQ), typename Traits::LayoutQ{});
@@ -289,9 +286,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) backward_sm80_kernel(cons
   }
 }
 
+// Each block strides over the key blocks of its (document, kv head): the grid has max_seqlen_k's key blocks
+// per document, a longer document's remaining blocks go round again (see grid_key_blocks).
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1) backward_sm80_kernel(const BackwardParams p) {
+  extern __shared__ __align__(128) char smem_raw[];
+  const Item item = work_item(p, Traits::kBlockN);
+  const Seg s = segment(p, item.b);
+  // n_block + n_stride < 2^31: both are below ceil(2^31 / kBlockN); n_block * kBlockN < k_len fits an int.
+  for (int n_block = item.first_n_block; int64_t(n_block) * Traits::kBlockN < s.k_len; n_block += item.n_stride) {
+    backward_tile_sm80<Traits>(p, item, s, n_block * Traits::kBlockN, smem_raw);
+    __syncthreads();  // the tile's last dQ product read sK and sdS: the next tile's loads overwrite them
+  }
+}
+
 template <typename Traits>
 cudaError_t launch_sm80(const BackwardParams& p, cudaStream_t stream) {
-  const int64_t blocks = (p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN * p.heads_kv * p.batch;
+  const int64_t blocks = grid_key_blocks(p, Traits::kBlockN) * p.heads_kv * p.batch;
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   auto kernel = &backward_sm80_kernel<Traits>;

@@ -7,7 +7,7 @@
 // row's valid keys [0, k_len) are cut into `splits` equal ranges; in a block, TPK threads share one key (each
 // holds 16-byte slices of the head dim) and the 128 / TPK key slots keep their own online softmax, merged at
 // the end through shared memory in a fixed order (deterministic). With one split the result is final;
-// otherwise each split writes a partial (out normalised by its own sum, lse) to the workspace and
+// otherwise each split writes a partial (out normalised by its own sum, lse in base 2) to the workspace and
 // decode_merge_kernel combines them by lse.
 #pragma once
 #include <cuda_bf16.h>
@@ -201,29 +201,32 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
     for (int t = 0; t < kSlots; ++t) block_max = fmaxf(block_max, max_smem[t][r]);
     const float sum = sum_smem[r];
     const float value = sum > 0.f ? acc_smem[r][e] / sum : 0.f;
-    const float lse = sum > 0.f ? (block_max + __log2f(sum)) * kLn2 : -INFINITY;
+    const float lse2 = sum > 0.f ? block_max + __log2f(sum) : -INFINITY;  // base 2, as the scores
     if (num_splits == 1) {
       static_cast<T*>(p.out)[(s.q_start + i) * p.q_row_stride + int64_t(h) * d + e] = from_float<T>(value);
-      if (e == 0) p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = lse;
+      if (e == 0) p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = lse2 * kLn2;
     } else {
+      // The partial lse stays in base 2: the merge weights 2^(lse2_s - max) then take no round trip through
+      // ln 2 and log2(e) (each rounding costs about |lse| * 2^-24 in every weight).
       const int64_t row = partial_row(p, split, b, h, i);
       ws_out[row * d + e] = value;
-      if (e == 0) ws_lse[row] = lse;
+      if (e == 0) ws_lse[row] = lse2;
     }
   }
 }
 
-// One block per output row (b, h, i): out = sum_s w_s out_s / sum_s w_s with w_s = exp(lse_s - max lse).
+// One block per output row (b, h, i): out = sum_s w_s out_s / sum_s w_s with w_s = 2^(lse2_s - max lse2)
+// (partial lse in base 2; exp2f, not the fast-math __expf of a natural-log difference).
 template <typename T>
 __global__ void __launch_bounds__(kDecodeThreads) decode_merge_kernel(const AttnParams p, int num_splits,
                                                                       const float* ws_out, const float* ws_lse) {
   const int i = blockIdx.x % p.seqlen_q, h = (blockIdx.x / p.seqlen_q) % p.heads_q;
   const int b = blockIdx.x / (p.seqlen_q * p.heads_q), d = p.head_dim;
-  float max_lse = -INFINITY;
-  for (int sp = 0; sp < num_splits; ++sp) max_lse = fmaxf(max_lse, ws_lse[partial_row(p, sp, b, h, i)]);
+  float max_lse2 = -INFINITY;
+  for (int sp = 0; sp < num_splits; ++sp) max_lse2 = fmaxf(max_lse2, ws_lse[partial_row(p, sp, b, h, i)]);
   float total = 0.f;
-  if (max_lse != -INFINITY) {
-    for (int sp = 0; sp < num_splits; ++sp) total += __expf(ws_lse[partial_row(p, sp, b, h, i)] - max_lse);
+  if (max_lse2 != -INFINITY) {
+    for (int sp = 0; sp < num_splits; ++sp) total += exp2f(ws_lse[partial_row(p, sp, b, h, i)] - max_lse2);
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;
   const int64_t out_row = (int64_t(b) * p.seqlen_q + i) * p.q_row_stride + int64_t(h) * d;
@@ -232,14 +235,15 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_merge_kernel(const Attn
     if (total > 0.f) {
       for (int sp = 0; sp < num_splits; ++sp) {
         const int64_t row = partial_row(p, sp, b, h, i);
-        const float w = __expf(ws_lse[row] - max_lse);
+        const float w = exp2f(ws_lse[row] - max_lse2);
         value += w * ws_out[row * d + e];
       }
     }
     static_cast<T*>(p.out)[out_row + e] = from_float<T>(value * inv);
   }
   if (threadIdx.x == 0) {
-    p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = total > 0.f ? max_lse + __logf(total) : -INFINITY;
+    const float lse2 = total > 0.f ? max_lse2 + log2f(total) : -INFINITY;
+    p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = lse2 * kLn2;
   }
 }
 

@@ -126,6 +126,20 @@ __device__ double exact_distance(const T* z, const T* c, int64_t d, bool cosine,
   return (zz > 0.0 && cc > 0.0) ? 1.0 - dot / (sqrt(zz) * sqrt(cc)) : 1.0;
 }
 
+// The lowest code whose entries are all finite, or -1 when there is none (all lanes get the result). Under the
+// cosine metric a zero row is at distance 1 from each such code and NaN from the others, so this is the CPU
+// kernel's answer for it (there, a code with a NaN/inf entry normalises to NaN and scores NaN).
+template <typename T>
+__device__ int64_t first_finite_code(const T* codebook, int64_t k, int64_t d) {
+  const int lane = threadIdx.x % 32;
+  for (int64_t code = 0; code < k; ++code) {
+    bool finite = true;
+    for (int64_t i = lane; i < d; i += 32) finite = finite && isfinite(to_double(codebook[code * d + i]));
+    if (__all_sync(0xffffffffu, finite)) return code;
+  }
+  return -1;
+}
+
 // One warp per row of z.
 template <typename T>
 __global__ void finalize_kernel(FinalizeParams p) {
@@ -161,8 +175,10 @@ __global__ void finalize_kernel(FinalizeParams p) {
     }
   };
   if (p.cosine && zz == 0.0) {
-    best = 1.0;  // a zero vector is at cosine distance 1 from every code: the lowest index wins
-    best_index = 0;
+    // A zero vector is at cosine distance 1 from every finite code: the lowest finite one wins; none: the
+    // row has no finite distance (counted below, as on the CPU).
+    best_index = first_finite_code(codebook, p.k, p.d);
+    best = 1.0;
   } else {
     const double zn = sqrt(zz);
     const double margin = 2.0 * error_bound(p, zn);
