@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 from tests.helpers import assert_fa_rule, poisoned_outputs
-from tests.test_attention import check_kvcache_case
+from tests.test_attention import check_kvcache_case, check_non_finite_propagation
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
                                 reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
@@ -105,6 +105,13 @@ def test_rows_without_keys_give_zero(dtype):
 def test_large_scores_are_stable(dtype):
     """Scores in the hundreds: the online softmax must rescale without overflow."""
     _dense(1, 200, 200, 2, 2, 64, True, dtype, spread=6.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("sq", [37, 1], ids=["tiled", "decode"])
+@pytest.mark.parametrize("poison", ["nan_key", "inf_key", "nan_query"])
+def test_non_finite_inputs_poison_the_rows_that_see_them(sq, poison, dtype):
+    check_non_finite_propagation(sq, poison, device=DEV, dtype=dtype)
 
 
 def test_empty_inputs():

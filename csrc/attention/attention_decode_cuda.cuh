@@ -200,8 +200,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
     float block_max = -INFINITY;
     for (int t = 0; t < kSlots; ++t) block_max = fmaxf(block_max, max_smem[t][r]);
     const float sum = sum_smem[r];
-    const float value = sum > 0.f ? acc_smem[r][e] / sum : 0.f;
-    const float lse2 = sum > 0.f ? block_max + __log2f(sum) : -INFINITY;  // base 2, as the scores
+    // sum == 0: nothing visible; a NaN sum (NaN or inf inputs) makes the row NaN, as in PyTorch.
+    const float value = sum == 0.f ? 0.f : acc_smem[r][e] / sum;
+    const float lse2 = sum == 0.f ? -INFINITY : block_max + __log2f(sum);  // base 2, as the scores
     if (num_splits == 1) {
       static_cast<T*>(p.out)[(s.q_start + i) * p.q_row_stride + int64_t(h) * d + e] = from_float<T>(value);
       if (e == 0) p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = lse2 * kLn2;
@@ -223,16 +224,21 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_merge_kernel(const Attn
   const int i = blockIdx.x % p.seqlen_q, h = (blockIdx.x / p.seqlen_q) % p.heads_q;
   const int b = blockIdx.x / (p.seqlen_q * p.heads_q), d = p.head_dim;
   float max_lse2 = -INFINITY;
-  for (int sp = 0; sp < num_splits; ++sp) max_lse2 = fmaxf(max_lse2, ws_lse[partial_row(p, sp, b, h, i)]);
-  float total = 0.f;
-  if (max_lse2 != -INFINITY) {
+  bool poisoned = false;  // a NaN partial (NaN or inf inputs) makes the row NaN; fmaxf alone would drop it
+  for (int sp = 0; sp < num_splits; ++sp) {
+    const float x = ws_lse[partial_row(p, sp, b, h, i)];
+    poisoned |= isnan(x);
+    max_lse2 = fmaxf(max_lse2, x);
+  }
+  float total = poisoned ? NAN : 0.f;
+  if (!poisoned && max_lse2 != -INFINITY) {
     for (int sp = 0; sp < num_splits; ++sp) total += exp2f(ws_lse[partial_row(p, sp, b, h, i)] - max_lse2);
   }
-  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const float inv = total == 0.f ? 0.f : 1.f / total;
   const int64_t out_row = (int64_t(b) * p.seqlen_q + i) * p.q_row_stride + int64_t(h) * d;
   for (int e = threadIdx.x; e < d; e += blockDim.x) {
     float value = 0.f;
-    if (total > 0.f) {
+    if (total != 0.f) {
       for (int sp = 0; sp < num_splits; ++sp) {
         const int64_t row = partial_row(p, sp, b, h, i);
         const float w = exp2f(ws_lse[row] - max_lse2);
@@ -242,7 +248,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_merge_kernel(const Attn
     static_cast<T*>(p.out)[out_row + e] = from_float<T>(value * inv);
   }
   if (threadIdx.x == 0) {
-    const float lse2 = total > 0.f ? max_lse2 + log2f(total) : -INFINITY;
+    const float lse2 = total == 0.f ? -INFINITY : max_lse2 + log2f(total);
     p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = lse2 * kLn2;
   }
 }

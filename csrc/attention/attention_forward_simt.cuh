@@ -74,13 +74,14 @@ __global__ void __launch_bounds__(kSimtWarps * 32) forward_simt_kernel(const Att
       }
     }
 
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l == 0.f ? 0.f : 1.f / l;  // l == 0: no visible key; NaN l: NaN row, as PyTorch
     float* orow = static_cast<float*>(p.out) + row_offset;
 #pragma unroll
     for (int t = 0; t < kCols; ++t) {
       if (lane + 32 * t < d) orow[lane + 32 * t] = acc[t] * inv;
     }
-    if (lane == 0) p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = l > 0.f ? (m + __log2f(l)) * kLn2 : -INFINITY;
+    if (lane == 0)
+      p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = l == 0.f ? -INFINITY : (m + __log2f(l)) * kLn2;
   }
 }
 

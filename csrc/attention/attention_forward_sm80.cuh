@@ -199,16 +199,17 @@ __device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int h, int m
     }
   }
 
-  // Epilogue: O /= row sum, lse = ln(sum) + max; rows that saw no key give O = 0 and lse = -inf.
+  // Epilogue: O /= row sum, lse = ln(sum) + max; rows that saw no key (sum == 0) give O = 0 and lse = -inf,
+  // a NaN sum (NaN or inf inputs) gives NaN rows as in PyTorch.
   float* lse_ptr = p.lse + s.lse_start + int64_t(h) * p.lse_head_stride + int64_t(m_block) * kBlockM;
   CUTE_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const float sum = quad_sum(row_sum[r]);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const float inv = sum == 0.f ? 0.f : 1.f / sum;
     CUTE_UNROLL
     for (int c = 0; c < size<1>(acc_o_rc); ++c) acc_o_rc(r, c) *= inv;
     const int row = tile_row(r);
-    if (lane % 4 == 0 && row < rows_left) lse_ptr[row] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : -INFINITY;
+    if (lane % 4 == 0 && row < rows_left) lse_ptr[row] = sum == 0.f ? -INFINITY : (row_max[r] + __log2f(sum)) * kLn2;
   }
 
   Tensor rO = make_tensor<Element>(acc_o.layout());
