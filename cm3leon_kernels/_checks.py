@@ -1,6 +1,7 @@
 """Cheap argument checks shared by the Python wrappers: errors name the offending argument."""
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -41,3 +42,12 @@ def check_supported_device(name: str, t: torch.Tensor, devices: tuple[str, ...])
     if t.device.type not in devices:
         raise NotImplementedError(
             f"{name} is on {t.device}; this op has kernels for {', '.join(devices)} only")
+
+
+def as_int(name: str, x: object) -> int:
+    """x as a Python int: ints and integer scalars such as numpy.int64 (anything with __index__), not bools."""
+    if type(x) is int:
+        return x
+    if isinstance(x, bool) or not hasattr(type(x), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    return operator.index(x)

@@ -17,6 +17,7 @@ import operator
 
 import torch
 
+from ._checks import as_int
 from ._native import cuda_built, ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
@@ -154,8 +155,9 @@ def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
     q, k, v, cu_seqlens_q, cu_seqlens_k = _contiguous(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    out, lse = ops.flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                             int(max_seqlen_k), _scale(softmax_scale, q), bool(causal))
+    max_seqlen_q, max_seqlen_k = as_int("max_seqlen_q", max_seqlen_q), as_int("max_seqlen_k", max_seqlen_k)
+    out, lse = ops.flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             _scale(softmax_scale, q), bool(causal))
     return (out, lse) if return_lse else out
 
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_supported_device, check_tensor
+from ._checks import FLOAT_DTYPES, as_int, check_same_device, check_supported_device, check_tensor
 from ._native import cuda_built, ops
 
 __all__ = ["cfg_sample", "contrastive_sample"]
@@ -48,17 +48,8 @@ def _check_real(name: str, x: object, lo: float, hi: float, *, lo_open: bool = F
     raise ValueError(f"{name} must be a finite number in {bracket}{lo}, {upper}, got {x!r}")
 
 
-def _as_int(name: str, x: object) -> int:
-    """x as a Python int: ints and integer scalars such as numpy.int64 (anything with __index__), not bools."""
-    if type(x) is int:
-        return x
-    if isinstance(x, bool) or not hasattr(type(x), "__index__"):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    return operator.index(x)
-
-
 def _check_int(name: str, x: object, lo: int, hi: int) -> int:
-    x = _as_int(name, x)
+    x = as_int(name, x)
     if not lo <= x <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
     return x
@@ -96,7 +87,7 @@ def _vocab_args(allowed_range: Sequence[int] | None, allowed_mask: torch.Tensor 
     if allowed_range is not None:
         if not isinstance(allowed_range, (tuple, list)) or len(allowed_range) != 2:
             raise TypeError(f"allowed_range must be a pair of ints (lo, hi), got {allowed_range!r}")
-        lo, hi = (_as_int("allowed_range entries", v) for v in allowed_range)  # ints or integer scalars, not bools
+        lo, hi = (as_int("allowed_range entries", v) for v in allowed_range)  # ints or integer scalars, not bools
         if not 0 <= lo < hi <= vocab:
             raise ValueError(f"allowed_range must satisfy 0 <= lo < hi <= V = {vocab}, got {tuple(allowed_range)}")
     if allowed_mask is not None:

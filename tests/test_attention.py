@@ -296,6 +296,8 @@ def _bad_calls():
         "cu start": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, _i32([1, 8]), _i32([0, 8]), 8, 8),
                      ValueError, "cu_seqlens_q[0]"),
         "max_seqlen": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, cu, 4, 5), ValueError, "max_seqlen"),
+        "max_seqlen float": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, cu, 5, 4.9), TypeError,
+                             "max_seqlen_k must be an int"),
         "cu count": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, _i32([0, 8]), 8, 8), ValueError,
                      "same length"),
         "cache overflow": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(),
