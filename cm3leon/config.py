@@ -66,7 +66,10 @@ class CM3LeonConfig:
     def __post_init__(self) -> None:
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len")
         for name in positive:
-            if getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not hasattr(type(value), "__index__"):  # ints, numpy ints
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")

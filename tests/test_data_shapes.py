@@ -53,6 +53,8 @@ def test_images_tensor_layout():
     x = ShapesWorld(40, seed=3).images(4)
     assert x.shape == (4, 3, 40, 40) and x.dtype == torch.uint8
     assert torch.equal(x[2].permute(1, 2, 0), torch.from_numpy(render(ShapesWorld(40, seed=3).scene(2))))
+    empty = ShapesWorld(40).images(0)
+    assert empty.shape == (0, 3, 40, 40) and empty.dtype == torch.uint8
 
 
 @pytest.mark.parametrize("size", [32, 64, 48])

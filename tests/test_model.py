@@ -119,6 +119,8 @@ def test_config_validation():
         preset("tiny", n_kv_heads=3)
     with pytest.raises(ValueError, match="unknown preset"):
         preset("gpt-5")
+    with pytest.raises(TypeError, match="vocab_size must be an int"):
+        preset("tiny", vocab_size=97.0)
     assert preset("tiny", n_layers=3).n_layers == 3
 
 

@@ -177,6 +177,10 @@ def test_bad_input(tiny):
         tiny.encode(torch.full((1, 3, 16, 16), 200.0))
     with pytest.raises(ValueError, match=r"floating-point images must be in \[0, 1\]"):
         tiny.encode(torch.full((1, 3, 16, 16), float("nan")))
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        tiny.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8), batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        tiny.decode(torch.zeros(1, 4, 4, dtype=torch.int64), batch_size=1.5)
     with pytest.raises(ValueError, match=r"tokens out of range \[0, 64\)"):
         tiny.decode(torch.full((1, 4, 4), 64))
     with pytest.raises(ValueError, match="tokens out of range"):

@@ -187,7 +187,9 @@ class ShapesWorld:
         return [self.scene(i) for i in range(start, start + n)]
 
     def images(self, n: int, start: int = 0) -> torch.Tensor:
-        """Rendered scenes ``start .. start + n - 1`` as ``torch.uint8 [n, 3, H, W]``."""
+        """Rendered scenes ``start .. start + n - 1`` as ``torch.uint8 [n, 3, H, W]`` (n may be 0)."""
+        if n == 0:
+            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return images_tensor(self.scenes(n, start))
 
 

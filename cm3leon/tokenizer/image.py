@@ -25,6 +25,11 @@ __all__ = ["ImageTokenizer", "TokenizerOutput"]
 _FORMAT = "cm3leon-image-tokenizer-v1"
 
 
+def _check_batch_size(batch_size: object) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
 class TokenizerOutput(NamedTuple):
     reconstruction: torch.Tensor  # [B, 3, H, W], in [-1, 1] space (not clamped: the loss sees raw values)
     indices: torch.Tensor         # int64 [B, h, w]
@@ -93,6 +98,7 @@ class ImageTokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` (uint8 0..255 or float 0..1) -> int64 tokens ``[B, h, w]``."""
+        _check_batch_size(batch_size)
         x = self.preprocess(images)
         out = []
         for chunk in x.split(batch_size):
@@ -103,6 +109,7 @@ class ImageTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, *, batch_size: int = 256, as_uint8: bool = False) -> torch.Tensor:
         """Tokens ``[B, h, w]`` -> images ``[B, 3, H, W]``: float32 in [0, 1], or uint8 if ``as_uint8``."""
+        _check_batch_size(batch_size)
         tokens = self.check_tokens(tokens)
         size = self.config.image_size
         chunks = [((self.decode_codes(t) + 1.0) / 2.0).clamp_(0.0, 1.0) for t in tokens.split(batch_size)]
