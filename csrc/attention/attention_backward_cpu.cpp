@@ -1,8 +1,8 @@
 // Attention backward on the CPU (FlashAttention-2 algorithm): probabilities are recomputed block by block
 // from the saved log-sum-exp, never stored.
 //
-// Preprocessing packs Q and dO (fp32, both transposed and as 16-column strips per block of BM queries, the
-// B operands of S^T = K Q^T and of dV/dK, see pack_strips) and computes
+// Preprocessing packs Q and dO in fp32 per block of BM queries, both transposed (B operands of S^T = K Q^T
+// and dP^T = V dO^T) and as 16-column strips (B operands of dK and dV, see pack_strips), and computes
 // D = rowsum(dO * O) per query row. A work item is (segment, kv head, block of BN keys): it keeps its dK/dV
 // block in registers-and-L1 scratch while it sweeps the query heads of its GQA group and the query blocks
 // that can see it (causal: the ones at or below the diagonal), so GQA gradients are summed in place.
