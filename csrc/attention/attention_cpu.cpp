@@ -1,7 +1,7 @@
 // Tiled online-softmax attention forward (FlashAttention-2 style) on the CPU.
 //
-// The micro-kernel reads K and V rows in place (fp32) or from one fp32 copy made per call (bf16/fp16 are
-// widened once). A work item is (segment, query head, block of
+// The micro-kernel reads K and V from one fp32 copy made per call (bf16/fp16 are widened once), packed
+// chunk by chunk on first use. A work item is (segment, query head, block of
 // BM queries): S^T = K Q^T block by block with the 6x16 micro-kernel, running max/sum per query, then
 // O += P V with the same micro-kernel. The S x S matrix never exists; scratch per item is
 // O(BM * (BN + head_dim)). Items are sorted by cost (causal blocks near the
@@ -9,7 +9,10 @@
 #include "attention/attention_cpu.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "attention/attention_decode.h"
@@ -24,6 +27,9 @@ namespace {
 // beats 96 x 48 by ~2% (D = 32..256, causal and not); 144 x 96 was no better than 96 x 72.
 constexpr int64_t BM = 96;  // query rows per work item (multiple of MR and of NR)
 constexpr int64_t BN = 72;  // keys per block (multiple of MR)
+
+constexpr int64_t kPackKeys = 4 * BN;  // keys per K/V packing chunk (a multiple of BN)
+enum PackState : int { kUnpacked = 0, kPacking = 1, kPacked = 2 };
 
 struct Item {
   int64_t segment, head, q0, cost;
@@ -116,21 +122,29 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
   const int64_t k_total = k_off.back();
   // Rows past a block's last multiple of MR stay unwritten: no micro-kernel step reads them.
   const ScratchBuffer<float> kr(size_t(hkv * k_total * dp)), vr(size_t(hkv * k_total * dp));
-  {
-    std::vector<Item> pack_items;
-    for (int64_t s = 0; s < pr.num_segments; ++s)
-      for (int64_t h = 0; h < hkv; ++h)
-        for (int64_t n0 = 0; n0 < pr.segments[s].k_len; n0 += 4 * BN) pack_items.push_back({s, h, n0, 0});
-    parallel_items(int64_t(pack_items.size()), [&](int64_t i) {
-      const Item& it = pack_items[size_t(i)];
-      const Segment& sg = pr.segments[it.segment];
-      const int64_t keys = std::min(4 * BN, sg.k_len - it.q0), keys_pad = round_up(keys, MR);
-      const int64_t src = ((sg.k_start + it.q0) * hkv + it.head) * d;
-      const int64_t dst = (it.head * k_total + k_off[it.segment] + it.q0) * dp;
+  // Chunks of kPackKeys keys per (segment, kv head) are packed on first use by the thread that needs them,
+  // so the memory-bound packing overlaps the other thread's compute and the chunk is in L2 when used.
+  std::vector<int64_t> chunk_off(size_t(pr.num_segments) + 1, 0);  // first chunk of segment s, kv head 0
+  for (int64_t s = 0; s < pr.num_segments; ++s)
+    chunk_off[s + 1] = chunk_off[s] + hkv * ceil_div(pr.segments[s].k_len, kPackKeys);
+  std::unique_ptr<std::atomic<int>[]> chunk_state(new std::atomic<int>[size_t(chunk_off.back())]());
+  auto ensure_packed = [&](int64_t s, int64_t h, int64_t n0) {  // the chunk holding key block n0
+    const Segment& sg = pr.segments[s];
+    const int64_t c0 = n0 / kPackKeys * kPackKeys;
+    const int64_t chunk = chunk_off[s] + h * ceil_div(sg.k_len, kPackKeys) + c0 / kPackKeys;
+    std::atomic<int>& state = chunk_state[size_t(chunk)];
+    if (state.load(std::memory_order_acquire) == kPacked) return;
+    int expected = kUnpacked;
+    if (state.compare_exchange_strong(expected, kPacking, std::memory_order_acq_rel)) {
+      const int64_t keys = std::min(kPackKeys, sg.k_len - c0), keys_pad = round_up(keys, MR);
+      const int64_t src = ((sg.k_start + c0) * hkv + h) * d, dst = (h * k_total + k_off[s] + c0) * dp;
       pack_rows(k + src, hkv * d, keys, d, 1.f, keys_pad, dp, kr.data() + dst);
       pack_strips(v + src, hkv * d, keys, d, keys_pad, BN, dp, vr.data() + dst);
-    });
-  }
+      state.store(kPacked, std::memory_order_release);
+      return;
+    }
+    while (state.load(std::memory_order_acquire) != kPacked) std::this_thread::yield();  // packed elsewhere
+  };
   std::vector<Item> items;
   for (int64_t s = 0; s < pr.num_segments; ++s) {
     const Segment& sg = pr.segments[s];
@@ -164,6 +178,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       const int64_t cols = std::min(BN, keys - n0), cols6 = round_up(cols, MR);
       const int64_t blk = (hk * k_total + k_off[it.segment] + n0) * dp;
       const bool masked = n0 + cols > unmasked_until;
+      ensure_packed(it.segment, hk, n0);
       if (masked)
         for (int64_t r = 0; r < BM; ++r)
           sc.limit[size_t(r)] =
