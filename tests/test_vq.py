@@ -163,20 +163,26 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.cm3leon.vq_embed.default, (torch.randint(0, 70, (33,)), codebook))
 
 
-def test_torch_compile_fullgraph():
-    codebook = torch.randn(64, 16, requires_grad=True)
+def check_torch_compile_fullgraph(device="cpu"):
+    """vector_quantize traces without graph breaks and matches eager, gradients included (also used by the
+    CUDA tests)."""
+    codebook = torch.randn(64, 16, device=device, requires_grad=True)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def step(z):
         out = ck.vector_quantize(z, codebook)
         return out.quantized.sum() + out.loss
 
-    z = torch.randn(10, 16, requires_grad=True)
+    z = torch.randn(10, 16, device=device, requires_grad=True)
     loss = step(z)
     loss.backward()
     eager = ck.vector_quantize(z.detach(), codebook.detach())
     assert torch.allclose(loss.detach(), eager.quantized.sum() + eager.loss, rtol=1e-5)
     assert codebook.grad is not None
+
+
+def test_torch_compile_fullgraph():
+    check_torch_compile_fullgraph()
 
 
 @pytest.mark.parametrize("call,error,match", [

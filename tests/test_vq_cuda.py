@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import poisoned_outputs
-from test_vq import check_nearest, check_vector_quantize_matches_reference
+from test_vq import check_nearest, check_torch_compile_fullgraph, check_vector_quantize_matches_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -248,19 +248,7 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph():
-    codebook = torch.randn(64, 16, device=CUDA, requires_grad=True)
-
-    @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(z):
-        out = ck.vector_quantize(z, codebook)
-        return out.quantized.sum() + out.loss
-
-    z = torch.randn(10, 16, device=CUDA, requires_grad=True)
-    loss = step(z)
-    loss.backward()
-    eager = ck.vector_quantize(z.detach(), codebook.detach())
-    assert torch.allclose(loss.detach(), eager.quantized.sum() + eager.loss, rtol=1e-5)
-    assert codebook.grad is not None
+    check_torch_compile_fullgraph(CUDA)
 
 
 @pytest.mark.parametrize("call,error,match", [
