@@ -1,0 +1,119 @@
+"""The dual encoder's two transformers; their attention runs on ``cm3leon_kernels`` (non-causal).
+
+- :class:`ImageTower`: a ViT over pixels: patch embedding, a class token, learned positions, pre-norm blocks,
+  the class token's final state. Optional patch dropout keeps a chosen subset of patch tokens.
+- :class:`TextTower`: a transformer over text-tokenizer ids. Captions are packed into one sequence and run
+  through ``flash_attn_varlen_func`` (no padding at all, so nothing can leak between or into captions); each
+  caption starts with a learned class token whose final state is the caption's summary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cm3leon.model import KERNELS, AttentionBackend
+
+from .config import DualEncoderConfig
+
+__all__ = ["ImageTower", "TextTower"]
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention without a causal mask."""
+
+    def __init__(self, width: int, heads: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.backend = heads, width // heads, backend
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(*x.shape[:-1], 3, self.heads, self.head_dim).unbind(-3)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if cu_seqlens is None:  # [B, S, H, D]
+            o = self.backend.flash_attn_func(q, k, v, causal=False)
+        else:                   # packed [T, H, D]
+            o = self.backend.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                    causal=False)
+        return self.out(o.reshape(x.shape))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block with a GELU MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = _Attention(width, heads, backend)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
+
+
+class ImageTower(nn.Module):
+    """ViT: uint8 images ``[N, 3, S, S]`` -> embeddings ``[N, embed_dim]`` (not normalised)."""
+
+    def __init__(self, config: DualEncoderConfig, backend: AttentionBackend = KERNELS) -> None:
+        super().__init__()
+        w, p = config.image_width, config.patch_size
+        self.config = config
+        self.patch = nn.Conv2d(3, w, kernel_size=p, stride=p)
+        self.cls = nn.Parameter(torch.randn(w) * 0.02)
+        self.pos = nn.Parameter(torch.randn(config.num_patches + 1, w) * 0.02)
+        self.blocks = nn.ModuleList(_Block(w, config.image_heads, config.mlp_ratio, backend)
+                                    for _ in range(config.image_layers))
+        self.norm = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, config.embed_dim, bias=False)
+
+    def forward(self, pixels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``pixels``: float ``[N, 3, S, S]`` in [-1, 1]; ``keep``: int64 ``[N, K]`` indices of the patch
+        tokens to keep (patch dropout), or None for all."""
+        x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos[1:]  # [N, P, W]
+        if keep is not None:
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (self.cls + self.pos[0]).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.norm(x[:, 0]))
+
+
+class TextTower(nn.Module):
+    """Transformer over packed captions: ids ``[T]`` with ``cu_seqlens`` -> embeddings ``[n, embed_dim]``."""
+
+    def __init__(self, config: DualEncoderConfig, backend: AttentionBackend = KERNELS) -> None:
+        super().__init__()
+        w = config.text_width
+        self.config = config
+        self.embed = nn.Embedding(config.text_vocab_size, w)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.cls = nn.Parameter(torch.randn(w) * 0.02)
+        self.pos = nn.Parameter(torch.randn(config.text_max_len + 1, w) * 0.01)
+        self.blocks = nn.ModuleList(_Block(w, config.text_heads, config.mlp_ratio, backend)
+                                    for _ in range(config.text_layers))
+        self.norm = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, config.embed_dim, bias=False)
+
+    def forward(self, text_ids: list[list[int]]) -> torch.Tensor:
+        """``text_ids``: validated, non-empty captions of at most ``text_max_len`` ids each."""
+        device = self.embed.weight.device
+        lengths = torch.tensor([len(ids) + 1 for ids in text_ids], dtype=torch.int64)  # +1: the class token
+        cu = F.pad(lengths.cumsum(0), (1, 0))
+        starts = cu[:-1]
+        total = int(cu[-1])
+        is_cls = torch.zeros(total, dtype=torch.bool)
+        is_cls[starts] = True
+        flat = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.int64, device=device)
+        x = torch.empty(total, self.cls.shape[0], dtype=self.cls.dtype, device=device)
+        x[is_cls.to(device)] = self.cls
+        x[~is_cls.to(device)] = self.embed(flat)
+        positions = torch.arange(total) - torch.repeat_interleave(starts, lengths)  # restart in every caption
+        x = x + self.pos[positions.to(device)]
+        cu32 = cu.to(device=device, dtype=torch.int32)
+        max_len = int(lengths.max())
+        for block in self.blocks:
+            x = block(x, cu32, max_len)
+        return self.proj(self.norm(x[starts.to(device)]))
