@@ -1,10 +1,14 @@
 """The dual encoder's two transformers; their attention runs on ``cm3leon_kernels`` (non-causal).
 
-- :class:`ImageTower`: a ViT over pixels: patch embedding, a class token, learned positions, pre-norm blocks,
-  the class token's final state. Optional patch dropout keeps a chosen subset of patch tokens.
+- :class:`ImageTower`: a ViT over pixels: patch embedding, learned positions, pre-norm blocks, the mean of the
+  final patch states. Optional patch dropout keeps a chosen subset of patch tokens.
 - :class:`TextTower`: a transformer over text-tokenizer ids. Captions are packed into one sequence and run
-  through ``flash_attn_varlen_func`` (no padding at all, so nothing can leak between or into captions); each
-  caption starts with a learned class token whose final state is the caption's summary.
+  through ``flash_attn_varlen_func`` (no padding at all, so nothing can leak between or into captions); a
+  caption's summary is the mean of its final token states.
+
+Both towers pool by averaging rather than through a class token: at initialisation a class token's state
+barely depends on the input, and small contrastive models then sit on the chance-level plateau for many
+steps before they separate; the mean depends on the input from the first step.
 """
 from __future__ import annotations
 
@@ -61,8 +65,7 @@ class ImageTower(nn.Module):
         w, p = config.image_width, config.patch_size
         self.config = config
         self.patch = nn.Conv2d(3, w, kernel_size=p, stride=p)
-        self.cls = nn.Parameter(torch.randn(w) * 0.02)
-        self.pos = nn.Parameter(torch.randn(config.num_patches + 1, w) * 0.02)
+        self.pos = nn.Parameter(torch.randn(config.num_patches, w) * 0.02)
         self.blocks = nn.ModuleList(_Block(w, config.image_heads, config.mlp_ratio, backend)
                                     for _ in range(config.image_layers))
         self.norm = nn.LayerNorm(w)
@@ -71,14 +74,12 @@ class ImageTower(nn.Module):
     def forward(self, pixels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``pixels``: float ``[N, 3, S, S]`` in [-1, 1]; ``keep``: int64 ``[N, K]`` indices of the patch
         tokens to keep (patch dropout), or None for all."""
-        x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos[1:]  # [N, P, W]
+        x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos  # [N, P, W]
         if keep is not None:
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
-        cls = (self.cls + self.pos[0]).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.proj(self.norm(x[:, 0]))
+        return self.proj(self.norm(x).mean(dim=1))
 
 
 class TextTower(nn.Module):
@@ -90,8 +91,7 @@ class TextTower(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.text_vocab_size, w)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self.cls = nn.Parameter(torch.randn(w) * 0.02)
-        self.pos = nn.Parameter(torch.randn(config.text_max_len + 1, w) * 0.01)
+        self.pos = nn.Parameter(torch.randn(config.text_max_len, w) * 0.01)
         self.blocks = nn.ModuleList(_Block(w, config.text_heads, config.mlp_ratio, backend)
                                     for _ in range(config.text_layers))
         self.norm = nn.LayerNorm(w)
@@ -100,20 +100,15 @@ class TextTower(nn.Module):
     def forward(self, text_ids: list[list[int]]) -> torch.Tensor:
         """``text_ids``: validated, non-empty captions of at most ``text_max_len`` ids each."""
         device = self.embed.weight.device
-        lengths = torch.tensor([len(ids) + 1 for ids in text_ids], dtype=torch.int64)  # +1: the class token
+        lengths = torch.tensor([len(ids) for ids in text_ids], dtype=torch.int64)
         cu = F.pad(lengths.cumsum(0), (1, 0))
-        starts = cu[:-1]
-        total = int(cu[-1])
-        is_cls = torch.zeros(total, dtype=torch.bool)
-        is_cls[starts] = True
-        flat = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.int64, device=device)
-        x = torch.empty(total, self.cls.shape[0], dtype=self.cls.dtype, device=device)
-        x[is_cls.to(device)] = self.cls
-        x[~is_cls.to(device)] = self.embed(flat)
-        positions = torch.arange(total) - torch.repeat_interleave(starts, lengths)  # restart in every caption
-        x = x + self.pos[positions.to(device)]
+        caption = torch.repeat_interleave(torch.arange(len(text_ids)), lengths)  # caption of every token
+        positions = torch.arange(int(cu[-1])) - cu[:-1][caption]  # restart in every caption
+        flat = torch.tensor([t for ids in text_ids for t in ids], dtype=torch.int64)
+        x = self.embed(flat.to(device)) + self.pos[positions.to(device)]
         cu32 = cu.to(device=device, dtype=torch.int32)
-        max_len = int(lengths.max())
         for block in self.blocks:
-            x = block(x, cu32, max_len)
-        return self.proj(self.norm(x[starts.to(device)]))
+            x = block(x, cu32, int(lengths.max()))
+        sums = torch.zeros(len(text_ids), x.shape[-1], dtype=x.dtype, device=device)
+        sums = sums.index_add(0, caption.to(device), self.norm(x))
+        return self.proj(sums / lengths.to(device=device, dtype=x.dtype)[:, None])
