@@ -40,8 +40,8 @@ def shapes_documents(n: int, start: int = 0) -> list[RetrievalDocument]:
 
 class FakeEncoder:
     """Deterministic, easy-to-reason-about encoder: a caption is the normalised sum of per-id random vectors,
-    an image the normalised mean of per-patch projections (4x4 patches; dropout drops patches). It records
-    what it was asked to encode."""
+    an image the normalised mean of projected 4x4 patches (each minus its own mean, so flat background patches
+    count for nothing; dropout drops patches). It records what it was asked to encode."""
 
     def __init__(self, vocab_size: int = 300, embed_dim: int = 16, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
@@ -59,6 +59,7 @@ class FakeEncoder:
         x = images.float() / 255.0
         n, _, h, w = x.shape
         patches = x.unfold(2, 4, 4).unfold(3, 4, 4).permute(0, 2, 3, 1, 4, 5).reshape(n, -1, 48)
+        patches = patches - patches.mean(-1, keepdim=True)
         if drop:
             keep = patch_keep_indices(n, patches.shape[1], drop, generator)
             patches = torch.gather(patches, 1, keep[..., None].expand(-1, -1, 48))
