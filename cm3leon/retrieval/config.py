@@ -31,7 +31,7 @@ class DualEncoderConfig:
     """
 
     image_size: int = 32
-    patch_size: int = 4
+    patch_size: int = 8
     image_width: int = 128
     image_layers: int = 2
     image_heads: int = 4
@@ -82,7 +82,7 @@ class DualEncoderConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DualEncoderConfig:
-        """``"demo"`` (32x32 shapes images, about 1M parameters) or ``"clip-b32"`` (CLIP ViT-B/32's sizes:
+        """``"demo"`` (32x32 shapes images in 8x8 patches, about 1M parameters) or ``"clip-b32"`` (CLIP ViT-B/32's sizes:
         224 px, 32 px patches, 12x768 image tower, 12x512 text tower, E = 512, over the paper-sized BPE);
         ``overrides`` replace fields (e.g. ``text_vocab_size=tokenizer.vocab_size``)."""
         if name not in PRESETS:
