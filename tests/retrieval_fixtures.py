@@ -35,7 +35,8 @@ def tiny_encoder(seed: int = 0, **kwargs) -> DualEncoder:
 def shapes_documents(n: int, start: int = 0) -> list[RetrievalDocument]:
     """Caption-image documents of scenes ``start ..``; ``token_ids`` are a stand-in (the caption's ids)."""
     items = ShapesCaptions(WORLD, n, start)
-    return [RetrievalDocument(text, image, tokenizer().encode(text)) for image, text in (items[i] for i in range(n))]
+    pairs = (items[i] for i in range(n))
+    return [RetrievalDocument(text, image, tokenizer().encode(text)) for image, text in pairs]
 
 
 class FakeEncoder:

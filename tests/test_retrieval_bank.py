@@ -16,7 +16,8 @@ def _docs(n: int) -> list[RetrievalDocument]:
     out = []
     for i in range(n):
         if i % 3 == 0:
-            out.append(RetrievalDocument(f"doc {i}", torch.full((3, 4, 4), i % 256, dtype=torch.uint8), [i, i + 1]))
+            image = torch.full((3, 4, 4), i % 256, dtype=torch.uint8)
+            out.append(RetrievalDocument(f"doc {i}", image, [i, i + 1]))
         elif i % 3 == 1:
             out.append(RetrievalDocument(f"dôc ✓ {i}", None, [i]))
         else:

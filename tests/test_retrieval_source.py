@@ -115,8 +115,8 @@ def test_from_pairs_over_shapes_and_an_image_folder(tmp_path, data):
     image_tokenizer = ImageTokenizer(ImageTokenizerConfig.preset("tiny")).eval()
     vocab = Vocabulary(tokenizer().vocab_size, image_tokenizer.config.codebook_size)
     codec = DocumentCodec(tokenizer(), vocab, (4, 4))
-    source = RetrievalAugmentedSource.from_pairs(pairs, tiny_encoder(), tokenizer(), codec, image_tokenizer, seed=0,
-                                                 max_seq_len=4096, keep=2)
+    source = RetrievalAugmentedSource.from_pairs(pairs, tiny_encoder(), tokenizer(), codec, image_tokenizer,
+                                                 seed=0, max_seq_len=4096, keep=2)
     image, text = pairs[3]
     caption, grid = codec.decode(source.queries[3].token_ids)
     assert caption == text and torch.equal(source.queries[3].image, image)

@@ -43,7 +43,8 @@ class BagOfWordsColourBaseline:
         self.mean_x, self.mean_y = x.mean(0), y.mean(0)
         xc, yc = x - self.mean_x, y - self.mean_y
         # ridge regression: W = (XᵀX + λI)⁻¹ XᵀY
-        self.weight = torch.linalg.solve(xc.T @ xc + ridge * torch.eye(x.shape[1], dtype=torch.float64), xc.T @ yc)
+        gram = xc.T @ xc + ridge * torch.eye(x.shape[1], dtype=torch.float64)
+        self.weight = torch.linalg.solve(gram, xc.T @ yc)
 
     @staticmethod
     def _tokens(caption: str) -> list[str]:

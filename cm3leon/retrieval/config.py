@@ -50,7 +50,8 @@ class DualEncoderConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size "
+                             f"({self.patch_size})")
         for tower in ("image", "text"):
             width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
             head_dim, rest = divmod(width, heads)
@@ -82,8 +83,9 @@ class DualEncoderConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DualEncoderConfig:
-        """``"demo"`` (32x32 shapes images in 8x8 patches, about 1M parameters) or ``"clip-b32"`` (CLIP ViT-B/32's sizes:
-        224 px, 32 px patches, 12x768 image tower, 12x512 text tower, E = 512, over the paper-sized BPE);
+        """``"demo"`` (32x32 shapes images in 8x8 patches, about 1M parameters) or ``"clip-b32"`` (CLIP
+        ViT-B/32's sizes: 224 px, 32 px patches, 12x768 image tower, 12x512 text tower, E = 512, over the
+        paper-sized BPE);
         ``overrides`` replace fields (e.g. ``text_vocab_size=tokenizer.vocab_size``)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
@@ -92,7 +94,8 @@ class DualEncoderConfig:
 
 PRESETS: dict[str, DualEncoderConfig] = {
     "demo": DualEncoderConfig(),
-    "clip-b32": DualEncoderConfig(image_size=224, patch_size=32, image_width=768, image_layers=12, image_heads=12,
+    "clip-b32": DualEncoderConfig(image_size=224, patch_size=32, image_width=768, image_layers=12,
+                                  image_heads=12,
                                   text_vocab_size=PAPER_TEXT_VOCAB_SIZE, text_max_len=77, text_width=512,
                                   text_layers=12, text_heads=8, embed_dim=512),
 }

@@ -32,7 +32,8 @@ def drop_tokens(ids: list[int], fraction: float, generator: torch.Generator) -> 
     return [t for i, t in enumerate(ids) if i not in dropped]
 
 
-def patch_keep_indices(n_images: int, n_patches: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+def patch_keep_indices(n_images: int, n_patches: int, fraction: float, generator: torch.Generator
+                       ) -> torch.Tensor:
     """int64 ``[n_images, K]`` sorted indices of the patches each image keeps, ``K = n_patches -
     num_dropped(n_patches, fraction)``; an independent draw per image."""
     keep = n_patches - num_dropped(n_patches, fraction)

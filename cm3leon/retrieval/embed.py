@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .document import RetrievalDocument
 from .encoder import ImageTextEncoder
 
-__all__ = ["TextTokenizerLike", "check_documents", "embed_documents", "encode_captions"]
+__all__ = ["TextTokenizerLike", "check_documents", "embed_documents", "encode_captions", "image_groups"]
 
 
 class TextTokenizerLike(Protocol):
@@ -37,6 +37,15 @@ def encode_captions(encoder: ImageTextEncoder, text_tokenizer: TextTokenizerLike
     return encoder.encode_texts([text_tokenizer.encode(t) for t in texts])
 
 
+def image_groups(docs: Sequence[RetrievalDocument], rows: Sequence[int]) -> list[list[int]]:
+    """The ``rows`` whose document has an image, grouped by image size (each group stacks into one batch)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in rows:
+        if docs[i].image is not None:
+            groups.setdefault(tuple(docs[i].image.shape), []).append(i)
+    return list(groups.values())
+
+
 @torch.inference_mode()
 def embed_documents(docs: Sequence[RetrievalDocument], encoder: ImageTextEncoder,
                     text_tokenizer: TextTokenizerLike, *, batch_size: int = 256, progress: bool = False,
@@ -56,13 +65,10 @@ def embed_documents(docs: Sequence[RetrievalDocument], encoder: ImageTextEncoder
         chunk = range(start, min(start + batch_size, len(docs)))
         with_text = [i for i in chunk if docs[i].text is not None]
         if with_text:
-            out[with_text] += encode_captions(encoder, text_tokenizer, [docs[i].text for i in with_text]).float().cpu()
+            texts = [docs[i].text for i in with_text]
+            out[with_text] += encode_captions(encoder, text_tokenizer, texts).float().cpu()
             count[with_text] += 1
-        by_shape: dict[tuple[int, ...], list[int]] = {}  # images of one size are encoded together
-        for i in chunk:
-            if docs[i].image is not None:
-                by_shape.setdefault(tuple(docs[i].image.shape), []).append(i)
-        for rows in by_shape.values():
+        for rows in image_groups(docs, chunk):
             out[rows] += encoder.encode_images(torch.stack([docs[i].image for i in rows])).float().cpu()
             count[rows] += 1
         bar.update(len(chunk))

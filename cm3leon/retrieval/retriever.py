@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .bank import MemoryBank
 from .document import RetrievalDocument
 from .dropout import check_fraction, drop_tokens
-from .embed import TextTokenizerLike, check_documents
+from .embed import TextTokenizerLike, check_documents, image_groups
 from .encoder import ImageTextEncoder
 
 __all__ = ["QUERY_MODES", "Retriever"]
@@ -139,20 +139,18 @@ class Retriever:
             emb = self.encoder.encode_texts(ids).float().cpu()
             full[with_text] += emb
             if by != "image":
-                dropped[with_text] += self.encoder.encode_texts(
-                    [drop_tokens(x, drop, generator) for x in ids]).float().cpu() if drop else emb
+                if drop:
+                    emb = self.encoder.encode_texts([drop_tokens(x, drop, generator) for x in ids]).float().cpu()
+                dropped[with_text] += emb
                 used[with_text] += 1
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, q in enumerate(queries):
-            if q.image is not None:
-                by_shape.setdefault(tuple(q.image.shape), []).append(i)
-        for rows in by_shape.values():
+        for rows in image_groups(queries, range(n)):
             images = torch.stack([queries[i].image for i in rows])
             emb = self.encoder.encode_images(images).float().cpu()
             full[rows] += emb
             if by != "text":
-                dropped[rows] += self.encoder.encode_images(images, drop=drop, generator=generator).float().cpu() \
-                    if drop else emb
+                if drop:
+                    emb = self.encoder.encode_images(images, drop=drop, generator=generator).float().cpu()
+                dropped[rows] += emb
                 used[rows] += 1
         return dropped / used, F.normalize(full, dim=-1)
 

@@ -14,7 +14,9 @@ from .document import RetrievalDocument
 __all__ = ["documents_from_tensors", "documents_to_tensors"]
 
 
-def _ragged(rows: Sequence[Sequence[int] | None], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ragged(rows: Sequence[Sequence[int] | None], dtype: torch.dtype
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values concatenated, offsets [N + 1], present [N]) of rows that may be None."""
     present = torch.tensor([r is not None for r in rows], dtype=torch.bool)
     lengths = torch.tensor([0 if r is None else len(r) for r in rows], dtype=torch.int64)
     offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
@@ -47,7 +49,8 @@ def documents_from_tensors(tensors: dict[str, torch.Tensor]) -> list[RetrievalDo
     """Inverse of :func:`documents_to_tensors` (KeyError / ValueError on inconsistent contents)."""
     text_bytes = tensors["text_bytes"].numpy().tobytes()
     text_off, has_text = tensors["text_offsets"].tolist(), tensors["has_text"].tolist()
-    token_ids, token_off, has_tokens = tensors["token_ids"], tensors["token_offsets"].tolist(), tensors["has_tokens"].tolist()
+    token_ids = tensors["token_ids"]
+    token_off, has_tokens = tensors["token_offsets"].tolist(), tensors["has_tokens"].tolist()
     group, row = tensors["image_group"].tolist(), tensors["image_row"].tolist()
     images = [tensors[f"images.{g}"] for g in range(tensors["image_shapes"].shape[0])]
     n = len(has_text)

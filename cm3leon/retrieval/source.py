@@ -68,7 +68,8 @@ class RetrievalAugmentedSource:
             raise TypeError(f"retriever must be a Retriever, got {type(retriever).__name__}")
         for i, d in enumerate(retriever.bank.documents):
             if d.token_ids is None:
-                raise ValueError(f"retriever.bank.documents[{i}] has no token_ids (they are prepended to examples)")
+                raise ValueError(f"retriever.bank.documents[{i}] has no token_ids (they are prepended to "
+                                 "examples)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.queries, self.retriever, self.vocabulary = queries, retriever, vocabulary

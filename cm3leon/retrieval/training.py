@@ -36,7 +36,7 @@ class TrainResult(NamedTuple):
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE: ``(CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)) / 2`` for matching rows of ``[N, E]``."""
+    """Symmetric InfoNCE ``(CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)) / 2`` for matching rows of ``[N, E]``."""
     logits = scale * image_emb @ text_emb.t()
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -98,7 +98,8 @@ def train_dual_encoder(config: DualEncoderConfig | str, pairs: PairSource, text_
         items = [pairs[i] for i in torch.randperm(len(pairs), generator=gen)[:batch_size].tolist()]
         images = torch.stack([image for image, _ in items])
         ids = [text_tokenizer.encode(text) for _, text in items]
-        loss = contrastive_loss(encoder.encode_images(images), encoder.encode_texts(ids), encoder.temperature_scale())
+        loss = contrastive_loss(encoder.encode_images(images), encoder.encode_texts(ids),
+                                encoder.temperature_scale())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
