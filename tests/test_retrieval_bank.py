@@ -70,6 +70,8 @@ def test_save_load_round_trip(tmp_path, index):
     q = _unit(7, seed=2)
     for got, want in zip(back.search(q, 4), bank.search(q, 4)):
         assert torch.equal(got, want)
+    MemoryBank(16, index=index).save(tmp_path / "empty.st")
+    assert len(MemoryBank.load(tmp_path / "empty.st")) == 0
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

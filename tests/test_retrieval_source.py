@@ -100,6 +100,8 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"queries\[1\] has no token_ids"):
         RetrievalAugmentedSource([docs[0], RetrievalDocument("x", None)], source.retriever, VOCAB, seed=0,
                                  max_seq_len=64)
+    with pytest.raises(ValueError, match="keep must be a positive int"):
+        RetrievalAugmentedSource(docs, source.retriever, VOCAB, seed=0, max_seq_len=64, keep=0)
     with pytest.raises(TypeError, match="retriever must be a Retriever"):
         RetrievalAugmentedSource(docs, object(), VOCAB, seed=0, max_seq_len=64)
 

@@ -10,7 +10,8 @@ __all__ = ["RetrievalDocument"]
 
 @dataclass(frozen=True, eq=False)
 class RetrievalDocument:
-    """One document of a memory bank; at least one of ``text`` and ``image`` is present.
+    """One document of a memory bank; at least one of ``text`` and ``image`` is present. Documents compare
+    by identity (two documents with equal fields are still two documents).
 
     Attributes:
         text: the caption (a non-empty string), or None.

@@ -72,6 +72,9 @@ class RetrievalAugmentedSource:
                                  "examples)")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        for name, value in (("per_modality", per_modality), ("keep", keep)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.queries, self.retriever, self.vocabulary = queries, retriever, vocabulary
         self.seed, self.max_seq_len = seed, max_seq_len
         self.poisson_rate, self.max_spans = poisson_rate, max_spans
