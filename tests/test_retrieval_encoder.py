@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import cm3leon_kernels as ck
 from cm3leon.data import ShapesCaptions
-from cm3leon.model import AttentionBackend
+from cm3leon.model import KERNELS, AttentionBackend
 from cm3leon.retrieval import DualEncoder, DualEncoderConfig, contrastive_loss, train_dual_encoder
 
 from retrieval_fixtures import WORLD, tiny_config, tiny_encoder, tokenizer
@@ -55,6 +55,9 @@ def test_attention_runs_through_cm3leon_kernels_and_matches_sdpa():
         got_i, got_t = kernels.encode_images(images), kernels.encode_texts(ids)
         want_i, want_t = sdpa.encode_images(images), sdpa.encode_texts(ids)
     assert calls == {"func": 1, "varlen": 1}  # one layer per tower, every attention call on the kernels
+    default = tiny_encoder()
+    assert all(block.attn.backend is KERNELS for tower in (default.image_tower, default.text_tower)
+               for block in tower.blocks)
     torch.testing.assert_close(got_i, want_i, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_t, want_t, atol=1e-5, rtol=1e-4)
 
