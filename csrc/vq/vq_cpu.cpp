@@ -32,16 +32,17 @@ double row_norm(const T* x, int64_t d) {
   return std::sqrt(s);
 }
 
-// Cosine scores compare z.c over codes, so a positive per-row factor of z changes no argmin: a power of two
-// bringing max|z| into [0.5, 1) is exact and keeps z.c (codes are unit vectors) far from fp32 overflow.
+// Cosine scores compare z.c over codes, so a positive per-row factor of z changes no argmin: scaling by the
+// power of two that brings max|z| into [0.5, 1) is exact and keeps z.c (codes are unit vectors) far from
+// fp32 overflow. Returns that power's exponent (applied with ldexp: 2^exponent itself may not be a float).
 template <typename T>
-float cosine_row_scale(const T* x, int64_t d) {
+int cosine_row_shift(const T* x, int64_t d) {
   float top = 0.f;
   for (int64_t i = 0; i < d; ++i) top = std::max(top, std::fabs(to_float(x[i])));
-  if (!(top > 0.f) || !std::isfinite(top)) return 1.f;  // zero rows, and NaN/inf that must stay visible
+  if (!(top > 0.f) || !std::isfinite(top)) return 0;  // zero rows, and NaN/inf that must stay visible
   int exponent = 0;
   std::frexp(top, &exponent);
-  return std::ldexp(1.f, -exponent);
+  return -exponent;
 }
 
 // The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c.
@@ -84,7 +85,7 @@ PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric met
 }
 
 // Packs rows [row0, row0 + rows) of z into MR-row panels; missing rows of the last panel are zero. Cosine
-// rows are rescaled by cosine_row_scale.
+// rows are rescaled by cosine_row_shift.
 template <typename T>
 void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, Metric metric, float* dst) {
   for (int64_t panel = 0; panel < ceil_div(rows, MR); ++panel) {
@@ -93,8 +94,12 @@ void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, Metric metric,
       const int64_t row = panel * MR + r;
       if (row < rows) {
         const T* src = z + (row0 + row) * d;
-        const float scale = metric == Metric::Cosine ? cosine_row_scale(src, d) : 1.f;
-        for (int64_t p = 0; p < d; ++p) out[p * MR + r] = to_float(src[p]) * scale;
+        if (metric == Metric::Cosine) {
+          const int shift = cosine_row_shift(src, d);
+          for (int64_t p = 0; p < d; ++p) out[p * MR + r] = std::ldexp(to_float(src[p]), shift);
+        } else {
+          for (int64_t p = 0; p < d; ++p) out[p * MR + r] = to_float(src[p]);
+        }
       } else {
         for (int64_t p = 0; p < d; ++p) out[p * MR + r] = 0.f;
       }
