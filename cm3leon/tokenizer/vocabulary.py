@@ -17,6 +17,8 @@ from os import PathLike
 
 import torch
 
+from ..integrity import CheckpointError, parse_json
+
 __all__ = ["NUM_SENTINELS", "SPECIAL_TOKENS", "Vocabulary"]
 
 NUM_SENTINELS = 16
@@ -153,12 +155,33 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | PathLike) -> Vocabulary:
-        """Reads a vocabulary written by :meth:`save`; ValueError if its special tokens differ from ours."""
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if tuple(data.get("special_tokens", ())) != SPECIAL_TOKENS:
-            raise ValueError(f"{path}: special tokens {data.get('special_tokens')} do not match {SPECIAL_TOKENS}")
-        return cls(text_size=data["text_size"], image_codes=data["image_codes"])
+        """Reads a vocabulary written by :meth:`save`.
+
+        Raises FileNotFoundError, or :class:`~cm3leon.integrity.CheckpointError` (a ``ValueError``) naming
+        the file when it is not valid JSON, lacks a field, holds invalid sizes, or its special tokens differ
+        from ours.
+        """
+        def error(message: str) -> CheckpointError:
+            return CheckpointError(f"{path}: {message}")
+
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise error(f"not UTF-8 text ({err})") from None
+        data = parse_json(text, error, "the vocabulary")
+        if not isinstance(data, dict):
+            raise error(f"must hold a JSON object, got {type(data).__name__}")
+        specials = data.get("special_tokens")
+        if not isinstance(specials, list) or tuple(specials) != SPECIAL_TOKENS:
+            raise error(f"special tokens {specials} do not match {SPECIAL_TOKENS}")
+        try:
+            return cls(text_size=data["text_size"], image_codes=data["image_codes"])
+        except KeyError as err:
+            raise error(f"missing field {err}") from None
+        except (TypeError, ValueError) as err:
+            raise error(str(err)) from None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and self.to_dict() == other.to_dict()
