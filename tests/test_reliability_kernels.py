@@ -30,8 +30,8 @@ def test_backward_rejects_kv_batch_other_than_q():
             q = torch.randn(64, 300, 2, 16)
             k = torch.randn(kv_batch, 300, 2, 16)
             try:
-                ops.flash_attn_backward(torch.randn_like(q), q, k, k, torch.randn_like(q), torch.randn(64, 2, 300),
-                                        1.0, False)
+                ops.flash_attn_backward(torch.randn_like(q), q, k, k, torch.randn_like(q),
+                                        torch.randn(64, 2, 300), 1.0, False)
                 print("no error")
             except ValueError as e:
                 print("ValueError:", e)
@@ -49,7 +49,9 @@ def _raw_calls(meta: str):
         return torch.randn(shape, device=device).to(dtype) if dtype.is_floating_point else \
             torch.zeros(shape, dtype=dtype, device=device)
 
-    cu = lambda name: torch.tensor([0, 4], dtype=torch.int32, device="meta" if name == meta else "cpu")  # noqa
+    def cu(name):
+        return torch.tensor([0, 4], dtype=torch.int32, device="meta" if name == meta else "cpu")
+
     return {
         "vq_nearest": lambda: ops.vq_nearest(t("z", 4, 16), t("codebook", 3, 16), "l2"),
         "vq_embed": lambda: ops.vq_embed(t("indices", 4, dtype=torch.int64), t("codebook", 3, 16)),
@@ -59,8 +61,8 @@ def _raw_calls(meta: str):
             t("dout", 1, 4, 2, 16), t("q", 1, 4, 2, 16), t("k", 1, 4, 2, 16), t("v", 1, 4, 2, 16),
             t("out", 1, 4, 2, 16), t("lse", 1, 2, 4), 0.25, False),
         "flash_attn_varlen_forward": lambda: ops.flash_attn_varlen_forward(
-            t("q", 4, 2, 16), t("k", 4, 2, 16), t("v", 4, 2, 16), cu("cu_seqlens_q"), cu("cu_seqlens_k"), 4, 4,
-            0.25, False),
+            t("q", 4, 2, 16), t("k", 4, 2, 16), t("v", 4, 2, 16), cu("cu_seqlens_q"), cu("cu_seqlens_k"),
+            4, 4, 0.25, False),
         "flash_attn_varlen_backward": lambda: ops.flash_attn_varlen_backward(
             t("dout", 4, 2, 16), t("q", 4, 2, 16), t("k", 4, 2, 16), t("v", 4, 2, 16), t("out", 4, 2, 16),
             t("lse", 2, 4), cu("cu_seqlens_q"), cu("cu_seqlens_k"), 4, 4, 0.25, False),
@@ -68,8 +70,9 @@ def _raw_calls(meta: str):
             t("q", 1, 1, 2, 16), t("k_cache", 1, 8, 2, 16), t("v_cache", 1, 8, 2, 16), t("k", 1, 1, 2, 16),
             t("v", 1, 1, 2, 16), t("cache_seqlens", 1, dtype=torch.int32), 0, 0.25, True),
         "cfg_sample": lambda: ops.cfg_sample(
-            t("logits", 2, 2, 50), [2.0], 1.0, 0, 1.0, 0.0, 0, 50, t("allowed_mask", 50, dtype=torch.bool, fill=True),
-            1, t("seeds", 2, dtype=torch.int64), 0, t("step_tensor", dtype=torch.int64)),
+            t("logits", 2, 2, 50), [2.0], 1.0, 0, 1.0, 0.0, 0, 50,
+            t("allowed_mask", 50, dtype=torch.bool, fill=True), 1, t("seeds", 2, dtype=torch.int64), 0,
+            t("step_tensor", dtype=torch.int64)),
         "contrastive_sample": lambda: ops.contrastive_sample(
             t("expert_logits", 2, 50), t("amateur_logits", 2, 50), 0.1, 1, 1.0, 1.0, 0, 50,
             t("allowed_mask", 50, dtype=torch.bool, fill=True), 1, t("seeds", 2, dtype=torch.int64), 0,
@@ -94,9 +97,11 @@ def test_raw_ops_reject_meta_mixed_with_cpu(op, meta):
 
 
 def test_raw_ops_on_meta_only_still_give_shapes():
-    out, lse = ops.flash_attn_forward(*(torch.empty(2, 5, 4, 16, device="meta") for _ in range(3)), 0.25, True)
+    qkv = (torch.empty(2, 5, 4, 16, device="meta") for _ in range(3))
+    out, lse = ops.flash_attn_forward(*qkv, 0.25, True)
     assert out.device.type == "meta" and lse.shape == (2, 4, 5)
-    indices, distance = ops.vq_nearest(torch.empty(7, 8, device="meta"), torch.empty(3, 8, device="meta"), "l2")
+    z, codebook = torch.empty(7, 8, device="meta"), torch.empty(3, 8, device="meta")
+    indices, distance = ops.vq_nearest(z, codebook, "l2")
     assert indices.shape == (7,) and indices.device.type == "meta"
 
 
@@ -170,7 +175,7 @@ def test_kernels_follow_torch_thread_setting_in_new_threads():
     """, env={"OMP_NUM_THREADS": "4"})
     assert result.returncode == 0, result.stderr[-2000:]
     before, after = map(int, result.stdout.split()[1:3])
-    assert after == before, f"the kernels started {after - before} OpenMP worker threads with torch at 1 thread"
+    assert after == before, f"the kernels started {after - before} OpenMP workers with torch at 1 thread"
 
 
 # ---- 8. cosine search with huge (finite) code norms ------------------------------------------------------
