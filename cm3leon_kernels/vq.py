@@ -100,8 +100,13 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25,
     """
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):  # numbers.Real: also numpy scalars
         raise TypeError(f"beta must be a number, got {type(beta).__name__}")
-    if not (math.isfinite(beta) and beta >= 0):
+    try:
+        beta_float = float(beta)  # huge ints would overflow later, inside the loss arithmetic
+    except OverflowError:
+        beta_float = math.inf
+    if not (math.isfinite(beta_float) and beta_float >= 0):
         raise ValueError(f"beta must be a finite non-negative number, got {beta!r}")
+    beta = beta_float
     indices, _ = vq_nearest(z.detach(), codebook.detach(), metric=metric)
     codes = vq_embed(indices, codebook)
     codebook_loss = torch.mean((codes - z.detach()).float() ** 2)

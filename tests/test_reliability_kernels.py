@@ -198,3 +198,10 @@ def test_cosine_nearest_huge_norms_against_reference_on_random_scales():
     indices, _ = ck.vq_nearest(z, codebook, metric="cosine")
     ref_indices, _ = reference.vq_nearest(z.double(), codebook.double(), metric="cosine")
     assert torch.equal(indices, ref_indices)
+
+
+def test_vector_quantize_beta_as_a_huge_int():
+    z, codebook = torch.randn(5, 4), torch.randn(3, 4)
+    assert torch.isfinite(ck.vector_quantize(z, codebook, beta=2 ** 70).loss)  # used to raise OverflowError
+    with pytest.raises(ValueError, match="beta must be a finite non-negative number"):
+        ck.vector_quantize(z, codebook, beta=10 ** 400)
