@@ -141,16 +141,20 @@ def load_chameleon(path: str | os.PathLike, *, device: torch.device | str = "cpu
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {root}")
-    opened = [TensorFile(file, kind=None, verify=False) for file in files]  # foreign files: no checksums
+    opened: list[TensorFile] = []
     try:
         index: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         where: dict[str, tuple[TensorFile, str]] = {}
-        for f in opened:
+        for file in files:
+            f = TensorFile(file, kind=None, verify=False)  # foreign files: no format tag, no checksums
+            opened.append(f)
             for name, entry in f.index().items():
                 ours = _hf_to_ours(name)
                 if ours is None:
                     if not name.startswith("model.vqmodel."):
                         raise f.error(f"unexpected tensor {name!r} in a Chameleon checkpoint")
+                elif ours in index:
+                    raise f.error(f"tensor {name!r} also appears in {where[ours][0].path}")
                 elif not (config.tie_embeddings and ours == "lm_head.weight"):
                     index[ours], where[ours] = entry, (f, name)
         return _build(config, index, lambda ours: where[ours][0].tensor(where[ours][1]),

@@ -251,3 +251,24 @@ def test_missing_files_raise_file_not_found(tmp_path):
     for load in (cm3leon.load, ImageTokenizer.load, Vocabulary.load, TextTokenizer.load):
         with pytest.raises(FileNotFoundError):
             load(tmp_path / "nope")
+
+
+def test_load_chameleon_damage_raises_checkpoint_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        cm3leon.load_chameleon(tmp_path)
+    config = {"model_type": "chameleon", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 10 ** 12,
+              "num_attention_heads": 2, "intermediate_size": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({"model.embed_tokens.weight": torch.zeros(64, 32)}, str(tmp_path / "model.safetensors"))
+    result = run_isolated(f"""
+        import cm3leon
+        try:
+            cm3leon.load_chameleon({str(tmp_path)!r})
+        except cm3leon.CheckpointError as e:
+            print("CheckpointError:", e)
+    """, timeout=60)
+    assert "CheckpointError:" in result.stdout and "n_layers=1000000000000" in result.stdout, result.stderr
+    (tmp_path / "model.safetensors").write_bytes(b"\x08" + bytes(20))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        cm3leon.load_chameleon(tmp_path)
