@@ -89,7 +89,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 def save_tensor_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, kind: str,
                      metadata: Mapping[str, str] | None = None) -> None:
     """Writes ``tensors`` (moved to the CPU) to a safetensors file tagged ``format=kind`` with ``metadata``
-    and the checksums of both."""
+    and the checksums of both; written to a temporary name and renamed, so ``path`` is never half-written."""
     from safetensors.torch import save_file
 
     cpu = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
@@ -98,7 +98,13 @@ def save_tensor_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         raise ValueError(f"metadata keys 'format' and {CHECKSUMS_KEY!r} are reserved")
     checksums = {"metadata": {key: _digest(value.encode()) for key, value in entries.items()},
                  "tensors": {name: tensor_digest(t) for name, t in cpu.items()}}
-    save_file(cpu, str(path), metadata={"format": kind, **entries, CHECKSUMS_KEY: json.dumps(checksums)})
+    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+    try:
+        save_file(cpu, tmp, metadata={"format": kind, **entries, CHECKSUMS_KEY: json.dumps(checksums)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class TensorFile:
