@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
-__all__ = ["CheckpointError", "TensorFile", "save_tensor_file", "check_index", "parse_json"]
+__all__ = ["CheckpointError", "TensorFile", "save_tensor_file", "check_index", "parse_json", "json_digest"]
 
 CHECKSUMS_KEY = "checksums"
 
@@ -78,6 +78,11 @@ def check_index(index: Index, expected: Mapping[str, torch.Tensor],
 
 def _digest(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def json_digest(data: Mapping[str, object]) -> str:
+    """SHA-256 of a JSON-able mapping in canonical form (sorted keys): the checksum of small JSON files."""
+    return _digest(json.dumps(data, sort_keys=True).encode())
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -231,6 +231,18 @@ def test_vocabulary_missing_field_and_bad_sizes(tmp_path):
             Vocabulary.load(path)
 
 
+def test_vocabulary_checksum(tmp_path):
+    path = tmp_path / "vocab.json"
+    Vocabulary(text_size=1234, image_codes=56).save(path)
+    path.write_text(path.read_text().replace("1234", "1239"))  # a damaged digit is still valid JSON
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        Vocabulary.load(path)
+    assert Vocabulary.load(path, verify=False).text_size == 1239
+    path.write_text(json.dumps(Vocabulary(text_size=3, image_codes=4).to_dict()))
+    with pytest.raises(CheckpointError, match="has no checksum"):
+        Vocabulary.load(path)
+
+
 def test_text_tokenizer_damage_raises_checkpoint_error(tmp_path):
     tok = TextTokenizer.train(["a small corpus for a small tokenizer"] * 20, 300)
     path = tmp_path / "text.json"
