@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cm3leon.integrity import CheckpointError
 from cm3leon.retrieval import MemoryBank, RetrievalDocument, embed_documents
 from cm3leon.retrieval import bank as bank_module
 
@@ -81,7 +82,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     bank.save(path)
     bank.add(_docs(5), _unit(5, seed=3))
 
-    def crash(tensors, filename, metadata=None):
+    def crash(tensors, filename, metadata=None):  # dies after writing part of the file
         with open(filename, "wb") as f:
             f.write(b"half a file")
         raise OSError("disk full")
@@ -93,17 +94,23 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["bank.st"]  # no temporary file left behind
 
 
-def test_truncated_or_foreign_file_raises_naming_it(tmp_path):
+def test_truncated_damaged_or_foreign_file_raises_naming_it(tmp_path):
     bank = MemoryBank(16)
     bank.add(_docs(20), _unit(20))
     bank.save(tmp_path / "bank.st")
     data = (tmp_path / "bank.st").read_bytes()
     for cut in (10, len(data) // 2, len(data) - 1):
         (tmp_path / "cut.st").write_bytes(data[:cut])
-        with pytest.raises(ValueError, match=r"cut\.st is truncated or damaged"):
+        with pytest.raises(CheckpointError, match=r"cut\.st: not a readable safetensors file"):
             MemoryBank.load(tmp_path / "cut.st")
+    flipped = bytearray(data)
+    flipped[-40] ^= 0xFF  # inside the last tensor's bytes
+    (tmp_path / "flip.st").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"flip\.st: tensor .* fails its checksum"):
+        MemoryBank.load(tmp_path / "flip.st")
+    assert len(MemoryBank.load(tmp_path / "flip.st", verify=False)) == 20
     tiny_encoder().save(tmp_path / "enc.st")
-    with pytest.raises(ValueError, match=r"enc\.st is not a memory bank file"):
+    with pytest.raises(CheckpointError, match=r"enc\.st: is not a memory bank file"):
         MemoryBank.load(tmp_path / "enc.st")
     with pytest.raises(FileNotFoundError, match="missing.st"):
         MemoryBank.load(tmp_path / "missing.st")

@@ -8,8 +8,9 @@ Index kinds (``index=``):
 - ``"hnsw"``: a graph index (``IndexHNSWFlat``, inner product); no training.
 
 With CUDA and the ``faiss-gpu`` package (``faiss.get_num_gpus() > 0``) flat and IVF indexes live on GPU 0;
-the same package serves CPU indexes otherwise. Files are one ``.safetensors`` holding the documents, the
-embeddings and the serialised FAISS index, written atomically.
+the same package serves CPU indexes otherwise. Files are one checksummed ``.safetensors`` (see
+:mod:`cm3leon.integrity`) holding the documents, the embeddings and the serialised FAISS index, written
+atomically.
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from os import PathLike
 import numpy as np
 import torch
 
+from cm3leon.integrity import TensorFile, save_tensor_file
+
 from .document import RetrievalDocument
 from .embed import check_documents
 from .serialize import documents_from_tensors, documents_to_tensors
-from .storage import atomic_path, read_safetensors
 
 __all__ = ["INDEX_KINDS", "MemoryBank"]
 
@@ -186,44 +188,41 @@ class MemoryBank:
 
     # ---- files -----------------------------------------------------------------------------------------
     def save(self, path: str | PathLike) -> None:
-        """Writes the bank to one file (a temporary file renamed over ``path``: a crash mid-save leaves the
-        previous bank readable)."""
-        from safetensors.torch import save_file
-
+        """Writes the bank to one checksummed file (to a temporary name, then renamed over ``path``: a crash
+        mid-save leaves the previous bank readable)."""
         tensors = documents_to_tensors(self._documents)
-        tensors["embeddings"] = self.embeddings.contiguous()
+        tensors["embeddings"] = self.embeddings
         if self._index is not None:
             tensors["faiss_index"] = torch.from_numpy(_faiss().serialize_index(self._cpu_index()).copy())
         params = {"kind": self.kind, "nlist": self.nlist, "nprobe": self.nprobe, "hnsw_m": self.hnsw_m,
                   "ef_search": self.ef_search, "dim": self.dim}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": _FORMAT, "params": json.dumps(params)})
+        save_tensor_file(path, tensors, kind=_FORMAT, metadata={"params": json.dumps(params)})
 
     @classmethod
-    def load(cls, path: str | PathLike, *, use_gpu: bool | None = None) -> MemoryBank:
-        """Reads a bank written by :meth:`save`; ValueError naming ``path`` if the file is truncated, damaged
-        or not a memory bank."""
-        metadata, tensors = read_safetensors(path, what="memory bank file")
-        if metadata.get("format") != _FORMAT or "params" not in metadata:
-            raise ValueError(f"{path} is not a memory bank file (format {metadata.get('format')!r})")
-        try:
-            params = json.loads(metadata["params"])
-            bank = cls(params["dim"], index=params["kind"], nlist=params["nlist"], nprobe=params["nprobe"],
-                       hnsw_m=params["hnsw_m"], ef_search=params["ef_search"], use_gpu=use_gpu)
-            documents = documents_from_tensors(tensors)
-            embeddings = tensors["embeddings"]
-            if "faiss_index" in tensors:
-                index = _faiss().deserialize_index(tensors["faiss_index"].numpy())
-                if index.ntotal != len(documents) or index.d != bank.dim:
-                    raise ValueError(f"index holds {index.ntotal} vectors of dimension {index.d}")
-                if bank.kind == "ivf":
-                    index.nprobe = bank.nprobe
-                bank._index = bank._place(index)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise ValueError(f"{path} is damaged: inconsistent memory bank contents ({err})") from None
-        if tuple(embeddings.shape) != (len(documents), bank.dim):
-            raise ValueError(f"{path} is damaged: {len(documents)} documents but embeddings of shape "
-                             f"{tuple(embeddings.shape)}")
+    def load(cls, path: str | PathLike, *, use_gpu: bool | None = None, verify: bool = True) -> MemoryBank:
+        """Reads a bank written by :meth:`save`. Raises FileNotFoundError, or
+        :class:`~cm3leon.integrity.CheckpointError` (a ValueError) naming ``path`` for a truncated, damaged
+        (failing checksum; ``verify=False`` skips them), foreign or inconsistent file."""
+        with TensorFile(path, kind=_FORMAT, verify=verify, what="memory bank file") as f:
+            params = f.json_entry("params")
+            tensors = f.tensors()
+            try:
+                bank = cls(params["dim"], index=params["kind"], nlist=params["nlist"], nprobe=params["nprobe"],
+                           hnsw_m=params["hnsw_m"], ef_search=params["ef_search"], use_gpu=use_gpu)
+                documents = documents_from_tensors(tensors)
+                embeddings = tensors["embeddings"]
+                if tuple(embeddings.shape) != (len(documents), bank.dim):
+                    raise ValueError(f"{len(documents)} documents but embeddings of shape "
+                                     f"{tuple(embeddings.shape)}")
+                if "faiss_index" in tensors:
+                    index = _faiss().deserialize_index(tensors["faiss_index"].numpy())
+                    if index.ntotal != len(documents) or index.d != bank.dim:
+                        raise ValueError(f"the index holds {index.ntotal} vectors of dimension {index.d}")
+                    if bank.kind == "ivf":
+                        index.nprobe = bank.nprobe
+                    bank._index = bank._place(index)
+            except (KeyError, ValueError, TypeError, RuntimeError) as err:
+                raise f.error(f"inconsistent memory bank contents ({type(err).__name__}: {err})") from None
         bank._documents = documents
         bank._chunks = [embeddings]
         return bank

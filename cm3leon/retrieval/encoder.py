@@ -1,6 +1,7 @@
 """The dual encoder: image and text towers projected into one L2-normalised space (CLIP's role in retrieval).
 
-Checkpoints are one ``.safetensors`` file with the config as JSON metadata (no pickle).
+Checkpoints are one checksummed ``.safetensors`` file with the config as JSON metadata (no pickle; see
+:mod:`cm3leon.integrity`).
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cm3leon.integrity import TensorFile, check_index, save_tensor_file
 from cm3leon.model import KERNELS, AttentionBackend
 
 from .config import DualEncoderConfig
 from .dropout import check_fraction, patch_keep_indices
-from .storage import atomic_path, read_safetensors
 from .towers import ImageTower, TextTower
 
 __all__ = ["DualEncoder", "ImageTextEncoder", "check_images", "check_text_ids"]
@@ -127,24 +128,26 @@ class DualEncoder(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, path: str | PathLike) -> None:
-        """Writes weights + config to one ``.safetensors`` file (atomically: temp file, then rename)."""
-        from safetensors.torch import save_file
-
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": _FORMAT, "config": self.config.to_json()})
+        """Writes weights + config to one checksummed ``.safetensors`` file (to a temporary name, then
+        renamed: ``path`` is never half-written)."""
+        save_tensor_file(path, self.state_dict(), kind=_FORMAT, metadata={"config": self.config.to_json()})
 
     @classmethod
     def load(cls, path: str | PathLike, *, device: str | torch.device = "cpu",
-             backend: AttentionBackend = KERNELS) -> DualEncoder:
-        """Reads a file written by :meth:`save` (eval mode); ValueError naming ``path`` if it is damaged or
-        not a dual-encoder checkpoint."""
-        metadata, tensors = read_safetensors(path, what="dual encoder checkpoint")
-        if metadata.get("format") != _FORMAT or "config" not in metadata:
-            raise ValueError(f"{path} is not a dual encoder checkpoint (format {metadata.get('format')!r})")
-        model = cls(DualEncoderConfig.from_json(metadata["config"]), backend=backend)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{path}: weights do not match the stored config: {err}") from None
+             backend: AttentionBackend = KERNELS, verify: bool = True) -> DualEncoder:
+        """Reads a file written by :meth:`save` (eval mode). Raises FileNotFoundError, or
+        :class:`~cm3leon.integrity.CheckpointError` (a ValueError) naming ``path`` for a truncated, damaged
+        (failing checksum; ``verify=False`` skips them) or foreign file, or weights that do not match its
+        config."""
+        with TensorFile(path, kind=_FORMAT, verify=verify, what="dual encoder checkpoint") as f:
+            try:
+                config = DualEncoderConfig.from_json(f.metadata["config"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise f.error(f"invalid dual encoder config: {err}") from None
+            with torch.device("meta"):
+                expected = cls(config, backend=backend).state_dict()
+            check_index(f.index(), expected, f.error)
+            tensors = f.tensors()
+        model = cls(config, backend=backend)
+        model.load_state_dict(tensors)
         return model.to(device).eval()

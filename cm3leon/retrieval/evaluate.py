@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m cm3leon.retrieval.evaluate [--train 4000] [--test 500] [--steps 600] [--minutes 4] [--out r.json]
+    python -m cm3leon.retrieval.evaluate [--train 4000] [--test 500] [--steps 1500] [--minutes 20] [--out r.json]
 
 Reports Recall@1 / @5 for text->image and image->text over the held-out scenes, for the trained encoder, for
 a bag-of-words / colour-histogram baseline (:mod:`cm3leon.retrieval.baseline`) and for chance. A hit is a
@@ -70,10 +70,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=int, default=4000, help="training scenes")
     parser.add_argument("--test", type=int, default=500, help="held-out scenes (after the training ones)")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--minutes", type=float, default=4.0, help="stop training after this long")
+    parser.add_argument("--minutes", type=float, default=20.0, help="stop training after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)

@@ -54,7 +54,7 @@ def train_dual_encoder(config: DualEncoderConfig | str, pairs: PairSource, text_
                        batch_size: int = 128, lr: float = 1e-3, warmup: int = 20, weight_decay: float = 0.05,
                        seed: int = 0, encoder: DualEncoder | None = None, progress: bool = True,
                        log_every: int = 10, checkpoint: str | PathLike | None = None,
-                       time_limit: float | None = None) -> TrainResult:
+                       time_limit: float | None = None, grad_clip: float | None = 1.0) -> TrainResult:
     """Trains a :class:`DualEncoder` with the symmetric contrastive loss (AdamW, warmup + cosine decay).
 
     Args:
@@ -70,6 +70,8 @@ def train_dual_encoder(config: DualEncoderConfig | str, pairs: PairSource, text_
         log_every: record the history every this many steps (and at the last step).
         checkpoint: if given, the trained encoder is saved there (safetensors).
         time_limit: stop early after this many seconds (the schedule still assumes ``steps``).
+        grad_clip: clip the gradient's global norm to this (None: no clipping); without it, learning rates
+            of a few 1e-3 collapsed the demo encoder to constant embeddings (the chance-level loss).
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -102,6 +104,8 @@ def train_dual_encoder(config: DualEncoderConfig | str, pairs: PairSource, text_
                                 encoder.temperature_scale())
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(encoder.parameters(), grad_clip)
         opt.step()
         out_of_time = time_limit is not None and time.perf_counter() - start > time_limit
         if step % log_every == 0 or step == steps - 1 or out_of_time:
