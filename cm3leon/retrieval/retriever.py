@@ -162,7 +162,7 @@ class Retriever:
             valid = indices[0] >= 0
             scores, indices = scores[0][valid], indices[0][valid]
             docs = self.bank.documents
-            multimodal = torch.tensor([docs[j].multimodal for j in indices.tolist()], dtype=torch.bool)
+            multimodal = [docs[j].multimodal for j in indices.tolist()]
             order = sorted(range(len(indices)), key=lambda r: (not multimodal[r], -float(scores[r]), r))
             cand = F.normalize(self.bank.embeddings[indices], dim=-1)
             chosen = set(taken)
