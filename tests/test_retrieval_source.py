@@ -5,6 +5,7 @@ import sys
 import types
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,7 @@ def test_bad_input():
     source, docs = _source(n=10)
     with pytest.raises(IndexError):
         source[10]
+    assert torch.equal(source[np.int64(3)].tokens, source[3].tokens)
     with pytest.raises(TypeError, match="index must be an int"):
         source["0"]
     with pytest.raises(ValueError, match=r"queries\[1\] has no token_ids"):

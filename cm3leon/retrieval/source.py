@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cm3leon.tokenizer import DocumentCodec, ImageTokenizer, Vocabulary
+from cm3leon_kernels._checks import as_int
 
 from .bank import MemoryBank
 from .document import RetrievalDocument
@@ -70,8 +71,7 @@ class RetrievalAugmentedSource:
             if d.token_ids is None:
                 raise ValueError(f"retriever.bank.documents[{i}] has no token_ids (they are prepended to "
                                  "examples)")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = as_int("seed", seed)
         for name, value in (("per_modality", per_modality), ("keep", keep)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -98,7 +98,7 @@ class RetrievalAugmentedSource:
 
     def set_epoch(self, epoch: int) -> None:
         """Changes the draws (dropout, masking) for a new pass over the data."""
-        self.epoch = int(epoch)
+        self.epoch = as_int("epoch", epoch)
 
     def generator(self, index: int) -> torch.Generator:
         """The generator of example ``index`` in the current epoch."""
@@ -113,8 +113,7 @@ class RetrievalAugmentedSource:
     def __getitem__(self, index: int):
         from cm3leon import objective  # imported here so that the retrieval package loads on its own
 
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        index = as_int("index", index)  # numpy / torch integer scalars too, as samplers produce
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} examples")
         gen = self.generator(index)
