@@ -75,7 +75,7 @@ def check_objective_args(poisson_rate: object, max_spans: object) -> tuple[float
         raise ValueError(f"poisson_rate must be finite and >= 0, got {poisson_rate}")
     max_spans = as_int("max_spans", max_spans)
     if not 1 <= max_spans <= NUM_SENTINELS:
-        raise ValueError(f"max_spans must be in [1, {NUM_SENTINELS}] (one sentinel per span), got {max_spans}")
+        raise ValueError(f"max_spans must be in [1, {NUM_SENTINELS}] (a sentinel per span), got {max_spans}")
     return float(poisson_rate), max_spans
 
 
@@ -314,7 +314,8 @@ def cm3_restore(tokens: IdsLike, vocabulary: Vocabulary) -> list[int]:
         raise ValueError(f"tokens: sentinels before <infill> are {(body[body_slots] - first).tolist()}, "
                          f"expected <mask:0>..<mask:{n - 1}> in order")
     tail_slots = np.flatnonzero(sentinel[p + 1:])
-    if len(tail_slots) != n or not np.array_equal(tail[tail_slots] - first, np.arange(n)) or tail_slots[0] != 0:
+    in_order = len(tail_slots) == n and np.array_equal(tail[tail_slots] - first, np.arange(n))
+    if not in_order or tail_slots[0] != 0:
         raise ValueError(f"tokens: after <infill> expected spans <mask:0>..<mask:{n - 1}> in order, each "
                          "right after the previous span")
     span_bounds = np.append(tail_slots, len(tail))
@@ -357,11 +358,10 @@ def training_sequence(query_doc: IdsLike, retrieved_docs: Sequence[IdsLike], voc
     max_seq_len = as_int("max_seq_len", max_seq_len)
     if max_seq_len < 3:
         raise ValueError(f"max_seq_len must be >= 3 (<eos> document <eos>), got {max_seq_len}")
-    if isinstance(retrieved_docs, (str, bytes, torch.Tensor, np.ndarray)) or not isinstance(retrieved_docs,
-                                                                                            Sequence):
+    if isinstance(retrieved_docs, (str, bytes)) or not isinstance(retrieved_docs, Sequence):
         raise TypeError(f"retrieved_docs must be a sequence of documents, got {type(retrieved_docs).__name__}")
     query = _check_document(query_doc, vocab, "query_doc")
-    retrieved = [_check_document(d, vocab, f"retrieved_docs[{i}]") for i, d in enumerate(retrieved_docs)]
+    retrieved = [_check_document(doc, vocab, f"retrieved_docs[{i}]") for i, doc in enumerate(retrieved_docs)]
 
     eos = np.array([vocab.eos_id])
     query_t, n_spans = _transform(query, vocab, generator, rate, max_spans, limit=max_seq_len - 2)
