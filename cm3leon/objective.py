@@ -359,9 +359,9 @@ def training_sequence(query_doc: IdsLike, retrieved_docs: Sequence[IdsLike], voc
     if max_seq_len < 3:
         raise ValueError(f"max_seq_len must be >= 3 (<eos> document <eos>), got {max_seq_len}")
     if isinstance(retrieved_docs, (str, bytes)) or not isinstance(retrieved_docs, Sequence):
-        raise TypeError(f"retrieved_docs must be a sequence of documents, got {type(retrieved_docs).__name__}")
+        raise TypeError(f"retrieved_docs must be a list of documents, got {type(retrieved_docs).__name__}")
     query = _check_document(query_doc, vocab, "query_doc")
-    retrieved = [_check_document(doc, vocab, f"retrieved_docs[{i}]") for i, doc in enumerate(retrieved_docs)]
+    retrieved = [_check_document(d, vocab, f"retrieved_docs[{i}]") for i, d in enumerate(retrieved_docs)]
 
     eos = np.array([vocab.eos_id])
     query_t, n_spans = _transform(query, vocab, generator, rate, max_spans, limit=max_seq_len - 2)
