@@ -101,7 +101,8 @@ def test_resume_after_k_batches_equals_uninterrupted_stream(lengths, tokens_per_
                                                             data):
     world_size = min(world_size, len(lengths))
     rank = data.draw(st.integers(0, world_size - 1))
-    args = dict(tokens_per_batch=tokens_per_batch, max_seq_len=24, seed=seed, rank=rank, world_size=world_size)
+    args = dict(tokens_per_batch=tokens_per_batch, max_seq_len=24, seed=seed, rank=rank,
+                world_size=world_size)
     stream = take(PackedLoader(FakeSource(lengths), **args), k + 6)
     first = PackedLoader(FakeSource(lengths), **args)
     assert same(take(first, k), stream[:k])
@@ -124,8 +125,8 @@ def test_resume_with_workers_across_an_epoch_boundary():
     tail = take(resumed, 9)
     assert same(head + tail, stream)
     epochs = {e for b in stream for _, e in identify(b)}
-    assert {0, 1, 2} <= epochs                               # crossed epochs; workers saw set_epoch
-    assert resumed.source.epoch == 0                          # ... in their own copies: examples came from them
+    assert {0, 1, 2} <= epochs                  # crossed epochs; workers saw set_epoch ...
+    assert resumed.source.epoch == 0             # ... in their own copies: the examples came from the workers
 
 
 def test_rank_shards_are_disjoint_and_cover_each_epoch():
