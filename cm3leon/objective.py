@@ -27,12 +27,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cm3leon.tokenizer.vocabulary import NUM_SENTINELS, Vocabulary
+from cm3leon.tokenizer.vocabulary import NUM_SENTINELS, SPECIAL_TOKENS, Vocabulary
 from cm3leon_kernels._checks import as_int
 
 __all__ = ["CM3Example", "cm3_restore", "cm3_transform", "training_sequence"]
 
 IdsLike = Sequence[int] | torch.Tensor | np.ndarray
+
+# Special ids are positions in SPECIAL_TOKENS, the same in every Vocabulary; plain constants keep the
+# per-document work free of attribute lookups.
+_SENTINEL0 = SPECIAL_TOKENS.index("<mask:0>")
+_INFILL = SPECIAL_TOKENS.index("<infill>")
+_RESERVED = np.array([t in ("<eos>", "<infill>") or t.startswith("<mask:") for t in SPECIAL_TOKENS])
 
 
 @dataclass(frozen=True)
@@ -106,17 +112,17 @@ def _check_document(ids: IdsLike, vocab: Vocabulary, name: str) -> np.ndarray:
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= len(vocab):
         raise ValueError(f"{name} holds ids outside the vocabulary [0, {len(vocab)}): min {lo}, max {hi}")
-    reserved = (arr == vocab.eos_id) | (arr == vocab.infill_id) | _is_sentinel(arr, vocab)
+    specials = arr[arr < vocab.num_special]
+    reserved = _RESERVED[specials]
     if reserved.any():
-        bad = vocab.special_name(int(arr[np.argmax(reserved)]))
+        bad = vocab.special_name(int(specials[np.argmax(reserved)]))
         raise ValueError(f"{name} contains {bad}; a plain document may not hold <eos>, <infill> or <mask:i> "
                          "(they structure the transformed sequence)")
     return arr
 
 
-def _is_sentinel(arr: np.ndarray, vocab: Vocabulary) -> np.ndarray:
-    first = vocab.sentinel_id(0)
-    return (arr >= first) & (arr < first + NUM_SENTINELS)
+def _is_sentinel(arr: np.ndarray) -> np.ndarray:
+    return (arr >= _SENTINEL0) & (arr < _SENTINEL0 + NUM_SENTINELS)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------
@@ -133,8 +139,8 @@ def _poisson_count(u: float, rate: float, max_spans: int) -> int:
 
 def _runs(arr: np.ndarray, num_special: int) -> tuple[np.ndarray, np.ndarray]:
     """Half-open ``[start, end)`` of every maximal run of non-special (text or image) tokens."""
-    edges = np.diff(np.concatenate(([0], (arr >= num_special).view(np.int8), [0])))
-    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], (arr >= num_special).view(np.int8), [0]))))
+    return edges[::2], edges[1::2]
 
 
 def _log_binomial(n: int, k: int) -> float:
@@ -173,8 +179,8 @@ def _allocate(lengths: list[int], n: int, u: np.ndarray) -> list[int]:
     return counts
 
 
-def _sample_spans(starts: np.ndarray, ends: np.ndarray, n: int, u: np.ndarray) -> np.ndarray:
-    """``[n, 2]`` sorted, non-overlapping, non-adjacent ``[start, end)`` spans, ``counts[r]`` in run r.
+def _sample_spans(starts: np.ndarray, ends: np.ndarray, n: int, u: np.ndarray) -> list[int]:
+    """``[s0, e0, s1, e1, ...]``: n sorted, non-overlapping, non-adjacent ``[start, end)`` spans.
 
     ``u`` holds one uniform per run (allocation) followed by one per cut point of every run; a run's 2k cut
     points are the positions of its 2k smallest uniforms (a uniform 2k-subset), paired in order.
@@ -188,7 +194,7 @@ def _sample_spans(starts: np.ndarray, ends: np.ndarray, n: int, u: np.ndarray) -
             chosen = np.argpartition(u[offset:offset + m + 1], 2 * k - 1)[: 2 * k]
             points.append(np.sort(chosen) + starts[r])
         offset += m + 1
-    return np.concatenate(points).reshape(-1, 2)
+    return np.concatenate(points).tolist()
 
 
 def _transform(arr: np.ndarray, vocab: Vocabulary, generator: torch.Generator, rate: float, max_spans: int,
@@ -204,7 +210,7 @@ def _transform(arr: np.ndarray, vocab: Vocabulary, generator: torch.Generator, r
         return _transform_truncated(arr, vocab, u, n, limit)
     if n == 0:
         return arr, 0
-    return _move_spans(arr, vocab, _sample_spans(starts, ends, n, u[1:])), n
+    return _move_spans(arr, _sample_spans(starts, ends, n, u[1:])), n
 
 
 def _transform_truncated(arr: np.ndarray, vocab: Vocabulary, u: np.ndarray, n: int,
@@ -223,22 +229,31 @@ def _transform_truncated(arr: np.ndarray, vocab: Vocabulary, u: np.ndarray, n: i
     n = min(n, int(((lengths + 1) // 2).sum()))
     if n == 0:
         return head, 0
-    return _move_spans(head, vocab, _sample_spans(starts, ends, n, u[1:])), n
+    return _move_spans(head, _sample_spans(starts, ends, n, u[1:])), n
 
 
-def _move_spans(arr: np.ndarray, vocab: Vocabulary, spans: np.ndarray) -> np.ndarray:
-    """``A <mask:0> B <mask:1> C <infill> <mask:0> span0 <mask:1> span1`` for the given spans."""
-    sentinels = vocab.sentinel_id(0) + np.arange(len(spans))
-    bounds = np.concatenate(([0], spans.reshape(-1), [len(arr)]))
-    body, tail = [], []
-    for i, (s, e) in enumerate(spans):
-        body += [arr[bounds[2 * i]:s], sentinels[i:i + 1]]
-        tail += [sentinels[i:i + 1], arr[s:e]]
-    return np.concatenate(body + [arr[bounds[-2]:], np.array([vocab.infill_id])] + tail)
+def _move_spans(arr: np.ndarray, bounds: list[int]) -> np.ndarray:
+    """``A <mask:0> B <mask:1> C <infill> <mask:0> span0 <mask:1> span1`` for the spans
+    ``[bounds[0], bounds[1]), [bounds[2], bounds[3]), ...``, written slice by slice into one buffer."""
+    n = len(bounds) // 2
+    out = np.empty(len(arr) + 2 * n + 1, dtype=np.int64)
+    o = src = 0                                                  # write position in the body, read position
+    t = len(arr) - sum(bounds[1::2]) + sum(bounds[0::2]) + n     # where <infill> goes
+    out[t] = _INFILL
+    t += 1
+    for i in range(n):
+        s, e = bounds[2 * i], bounds[2 * i + 1]
+        out[o:o + s - src] = arr[src:s]
+        o += s - src
+        out[o] = out[t] = _SENTINEL0 + i
+        out[t + 1:t + 1 + e - s] = arr[s:e]
+        o, t, src = o + 1, t + 1 + e - s, e
+    out[o:o + len(arr) - src] = arr[src:]
+    return out
 
 
-def _weights(tokens: np.ndarray, vocab: Vocabulary) -> np.ndarray:
-    return (~_is_sentinel(tokens, vocab)).astype(np.float32)
+def _weights(tokens: np.ndarray) -> np.ndarray:
+    return (~_is_sentinel(tokens)).astype(np.float32)
 
 
 def _example(tokens: np.ndarray, weights: np.ndarray, n_spans: int) -> CM3Example:
@@ -276,7 +291,7 @@ def cm3_transform(ids: IdsLike, vocabulary: Vocabulary, *, generator: torch.Gene
     tokens, n = _transform(arr, vocab, _check_generator(generator), rate, max_spans)
     if n == 0:
         tokens = tokens.copy()          # never share memory with the caller's ids
-    return _example(tokens, _weights(tokens, vocab), n)
+    return _example(tokens, _weights(tokens), n)
 
 
 def cm3_restore(tokens: IdsLike, vocabulary: Vocabulary) -> list[int]:
@@ -296,7 +311,7 @@ def cm3_restore(tokens: IdsLike, vocabulary: Vocabulary) -> list[int]:
     if (arr == vocab.eos_id).any():
         raise ValueError("tokens contains <eos>; cm3_restore takes one transformed document")
     infill = np.flatnonzero(arr == vocab.infill_id)
-    sentinel = _is_sentinel(arr, vocab)
+    sentinel = _is_sentinel(arr)
     if len(infill) == 0:
         if sentinel.any():
             raise ValueError("tokens has sentinels but no <infill> (a sentinel with no span)")
@@ -378,6 +393,6 @@ def training_sequence(query_doc: IdsLike, retrieved_docs: Sequence[IdsLike], voc
         budget -= len(doc_t) + 1
         n_spans += n
     tokens = np.concatenate(pieces + [query_t, eos])
-    weights = _weights(tokens, vocab)
+    weights = _weights(tokens)
     weights[0] = 0.0
     return _example(tokens, weights, n_spans)
