@@ -137,10 +137,17 @@ def _poisson_count(u: float, rate: float, max_spans: int) -> int:
     return min(max(k, 1), max_spans)
 
 
-def _runs(arr: np.ndarray, num_special: int) -> tuple[np.ndarray, np.ndarray]:
-    """Half-open ``[start, end)`` of every maximal run of non-special (text or image) tokens."""
+def _runs(arr: np.ndarray, num_special: int) -> tuple[list[int], list[int]]:
+    """Starts and lengths of the maximal runs of non-special (text or image) tokens (a handful per
+    document, so plain lists from here on)."""
     edges = np.flatnonzero(np.diff(np.concatenate(([0], (arr >= num_special).view(np.int8), [0]))))
-    return edges[::2], edges[1::2]
+    starts = edges[::2].tolist()
+    return starts, [e - s for s, e in zip(starts, edges[1::2].tolist())]
+
+
+def _capacity(lengths: list[int]) -> int:
+    """Most spans the runs hold: non-adjacent spans use distinct cut points, m + 1 of them per run."""
+    return sum((m + 1) // 2 for m in lengths)
 
 
 def _log_binomial(n: int, k: int) -> float:
@@ -179,38 +186,36 @@ def _allocate(lengths: list[int], n: int, u: np.ndarray) -> list[int]:
     return counts
 
 
-def _sample_spans(starts: np.ndarray, ends: np.ndarray, n: int, u: np.ndarray) -> list[int]:
+def _sample_spans(starts: list[int], lengths: list[int], n: int, u: np.ndarray) -> list[int]:
     """``[s0, e0, s1, e1, ...]``: n sorted, non-overlapping, non-adjacent ``[start, end)`` spans.
 
     ``u`` holds one uniform per run (allocation) followed by one per cut point of every run; a run's 2k cut
     points are the positions of its 2k smallest uniforms (a uniform 2k-subset), paired in order.
     """
-    lengths = (ends - starts).tolist()
     counts = _allocate(lengths, n, u[: len(lengths)])
     offset = len(lengths)
-    points = []
-    for r, (m, k) in enumerate(zip(lengths, counts)):
+    points: list[int] = []
+    for start, m, k in zip(starts, lengths, counts):
         if k:
             chosen = np.argpartition(u[offset:offset + m + 1], 2 * k - 1)[: 2 * k]
-            points.append(np.sort(chosen) + starts[r])
+            points += [start + p for p in np.sort(chosen).tolist()]
         offset += m + 1
-    return np.concatenate(points).tolist()
+    return points
 
 
 def _transform(arr: np.ndarray, vocab: Vocabulary, generator: torch.Generator, rate: float, max_spans: int,
                limit: int | None = None) -> tuple[np.ndarray, int]:
     """The CM3 transform of a checked document; with ``limit``, the document's tail is cut first so that
     the result has at most ``limit`` tokens (``limit >= 1``). Returns (tokens, n_spans)."""
-    starts, ends = _runs(arr, vocab.num_special)
-    lengths = ends - starts
-    u = torch.rand(1 + len(lengths) + int(lengths.sum()) + len(lengths), generator=generator,
-                   dtype=torch.float64).numpy()
-    n = min(_poisson_count(float(u[0]), rate, max_spans), int(((lengths + 1) // 2).sum()))
+    starts, lengths = _runs(arr, vocab.num_special)
+    # one draw per document: the span count, one per run (allocation), one per cut point of every run
+    u = torch.rand(1 + 2 * len(lengths) + sum(lengths), generator=generator, dtype=torch.float64).numpy()
+    n = min(_poisson_count(float(u[0]), rate, max_spans), _capacity(lengths))
     if limit is not None and len(arr) + (2 * n + 1 if n else 0) > limit:
         return _transform_truncated(arr, vocab, u, n, limit)
     if n == 0:
         return arr, 0
-    return _move_spans(arr, _sample_spans(starts, ends, n, u[1:])), n
+    return _move_spans(arr, _sample_spans(starts, lengths, n, u[1:])), n
 
 
 def _transform_truncated(arr: np.ndarray, vocab: Vocabulary, u: np.ndarray, n: int,
@@ -224,12 +229,11 @@ def _transform_truncated(arr: np.ndarray, vocab: Vocabulary, u: np.ndarray, n: i
     trailing = np.flatnonzero(head != vocab.break_id)
     if len(trailing):
         head = head[: trailing[-1] + 1]
-    starts, ends = _runs(head, vocab.num_special)
-    lengths = ends - starts
-    n = min(n, int(((lengths + 1) // 2).sum()))
+    starts, lengths = _runs(head, vocab.num_special)
+    n = min(n, _capacity(lengths))
     if n == 0:
         return head, 0
-    return _move_spans(head, _sample_spans(starts, ends, n, u[1:])), n
+    return _move_spans(head, _sample_spans(starts, lengths, n, u[1:])), n
 
 
 def _move_spans(arr: np.ndarray, bounds: list[int]) -> np.ndarray:
