@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cm3leon.data import ShapesCaptions, ShapesWorld
 from cm3leon.retrieval import DualEncoder, DualEncoderConfig, RetrievalDocument
 from cm3leon.retrieval.dropout import patch_keep_indices
-from cm3leon.tokenizer import TextTokenizer
+from cm3leon.tokenizer import TextTokenizer, Vocabulary
 
 WORLD = ShapesWorld(image_size=16, seed=3)
 
@@ -18,6 +18,11 @@ WORLD = ShapesWorld(image_size=16, seed=3)
 @functools.cache
 def tokenizer() -> TextTokenizer:
     return TextTokenizer.train([text for _, text in ShapesCaptions(WORLD, 200)], vocab_size=300)
+
+
+@functools.cache
+def vocabulary() -> Vocabulary:
+    return Vocabulary(text_size=tokenizer().vocab_size, image_codes=64)
 
 
 def tiny_config(**overrides) -> DualEncoderConfig:
@@ -33,10 +38,12 @@ def tiny_encoder(seed: int = 0, **kwargs) -> DualEncoder:
 
 
 def shapes_documents(n: int, start: int = 0) -> list[RetrievalDocument]:
-    """Caption-image documents of scenes ``start ..``; ``token_ids`` are a stand-in (the caption's ids)."""
+    """Caption-image documents of scenes ``start ..``; ``token_ids`` are the caption's global ids (a stand-in
+    for ``caption <break> image tokens``, enough where no image tokenizer is needed)."""
     items = ShapesCaptions(WORLD, n, start)
     pairs = (items[i] for i in range(n))
-    return [RetrievalDocument(text, image, tokenizer().encode(text)) for image, text in pairs]
+    return [RetrievalDocument(text, image, vocabulary().text_to_global(tokenizer().encode(text)))
+            for image, text in pairs]
 
 
 class FakeEncoder:

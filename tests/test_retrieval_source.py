@@ -1,15 +1,12 @@
 """Retrieval-augmented training examples over shapes documents and an image folder."""
 from __future__ import annotations
 
-import sys
-import types
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 
-from cm3leon.data import ImageCaptionFolder, ShapesCaptions, export_shapes_folder
+from cm3leon.data import ImageCaptionFolder, PackedLoader, ShapesCaptions, export_shapes_folder
+from cm3leon.objective import cm3_restore
 from cm3leon.retrieval import (
     MemoryBank,
     RetrievalAugmentedSource,
@@ -20,35 +17,7 @@ from cm3leon.retrieval import (
 )
 from cm3leon.tokenizer import DocumentCodec, ImageTokenizer, ImageTokenizerConfig, Vocabulary
 
-from retrieval_fixtures import WORLD, FakeEncoder, shapes_documents, tiny_encoder, tokenizer
-
-
-@dataclass(frozen=True)
-class _Example:
-    tokens: torch.Tensor
-    loss_weights: torch.Tensor
-    n_spans: int
-
-
-def _fake_training_sequence(query_doc, retrieved_docs, vocabulary, *, generator, max_seq_len, poisson_rate=1.0,
-                            max_spans=16):
-    """The layout ``<eos> r1 <eos> ... <eos> query <eos>`` without masking; one draw from the generator."""
-    eos = vocabulary.eos_id
-    tokens = [eos]
-    for doc in [*retrieved_docs, query_doc]:
-        tokens += [*doc, eos]
-    n_spans = int(torch.randint(0, 1000, (1,), generator=generator))
-    return _Example(torch.tensor(tokens[:max_seq_len]), torch.ones(min(len(tokens), max_seq_len)), n_spans)
-
-
-@pytest.fixture(autouse=True)
-def fake_objective(monkeypatch):
-    module = types.ModuleType("cm3leon.objective")
-    module.training_sequence = _fake_training_sequence
-    monkeypatch.setitem(sys.modules, "cm3leon.objective", module)
-
-
-VOCAB = Vocabulary(text_size=300, image_codes=64)
+from retrieval_fixtures import WORLD, FakeEncoder, shapes_documents, tiny_encoder, tokenizer, vocabulary
 
 
 def _source(seed: int = 0, n: int = 40) -> tuple[RetrievalAugmentedSource, list[RetrievalDocument]]:
@@ -56,15 +25,17 @@ def _source(seed: int = 0, n: int = 40) -> tuple[RetrievalAugmentedSource, list[
     encoder = FakeEncoder()
     bank = MemoryBank(encoder.embed_dim)
     bank.add(docs, embed_documents(docs, encoder, tokenizer()))
-    return RetrievalAugmentedSource(docs, Retriever(encoder, bank, tokenizer()), VOCAB, seed=seed,
+    return RetrievalAugmentedSource(docs, Retriever(encoder, bank, tokenizer()), vocabulary(), seed=seed,
                                     max_seq_len=4096), docs
 
 
-def _split(tokens: torch.Tensor) -> list[list[int]]:
+def _documents(tokens: torch.Tensor, vocab: Vocabulary) -> list[list[int]]:
+    """The documents of ``<eos> T(r1) <eos> ... T(query) <eos>``, each restored from its CM3 transform."""
     parts, current = [], []
+    assert tokens[0] == vocab.eos_id and tokens[-1] == vocab.eos_id
     for t in tokens.tolist()[1:]:
-        if t == VOCAB.eos_id:
-            parts.append(current)
+        if t == vocab.eos_id:
+            parts.append(cm3_restore(current, vocab))
             current = []
         else:
             current.append(t)
@@ -78,18 +49,29 @@ def test_examples_are_query_after_three_retrieved_and_deterministic():
     for i in (0, 7, 39):
         a, b, c = source[i], source[i], again[i]
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, c.tokens) and a.n_spans == c.n_spans
-        parts = _split(a.tokens)
+        parts = _documents(a.tokens, vocabulary())
         assert len(parts) == 4 and parts[-1] == docs[i].token_ids
         assert docs[i].token_ids not in parts[:3]  # the query is never its own context
+
+
+def test_packed_loader_takes_the_source():
+    source, _ = _source(n=12)
+    batch = next(iter(PackedLoader(source, tokens_per_batch=512, max_seq_len=256, seed=0)))
+    assert batch.n_sequences >= 1 and batch.tokens.shape == batch.targets.shape
+    assert int(batch.cu_seqlens[-1]) == batch.tokens.shape[0]
 
 
 def test_seed_epoch_and_index_change_the_draws():
     source, _ = _source(seed=0)
     other, _ = _source(seed=1)
-    draws = {source[0].n_spans, source[1].n_spans, other[0].n_spans}
-    source.set_epoch(1)
-    draws.add(source[0].n_spans)
-    assert len(draws) == 4
+    seeds = {source.generator(0).initial_seed(), source.generator(1).initial_seed(),
+             other.generator(0).initial_seed()}
+    examples = set()
+    for epoch in range(4):
+        source.set_epoch(epoch)
+        seeds.add(source.generator(0).initial_seed())
+        examples.add(tuple(source[0].tokens.tolist()))
+    assert len(seeds) == 6 and len(examples) > 1  # the masking (and dropout) differ between epochs
 
 
 def test_bad_input():
@@ -100,12 +82,12 @@ def test_bad_input():
     with pytest.raises(TypeError, match="index must be an int"):
         source["0"]
     with pytest.raises(ValueError, match=r"queries\[1\] has no token_ids"):
-        RetrievalAugmentedSource([docs[0], RetrievalDocument("x", None)], source.retriever, VOCAB, seed=0,
-                                 max_seq_len=64)
+        RetrievalAugmentedSource([docs[0], RetrievalDocument("x", None)], source.retriever, vocabulary(),
+                                 seed=0, max_seq_len=64)
     with pytest.raises(ValueError, match="keep must be a positive int"):
-        RetrievalAugmentedSource(docs, source.retriever, VOCAB, seed=0, max_seq_len=64, keep=0)
+        RetrievalAugmentedSource(docs, source.retriever, vocabulary(), seed=0, max_seq_len=64, keep=0)
     with pytest.raises(TypeError, match="retriever must be a Retriever"):
-        RetrievalAugmentedSource(docs, object(), VOCAB, seed=0, max_seq_len=64)
+        RetrievalAugmentedSource(docs, object(), vocabulary(), seed=0, max_seq_len=64)
 
 
 @pytest.mark.parametrize("data", ["shapes", "folder"])
@@ -125,7 +107,7 @@ def test_from_pairs_over_shapes_and_an_image_folder(tmp_path, data):
     caption, grid = codec.decode(source.queries[3].token_ids)
     assert caption == text and torch.equal(source.queries[3].image, image)
     assert torch.equal(grid, image_tokenizer.encode(image[None])[0])
-    parts = _split(source[3].tokens)
+    parts = _documents(source[3].tokens, vocab)
     assert parts[-1] == source.queries[3].token_ids and 1 <= len(parts) - 1 <= 2
 
 

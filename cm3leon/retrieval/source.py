@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cm3leon.data.packing import derive_seed
+from cm3leon.objective import CM3Example, training_sequence
 from cm3leon.tokenizer import DocumentCodec, ImageTokenizer, Vocabulary
 from cm3leon_kernels._checks import as_int
 
@@ -102,22 +103,19 @@ class RetrievalAugmentedSource:
 
     def generator(self, index: int) -> torch.Generator:
         """The generator of example ``index`` in the current epoch."""
-        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2, dtype=np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index))
 
     def retrieved(self, index: int, generator: torch.Generator) -> list[RetrievalDocument]:
         """The documents retrieved for example ``index`` (draws dropout from ``generator``)."""
         return self.retriever.retrieve_for_training([self.queries[index]], generator=generator,
                                                     per_modality=self.per_modality, keep=self.keep)[0]
 
-    def __getitem__(self, index: int):
-        from cm3leon import objective  # imported here so that the retrieval package loads on its own
-
+    def __getitem__(self, index: int) -> CM3Example:
         index = as_int("index", index)  # numpy / torch integer scalars too, as samplers produce
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} examples")
         gen = self.generator(index)
         docs = self.retrieved(index, gen)
-        return objective.training_sequence(self.queries[index].token_ids, [d.token_ids for d in docs],
-                                           self.vocabulary, generator=gen, max_seq_len=self.max_seq_len,
-                                           poisson_rate=self.poisson_rate, max_spans=self.max_spans)
+        return training_sequence(self.queries[index].token_ids, [d.token_ids for d in docs], self.vocabulary,
+                                 generator=gen, max_seq_len=self.max_seq_len, poisson_rate=self.poisson_rate,
+                                 max_spans=self.max_spans)
