@@ -1,8 +1,8 @@
 // Fused VQ nearest-code search: a register-blocked GEMM (z . c^T) whose epilogue keeps the running argmin.
 //
-// Layout (GotoBLAS-style): the codebook is packed once into panels of NR=16 codes, d-major ([d][16] fp32),
+// Layout (GotoBLAS-style): the codebook is packed once into panels of NR codes, d-major ([d][NR] fp32),
 // with ||c||^2 precomputed. Each work item takes a block of MC rows of z, packs them into panels of MR=6
-// rows ([d][6] fp32), and for every code panel runs the 6x16 micro-kernel over all z panels (the code panel
+// rows ([d][6] fp32), and for every code panel runs the micro-kernel over all z panels (the code panel
 // stays in L1, the z block in L2). Scores cnorm - 2 z.c are reduced straight into a per-row best, so memory
 // is O(n + k*d) and the n x k matrix never exists. bf16/fp16 are widened while packing; all math is fp32.
 #include "vq/vq_cpu.h"
@@ -17,6 +17,7 @@
 #include "common/scratch.h"
 
 namespace cm3leon::vq {
+CM3LEON_ISA_BEGIN
 namespace {
 
 constexpr int64_t MR = kMicroRows;  // z rows per micro-kernel
@@ -127,7 +128,7 @@ void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t r
     for (int64_t p0 = 0; p0 < d; p0 += KC) {
       const int64_t depth = std::min(KC, d - p0);
       for (int64_t zp = 0; zp < z_panels; ++zp)
-        micro_6x16(zpack.data() + zp * d * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
+        micro_tile(zpack.data() + zp * d * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
                    tile.data() + zp * MR * NR, NR, p0 > 0);
     }
     const float* bias = codes.bias.data() + panel * NR;
@@ -206,9 +207,11 @@ int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, 
 }
 
 }  // namespace
+CM3LEON_ISA_END
 
-int64_t nearest_cpu(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
-                    Metric metric, int64_t* indices, float* distance, int threads) {
+template <>
+int64_t nearest_kernel<kIsa>(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
+                             Metric metric, int64_t* indices, float* distance, int threads) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     return nearest(static_cast<const T*>(z), static_cast<const T*>(codebook), n, k, d, metric, indices,
@@ -216,8 +219,9 @@ int64_t nearest_cpu(DType dtype, const void* z, const void* codebook, int64_t n,
   });
 }
 
-int64_t embed_cpu(DType dtype, const int64_t* indices, const void* codebook, int64_t n, int64_t k, int64_t d,
-                  void* out, int threads) {
+template <>
+int64_t embed_kernel<kIsa>(DType dtype, const int64_t* indices, const void* codebook, int64_t n, int64_t k,
+                           int64_t d, void* out, int threads) {
   return dispatch_float(dtype, [&](auto tag) -> int64_t {
     using T = decltype(tag);
     const T* src = static_cast<const T*>(codebook);
