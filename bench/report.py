@@ -25,7 +25,11 @@ def _machine() -> str:
         pass
     import os
 
-    return f"{cpu}, {os.cpu_count()} cores"
+    import cm3leon_kernels as ck
+
+    features = ck.cpu_features()
+    flags = ", ".join(name for name, has in features["cpu"].items() if has) or "no AVX"
+    return f"{cpu}, {os.cpu_count()} cores ({flags}; cm3leon CPU kernels at {features['isa']})"
 
 
 def rows(data: dict) -> list[list[str]]:

@@ -149,3 +149,25 @@ def test_default_is_the_highest_supported_level():
     assert features["compiled"][0] == "baseline"
     for level in features["supported"]:
         assert all(features["cpu"][f] for f in NEEDS[level])
+
+
+def test_vector_registers_only_in_level_code():
+    """No function outside a level's own code uses ymm/zmm registers: library code instantiated at several
+    levels (std::vector, ...) must come from the baseline objects, or an AVX2 host could run AVX-512 code."""
+    import shutil
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump is not installed")
+    listing = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", _C.__file__], capture_output=True,
+                             text=True, check=True).stdout
+    allowed = {"ymm": ("isa_avx2", "isa_avx512", "(cm3leon::Isa)1>", "(cm3leon::Isa)2>", "(cm3leon::Isa)3>"),
+               "zmm": ("isa_avx512", "(cm3leon::Isa)2>", "(cm3leon::Isa)3>")}
+    function, offenders = "", set()
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line
+        for register, owners in allowed.items():
+            if f"%{register}" in line and not any(owner in function for owner in owners):
+                offenders.add(function)
+    assert not offenders, f"vector registers outside level code: {sorted(offenders)[:5]}"

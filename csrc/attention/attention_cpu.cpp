@@ -27,6 +27,7 @@ namespace {
 // beats 96 x 48 by ~2% (D = 32..256, causal and not); 144 x 96 was no better than 96 x 72.
 constexpr int64_t BM = 96;  // query rows per work item (multiple of MR and of NR)
 constexpr int64_t BN = 72;  // keys per block (multiple of MR)
+static_assert(BM % MR == 0 && BM % NR == 0 && BN % MR == 0, "blocks hold whole micro-kernel tiles");
 
 constexpr int64_t kPackKeys = 4 * BN;  // keys per K/V packing chunk (a multiple of BN)
 enum PackState : int { kUnpacked = 0, kPacking = 1, kPacked = 2 };
