@@ -43,7 +43,7 @@ def test_forward_causal(benchmark, bench_record, impl, dtype):
     else:
         qs, ks, vs = _sdpa_layout(q, k, v)
         fn = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
-    name = str(dtype).split(".")[1]
+    name = "fp32" if dtype == torch.float32 else "bf16"
     bench_record(benchmark, case=f"attn fwd causal {name} B={B} H={H} S={S} D={D}", impl=impl,
                  work=CAUSAL_FLOPS, unit="GFLOP/s")
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
@@ -102,7 +102,7 @@ def test_matmul_peak(benchmark, bench_record, dtype):
     """The machine's matmul rate (torch.mm), the yardstick for the attention GFLOP/s."""
     n = 2048
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    name = str(dtype).split(".")[1]
+    name = "fp32" if dtype == torch.float32 else "bf16"
     bench_record(benchmark, case=f"{name} matmul peak (torch.mm {n}^3)", impl="torch.mm", work=2 * n ** 3,
                  unit="GFLOP/s")
     benchmark.pedantic(lambda: a @ b, rounds=5, warmup_rounds=1)
