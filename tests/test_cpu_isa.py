@@ -27,7 +27,8 @@ NEEDS = {"baseline": [], "avx2": ["avx2", "fma", "f16c"],
          "avx512": ["avx512f", "avx512dq", "avx512bw", "avx512vl"], "avx512_bf16": ["avx512_bf16"]}
 # The highest level each kernel family has a body for (csrc/*/..._cpu.h).
 FAMILY_TOP = {"flash_attn_forward": "avx512", "flash_attn_backward": "avx512", "flash_attn_decode": "avx512",
-              "vq_nearest": "avx512", "vq_embed": "avx512", "cfg_sample": "avx2", "contrastive_sample": "avx2"}
+              "vq_nearest": "avx512_bf16", "vq_embed": "avx512_bf16",
+              "cfg_sample": "avx2", "contrastive_sample": "avx2"}
 
 
 def _expected_path(level: str, op: str) -> str:

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/micro_kernel.h"
@@ -46,28 +47,54 @@ int cosine_row_shift(const T* x, int64_t d) {
   return -exponent;
 }
 
-// The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c.
+// The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c. On levels with
+// the bf16 dot-product instruction, bf16 codebooks searched by L2 (whose codes are used as given, so they
+// stay exact in bf16) are packed as bf16 pairs instead and scanned with micro_tile_bf16.
 struct PackedCodebook {
   int64_t panels;
-  ScratchBuffer<float> values;  // [panels][d][NR]
-  ScratchBuffer<float> bias;    // [panels * NR]: ||c||^2 (L2), 0 (cosine, codes pre-normalised), +inf padding
+  ScratchBuffer<float> values;    // [panels][d][NR] (fp32 path)
+  ScratchBuffer<uint32_t> pairs;  // [panels][ceil(d / 2)][NR] (bf16 path)
+  ScratchBuffer<float> bias;      // [panels * NR]: ||c||^2 (L2), 0 (cosine, codes pre-normalised), +inf padding
 };
 
 template <typename T>
+bool bf16_dot_path(Metric metric) {
+  return kHasBf16Dot && std::is_same_v<T, bf16> && metric == Metric::L2;
+}
+
+// Two consecutive bf16 values of a row as one pair (the second is 0 past the row's end).
+inline uint32_t bf16_pair(const bf16* src, int64_t p, int64_t d) {
+  return uint32_t(src[p].bits) | (p + 1 < d ? uint32_t(src[p + 1].bits) << 16 : 0u);
+}
+
+template <typename T>
 PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric metric, int threads) {
-  const int64_t panels = ceil_div(k, NR);
-  PackedCodebook packed{panels, ScratchBuffer<float>(size_t(panels * d * NR)),
+  const int64_t panels = ceil_div(k, NR), d2 = ceil_div(d, 2);
+  const bool pairs = bf16_dot_path<T>(metric);
+  PackedCodebook packed{panels, ScratchBuffer<float>(pairs ? 0 : size_t(panels * d * NR)),
+                        ScratchBuffer<uint32_t>(pairs ? size_t(panels * d2 * NR) : 0),
                         ScratchBuffer<float>(size_t(panels * NR))};
   parallel_items(threads, packed.panels, [&](int64_t panel) {
-    float* dst = packed.values.data() + panel * d * NR;
+    float* dst = pairs ? nullptr : packed.values.data() + panel * d * NR;
+    uint32_t* dst2 = pairs ? packed.pairs.data() + panel * d2 * NR : nullptr;
     for (int64_t j = 0; j < NR; ++j) {
       const int64_t code = panel * NR + j;
       if (code >= k) {  // padding codes of the last panel: zero values, never the argmin
-        for (int64_t p = 0; p < d; ++p) dst[p * NR + j] = 0.f;
+        if (pairs) for (int64_t p = 0; p < d2; ++p) dst2[p * NR + j] = 0u;
+        else for (int64_t p = 0; p < d; ++p) dst[p * NR + j] = 0.f;
         packed.bias[size_t(code)] = std::numeric_limits<float>::infinity();
         continue;
       }
       const T* src = codebook + code * d;
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (pairs) {
+          float sq = 0.f;
+          for (int64_t p = 0; p < d; ++p) sq += to_float(src[p]) * to_float(src[p]);
+          for (int64_t p = 0; p < d2; ++p) dst2[p * NR + j] = bf16_pair(src, 2 * p, d);
+          packed.bias[size_t(code)] = sq;
+          continue;
+        }
+      }
       double scale = 1.0;
       float sq = 0.f;
       if (metric == Metric::Cosine) {
@@ -108,6 +135,23 @@ void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, Metric metric,
   }
 }
 
+// The bf16 twin of pack_rows for the bf16 dot-product path (L2 only): panels of MR rows of bf16 pairs,
+// [ceil(d / 2)][MR] per panel.
+template <typename T>
+void pack_pairs(const T* z, int64_t row0, int64_t rows, int64_t d, uint32_t* dst) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    const int64_t d2 = ceil_div(d, 2);
+    for (int64_t panel = 0; panel < ceil_div(rows, MR); ++panel) {
+      uint32_t* out = dst + panel * d2 * MR;
+      for (int64_t r = 0; r < MR; ++r) {
+        const int64_t row = panel * MR + r;
+        const T* src = z + (row0 + row) * d;
+        for (int64_t p = 0; p < d2; ++p) out[p * MR + r] = row < rows ? bf16_pair(src, 2 * p, d) : 0u;
+      }
+    }
+  }
+}
+
 struct Best {
   float score;
   int64_t index;
@@ -117,19 +161,35 @@ struct Best {
 template <typename T>
 void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t rows, int64_t d, Metric metric,
                 int64_t panel0, int64_t panel1, Best* best) {
-  const int64_t z_panels = ceil_div(rows, MR);
-  std::vector<float> zpack(size_t(z_panels * MR * d));
+  const int64_t z_panels = ceil_div(rows, MR), d2 = ceil_div(d, 2);
+  const bool pairs = codes.pairs.size() > 0;
+  std::vector<float> zpack(pairs ? 0 : size_t(z_panels * MR * d));
+  std::vector<uint32_t> zpairs(pairs ? size_t(z_panels * MR * d2) : 0);
   std::vector<float> tile(size_t(z_panels * MR * NR));
-  pack_rows(z, row0, rows, d, metric, zpack.data());
+  if (pairs) pack_pairs(z, row0, rows, d, zpairs.data());
+  else pack_rows(z, row0, rows, d, metric, zpack.data());
   for (int64_t r = 0; r < rows; ++r) best[r] = {std::numeric_limits<float>::infinity(), -1};
 
   for (int64_t panel = panel0; panel < panel1; ++panel) {
-    const float* cpanel = codes.values.data() + panel * d * NR;
-    for (int64_t p0 = 0; p0 < d; p0 += KC) {
-      const int64_t depth = std::min(KC, d - p0);
-      for (int64_t zp = 0; zp < z_panels; ++zp)
-        micro_tile(zpack.data() + zp * d * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
-                   tile.data() + zp * MR * NR, NR, p0 > 0);
+    if (pairs) {
+      [[maybe_unused]] const uint32_t* cpanel = codes.pairs.data() + panel * d2 * NR;
+      for (int64_t p0 = 0; p0 < d2; p0 += KC / 2) {
+        [[maybe_unused]] const int64_t depth = std::min(KC / 2, d2 - p0);
+        for (int64_t zp = 0; zp < z_panels; ++zp) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+          micro_tile_bf16(zpairs.data() + zp * d2 * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
+                          tile.data() + zp * MR * NR, NR, p0 > 0);
+#endif
+        }
+      }
+    } else {
+      const float* cpanel = codes.values.data() + panel * d * NR;
+      for (int64_t p0 = 0; p0 < d; p0 += KC) {
+        const int64_t depth = std::min(KC, d - p0);
+        for (int64_t zp = 0; zp < z_panels; ++zp)
+          micro_tile(zpack.data() + zp * d * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
+                     tile.data() + zp * MR * NR, NR, p0 > 0);
+      }
     }
     const float* bias = codes.bias.data() + panel * NR;
     for (int64_t r = 0; r < rows; ++r) {
