@@ -138,10 +138,10 @@ class CM3Leon(nn.Module):
                 nn.init.zeros_(block.ffn.down.weight)
 
     # ---- shared trunk --------------------------------------------------------------------------------------
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
+    def _check_tokens(self, tokens: torch.Tensor, *, values: bool = True) -> None:
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
-        if tokens.numel() and not torch.compiler.is_compiling():
+        if values and tokens.numel() and not torch.compiler.is_compiling():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"tokens must be in [0, {self.config.vocab_size}); got values in [{lo}, {hi}]")
@@ -215,13 +215,17 @@ class CM3Leon(nn.Module):
         return KVCache.allocate(self.config.n_layers, batch, max_len, self.config.kv_heads, self.config.head_dim,
                                 dtype=dtype or param.dtype, device=device or param.device)
 
-    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, cache: KVCache, *, validate: bool = True) -> torch.Tensor:
         """Runs ``tokens [B, S]`` after each row's cached prefix, appends their keys/values to ``cache`` and
-        advances ``cache.seqlens`` by ``S``. Returns ``[B, S, vocab]`` logits (prefill: S > 1; decode: S = 1)."""
-        self._check_tokens(tokens)
+        advances ``cache.seqlens`` by ``S``. Returns ``[B, S, vocab]`` logits (prefill: S > 1; decode: S = 1).
+
+        ``validate=False`` skips the checks that read values back to the host (token range, cache room): a
+        decode loop that validated its request once and feeds back sampled tokens passes it so that no step
+        waits for the device."""
+        self._check_tokens(tokens, values=validate)
         if tokens.dim() != 2 or tokens.shape[0] != cache.batch:
             raise ValueError(f"tokens must be [batch={cache.batch}, S], got {tuple(tokens.shape)}")
-        if not torch.compiler.is_compiling():
+        if validate and not torch.compiler.is_compiling():
             filled = int(cache.seqlens.max())
             if filled + tokens.shape[1] > cache.max_len:
                 raise ValueError(f"KV cache overflow: {filled} cached + {tokens.shape[1]} new tokens > "

@@ -1,0 +1,90 @@
+"""The generation checkpoint directory: a model next to the tokenizers it was trained with.
+
+Layout (file names are :data:`MODEL_FILE` etc.)::
+
+    DIR/
+      model.safetensors       cm3leon.save / cm3leon.load (weights + config)
+      vocabulary.json         Vocabulary.save
+      text_tokenizer.json     TextTokenizer.save
+      image_tokenizer.pt      ImageTokenizer.save
+      retrieval/              optional: the dual encoder and memory bank (cm3leon.retrieval formats)
+
+:func:`save_bundle` writes it; :func:`load_bundle` reads it and checks that the pieces agree.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import load, save
+from ..model import CM3Leon
+from ..tokenizer import DocumentCodec, ImageTokenizer, TextTokenizer, Vocabulary
+from .core import Pipeline
+
+__all__ = ["IMAGE_TOKENIZER_FILE", "MODEL_FILE", "TEXT_TOKENIZER_FILE", "VOCABULARY_FILE", "Bundle",
+           "load_bundle", "save_bundle"]
+
+MODEL_FILE = "model.safetensors"
+VOCABULARY_FILE = "vocabulary.json"
+TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+IMAGE_TOKENIZER_FILE = "image_tokenizer.pt"
+RETRIEVAL_DIR = "retrieval"
+
+
+@dataclass
+class Bundle:
+    """Everything generation needs: the model, its codec (text tokenizer + vocabulary + image grid), the image
+    tokenizer, and optionally a retriever and an image-text scorer."""
+
+    model: CM3Leon
+    codec: DocumentCodec
+    image_tokenizer: ImageTokenizer
+    retriever: Any = None
+    scorer: Any = None
+
+    def pipeline(self, **kwargs: Any) -> Pipeline:
+        """A :class:`Pipeline` over this bundle (``kwargs``: ``decode_step``, ``progress``)."""
+        return Pipeline(self.model, self.codec, self.image_tokenizer, retriever=self.retriever,
+                        scorer=self.scorer, **kwargs)
+
+
+def save_bundle(directory: str | os.PathLike, model: CM3Leon, codec: DocumentCodec,
+                image_tokenizer: ImageTokenizer) -> Path:
+    """Writes the model and its tokenizers in the layout :func:`load_bundle` reads; returns the directory."""
+    Pipeline(model, codec, image_tokenizer)  # the same consistency checks as loading
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    save(model, root / MODEL_FILE)
+    codec.vocabulary.save(root / VOCABULARY_FILE)
+    codec.text_tokenizer.save(root / TEXT_TOKENIZER_FILE)
+    image_tokenizer.save(root / IMAGE_TOKENIZER_FILE)
+    return root
+
+
+def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None) -> Bundle:
+    """Reads a checkpoint directory (see the module docstring) onto ``device``, the model cast to ``dtype``.
+
+    Raises:
+        FileNotFoundError: the directory or one of its required files is missing (the message names it).
+        ValueError: a file is not in its format, or the pieces disagree (vocabulary vs model vs tokenizers).
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist")
+    missing = [name for name in (MODEL_FILE, VOCABULARY_FILE, TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE)
+               if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint directory {str(root)!r} lacks {', '.join(missing)}")
+    vocabulary = Vocabulary.load(root / VOCABULARY_FILE)
+    image_tokenizer = ImageTokenizer.load(root / IMAGE_TOKENIZER_FILE, map_location=device)
+    grid = image_tokenizer.config.grid_size
+    codec = DocumentCodec(TextTokenizer.load(root / TEXT_TOKENIZER_FILE), vocabulary, (grid, grid))
+    model = load(root / MODEL_FILE, device=device, dtype=dtype).eval()
+    bundle = Bundle(model, codec, image_tokenizer)
+    bundle.pipeline()  # consistency checks
+    return bundle
