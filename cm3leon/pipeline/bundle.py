@@ -7,7 +7,11 @@ Layout (file names are :data:`MODEL_FILE` etc.)::
       vocabulary.json         Vocabulary.save
       text_tokenizer.json     TextTokenizer.save
       image_tokenizer.pt      ImageTokenizer.save
-      retrieval/              optional: the dual encoder and memory bank (cm3leon.retrieval formats)
+      retrieval/              optional (needs cm3leon.retrieval):
+        dual_encoder.safetensors    DualEncoder.save: re-ranks samples (ImageTextScorer)
+        memory_bank.safetensors     MemoryBank.save: retrieval-augmented prompts (Retriever, with the encoder)
+
+The dual encoder's text tower reads the bundle's text tokenizer.
 
 :func:`save_bundle` writes it; :func:`load_bundle` reads it and checks that the pieces agree.
 """
@@ -25,14 +29,16 @@ from ..model import CM3Leon
 from ..tokenizer import DocumentCodec, ImageTokenizer, TextTokenizer, Vocabulary
 from .core import Pipeline
 
-__all__ = ["IMAGE_TOKENIZER_FILE", "MODEL_FILE", "TEXT_TOKENIZER_FILE", "VOCABULARY_FILE", "Bundle",
-           "load_bundle", "save_bundle"]
+__all__ = ["DUAL_ENCODER_FILE", "IMAGE_TOKENIZER_FILE", "MEMORY_BANK_FILE", "MODEL_FILE", "RETRIEVAL_DIR",
+           "TEXT_TOKENIZER_FILE", "VOCABULARY_FILE", "Bundle", "load_bundle", "save_bundle"]
 
 MODEL_FILE = "model.safetensors"
 VOCABULARY_FILE = "vocabulary.json"
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
 IMAGE_TOKENIZER_FILE = "image_tokenizer.pt"
 RETRIEVAL_DIR = "retrieval"
+DUAL_ENCODER_FILE = "dual_encoder.safetensors"
+MEMORY_BANK_FILE = "memory_bank.safetensors"
 
 
 @dataclass
@@ -85,6 +91,23 @@ def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "c
     grid = image_tokenizer.config.grid_size
     codec = DocumentCodec(TextTokenizer.load(root / TEXT_TOKENIZER_FILE), vocabulary, (grid, grid))
     model = load(root / MODEL_FILE, device=device, dtype=dtype).eval()
-    bundle = Bundle(model, codec, image_tokenizer)
+    bundle = Bundle(model, codec, image_tokenizer, *_load_retrieval(root / RETRIEVAL_DIR, codec, device))
     bundle.pipeline()  # consistency checks
     return bundle
+
+
+def _load_retrieval(folder: Path, codec: DocumentCodec, device: torch.device | str) -> tuple[Any, Any]:
+    """(retriever, scorer) from ``folder`` (each None when its files are absent)."""
+    encoder_file, bank_file = folder / DUAL_ENCODER_FILE, folder / MEMORY_BANK_FILE
+    if not encoder_file.is_file():
+        if bank_file.is_file():
+            raise FileNotFoundError(f"{str(bank_file)!r} needs the dual encoder it was embedded with at "
+                                    f"{str(encoder_file)!r}")
+        return None, None
+    from ..retrieval import DualEncoder, ImageTextScorer, MemoryBank, Retriever  # noqa: PLC0415 - optional
+
+    encoder = DualEncoder.load(encoder_file, device=device)
+    scorer = ImageTextScorer(encoder, codec.text_tokenizer)
+    if not bank_file.is_file():
+        return None, scorer
+    return Retriever(encoder, MemoryBank.load(bank_file), codec.text_tokenizer), scorer

@@ -162,8 +162,9 @@ class Pipeline:
         from ..retrieval import RetrievalDocument  # noqa: PLC0415 - retrieval needs faiss; only here
 
         docs = self.retriever.retrieve([RetrievalDocument(**q) for q in queries], k, by=by)
-        if len(docs) != len(queries) or any(len(d) != k for d in docs):
-            raise ValueError(f"the retriever returned {[len(d) for d in docs]} documents, expected {k} per query")
+        if len(docs) != len(queries) or any(len(d) > k for d in docs):
+            raise ValueError(f"the retriever returned {[len(d) for d in docs]} documents, expected up to {k} per "
+                             "query")
         if any(d.token_ids is None for row in docs for d in row):
             raise ValueError("retrieved documents must carry token_ids to be prepended to prompts")
         return [[list(d.token_ids) for d in row] for row in docs]
