@@ -7,6 +7,8 @@ depend on which other requests share its batch.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +22,8 @@ from .kv_cache import KVCache
 from .model import CM3Leon
 
 Prompt = Sequence[int]
-DecodeStep = Callable[[torch.Tensor, KVCache], torch.Tensor]
+# (tokens [B, 1], cache, vocab_range) -> last-position logits [B, V] over vocab_range (all ids when None)
+DecodeStep = Callable[[torch.Tensor, KVCache, "tuple[int, int] | None"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,9 @@ class SamplingOptions:
     cd_k: int = 1
 
 
-def _prefill(model: CM3Leon, rows: list[Prompt], cache) -> torch.Tensor:
-    """Runs every row's prompt (right-padded to one length) and returns each row's last-position logits."""
+def _prefill(model: CM3Leon, rows: list[Prompt], cache, vocab_range: tuple[int, int] | None) -> torch.Tensor:
+    """Runs every row's prompt (right-padded to one length) and returns each row's last-position logits (over
+    ``vocab_range`` only, when given)."""
     lengths = [len(r) for r in rows]
     if min(lengths) == 0:
         raise ValueError("every prompt (and unconditional prompt) must hold at least one token")
@@ -56,24 +60,31 @@ def _prefill(model: CM3Leon, rows: list[Prompt], cache) -> torch.Tensor:
     padded = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=device)
     for i, row in enumerate(rows):
         padded[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    logits = model.step(padded, cache)
+    hidden = model.step_hidden(padded, cache)
     # Padding after a row's prompt was appended to its cache too; rewinding the fill length makes the next
     # append overwrite it, and causal masking kept it invisible to the real tokens.
     length_t = torch.as_tensor(lengths, dtype=torch.int32, device=device)
     cache.seqlens.copy_(length_t)
-    return logits[torch.arange(len(rows), device=device), length_t.long() - 1]
+    return model.logits(hidden[torch.arange(len(rows), device=device), length_t.long() - 1], vocab_range)
+
+
+def unchecked_decode_step(model: CM3Leon, tokens: torch.Tensor, cache: KVCache,
+                          vocab_range: tuple[int, int] | None) -> torch.Tensor:
+    """One unchecked decode step: ``tokens [B, 1]`` -> last-position logits ``[B, V]`` (``V = hi - lo`` with
+    ``vocab_range``)."""
+    return model.logits(model.step_hidden(tokens, cache, validate=False)[:, -1], vocab_range)
 
 
 def compile_decode_step(model: CM3Leon, **compile_kwargs) -> DecodeStep:
     """A ``torch.compile``d decode step (``fullgraph=True``) for :func:`generate`'s ``decode_step``.
 
-    The step runs without host-side checks (``model.step(..., validate=False)``), so the compiled graph has no
+    The step (:func:`unchecked_decode_step`) runs without host-side checks, so the compiled graph has no
     data-dependent branches; its shapes are static per (batch, cache length), so it compiles once per request
     shape. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode="reduce-overhead"`` for CUDA graphs on a
     GPU, or ``backend="aot_eager"`` to trace without code generation).
     """
-    def step(tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return model.step(tokens, cache, validate=False)
+    def step(tokens: torch.Tensor, cache: KVCache, vocab_range: tuple[int, int] | None) -> torch.Tensor:
+        return unchecked_decode_step(model, tokens, cache, vocab_range)
 
     return torch.compile(step, fullgraph=True, **compile_kwargs)
 
@@ -103,8 +114,8 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
         stop_check_every: the loop reads "have all requests stopped?" back from the device only every this
             many steps (tokens sampled after a request's stop token are discarded), so decoding never waits
             for the device in between.
-        decode_step: replaces ``model.step(tokens, cache, validate=False)`` for the decode steps, e.g.
-            :func:`compile_decode_step`'s compiled step.
+        decode_step: replaces :func:`unchecked_decode_step` for the decode steps, e.g. :func:`compile_decode_step`'s
+            compiled step.
         progress: show a tqdm bar over decode steps.
 
     Returns:
@@ -129,7 +140,8 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
             raise ValueError(f"every stream needs one prompt per request ({n}), got {len(stream)}")
     n_streams = len(streams)
     device = model.embed.weight.device
-    groups = _option_groups(options, n, n_streams, device)
+    groups, vocab_range = _option_groups(options, n, n_streams, device, allowed_mask is not None,
+                                         model.config.vocab_size)
     rows = [list(p) for stream in streams for p in stream]  # stream-major: row = stream * n + request
     longest = max(len(r) for r in rows) + max_new_tokens
     if longest > model.config.max_seq_len:
@@ -142,10 +154,11 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
                 or allowed_mask.shape != (model.config.vocab_size,):
             raise ValueError(f"allowed_mask must be a bool tensor [{model.config.vocab_size}]")
         allowed_mask = allowed_mask.to(device)
-    step_fn = decode_step or (lambda tokens, cache: model.step(tokens, cache, validate=False))
+    step_fn = decode_step or functools.partial(unchecked_decode_step, model)
+    offset = 0 if vocab_range is None else vocab_range[0]
 
     cache = model.allocate_cache(len(rows), longest)
-    logits = _prefill(model, rows, cache)  # validates the prompts' ids once
+    logits = _prefill(model, rows, cache, vocab_range)  # validates the prompts' ids once
     out = torch.empty(n, max_new_tokens, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     lengths = torch.full((n,), max_new_tokens, dtype=torch.long, device=device)
@@ -155,6 +168,8 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
     for step in tqdm(range(max_new_tokens), disable=not progress, desc="decode", unit="tok"):
         # The samplers read any dtype and any row/stream strides (fp32 math): no copy of the logits per step.
         token = _sample_groups(logits.view(n_streams, n, -1), groups, seed_t, step_t, allowed_mask)
+        if offset:
+            token += offset
         out[:, step] = token
         if stops.numel():
             hit = torch.isin(token, stops) & ~done
@@ -164,7 +179,7 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
                 break
         if step + 1 == max_new_tokens:
             break
-        logits = step_fn(token.repeat(n_streams)[:, None], cache)[:, -1]
+        logits = step_fn(token.repeat(n_streams)[:, None], cache, vocab_range)
         step_t += 1
     lengths = lengths.clamp_(max=step + 1).tolist()
     out = out.cpu()
@@ -184,8 +199,11 @@ def _seed_list(seeds: int | Sequence[int], n: int) -> list[int]:
 
 
 def _option_groups(options: SamplingOptions | Sequence[SamplingOptions], n: int, n_streams: int,
-                   device: torch.device) -> list[tuple[SamplingOptions, torch.Tensor | None]]:
-    """Requests grouped by identical options: ``(options, request indices or None for all of them)``."""
+                   device: torch.device, masked: bool, vocab_size: int
+                   ) -> tuple[list[tuple[SamplingOptions, torch.Tensor | None]], tuple[int, int] | None]:
+    """Requests grouped by identical options: ``(options, request indices or None for all of them)``, and the
+    id range every request samples from when they all share one ``allowed_range`` (and no ``allowed_mask``):
+    then only that slice of the logits is computed and the groups' options sample within it (ids shifted)."""
     if isinstance(options, SamplingOptions):
         per_request = [options] * n
     elif isinstance(options, Sequence) and all(isinstance(o, SamplingOptions) for o in options):
@@ -194,14 +212,23 @@ def _option_groups(options: SamplingOptions | Sequence[SamplingOptions], n: int,
             raise ValueError(f"options must be one SamplingOptions or one per request ({n}), got {len(per_request)}")
     else:
         raise TypeError("options must be a SamplingOptions or a sequence of them (one per request)")
-    members: dict[SamplingOptions, list[int]] = {}
-    for i, o in enumerate(per_request):
+    for o in per_request:
         if o.contrastive and n_streams != 2:
             raise ValueError("contrastive decoding needs exactly one unconditional prompt per request (the amateur)")
+    ranges = {o.allowed_range for o in per_request}
+    vocab_range = next(iter(ranges)) if len(ranges) == 1 and not masked else None
+    if vocab_range is not None:
+        lo, hi = vocab_range
+        if any(isinstance(x, bool) or not isinstance(x, int) for x in (lo, hi)) or not 0 <= lo < hi <= vocab_size:
+            raise ValueError(f"allowed_range must be a pair of ints with 0 <= lo < hi <= vocab_size = {vocab_size}, "
+                             f"got {vocab_range}")
+        per_request = [dataclasses.replace(o, allowed_range=None) for o in per_request]
+    members: dict[SamplingOptions, list[int]] = {}
+    for i, o in enumerate(per_request):
         members.setdefault(o, []).append(i)
     if len(members) == 1:
-        return [(per_request[0], None)]
-    return [(o, torch.as_tensor(idx, dtype=torch.long, device=device)) for o, idx in members.items()]
+        return [(per_request[0], None)], vocab_range
+    return [(o, torch.as_tensor(idx, dtype=torch.long, device=device)) for o, idx in members.items()], vocab_range
 
 
 def _sample_groups(per_stream: torch.Tensor, groups: list[tuple[SamplingOptions, torch.Tensor | None]],

@@ -165,3 +165,25 @@ def test_compiled_decode_step_matches_eager():
     eager = generate(model, [[1, 2, 3], [4, 5]], **kwargs)
     step = compile_decode_step(model, backend="aot_eager")
     assert generate(model, [[1, 2, 3], [4, 5]], decode_step=step, **kwargs) == eager
+
+
+def test_shared_allowed_range_computes_only_those_logits_and_samples_the_same():
+    """With one allowed_range for every request, the output layer computes that slice only; greedy picks
+    are the full logits' argmax inside the range, and sampled tokens match a masked full-vocabulary call."""
+    model = small_model("cm3leon")
+    prompt, lo, hi = [5, 9, 1], 40, 70
+    seq, want = list(prompt), []
+    with torch.no_grad():
+        for _ in range(5):
+            token = lo + int(model(torch.tensor([seq]))[0, -1, lo:hi].argmax())
+            want.append(token)
+            seq.append(token)
+    got = generate(model, [prompt], max_new_tokens=5, options=SamplingOptions(temperature=0.0, allowed_range=(lo, hi)))
+    assert got == [want]
+    mask = torch.zeros(97, dtype=torch.bool)
+    mask[lo:hi] = True
+    options = SamplingOptions(temperature=1.0, top_p=0.9, allowed_range=(lo, hi))
+    sliced = generate(model, [prompt, [7, 7]], max_new_tokens=8, options=options, seeds=3)
+    assert sliced == generate(model, [prompt, [7, 7]], max_new_tokens=8, options=options, seeds=3, allowed_mask=mask)
+    with pytest.raises(ValueError, match="allowed_range"):
+        generate(model, [prompt], max_new_tokens=2, options=SamplingOptions(allowed_range=(40, 98)))

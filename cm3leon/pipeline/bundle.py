@@ -73,7 +73,8 @@ def save_bundle(directory: str | os.PathLike, model: CM3Leon, codec: DocumentCod
 
 def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
                 dtype: torch.dtype | None = None) -> Bundle:
-    """Reads a checkpoint directory (see the module docstring) onto ``device``, the model cast to ``dtype``.
+    """Reads a checkpoint directory (see the module docstring) onto ``device``, the model cast to ``dtype``
+    and its projections fused for inference (:meth:`CM3Leon.fuse_projections`).
 
     Raises:
         FileNotFoundError: the directory or one of its required files is missing (the message names it).
@@ -90,7 +91,7 @@ def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "c
     image_tokenizer = ImageTokenizer.load(root / IMAGE_TOKENIZER_FILE, map_location=device)
     grid = image_tokenizer.config.grid_size
     codec = DocumentCodec(TextTokenizer.load(root / TEXT_TOKENIZER_FILE), vocabulary, (grid, grid))
-    model = load(root / MODEL_FILE, device=device, dtype=dtype).eval()
+    model = load(root / MODEL_FILE, device=device, dtype=dtype).eval().fuse_projections()
     bundle = Bundle(model, codec, image_tokenizer, *_load_retrieval(root / RETRIEVAL_DIR, codec, device))
     bundle.pipeline()  # consistency checks
     return bundle
