@@ -50,22 +50,40 @@ class SamplingOptions:
     cd_k: int = 1
 
 
-def _prefill(model: CM3Leon, rows: list[Prompt], cache, vocab_range: tuple[int, int] | None) -> torch.Tensor:
-    """Runs every row's prompt (right-padded to one length) and returns each row's last-position logits (over
-    ``vocab_range`` only, when given)."""
+def _prefill(model: CM3Leon, rows: list[Prompt], cache: KVCache, vocab_range: tuple[int, int] | None
+             ) -> torch.Tensor:
+    """Fills the cache with every row's prompt and returns each row's last-position logits (over
+    ``vocab_range`` only, when given).
+
+    Identical prompts (the samples of one caption, the shared unconditional prompt) are run once: the distinct
+    prompts are prefilled right-padded in a cache of their own, whose keys/values are then copied to every
+    row that holds them.
+    """
     lengths = [len(r) for r in rows]
     if min(lengths) == 0:
         raise ValueError("every prompt (and unconditional prompt) must hold at least one token")
     device = cache.seqlens.device
-    padded = torch.zeros(len(rows), max(lengths), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        padded[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    hidden = model.step_hidden(padded, cache)
+    first: dict[tuple[int, ...], int] = {}
+    inverse = [first.setdefault(tuple(r), len(first)) for r in rows]
+    unique = list(first)
+    longest = max(lengths)
+    padded = torch.zeros(len(unique), longest, dtype=torch.long)
+    for i, row in enumerate(unique):
+        padded[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    shared = len(unique) < len(rows)
+    target = model.allocate_cache(len(unique), longest) if shared else cache
+    hidden = model.step_hidden(padded.to(device), target)
     # Padding after a row's prompt was appended to its cache too; rewinding the fill length makes the next
     # append overwrite it, and causal masking kept it invisible to the real tokens.
-    length_t = torch.as_tensor(lengths, dtype=torch.int32, device=device)
-    cache.seqlens.copy_(length_t)
-    return model.logits(hidden[torch.arange(len(rows), device=device), length_t.long() - 1], vocab_range)
+    unique_lengths = torch.tensor([len(r) for r in unique], device=device)
+    last = model.logits(hidden[torch.arange(len(unique), device=device), unique_lengths - 1], vocab_range)
+    cache.seqlens.copy_(torch.as_tensor(lengths, dtype=torch.int32))
+    if not shared:
+        return last
+    index = torch.tensor(inverse, device=device)
+    cache.k[:, :, :longest] = target.k.index_select(1, index)
+    cache.v[:, :, :longest] = target.v.index_select(1, index)
+    return last.index_select(0, index)
 
 
 def unchecked_decode_step(model: CM3Leon, tokens: torch.Tensor, cache: KVCache,

@@ -187,3 +187,16 @@ def test_shared_allowed_range_computes_only_those_logits_and_samples_the_same():
     assert sliced == generate(model, [prompt, [7, 7]], max_new_tokens=8, options=options, seeds=3, allowed_mask=mask)
     with pytest.raises(ValueError, match="allowed_range"):
         generate(model, [prompt], max_new_tokens=2, options=SamplingOptions(allowed_range=(40, 98)))
+
+
+def test_identical_prompts_are_prefilled_once_with_the_same_results(monkeypatch):
+    model = small_model("chameleon")
+    prompts, uncond = [[5, 9, 1, 33], [5, 9, 1, 33], [7, 8]], [[3]] * 3
+    options = SamplingOptions(temperature=0.0, guidance_scale=2.5)
+    batches = []
+    real = model.step_hidden
+    monkeypatch.setattr(model, "step_hidden", lambda tokens, cache, **kw: batches.append(tokens.shape) or
+                        real(tokens, cache, **kw))
+    got = generate(model, prompts, unconditional_prompts=uncond, max_new_tokens=5, options=options)
+    assert batches[0] == (3, 4)  # distinct rows: [3], [5, 9, 1, 33], [7, 8]
+    assert got == [_greedy_reference(model, p, 5, u, 2.5) for p, u in zip(prompts, uncond)]
