@@ -92,9 +92,12 @@ def runner(case: str, dtype_name: str, impl: str):
     return lambda: ours(model, prompts, uncond, image_range, steps, decode_step=step)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("case", list(CASES))
+# Compiling the 24-layer model takes minutes on a small CPU host: the compiled step is measured on the demo preset.
+PARAMS = [(case, dtype, impl) for case in CASES for dtype in DTYPES for impl in IMPLS
+          if not (case == "350m" and impl == "cm3leon+compile")]
+
+
+@pytest.mark.parametrize("case,dtype_name,impl", PARAMS)
 def test_cfg_text_to_image(benchmark, bench_record, case, dtype_name, impl):
     run = runner(case, dtype_name, impl)
     run()  # warm-up (and compilation)

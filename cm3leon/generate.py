@@ -183,12 +183,14 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
     # The step is a device tensor advanced in place: nothing in the loop reads a value back to the host except
     # the "all stopped?" test every stop_check_every steps.
     step_t = torch.zeros((), dtype=torch.int64, device=device)
-    for step in tqdm(range(max_new_tokens), disable=not progress, desc="decode", unit="tok"):
+    bar = tqdm(total=max_new_tokens, disable=not progress, desc="decode", unit="tok")
+    for step in range(max_new_tokens):
         # The samplers read any dtype and any row/stream strides (fp32 math): no copy of the logits per step.
         token = _sample_groups(logits.view(n_streams, n, -1), groups, seed_t, step_t, allowed_mask)
         if offset:
             token += offset
         out[:, step] = token
+        bar.update()
         if stops.numel():
             hit = torch.isin(token, stops) & ~done
             lengths = torch.where(hit, step_t, lengths)
@@ -199,6 +201,7 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
             break
         logits = step_fn(token.repeat(n_streams)[:, None], cache, vocab_range)
         step_t += 1
+    bar.close()
     lengths = lengths.clamp_(max=step + 1).tolist()
     out = out.cpu()
     return [out[i, : lengths[i]].tolist() for i in range(n)]
