@@ -127,3 +127,30 @@ def test_python_dash_m_entry_point(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "cm3leon", "generate", "--checkpoint", str(tmp_path / "none"),
                            "--task", "caption", "--image", "x.png"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_bundle_reads_the_optional_retrieval_files(checkpoint, tmp_path, monkeypatch):
+    """retrieval/dual_encoder.safetensors gives the scorer, + memory_bank.safetensors the retriever."""
+    import shutil
+    import types
+
+    loaded = []
+    fake = types.ModuleType("cm3leon.retrieval")
+    fake.DualEncoder = types.SimpleNamespace(load=lambda path, device: loaded.append(path.name) or "encoder")
+    fake.MemoryBank = types.SimpleNamespace(load=lambda path: loaded.append(path.name) or "bank")
+    fake.ImageTextScorer = lambda encoder, tok: types.SimpleNamespace(score=print, parts=(encoder, tok))
+    fake.Retriever = lambda encoder, bank, tok: types.SimpleNamespace(retrieve=print, parts=(encoder, bank, tok))
+    monkeypatch.setitem(sys.modules, "cm3leon.retrieval", fake)
+    root = shutil.copytree(checkpoint / "ckpt", tmp_path / "ckpt")
+    (root / "retrieval").mkdir()
+    (root / "retrieval" / "memory_bank.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="needs the dual encoder"):
+        load_bundle(root)
+    (root / "retrieval" / "dual_encoder.safetensors").write_bytes(b"")
+    bundle = load_bundle(root)
+    assert loaded == ["dual_encoder.safetensors", "memory_bank.safetensors"]
+    assert bundle.scorer.parts == ("encoder", bundle.codec.text_tokenizer)
+    assert bundle.retriever.parts == ("encoder", "bank", bundle.codec.text_tokenizer)
+    (root / "retrieval" / "memory_bank.safetensors").unlink()
+    bundle = load_bundle(root)
+    assert bundle.retriever is None and bundle.scorer is not None
