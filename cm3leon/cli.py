@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(argv[1:])
         args = _parser().parse_args(argv)
         return _generate(args)
-    except (UsageError, ValueError, TypeError, OSError) as err:
+    except (UsageError, ValueError, TypeError, OSError, ImportError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"cm3leon: error: {message}", file=sys.stderr)
         return 2

@@ -154,3 +154,6 @@ def test_bundle_reads_the_optional_retrieval_files(checkpoint, tmp_path, monkeyp
     (root / "retrieval" / "memory_bank.safetensors").unlink()
     bundle = load_bundle(root)
     assert bundle.retriever is None and bundle.scorer is not None
+    monkeypatch.setitem(sys.modules, "cm3leon.retrieval", None)  # as if FAISS were missing
+    with pytest.raises(ImportError, match="holds retrieval files, but cm3leon.retrieval cannot be imported"):
+        load_bundle(root)

@@ -78,6 +78,7 @@ def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "c
 
     Raises:
         FileNotFoundError: the directory or one of its required files is missing (the message names it).
+        ImportError: the directory has retrieval files but ``cm3leon.retrieval`` (FAISS) cannot be imported.
         ValueError: a file is not in its format, or the pieces disagree (vocabulary vs model vs tokenizers).
     """
     root = Path(directory)
@@ -105,7 +106,11 @@ def _load_retrieval(folder: Path, codec: DocumentCodec, device: torch.device | s
             raise FileNotFoundError(f"{str(bank_file)!r} needs the dual encoder it was embedded with at "
                                     f"{str(encoder_file)!r}")
         return None, None
-    from ..retrieval import DualEncoder, ImageTextScorer, MemoryBank, Retriever  # noqa: PLC0415 - optional
+    try:
+        from ..retrieval import DualEncoder, ImageTextScorer, MemoryBank, Retriever  # noqa: PLC0415 - optional
+    except ImportError as err:
+        raise ImportError(f"{str(folder)!r} holds retrieval files, but cm3leon.retrieval cannot be imported "
+                          f"({err}); install the retrieval extra (pip install 'cm3leon[retrieval]')") from err
 
     encoder = DualEncoder.load(encoder_file, device=device)
     scorer = ImageTextScorer(encoder, codec.text_tokenizer)
