@@ -7,6 +7,7 @@ same tokens whichever other prompts share the call.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -70,12 +71,15 @@ def _count(value: Any, name: str, minimum: int) -> int:
 def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
     """One seed per request: an int is every request's seed (so a request's output does not depend on its
     batch), a sequence gives one per request."""
-    if isinstance(seed, int) and not isinstance(seed, bool):
-        return [seed] * n
+    def is_int(x: Any) -> bool:
+        return hasattr(type(x), "__index__") and not isinstance(x, bool)  # ints and e.g. numpy integers
+
+    if is_int(seed):
+        return [operator.index(seed)] * n
     seeds = list(seed) if isinstance(seed, Sequence) else None
-    if seeds is None or len(seeds) != n or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+    if seeds is None or len(seeds) != n or not all(is_int(s) for s in seeds):
         raise ValueError(f"seed must be an int or one int per prompt ({n}), got {seed!r}")
-    return seeds
+    return [operator.index(s) for s in seeds]
 
 
 def _sample_seed(seed: int, sample: int) -> int:
