@@ -3,13 +3,13 @@
 Layout (file names are :data:`MODEL_FILE` etc.)::
 
     DIR/
-      model.safetensors       cm3leon.save / cm3leon.load (weights + config)
-      vocabulary.json         Vocabulary.save
-      text_tokenizer.json     TextTokenizer.save
-      image_tokenizer.pt      ImageTokenizer.save
-      retrieval/              optional (needs cm3leon.retrieval):
-        dual_encoder.safetensors    DualEncoder.save: re-ranks samples (ImageTextScorer)
-        memory_bank.safetensors     MemoryBank.save: retrieval-augmented prompts (Retriever, with the encoder)
+      model.safetensors              cm3leon.save / cm3leon.load (weights + config)
+      vocabulary.json                Vocabulary.save
+      text_tokenizer.json            TextTokenizer.save
+      image_tokenizer.safetensors    ImageTokenizer.save
+      retrieval/                     optional (needs cm3leon.retrieval):
+        dual_encoder.safetensors     DualEncoder.save: re-ranks samples (ImageTextScorer)
+        memory_bank.safetensors      MemoryBank.save: retrieval-augmented prompts (Retriever, with the encoder)
 
 The dual encoder's text tower reads the bundle's text tokenizer.
 
@@ -35,7 +35,7 @@ __all__ = ["DUAL_ENCODER_FILE", "IMAGE_TOKENIZER_FILE", "MEMORY_BANK_FILE", "MOD
 MODEL_FILE = "model.safetensors"
 VOCABULARY_FILE = "vocabulary.json"
 TEXT_TOKENIZER_FILE = "text_tokenizer.json"
-IMAGE_TOKENIZER_FILE = "image_tokenizer.pt"
+IMAGE_TOKENIZER_FILE = "image_tokenizer.safetensors"
 RETRIEVAL_DIR = "retrieval"
 DUAL_ENCODER_FILE = "dual_encoder.safetensors"
 MEMORY_BANK_FILE = "memory_bank.safetensors"
