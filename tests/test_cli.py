@@ -37,6 +37,19 @@ def test_bundle_round_trip(checkpoint):
         assert torch.equal(bundle.model.state_dict()[name], tensor)
     assert bundle.codec.text_tokenizer.encode("a red circle") == codec.text_tokenizer.encode("a red circle")
     assert bundle.pipeline().image_size == images.config.image_size
+    assert bundle.model.blocks[0].attn.qkv_proj is not None  # fused for inference
+
+
+def test_bundle_reads_a_training_export(checkpoint, tmp_path):
+    """The trainer's export: model.safetensors beside its corpus's text.json, image_tokenizer.pt, vocabulary.json."""
+    import shutil
+
+    root = shutil.copytree(checkpoint / "ckpt", tmp_path / "export")
+    (root / "image_tokenizer.safetensors").rename(root / "image_tokenizer.pt")
+    assert load_bundle(root).pipeline().image_size == parts()[2].config.image_size
+    (root / "text.json").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks text.json"):
+        load_bundle(root)
 
 
 def test_text_to_image_writes_a_png_grid(checkpoint, capsys):

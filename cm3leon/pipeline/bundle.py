@@ -5,8 +5,9 @@ Layout (file names are :data:`MODEL_FILE` etc.)::
     DIR/
       model.safetensors              cm3leon.save / cm3leon.load (weights + config)
       vocabulary.json                Vocabulary.save
-      text_tokenizer.json            TextTokenizer.save
-      image_tokenizer.safetensors    ImageTokenizer.save
+      text.json                      TextTokenizer.save
+      image_tokenizer.safetensors    ImageTokenizer.save (image_tokenizer.pt, the name training corpora use,
+                                     is read too)
       retrieval/                     optional (needs cm3leon.retrieval):
         dual_encoder.safetensors     DualEncoder.save: re-ranks samples (ImageTextScorer)
         memory_bank.safetensors      MemoryBank.save: retrieval-augmented prompts (Retriever, with the encoder)
@@ -34,8 +35,9 @@ __all__ = ["DUAL_ENCODER_FILE", "IMAGE_TOKENIZER_FILE", "MEMORY_BANK_FILE", "MOD
 
 MODEL_FILE = "model.safetensors"
 VOCABULARY_FILE = "vocabulary.json"
-TEXT_TOKENIZER_FILE = "text_tokenizer.json"
+TEXT_TOKENIZER_FILE = "text.json"
 IMAGE_TOKENIZER_FILE = "image_tokenizer.safetensors"
+IMAGE_TOKENIZER_ALIAS = "image_tokenizer.pt"  # what the trainer's corpus folder calls the same file
 RETRIEVAL_DIR = "retrieval"
 DUAL_ENCODER_FILE = "dual_encoder.safetensors"
 MEMORY_BANK_FILE = "memory_bank.safetensors"
@@ -84,12 +86,14 @@ def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "c
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist")
-    missing = [name for name in (MODEL_FILE, VOCABULARY_FILE, TEXT_TOKENIZER_FILE, IMAGE_TOKENIZER_FILE)
-               if not (root / name).is_file()]
+    image_file = next((root / name for name in (IMAGE_TOKENIZER_FILE, IMAGE_TOKENIZER_ALIAS)
+                       if (root / name).is_file()), root / IMAGE_TOKENIZER_FILE)
+    missing = [path.name for path in (root / MODEL_FILE, root / VOCABULARY_FILE, root / TEXT_TOKENIZER_FILE,
+                                      image_file) if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint directory {str(root)!r} lacks {', '.join(missing)}")
     vocabulary = Vocabulary.load(root / VOCABULARY_FILE)
-    image_tokenizer = ImageTokenizer.load(root / IMAGE_TOKENIZER_FILE, map_location=device)
+    image_tokenizer = ImageTokenizer.load(image_file, map_location=device)
     grid = image_tokenizer.config.grid_size
     codec = DocumentCodec(TextTokenizer.load(root / TEXT_TOKENIZER_FILE), vocabulary, (grid, grid))
     model = load(root / MODEL_FILE, device=device, dtype=dtype).eval().fuse_projections()
