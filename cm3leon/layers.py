@@ -110,6 +110,44 @@ def fuse_linears(parent: nn.Module, names: Sequence[str], fused_name: str) -> li
     return sizes
 
 
+class TransposedLinear(nn.Module):
+    """A bias-free linear layer that keeps its matrix as ``weight_t [in, out]`` and computes ``x @ weight_t``.
+
+    Same function as the ``nn.Linear`` it replaces; the state dict still holds ``weight [out, in]``. Why: for
+    the few-row inputs of decoding, MKL's float32 GEMM runs the ``[in, out]`` layout about twice as fast as
+    ``nn.Linear``'s ``x @ weight.T`` (bfloat16 GEMMs are faster in the original layout).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("TransposedLinear replaces bias-free linear layers only")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(),
+                                     requires_grad=linear.weight.requires_grad)
+        self.register_state_dict_post_hook(_standard_layout)
+        self.register_load_state_dict_pre_hook(_transposed_layout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight_t)
+
+
+def _standard_layout(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    state_dict[f"{prefix}weight"] = state_dict.pop(f"{prefix}weight_t").t().contiguous()
+
+
+def _transposed_layout(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    if f"{prefix}weight" in state_dict:
+        state_dict[f"{prefix}weight_t"] = state_dict.pop(f"{prefix}weight").t().contiguous()
+
+
+def transpose_linears(parent: nn.Module) -> None:
+    """Replaces the bias-free ``nn.Linear`` children of ``parent`` by :class:`TransposedLinear` (idempotent)."""
+    for name, child in list(parent.named_children()):
+        if type(child) is nn.Linear and child.bias is None:
+            setattr(parent, name, TransposedLinear(child))
+
+
 class FeedForward(nn.Module):
     """ReLU/GELU two-matrix FFN or the gated SwiGLU FFN; no biases."""
 

@@ -76,7 +76,8 @@ def save_bundle(directory: str | os.PathLike, model: CM3Leon, codec: DocumentCod
 def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
                 dtype: torch.dtype | None = None) -> Bundle:
     """Reads a checkpoint directory (see the module docstring) onto ``device``, the model cast to ``dtype``
-    and its projections fused for inference (:meth:`CM3Leon.fuse_projections`).
+    and its projections fused for inference (:meth:`CM3Leon.fuse_projections`; float32 models on the CPU also
+    get the transposed matrix layout).
 
     Raises:
         FileNotFoundError: the directory or one of its required files is missing (the message names it).
@@ -96,7 +97,10 @@ def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "c
     image_tokenizer = ImageTokenizer.load(image_file, map_location=device)
     grid = image_tokenizer.config.grid_size
     codec = DocumentCodec(TextTokenizer.load(root / TEXT_TOKENIZER_FILE), vocabulary, (grid, grid))
-    model = load(root / MODEL_FILE, device=device, dtype=dtype).eval().fuse_projections()
+    model = load(root / MODEL_FILE, device=device, dtype=dtype).eval()
+    weight = model.embed.weight
+    # float32 decoding on a CPU runs fastest with [in, out] matrices (MKL); bf16 and GPUs keep nn.Linear's layout.
+    model.fuse_projections(transpose=weight.dtype == torch.float32 and weight.device.type == "cpu")
     bundle = Bundle(model, codec, image_tokenizer, *_load_retrieval(root / RETRIEVAL_DIR, codec, device))
     bundle.pipeline()  # consistency checks
     return bundle
