@@ -1,4 +1,5 @@
-"""The prompt builders emit exactly the training layouts (documents serialised by the codec, CM3 infill)."""
+"""The prompt builders emit exactly the training layouts: image prompts + the target image are the codec's
+document, and infill prompts + their spans restore (``cm3_restore``) to the document they were made from."""
 from __future__ import annotations
 
 import pytest
@@ -6,22 +7,9 @@ import torch
 from pipeline_fixtures import WORLD, parts
 
 from cm3leon.data.tasks import make_example
+from cm3leon.objective import cm3_restore
 from cm3leon.pipeline import PromptBuilder
 from cm3leon.tokenizer import tokenize_images
-
-
-def _restore(tokens: list[int], vocab) -> list[int]:
-    """The CM3 inverse: ``A <mask:0> B ... <infill> <mask:0> s0 <mask:1> s1`` -> ``A s0 B s1 ...``."""
-    sentinels = {vocab.sentinel_id(i): i for i in range(16)}
-    cut = tokens.index(vocab.infill_id)
-    body, tail = tokens[:cut], tokens[cut + 1:]
-    spans: dict[int, list[int]] = {}
-    for t in tail:
-        if t in sentinels:
-            current = spans.setdefault(sentinels[t], [])
-        else:
-            current.append(t)
-    return [x for t in body for x in (spans[sentinels[t]] if t in sentinels else [t])]
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +72,14 @@ def test_caption_and_vqa_prompts_restore_to_the_training_document(setup):
     prompt = builder.vqa(grid, example.question.question)
     span = codec.encode_segment(f" {example.question.answer}.")
     assert prompt[0] == v.eos_id and prompt[-2:] == [v.infill_id, v.sentinel_id(0)]
-    assert _restore(prompt[1:] + span, v) == _document(example, images, codec)
+    assert cm3_restore(prompt[1:] + span, v) == _document(example, images, codec)
 
     cap = make_example(WORLD, 3, "text_to_image")
     prompt = builder.image_to_text(_grid(cap.image, images))
-    assert _restore(prompt[1:] + codec.encode_segment(cap.caption), v) == _document(cap, images, codec)
+    assert cm3_restore(prompt[1:] + codec.encode_segment(cap.caption), v) == _document(cap, images, codec)
     sft = make_example(WORLD, 3, "caption")
     prompt = builder.image_to_text(_grid(sft.image, images), instruction="Describe the given picture.")
-    assert _restore(prompt[1:] + codec.encode_segment(f" {sft.caption}"), v) == _document(sft, images, codec)
+    assert cm3_restore(prompt[1:] + codec.encode_segment(f" {sft.caption}"), v) == _document(sft, images, codec)
     r = codec.encode(["a small red circle"])
     assert builder.image_to_text(grid, [r])[: len(r) + 2] == [v.eos_id, *r, v.eos_id]
 
@@ -105,7 +93,7 @@ def test_infill_prompt_moves_whitespace_into_spans(setup):
     spans = [codec.encode_segment(" red circle"), codec.encode_segment(" center")]
     full = ids + [v.sentinel_id(0), *spans[0], v.sentinel_id(1), *spans[1]]
     assert ids[0] == v.eos_id and ids[-1] == v.infill_id
-    assert _restore(full[1:], v) == codec.encode(["a large red circle in the center", grid])
+    assert cm3_restore(full[1:], v) == codec.encode(["a large red circle in the center", grid])
 
 
 @pytest.mark.parametrize("call,match", [
