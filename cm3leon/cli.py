@@ -114,7 +114,7 @@ def _generate(args: argparse.Namespace) -> int:
     needs_image = args.task in ("caption", "vqa", "edit", "structure")
     if needs_image and not args.image:
         raise UsageError(f"--task {args.task} needs --image")
-    bundle = load_bundle(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
+    bundle = load_bundle(args.checkpoint, device=_device(args.device), dtype=DTYPES[args.dtype])
     pipe = bundle.pipeline(progress=not args.quiet,
                            decode_step=compile_decode_step(bundle.model) if args.compile else None)
     images = [read_image(path, pipe.image_size, name="--image") for path in args.image]
@@ -152,6 +152,18 @@ def _generate(args: argparse.Namespace) -> int:
     write_png(make_grid(result.images), args.out)
     print(f"wrote {result.images.shape[0]}x{result.images.shape[1]} images to {args.out}", file=sys.stderr)
     return 0
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
 def _paired(prompts: list[str], images: list[torch.Tensor]) -> list[str]:

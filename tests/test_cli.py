@@ -97,6 +97,7 @@ def _bad_images(root):
     ("no out", "give --out"),
     ("bad box", "--box must look like"),
     ("bad option", "unrecognized arguments"),
+    ("bad device", "not a device name"),
 ])
 def test_bad_input_is_one_line_and_status_2(checkpoint, capsys, case, match):
     ckpt = checkpoint / "ckpt"
@@ -114,6 +115,7 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, capsys, case, match):
         "no out": base + ["--task", "text-to-image", "--prompt", "a red circle"],
         "bad box": base + ["--task", "grounded", "--box", "red circle:1,2", "--out", "x.png"],
         "bad option": base + ["--task", "caption", "--colour", "red"],
+        "bad device": base + ["--task", "caption", "--image", small, "--device", "gpu0"],
     }[case]
     status, out, err = _run(capsys, *argv)
     assert status == 2 and out == ""
