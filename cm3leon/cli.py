@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import runpy
 import sys
 from collections.abc import Sequence
@@ -108,6 +109,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown task {args.task!r}; choose from {', '.join(TASKS)}")
     if args.task in IMAGE_TASKS and not args.out:
         raise UsageError(f"--task {args.task} writes images: give --out grid.png")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UsageError(f"--out {args.out}: its folder does not exist")
     needs_prompt = args.task != "caption" and args.task != "grounded"
     if needs_prompt and not args.prompt:
         raise UsageError(f"--task {args.task} needs --prompt")

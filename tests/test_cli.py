@@ -98,6 +98,7 @@ def _bad_images(root):
     ("bad box", "--box must look like"),
     ("bad option", "unrecognized arguments"),
     ("bad device", "not a device name"),
+    ("bad out", "its folder does not exist"),
 ])
 def test_bad_input_is_one_line_and_status_2(checkpoint, capsys, case, match):
     ckpt = checkpoint / "ckpt"
@@ -116,6 +117,7 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, capsys, case, match):
         "bad box": base + ["--task", "grounded", "--box", "red circle:1,2", "--out", "x.png"],
         "bad option": base + ["--task", "caption", "--colour", "red"],
         "bad device": base + ["--task", "caption", "--image", small, "--device", "gpu0"],
+        "bad out": base + ["--task", "text-to-image", "--prompt", "a", "--out", checkpoint / "no" / "g.png"],
     }[case]
     status, out, err = _run(capsys, *argv)
     assert status == 2 and out == ""
