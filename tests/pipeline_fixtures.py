@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import types
-from dataclasses import dataclass
 
 import torch
 
@@ -12,7 +10,10 @@ from cm3leon.data import ShapesWorld, caption
 from cm3leon.data.tasks import EDIT_PREFIX, STRUCTURE_PREFIX
 from cm3leon.model import CM3Leon
 from cm3leon.pipeline import Pipeline
-from cm3leon.tokenizer import DocumentCodec, ImageTokenizer, ImageTokenizerConfig, TextTokenizer, Vocabulary
+from cm3leon.retrieval import (DualEncoder, DualEncoderConfig, ImageTextScorer, MemoryBank, RetrievalDocument,
+                               Retriever, embed_documents)
+from cm3leon.tokenizer import (DocumentCodec, ImageTokenizer, ImageTokenizerConfig, TextTokenizer, Vocabulary,
+                               tokenize_images)
 
 WORLD = ShapesWorld(image_size=16, seed=3)
 
@@ -41,30 +42,22 @@ class RedScorer:
         return images[:, 0].float().mean(dim=(1, 2))
 
 
-@dataclass(frozen=True)
-class FakeDocument:
-    """Follows the retrieval contract's RetrievalDocument fields."""
-
-    text: str | None
-    image: torch.Tensor | None
-    token_ids: list[int] | None
-
-
-class FakeRetriever:
-    """Returns the first ``k`` of fixed documents for every query and records the calls."""
-
-    def __init__(self, documents: list[list[int]]) -> None:
-        self.documents, self.calls = documents, []
-
-    def retrieve(self, queries, k, *, by="text", generator=None):
-        self.calls.append((list(queries), k, by))
-        return [[FakeDocument("doc", None, d) for d in self.documents[:k]] for _ in queries]
-
-
-def fake_retrieval_module() -> types.ModuleType:
-    module = types.ModuleType("cm3leon.retrieval")
-    module.RetrievalDocument = FakeDocument
-    return module
+@functools.cache
+def retrieval() -> tuple[Retriever, ImageTextScorer]:
+    """A tiny random dual encoder over a bank of 12 caption-image documents (token_ids: the codec's document)."""
+    _, codec, images = parts()
+    text = codec.text_tokenizer
+    config = DualEncoderConfig(image_size=16, patch_size=4, image_width=32, image_layers=1, image_heads=2,
+                               text_vocab_size=text.vocab_size, text_max_len=40, text_width=32, text_layers=1,
+                               text_heads=2, embed_dim=16)
+    torch.manual_seed(0)
+    encoder = DualEncoder(config).eval()
+    pictures = WORLD.images(12, 100)
+    docs = [RetrievalDocument(caption(s), p, codec.encode(tokenize_images([[caption(s), p]], images)[0]))
+            for s, p in zip(WORLD.scenes(12, 100), pictures)]
+    bank = MemoryBank(config.embed_dim)
+    bank.add(docs, embed_documents(docs, encoder, text))
+    return Retriever(encoder, bank, text), ImageTextScorer(encoder, text)
 
 
 def pipeline(**kwargs) -> Pipeline:

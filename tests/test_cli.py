@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipeline_fixtures import WORLD, parts
+from pipeline_fixtures import WORLD, parts, retrieval
 
 from cm3leon import cli
 from cm3leon.pipeline import load_bundle, save_bundle
@@ -149,25 +149,22 @@ def test_python_dash_m_entry_point(tmp_path):
 def test_bundle_reads_the_optional_retrieval_files(checkpoint, tmp_path, monkeypatch):
     """retrieval/dual_encoder.safetensors gives the scorer, + memory_bank.safetensors the retriever."""
     import shutil
-    import types
 
-    loaded = []
-    fake = types.ModuleType("cm3leon.retrieval")
-    fake.DualEncoder = types.SimpleNamespace(load=lambda path, device: loaded.append(path.name) or "encoder")
-    fake.MemoryBank = types.SimpleNamespace(load=lambda path: loaded.append(path.name) or "bank")
-    fake.ImageTextScorer = lambda encoder, tok: types.SimpleNamespace(score=print, parts=(encoder, tok))
-    fake.Retriever = lambda encoder, bank, tok: types.SimpleNamespace(retrieve=print, parts=(encoder, bank, tok))
-    monkeypatch.setitem(sys.modules, "cm3leon.retrieval", fake)
+    from cm3leon.retrieval import ImageTextScorer, Retriever
+
+    retriever, _ = retrieval()
     root = shutil.copytree(checkpoint / "ckpt", tmp_path / "ckpt")
     (root / "retrieval").mkdir()
-    (root / "retrieval" / "memory_bank.safetensors").write_bytes(b"")
+    retriever.bank.save(root / "retrieval" / "memory_bank.safetensors")
     with pytest.raises(FileNotFoundError, match="needs the dual encoder"):
         load_bundle(root)
-    (root / "retrieval" / "dual_encoder.safetensors").write_bytes(b"")
+    retriever.encoder.save(root / "retrieval" / "dual_encoder.safetensors")
     bundle = load_bundle(root)
-    assert loaded == ["dual_encoder.safetensors", "memory_bank.safetensors"]
-    assert bundle.scorer.parts == ("encoder", bundle.codec.text_tokenizer)
-    assert bundle.retriever.parts == ("encoder", "bank", bundle.codec.text_tokenizer)
+    assert isinstance(bundle.retriever, Retriever) and isinstance(bundle.scorer, ImageTextScorer)
+    assert len(bundle.retriever.bank) == len(retriever.bank)
+    status = cli.main(["generate", "--checkpoint", str(root), "--task", "text-to-image", "--prompt", "a red circle",
+                       "--samples", "2", "--retrieved", "2", "--out", str(tmp_path / "g.png"), "--quiet"])
+    assert status == 0
     (root / "retrieval" / "memory_bank.safetensors").unlink()
     bundle = load_bundle(root)
     assert bundle.retriever is None and bundle.scorer is not None

@@ -2,15 +2,14 @@
 re-ranking, retrieval-augmented prompts and bad input."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from pipeline_fixtures import WORLD, FakeRetriever, RedScorer, fake_retrieval_module, parts, pipeline
+from pipeline_fixtures import WORLD, RedScorer, parts, pipeline, retrieval
 
 import cm3leon.pipeline.core as core
 from cm3leon.data import render_edges, segmentation_mask, edge_map
 from cm3leon.pipeline import ImageDecoding, rerank
+from cm3leon.retrieval import RetrievalDocument
 
 S = 16  # image side of the tiny image tokenizer
 G = 4   # its token grid side
@@ -65,26 +64,24 @@ def test_rerank_returns_the_argmax_first():
         rerank(torch.tensor([[float("nan"), 1.0]]))
 
 
-def test_retrieved_documents_are_prepended(monkeypatch):
-    if "cm3leon.retrieval" not in sys.modules:
-        try:
-            import cm3leon.retrieval  # noqa: F401
-        except ImportError:
-            monkeypatch.setitem(sys.modules, "cm3leon.retrieval", fake_retrieval_module())
-    _, codec, _ = parts()
-    docs = [codec.encode(["a small red circle"]), codec.encode(["a large blue square"])]
-    retriever = FakeRetriever(docs)
+def test_retrieved_documents_are_prepended_and_the_dual_encoder_reranks(monkeypatch):
+    retriever, scorer = retrieval()
     seen = []
     real = core.generate
     monkeypatch.setattr(core, "generate", lambda model, prompts, **kw: seen.append(prompts) or real(model, prompts, **kw))
-    pipe = pipeline(retriever=retriever)
-    pipe.text_to_image("a red circle", n_samples=1, retrieved=2, rerank=False)
-    eos = codec.vocabulary.eos_id
-    assert seen[0][0][: len(docs[0]) + len(docs[1]) + 3] == [eos, *docs[0], eos, *docs[1], eos]
-    assert retriever.calls[0][1:] == (2, "text") and retriever.calls[0][0][0].text == "a red circle"
-    pipe.image_to_text(WORLD.images(1), retrieved=1, max_new_tokens=2)
-    assert retriever.calls[1][1:] == (1, "image") and retriever.calls[1][0][0].image.shape == (3, S, S)
-    assert seen[1][0][: len(docs[0]) + 2] == [eos, *docs[0], eos]
+    pipe = pipeline(retriever=retriever, scorer=scorer)
+    result = pipe.text_to_image("a large red circle", n_samples=2, retrieved=2, seed=1)
+    eos = pipe.vocabulary.eos_id
+    docs = retriever.retrieve([RetrievalDocument("a large red circle", None)], 2, by="text")[0]
+    want = [eos, *docs[0].token_ids, eos, *docs[1].token_ids, eos]
+    assert all(prompt[: len(want)] == want for prompt in seen[0])
+    torch.testing.assert_close(result.scores[0], scorer.score(result.images[0], ["a large red circle"] * 2))
+    assert result.scores[0, 0] >= result.scores[0, 1]
+    image = WORLD.images(1)
+    pipe.image_to_text(image, retrieved=1, max_new_tokens=2)
+    doc = retriever.retrieve([RetrievalDocument(None, image[0])], 1, by="image")[0][0]
+    assert seen[1][0][: len(doc.token_ids) + 2] == [eos, *doc.token_ids, eos]
+    assert len(pipe.answer(image, ["what colour is it?"], retrieved=1, max_new_tokens=2)) == 1
 
 
 def test_caption_answer_and_infill_generate_text(pipe):
