@@ -1,11 +1,11 @@
 """Attention benchmarks: cm3leon's fused CPU kernels beside torch's scaled_dot_product_attention (SDPA) on the
 same inputs (each in its native layout: ours (B, S, H, D), SDPA's (B, H, S, D)).
 
-Cases (issue #3 targets): causal forward fp32 B=1 H=16 S=2048 D=64 (GFLOP/s, target >= 1.2x SDPA); decode
+Cases and targets: causal forward fp32 B=1 H=16 S=2048 D=64 (GFLOP/s, target >= 1.2x SDPA); decode
 fp32 B=8 H=16 D=64 over 4096 cached tokens (GB/s of K/V read, target >= 1.5x); causal backward (ratio, aim
 >= 1.0x); the per-call overhead of a tiny decode call; and torch.mm as the machine's fp32 matmul peak.
 
-CUDA cases (issue #5 targets, skipped without a GPU and a CUDA build): causal bf16 forward over 16k tokens
+CUDA cases (skipped without a GPU and a CUDA build): causal bf16 forward over 16k tokens
 (batch x seqlen) with 16 heads of dim 128 beside SDPA's flash backend and, when installed, the flash-attn
 package (target >= 1.3x SDPA, >= 450 TFLOP/s on H100); bf16 decode B=8 H=16 D=128 over a 4096-token cache
 (GB/s of K/V read, target >= 80% of HBM bandwidth). Timed functions end with torch.cuda.synchronize().
@@ -174,7 +174,7 @@ def test_cuda_decode(benchmark, bench_record, impl):
 @needs_cuda
 @pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa.flash", "flash-attn"])
 def test_cuda_backward_causal(benchmark, bench_record, impl):
-    """bf16 causal backward through autograd (issue #5 target: >= 1.1x SDPA's flash backward on H100)."""
+    """bf16 causal backward through autograd (target: >= 1.1x SDPA's flash backward on H100)."""
     seqlen = 2048
     b = CUDA_TOKENS // seqlen
     q, k, v = [t.cuda().requires_grad_() for t in _qkv(b, seqlen, CUDA_H, CUDA_D, torch.bfloat16)]

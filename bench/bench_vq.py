@@ -149,7 +149,7 @@ def _cuda_inputs(n: int, k: int, d: int, dtype: torch.dtype):
     (torch.bfloat16, "cm3leon"), (torch.bfloat16, "torch-expanded-matmul"),
 ], ids=str)
 def test_vq_cuda_large_n(benchmark, bench_record, dtype, impl):
-    """64 images x 1024 latents against 8192 codes of 256 dims on the GPU (issue #6's target shape)."""
+    """64 images x 1024 latents against 8192 codes of 256 dims on the GPU (the GPU target shape)."""
     _skip_missing_faiss(impl)
     if impl.startswith("faiss") and faiss.get_num_gpus() == 0:
         pytest.skip("faiss sees no GPU (faiss-cpu installed?)")

@@ -1,6 +1,6 @@
 """Model configuration and presets for the CM3Leon (OPT-like) and Chameleon (Llama-like) layouts.
 
-Presets (see PAPER.md §1): ``cm3leon-350m``, ``cm3leon-760m``, ``cm3leon-7b`` — pre-LayerNorm without
+Presets (see docs/recipe.md §1): ``cm3leon-350m``, ``cm3leon-760m``, ``cm3leon-7b`` — pre-LayerNorm without
 learnable parameters, learned absolute positions, ReLU FFN of width 4·d_model, no biases, tied embeddings,
 sequence length 4096; ``chameleon-7b`` — the Hugging Face ``ChameleonForConditionalGeneration`` layout
 (RMSNorm, QK-norm, SwiGLU, RoPE, untied output layer). ``tiny`` and ``demo`` are small presets for tests

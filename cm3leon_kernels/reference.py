@@ -188,7 +188,7 @@ def contrastive_probs(expert_logits: torch.Tensor, amateur_logits: torch.Tensor,
                       allowed_range: Sequence[int] | None = None, allowed_mask: torch.Tensor | None = None
                       ) -> torch.Tensor:
     """The exact float64 CD-K distribution ``[B, V]`` that ``contrastive_sample`` draws from (one-hot for
-    greedy), from PAPER.md §5: head set ``p_exp >= alpha · kth_largest_k(p_exp)``, scores
+    greedy), from docs/recipe.md §5: head set ``p_exp >= alpha · kth_largest_k(p_exp)``, scores
     ``log p_exp − log p_ama`` on it, softmax of ``score / temperature``."""
     e, a = expert_logits.double(), amateur_logits.double()
     excluded = torch.isneginf(e) | torch.isneginf(a)

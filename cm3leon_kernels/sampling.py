@@ -182,7 +182,7 @@ def contrastive_sample(expert_logits: torch.Tensor, amateur_logits: torch.Tensor
                        allowed_range: Sequence[int] | None = None, allowed_mask: torch.Tensor | None = None,
                        seed: int | torch.Tensor, step: int | torch.Tensor, return_logprobs: bool = False
                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Contrastive decoding, top-k variant (CD-K, PAPER.md §5), one fused pass per row.
+    """Contrastive decoding, top-k variant (CD-K, docs/recipe.md §5), one fused pass per row.
 
     With ``p_exp = softmax(expert)`` and ``p_ama = softmax(amateur / amateur_temperature)`` over the allowed
     vocabulary, the head set is ``{x : p_exp(x) >= alpha · kth_largest_k(p_exp)}`` and the score

@@ -75,7 +75,7 @@ TORCH_LIBRARY_IMPL(cm3leon, Autograd, m) {
 
 #ifdef CM3LEON_WITH_CUDA
 TORCH_LIBRARY_IMPL(cm3leon, CUDA, m) {
-  m.impl("vq_nearest", &cm3leon::vq::nearest_cuda_launch);  // VQ nearest-code search (issue #6)
+  m.impl("vq_nearest", &cm3leon::vq::nearest_cuda_launch);
   m.impl("vq_embed", &cm3leon::vq::embed_cuda_launch);
   // Sampling (csrc/sampling/sampling_cuda_launch.cpp)
   m.impl("cfg_sample", &cm3leon::sampling::cfg_sample_cuda_launch);

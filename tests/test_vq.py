@@ -1,4 +1,4 @@
-"""Fused VQ codebook lookup against float64 references (see DESIGN.md, "VQ codebook lookup")."""
+"""Fused VQ codebook lookup against float64 references (contract: docs/vq.md)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Text-guided edits of shapes scenes (PAPER.md §6): an instruction and the scene before and after.
+"""Text-guided edits of shapes scenes (docs/recipe.md §6): an instruction and the scene before and after.
 
 Edit kinds: ``recolor`` (change an object's colour to one not in the scene), ``move`` (to an empty cell),
 ``add`` (a new object in an empty cell, when the scene has fewer than 3 objects) and ``remove`` (when it

@@ -1,4 +1,4 @@
-"""Task metrics on the shapes world, computed exactly from scenes (PAPER.md §6 task families).
+"""Task metrics on the shapes world, computed exactly from scenes (docs/recipe.md §6 task families).
 
 An object is compared as its attribute tuple ``(colour, shape, position, size)``; a scene as the multiset
 of its tuples. ``score = |expected ∩ detected| / max(|expected|, |detected|)``: 1 only when both lists

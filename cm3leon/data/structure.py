@@ -1,4 +1,4 @@
-"""Structure conditions of a shapes scene: segmentation masks and edge maps (PAPER.md §6, structure-guided
+"""Structure conditions of a shapes scene: segmentation masks and edge maps (docs/recipe.md §6, structure-guided
 generation), as label maps and as RGB condition images the image tokenizer can encode."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The paper's SFT task families (PAPER.md §6) on the shapes world, as documents of segments.
+"""The paper's SFT task families (docs/recipe.md §6) on the shapes world, as documents of segments.
 
 Every example has ``segments()``: its document in the paper's template, a list of text (``str``) and
 image (``torch.uint8 [3, H, W]``) segments in order. The tokenizer's ``DocumentCodec`` writes ``<break>``

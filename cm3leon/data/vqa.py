@@ -1,4 +1,4 @@
-"""Visual question answering on shapes scenes (PAPER.md §6: ``Question: {q} Answer: {a}.``).
+"""Visual question answering on shapes scenes (docs/recipe.md §6: ``Question: {q} Answer: {a}.``).
 
 :func:`make_question` samples a question with its answer (built from the sampled object);
 :func:`answer_question` answers any question of the same grammar from a scene by parsing it, so it can

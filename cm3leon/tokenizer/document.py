@@ -1,4 +1,4 @@
-"""Documents <-> global token ids (PAPER.md §2, §6).
+"""Documents <-> global token ids (docs/recipe.md §2, §6).
 
 A document is a list of segments: text (``str``) or an image token grid (int64 tensor ``[h, w]`` of
 codebook indices, as :meth:`ImageTokenizer.encode` returns per image). Serialised layout:
@@ -85,7 +85,7 @@ class DocumentCodec:
         return self.encode([caption, image_tokens])
 
     def text_to_image_prompt(self, caption: str) -> list[int]:
-        """The zero-shot text-to-image prompt ``<eos> caption <break>`` (PAPER.md §2): sample
+        """The zero-shot text-to-image prompt ``<eos> caption <break>`` (docs/recipe.md §2): sample
         ``h·w`` image tokens after it."""
         return [self.vocabulary.eos_id, *self.encode_segment(caption, name="caption"), self.vocabulary.break_id]
 

@@ -1,4 +1,4 @@
-"""VQ-GAN-style image tokenizer: conv encoder -> fused ``vector_quantize`` -> conv decoder (PAPER.md §2).
+"""VQ-GAN-style image tokenizer: conv encoder -> fused ``vector_quantize`` -> conv decoder (docs/recipe.md §2).
 
 Images enter as ``uint8`` ``[B, 3, H, W]`` (0..255) or floating ``[B, 3, H, W]`` in [0, 1]; internally the
 network sees [-1, 1]. Tokens are int64 ``[B, h, w]`` codebook indices (``h = w = config.grid_size``).

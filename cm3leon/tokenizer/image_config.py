@@ -86,7 +86,7 @@ class ImageTokenizerConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ImageTokenizerConfig:
-        """``"paper"``: 256x256 -> 32x32 tokens, codebook 8192 (PAPER.md §2);
+        """``"paper"``: 256x256 -> 32x32 tokens, codebook 8192 (docs/recipe.md §2);
         ``"demo"``: 32x32 -> 8x8 tokens, codebook 512 (trains on CPU in minutes);
         ``"tiny"``: for tests (16x16 -> 4x4, codebook 64, narrow)."""
         presets = {

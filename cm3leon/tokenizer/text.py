@@ -1,4 +1,4 @@
-"""Byte-level BPE text tokenizer trained with the Hugging Face ``tokenizers`` library (PAPER.md §2).
+"""Byte-level BPE text tokenizer trained with the Hugging Face ``tokenizers`` library (docs/recipe.md §2).
 
 Byte-level: every string, whatever its characters or whitespace, maps to tokens and decodes back to the
 same string byte for byte (no normalisation, no added prefix space, no special tokens of its own: the

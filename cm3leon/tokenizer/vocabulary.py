@@ -1,4 +1,4 @@
-"""One id space for specials, text tokens and image codes (PAPER.md §2).
+"""One id space for specials, text tokens and image codes (docs/recipe.md §2).
 
 Layout (half-open ranges)::
 

@@ -1,4 +1,4 @@
-// Fused attention on the CPU (torch-free). See DESIGN.md "Attention" for the contract.
+// Fused attention on the CPU (torch-free). Contract: docs/attention.md.
 //
 // Tensors are token-major and contiguous: q/out rows are [token][heads_q][head_dim], k/v rows
 // [token][heads_kv][head_dim]. A Segment says where one batch row (or one packed document) lives, so the

@@ -2,7 +2,7 @@
 // 3", SC'11). Header-only and torch-free; every function is host+device so the CPU and CUDA samplers draw
 // bit-identical uniforms from the same (key, counter).
 //
-// Sampling streams (DESIGN.md "Sampling"): key = the 64-bit seed, counter = (0, row, step_lo, step_hi).
+// Sampling streams (docs/sampling.md): key = the 64-bit seed, counter = (0, row, step_lo, step_hi).
 // Counter word 0 numbers the draws of one (seed, row, step); the samplers use draw 0 only.
 #pragma once
 #include <cstdint>

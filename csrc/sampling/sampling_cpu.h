@@ -1,4 +1,4 @@
-// Fused CFG / contrastive (CD-K) sampling on the CPU (torch-free). See DESIGN.md "Sampling" and
+// Fused CFG / contrastive (CD-K) sampling on the CPU (torch-free). See
 // docs/sampling.md for the exact semantics; cm3leon_kernels/reference.py holds the float64 oracle.
 #pragma once
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Fused VQ codebook lookup on the CPU (torch-free). See DESIGN.md "VQ codebook lookup".
+// Fused VQ codebook lookup on the CPU (torch-free). Contract: docs/vq.md.
 #pragma once
 #include <cstdint>
 #include "common/dtype.h"
