@@ -143,8 +143,9 @@ class DataSection(_Section):
     ``corpus_dir``), ``"folder"`` (an image folder with ``captions.jsonl`` at ``path``) or ``"webdataset"``
     (tar shards matching ``path``, e.g. ``"data/shard-{000000..000099}.tar"``). Real data uses the
     tokenizers found in ``corpus_dir`` (trained on the shapes world when absent).
-    Pretraining draws CM3 sequences; with ``memory_bank`` set (a saved :class:`cm3leon.retrieval.MemoryBank`)
-    each one is retrieval-augmented with ``retrieved`` documents. The SFT stage mixes ``sft_tasks``,
+    Pretraining draws CM3 sequences; with ``memory_bank`` set (a saved :class:`cm3leon.retrieval.MemoryBank`,
+    searched with the saved ``DualEncoder`` at ``retrieval_encoder``) the bank's documents are the queries and
+    each one is retrieval-augmented with ``retrieved`` documents (the paper keeps 3). The SFT stage mixes ``sft_tasks``,
     balancing them with per-task sampling ratios clamped to ``[sft_ratio_min, sft_ratio_max]``.
     ``tokens_per_batch`` is per process and micro-batch.
     """
@@ -165,7 +166,8 @@ class DataSection(_Section):
     poisson_rate: float = _range(1.0, 0.0, lo_open=True)
     max_spans: int = _range(16, 1, 16)
     memory_bank: str = ""
-    retrieved: int = _range(2, 0, 8)
+    retrieval_encoder: str = ""
+    retrieved: int = _range(3, 0, 8)
     sft_tasks: tuple[str, ...] = TASKS
     sft_ratio_min: float = _range(0.3, 0.0, lo_open=True)
     sft_ratio_max: float = _range(3.0, 1.0)
@@ -179,6 +181,9 @@ class DataSection(_Section):
         bad = [t for t in self.sft_tasks if t not in TASKS]
         if bad or not self.sft_tasks:
             raise ValueError(f"data.sft_tasks must be a non-empty subset of {TASKS}, got {self.sft_tasks}")
+        if bool(self.memory_bank) != bool(self.retrieval_encoder):
+            raise ValueError("data.memory_bank and data.retrieval_encoder go together (the bank is searched with "
+                             "the encoder that embedded it)")
         if self.sft_ratio_min > 1.0:
             raise ValueError(f"data.sft_ratio_min must be <= 1, got {self.sft_ratio_min}")
 
