@@ -101,7 +101,7 @@ class Restored(NamedTuple):
     folder: Path
     trainer: dict[str, Any]          # rank 0's counters, config and the saving world size
     rank: dict[str, Any] | None      # this rank's RNG and loader state (None: no such rank in the saved run)
-    rank0: dict[str, Any]            # rank 0's, for resuming at another world size
+    all_ranks: list[dict[str, Any]]  # every saved rank's, for resuming at another world size
 
 
 class CheckpointManager:
@@ -207,10 +207,9 @@ class CheckpointManager:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rank_path = folder / _rank_file(self.runtime.rank)
-        rank_state = torch.load(rank_path, weights_only=False) if rank_path.is_file() else None
-        rank0 = rank_state if self.runtime.rank == 0 else torch.load(folder / _rank_file(0), weights_only=False)
-        return Restored(folder, trainer_state, rank_state, rank0)
+        ranks = [torch.load(folder / _rank_file(r), weights_only=False) for r in range(trainer_state["world_size"])]
+        mine = ranks[self.runtime.rank] if self.runtime.rank < len(ranks) else None
+        return Restored(folder, trainer_state, mine, ranks)
 
 
 def load_model_weights(model: torch.nn.Module, source: str | os.PathLike, runtime: Runtime) -> Path:

@@ -22,9 +22,11 @@ class TrainingData:
 
 
 def make_loader(source: Any, config: TrainingConfig, *, seed: int, rank: int, world_size: int) -> Any:
-    """A :class:`cm3leon.data.PackedLoader` over ``source`` with the run's batch geometry."""
-    from cm3leon.data.packing import PackedLoader
+    """A :class:`ReshardableLoader` (a :class:`cm3leon.data.PackedLoader`) over ``source`` with the run's batch
+    geometry."""
+    from .resharding import ReshardableLoader
 
     data = config.data
-    return PackedLoader(source, tokens_per_batch=data.tokens_per_batch, max_seq_len=data.max_seq_len, seed=seed,
-                        rank=rank, world_size=world_size, num_workers=data.num_workers)
+    return ReshardableLoader(source, tokens_per_batch=data.tokens_per_batch, max_seq_len=data.max_seq_len,
+                             seed=seed, rank=rank, world_size=world_size, num_workers=data.num_workers)
+

@@ -264,9 +264,9 @@ class Trainer:
         if trainer_state["world_size"] == self.runtime.world_size:
             self.loader.load_state_dict(restored.rank["loader"])
         else:
-            # Another world size: the loader's position is global (examples consumed so far), so rank 0's
-            # saved state tells every new rank where the run stands.
-            self.loader.load_state_dict(restored.rank0["loader"])
+            # Weights and optimizer state were resharded by DCP; the loader hands out exactly the examples
+            # no old rank consumed (RNG streams of ranks that did not exist before start from the seed).
+            self.loader.reshard_from([state["loader"] for state in restored.all_ranks])
             self._log(f"resumed a {trainer_state['world_size']}-process checkpoint on {self.runtime.world_size}"
                       " processes")
         return True
