@@ -48,7 +48,7 @@ def _take_examples(loader, n):
 
 @pytest.mark.parametrize("old_world,new_world,steps", [(2, 1, [3, 5]), (1, 2, [4]), (2, 3, [2, 6]), (3, 2, [1, 4, 2])])
 def test_reshard_finishes_the_epoch_without_repeats_or_gaps(old_world, new_world, steps):
-    source = IndexSource(41)
+    source = IndexSource(101)
     old = [_loader(source, r, old_world) for r in range(old_world)]
     seen = [i for loader, k in zip(old, steps) for i in _take(loader, k)]
     # Packing can spill into the next epoch on a rank: only epoch-0 examples count here.
@@ -61,11 +61,11 @@ def test_reshard_finishes_the_epoch_without_repeats_or_gaps(old_world, new_world
         remaining = len(loader.epoch_indices(0))
         mine, _ = _take_examples(loader, remaining)
         seen.extend(mine)
-    assert sorted(seen) == list(range(41))
+    assert sorted(seen) == list(range(101))
 
 
 def test_reshard_state_survives_a_same_size_save_and_load():
-    source = IndexSource(41)
+    source = IndexSource(101)
     old = [_loader(source, r, 2) for r in range(2)]
     for loader, k in zip(old, (2, 4)):
         _take(loader, k)
@@ -81,10 +81,10 @@ def test_reshard_state_survives_a_same_size_save_and_load():
 
 
 def test_reshard_rejects_states_of_another_run():
-    source = IndexSource(41)
+    source = IndexSource(101)
     states = [_loader(source, r, 2).state_dict() for r in range(2)]
     with pytest.raises(ValueError, match="states\\[1\\]"):
         _loader(source, 0, 1).reshard_from([states[0], states[0]])
-    other = ReshardableLoader(IndexSource(40), tokens_per_batch=24, max_seq_len=12, seed=3)
+    other = ReshardableLoader(IndexSource(100), tokens_per_batch=24, max_seq_len=12, seed=3)
     with pytest.raises(ValueError, match="states\\[0\\]"):
         other.reshard_from(states)

@@ -42,7 +42,7 @@ class ReshardableLoader(PackedLoader):
         if self._pending.get(state_dict.get("epoch"), [None]).__len__() == 0:
             self._epoch, self._index = state_dict["epoch"], 0  # an empty share: starts on the next epoch
             return
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("pending", "done")})
+        super().load_state_dict({"pending": {}, "done": {}, **state_dict})
 
     def reshard_from(self, states: list[dict]) -> None:
         """Continues a run whose ``len(states)`` ranks saved ``states`` (rank order)."""
