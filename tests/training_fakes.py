@@ -97,6 +97,11 @@ class GreedyLoader:
     def load_state_dict(self, state):
         self.consumed = state["consumed"]
 
+    def reshard_from(self, states):
+        """The position is global (batches consumed by all ranks), so a run of any world size continues at the
+        same global batch."""
+        self.consumed = states[0]["consumed"]
+
 
 def fake_data(n: int = 64) -> TrainingData:
     return TrainingData(vocab_size=VOCAB, train=PatternSource(n), validation=PatternSource(8, seed=1))
