@@ -97,3 +97,16 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor(decay):
     assert lrs[-1] == pytest.approx(1.0 if decay == "constant" else 0.1)
     if decay == "linear":
         assert lrs[12] == pytest.approx(0.1 + 0.9 * (1 - 8 / 15))
+
+
+def test_command_line_prints_the_resolved_config_and_rejects_bad_values(capsys, tmp_path):
+    from cm3leon.training.__main__ import main
+
+    assert main(["--config", "tiny-pretrain", "--set", "optim.lr=2e-3", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert TrainingConfig.from_toml(text) == load_config("tiny-pretrain", ["optim.lr=2e-3"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "tiny-pretrain", "--set", "optim.lr=-1"])
+    assert exit_info.value.code == 2 and "optim.lr must be > 0" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5, "val_loss": 2.7}\n')
+    assert main(["--plot", str(tmp_path)]) == 0 and (tmp_path / "loss.png").is_file()

@@ -205,3 +205,13 @@ def test_outputs_metrics_plot_and_an_exported_model_for_generation(tmp_path):
 def test_resume_without_checkpoints_starts_from_scratch(tmp_path):
     trainer = Trainer(_config(tmp_path, "schedule.steps=2"), data=fake_data())
     assert trainer.fit(resume=True)["step"] == 2
+
+
+def test_bf16_autocast_keeps_float32_master_weights_and_optimizer_state(tmp_path):
+    trainer = Trainer(_config(tmp_path, "model.precision='bf16'", "schedule.steps=2", "checkpoint.export=false",
+                              "logging.val_every=0"), data=fake_data())
+    summary = trainer.fit()
+    assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for k, v in s.items()
+               if k != "step")

@@ -6,7 +6,8 @@
     python -m cm3leon.training --plot runs/demo-pretrain                          # loss.png from metrics.jsonl
 
 Exit status: 0 when training finished, 128 + signal number when SIGTERM/SIGINT stopped it (after saving a
-checkpoint; run again with ``--resume``), 1 on errors (bad config, too many non-finite steps, ...).
+checkpoint; run again with ``--resume``), 2 for a bad config or command line, 1 on other errors (e.g. too
+many non-finite steps).
 """
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(plot_metrics(args.plot / "metrics.jsonl", args.plot / "loss.png"))
         return 0
-    config = load_config(args.config, args.overrides)
+    try:
+        config = load_config(args.config, args.overrides)
+    except (TypeError, ValueError) as err:  # a bad config stops here, before any work, with exit status 2
+        parser.error(str(err))
     if args.print_config:
         sys.stdout.write(config.to_toml())
         return 0
