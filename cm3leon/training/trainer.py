@@ -301,8 +301,10 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> dict[str, Any]:
         """Trains to ``schedule.steps`` (from the newest checkpoint with ``resume``). Returns a summary:
-        final step, tokens, last losses, skipped steps, whether a signal interrupted the run."""
+        final step, tokens, last losses, skipped steps, the signal that interrupted the run (or None) and
+        the wall time of the call in seconds."""
         cfg, rt = self.config, self.runtime
+        started = time.perf_counter()
         if resume:
             self.resume()
         metrics = MetricsLog(self.out_dir / "metrics.jsonl", tensorboard=cfg.logging.tensorboard) \
@@ -381,7 +383,7 @@ class Trainer:
                 if cfg.logging.plot and metrics.path.is_file():
                     plot_metrics(metrics.path, self.out_dir / "loss.png")
         return {**last, "step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
-                "interrupted": interrupted}
+                "interrupted": interrupted, "seconds": time.perf_counter() - started}
 
     def close(self) -> None:
         """Leaves the process group if the trainer created it."""
