@@ -215,3 +215,16 @@ def test_bf16_autocast_keeps_float32_master_weights_and_optimizer_state(tmp_path
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for k, v in s.items()
                if k != "step")
+
+
+def test_init_from_a_previous_run_takes_its_weights_only(tmp_path):
+    first = Trainer(_config(tmp_path / "pre"), data=fake_data())
+    first.fit()
+    for source in ("checkpoints", "checkpoints/step-6", "model.safetensors"):
+        second = Trainer(_config(tmp_path / "sft", f"checkpoint.init_from='{tmp_path / 'pre' / source}'",
+                                 "stage='sft'"), data=fake_data())
+        for (name, a), b in zip(first.model.named_parameters(), second.model.parameters()):
+            assert torch.equal(a, b), (source, name)
+        assert second.step == 0 and not second.optimizer.state
+    with pytest.raises(ValueError, match="init_from"):
+        Trainer(_config(tmp_path / "x", f"checkpoint.init_from='{tmp_path / 'sft'}'"), data=fake_data())
