@@ -1,61 +1,71 @@
 """Checkpoints: our safetensors format (config as JSON metadata) and import of Hugging Face Chameleon.
 
-Our format: one ``.safetensors`` file whose metadata holds ``{"format": "cm3leon", "config": <json>}``; tensor
-names are those of :class:`cm3leon.model.CM3Leon`'s ``state_dict``.
+Our format: one ``.safetensors`` file whose metadata holds ``{"format": "cm3leon", "config": <json>,
+"checksums": ...}`` (see :mod:`cm3leon.integrity`); tensor names are those of
+:class:`cm3leon.model.CM3Leon`'s ``state_dict``, all in one floating dtype (float32, bfloat16 or float16).
+
+Loading validates before it allocates: the config, then the file's tensor index (names, shapes, dtypes)
+against a meta-device model, then reads and checksums each tensor. Damaged or inconsistent files raise
+:class:`cm3leon.integrity.CheckpointError` (a ``ValueError``) naming the file and the problem.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .config import CM3LeonConfig
+from .integrity import CheckpointError, Index, TensorFile, check_index, parse_json, save_tensor_file
 from .model import CM3Leon
 
 FORMAT = "cm3leon"
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def save(model: CM3Leon, path: str | os.PathLike) -> None:
-    """Writes the model's weights and config to ``path`` (a ``.safetensors`` file)."""
-    from safetensors.torch import save_file
-
-    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "config": model.config.to_json()})
+    """Writes the model's weights and config to ``path`` (a ``.safetensors`` file), with checksums."""
+    save_tensor_file(path, model.state_dict(), kind=FORMAT, metadata={"config": model.config.to_json()})
 
 
-def load(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-         ) -> CM3Leon:
-    """Loads a checkpoint written by :func:`save`."""
-    from safetensors import safe_open
+def load(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+         verify: bool = True) -> CM3Leon:
+    """Loads a checkpoint written by :func:`save`.
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT or "config" not in metadata:
-            raise ValueError(f"{path} is not a cm3leon checkpoint (metadata format={metadata.get('format')!r}); "
-                             "for Hugging Face Chameleon directories use cm3leon.load_chameleon")
-        config = CM3LeonConfig.from_json(metadata["config"])
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    return _build(config, tensors, device=device, dtype=dtype, source=str(path))
+    The model keeps the file's dtype unless ``dtype`` asks for a cast. ``verify=False`` skips the checksums
+    (faster for large files; structural checks still run).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is not a readable cm3leon checkpoint, its config is invalid, its tensors
+            do not match the config (names, shapes, dtypes), or a checksum fails.
+    """
+    with TensorFile(path, kind=FORMAT, verify=verify, what="cm3leon checkpoint") as f:
+        data = f.json_entry("config")
+        config = _config(lambda: CM3LeonConfig.from_json(json.dumps(data)), f.error)
+        return _build(config, f.index(), f.tensor, f.error, device=device, dtype=dtype)
 
 
-def _build(config: CM3LeonConfig, tensors: dict[str, torch.Tensor], *, device, dtype, source: str) -> CM3Leon:
+def _config(make: Callable[[], CM3LeonConfig], error: Callable[[str], CheckpointError]) -> CM3LeonConfig:
+    try:
+        return make()
+    except (TypeError, ValueError, KeyError) as err:  # unknown fields, wrong types, out-of-range values
+        raise error(f"invalid model config: {err}") from None
+
+
+def _build(config: CM3LeonConfig, index: Index, read: Callable[[str], torch.Tensor],
+           error: Callable[[str], CheckpointError], *, device, dtype) -> CM3Leon:
+    # Every layer holds tensors, so a config asking for more layers than the file has tensors is a lie; the
+    # bound keeps even the meta-device model below (one module per layer) proportional to the file.
+    if config.n_layers > len(index):
+        raise error(f"config has n_layers={config.n_layers} but the file holds only {len(index)} tensors")
     with torch.device("meta"):
         model = CM3Leon(config)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: checkpoint does not match the config: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, the config expects "
-                             f"{tuple(expected[name].shape)}")
-    model = model.to_empty(device=device)
-    model.load_state_dict(tensors, strict=True)
+    file_dtype = check_index(index, model.state_dict(), error, float_dtypes=WEIGHT_DTYPES)
+    model = model.to(file_dtype).to_empty(device=device)  # sizes now match the file's: allocation is bounded
+    model.load_state_dict({name: read(name) for name in index}, strict=True)
     if dtype is not None:
         model = model.to(dtype)
     return model
@@ -117,26 +127,38 @@ def load_chameleon(path: str | os.PathLike, *, device: torch.device | str = "cpu
                    dtype: torch.dtype | None = None) -> CM3Leon:
     """Imports a Hugging Face Chameleon checkpoint directory (``config.json`` + ``*.safetensors``, sharded or
     not) into :class:`CM3Leon`. The image VQ-GAN weights (``model.vqmodel.*``) are not part of the language
-    model and are skipped."""
-    from safetensors import safe_open
-
+    model and are skipped. Foreign files carry no checksums; everything else is validated as in :func:`load`
+    (errors: :class:`CheckpointError`)."""
     root = Path(path)
     config_file = root / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: load_chameleon expects a Hugging Face model directory")
-    config = chameleon_config(json.loads(config_file.read_text()))
+    config_error = lambda message: CheckpointError(f"{config_file}: {message}")  # noqa: E731
+    hf = parse_json(config_file.read_text(encoding="utf-8", errors="replace"), config_error, "config.json")
+    if not isinstance(hf, dict):
+        raise config_error("must hold a JSON object")
+    config = _config(lambda: chameleon_config(hf), config_error)
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {root}")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
+    opened: list[TensorFile] = []
+    try:
+        index: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        where: dict[str, tuple[TensorFile, str]] = {}
+        for file in files:
+            f = TensorFile(file, kind=None, verify=False)  # foreign files: no format tag, no checksums
+            opened.append(f)
+            for name, entry in f.index().items():
                 ours = _hf_to_ours(name)
-                if ours is not None:
-                    tensors[ours] = f.get_tensor(name)
-                elif not name.startswith("model.vqmodel."):
-                    raise ValueError(f"{file.name}: unexpected tensor {name!r} in a Chameleon checkpoint")
-    if config.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    return _build(config, tensors, device=device, dtype=dtype, source=str(root))
+                if ours is None:
+                    if not name.startswith("model.vqmodel."):
+                        raise f.error(f"unexpected tensor {name!r} in a Chameleon checkpoint")
+                elif ours in index:
+                    raise f.error(f"tensor {name!r} also appears in {where[ours][0].path}")
+                elif not (config.tie_embeddings and ours == "lm_head.weight"):
+                    index[ours], where[ours] = entry, (f, name)
+        return _build(config, index, lambda ours: where[ours][0].tensor(where[ours][1]),
+                      lambda message: CheckpointError(f"{root}: {message}"), device=device, dtype=dtype)
+    finally:
+        for f in opened:
+            f.close()

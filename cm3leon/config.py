@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -71,6 +73,24 @@ class CM3LeonConfig:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("n_kv_heads", "ffn_dim"):  # optional sizes: None or a positive int
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not hasattr(type(value), "__index__")):
+                raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        # Floats must be finite: a NaN norm_eps (e.g. from a crafted checkpoint) gives a model of NaNs.
+        for name, low, inclusive in (("norm_eps", 0.0, False), ("rope_theta", 0.0, False),
+                                     ("init_std", 0.0, True), ("pos_init_std", 0.0, True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value) or value < low or (value == low and not inclusive):
+                bound = f"{'>=' if inclusive else '>'} {low}"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+        for name in ("norm_affine", "qk_norm", "tie_embeddings", "zero_init_output_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:

@@ -44,6 +44,24 @@ def check_supported_device(name: str, t: torch.Tensor, devices: tuple[str, ...])
             f"{name} is on {t.device}; this op has kernels for {', '.join(devices)} only")
 
 
+def check_fake_devices(op: str, cpu_ok: tuple[str, ...] = (), **tensors: torch.Tensor | None) -> None:
+    """The device check of a fake kernel (``torch.library.register_fake``).
+
+    Fake kernels run while tracing (``torch.compile``, FakeTensors) and also for *real* calls in which one
+    input is a ``meta`` tensor: the dispatcher then prefers the meta kernel over the CPU/CUDA one, so without
+    this check a raw ``torch.ops.cm3leon.*`` call mixing meta and CPU tensors would skip every device check
+    and return uninitialised memory. All given tensors must share a device; those named in ``cpu_ok`` may
+    also be on the CPU (e.g. a step counter beside CUDA logits).
+    """
+    present = {name: t for name, t in tensors.items() if t is not None}
+    device = next(iter(present.values())).device
+    for name, t in present.items():
+        if t.device != device and not (name in cpu_ok and t.device.type == "cpu"):
+            listed = ", ".join(f"{n} on {x.device}" for n, x in present.items())
+            raise ValueError(f"cm3leon::{op}: tensors must be on one device (meta tensors cannot be mixed "
+                             f"with others), got {listed}")
+
+
 def as_int(name: str, x: object) -> int:
     """x as a Python int: ints and integer scalars such as numpy.int64 (anything with __index__), not bools."""
     if type(x) is int:

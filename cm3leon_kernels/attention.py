@@ -13,11 +13,12 @@ path for float32, and split-KV decode for the KV cache; see docs/attention.md ("
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
 
-from ._checks import as_int
+from ._checks import as_int, check_fake_devices
 from ._native import cuda_built, ops
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
@@ -64,6 +65,9 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, nam
 def _scale(softmax_scale: float | None, q: torch.Tensor) -> float:
     if softmax_scale is None:
         return q.shape[-1] ** -0.5
+    if type(softmax_scale) is not float and (isinstance(softmax_scale, bool)
+                                             or not isinstance(softmax_scale, numbers.Real)):
+        raise TypeError(f"softmax_scale must be a number or None, got {type(softmax_scale).__name__}")
     scale = float(softmax_scale)
     if not math.isfinite(scale):  # NaN/inf would silently zero the output (the kernels skip NaN scores)
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
@@ -223,28 +227,36 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 @torch.library.register_fake("cm3leon::flash_attn_forward")
 def _forward_fake(q, k, v, softmax_scale, causal):
+    check_fake_devices("flash_attn_forward", q=q, k=k, v=v)
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_backward")
 def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal):
+    check_fake_devices("flash_attn_backward", dout=dout, q=q, k=k, v=v, out=out, lse=lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_varlen_forward")
 def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                          causal):
+    check_fake_devices("flash_attn_varlen_forward", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
+                       cu_seqlens_k=cu_seqlens_k)
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_varlen_backward")
 def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           softmax_scale, causal):
+    check_fake_devices("flash_attn_varlen_backward", dout=dout, q=q, k=k, v=v, out=out, lse=lse,
+                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_kvcache")
 def _kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_seqlen, softmax_scale, causal):
+    check_fake_devices("flash_attn_kvcache", q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
+                       cache_seqlens=cache_seqlens)
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 

@@ -23,7 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._checks import FLOAT_DTYPES, as_int, check_same_device, check_supported_device, check_tensor
+from ._checks import (FLOAT_DTYPES, as_int, check_fake_devices, check_same_device, check_supported_device,
+                      check_tensor)
 from ._native import cuda_built, ops
 
 __all__ = ["cfg_sample", "contrastive_sample"]
@@ -72,11 +73,14 @@ def _seed_args(seed: int | torch.Tensor, batch: int, device: torch.device) -> tu
     return (seed - _UINT64_END if seed >= 1 << 63 else seed), None  # same 64 bits as an int64
 
 
-def _step_args(step: int | torch.Tensor) -> tuple[int, torch.Tensor | None]:
+def _step_args(step: int | torch.Tensor, device: torch.device) -> tuple[int, torch.Tensor | None]:
     if isinstance(step, torch.Tensor):
         check_tensor("step", step, dtypes=(torch.int64,))
         if step.numel() != 1:
             raise ValueError(f"step tensor must hold one element, got shape {tuple(step.shape)}")
+        if step.device != device and step.device.type != "cpu":  # a CPU step is read on the host
+            raise ValueError(f"step tensor must be on the CPU or the logits' device ({device}), "
+                             f"got {step.device}")
         return 0, step
     return _check_int("step", step, 0, (1 << 63) - 1), None
 
@@ -170,7 +174,7 @@ def cfg_sample(logits: torch.Tensor, *, guidance_scale: float | Sequence[float] 
         check_supported_device("logits", logits, _DEVICES)
     lo, hi = _vocab_args(allowed_range, allowed_mask, batch, vocab, logits.device)
     seed_int, seeds = _seed_args(seed, batch, logits.device)
-    step_int, step_tensor = _step_args(step)
+    step_int, step_tensor = _step_args(step, logits.device)
     tokens, logprobs = ops.cfg_sample(logits, scales, temperature, top_k, top_p, min_p, lo, hi,
                                       None if allowed_mask is None else allowed_mask.contiguous(),
                                       seed_int, seeds, step_int, step_tensor)
@@ -230,7 +234,7 @@ def contrastive_sample(expert_logits: torch.Tensor, amateur_logits: torch.Tensor
     amateur_temperature = _check_real("amateur_temperature", amateur_temperature, 0.0, math.inf, lo_open=True)
     lo, hi = _vocab_args(allowed_range, allowed_mask, batch, vocab, expert_logits.device)
     seed_int, seeds = _seed_args(seed, batch, expert_logits.device)
-    step_int, step_tensor = _step_args(step)
+    step_int, step_tensor = _step_args(step, expert_logits.device)
     tokens, logprobs = ops.contrastive_sample(expert_logits, amateur_logits, alpha, k, temperature,
                                               amateur_temperature, lo, hi,
                                               None if allowed_mask is None else allowed_mask.contiguous(),
@@ -240,7 +244,9 @@ def contrastive_sample(expert_logits: torch.Tensor, amateur_logits: torch.Tensor
 
 # ---- torch.library registration: fake (meta) kernels for tracing (sampling has no gradient) -------------
 
-def _sample_fake(batch_source: torch.Tensor):
+def _sample_fake(op: str, batch_source: torch.Tensor, **tensors: torch.Tensor | None):
+    # The step counter may stay on the CPU beside CUDA logits (the CUDA kernel reads it on the host).
+    check_fake_devices(op, cpu_ok=("step_tensor",), **tensors)
     batch = batch_source.shape[0]
     return (batch_source.new_empty((batch,), dtype=torch.int64),
             batch_source.new_empty((batch,), dtype=torch.float32))
@@ -249,13 +255,16 @@ def _sample_fake(batch_source: torch.Tensor):
 @torch.library.register_fake("cm3leon::cfg_sample")
 def _cfg_sample_fake(logits, guidance_scale, temperature, top_k, top_p, min_p, range_lo, range_hi,
                      allowed_mask, seed, seeds, step, step_tensor):
-    return _sample_fake(logits)
+    return _sample_fake("cfg_sample", logits, logits=logits, allowed_mask=allowed_mask, seeds=seeds,
+                        step_tensor=step_tensor)
 
 
 @torch.library.register_fake("cm3leon::contrastive_sample")
 def _contrastive_sample_fake(expert_logits, amateur_logits, alpha, k, temperature, amateur_temperature,
                              range_lo, range_hi, allowed_mask, seed, seeds, step, step_tensor):
-    return _sample_fake(expert_logits)
+    return _sample_fake("contrastive_sample", expert_logits, expert_logits=expert_logits,
+                        amateur_logits=amateur_logits, allowed_mask=allowed_mask, seeds=seeds,
+                        step_tensor=step_tensor)
 
 
 # Sampling has no gradient: both outputs are marked non-differentiable, so logits that require grad (e.g. a

@@ -13,7 +13,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_contiguous, check_same_device, check_supported_device, check_tensor
+from ._checks import (FLOAT_DTYPES, check_contiguous, check_fake_devices, check_same_device,
+                      check_supported_device, check_tensor)
 from ._native import cuda_built, ops
 
 __all__ = ["vq_nearest", "vq_embed", "vector_quantize", "VQOutput"]
@@ -99,8 +100,13 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25,
     """
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):  # numbers.Real: also numpy scalars
         raise TypeError(f"beta must be a number, got {type(beta).__name__}")
-    if not (math.isfinite(beta) and beta >= 0):
+    try:
+        beta_float = float(beta)  # huge ints would overflow later, inside the loss arithmetic
+    except OverflowError:
+        beta_float = math.inf
+    if not (math.isfinite(beta_float) and beta_float >= 0):
         raise ValueError(f"beta must be a finite non-negative number, got {beta!r}")
+    beta = beta_float
     indices, _ = vq_nearest(z.detach(), codebook.detach(), metric=metric)
     codes = vq_embed(indices, codebook)
     codebook_loss = torch.mean((codes - z.detach()).float() ** 2)
@@ -113,12 +119,14 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25,
 
 @torch.library.register_fake("cm3leon::vq_nearest")
 def _vq_nearest_fake(z, codebook, metric="l2"):
+    check_fake_devices("vq_nearest", z=z, codebook=codebook)
     n = z.shape[0]
     return z.new_empty((n,), dtype=torch.int64), z.new_empty((n,), dtype=torch.float32)
 
 
 @torch.library.register_fake("cm3leon::vq_embed")
 def _vq_embed_fake(indices, codebook):
+    check_fake_devices("vq_embed", indices=indices, codebook=codebook)
     return codebook.new_empty((indices.shape[0], codebook.shape[1]))
 
 

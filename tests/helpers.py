@@ -1,7 +1,12 @@
-"""Shared test utilities: the FlashAttention tolerance rule and output poisoning."""
+"""Shared test utilities: the FlashAttention tolerance rule, output poisoning, isolated subprocess runs."""
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import torch
 
@@ -38,3 +43,16 @@ def poisoned_outputs():
     finally:
         det.fill_uninitialized_memory = prev_fill
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_isolated(code: str, *, timeout: float = 120.0, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter (this checkout's packages first on the path), so a crash or a hang
+    fails the calling test instead of killing pytest. Returns the ``CompletedProcess`` (text output)."""
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -244,7 +244,7 @@ int run_case(const Case& c, std::mt19937_64& rng) {
   if (!c.contrastive) {
     const CfgOptions o{c.streams, 2.5f, 1.5f, c.temperature, c.top_k, c.top_p, c.min_p};
     cpu_error = cfg_sample_cpu(dtype, x.data(), c.batch, S * c.vocab, c.vocab, o, allowed, host_seeds,
-                               cpu_tokens.data(), cpu_logprobs.data());
+                               cpu_tokens.data(), cpu_logprobs.data(), /*threads=*/1);
     auto p = cuda::make_cfg_params<T>(x.data(), S * c.vocab, c.vocab, o, c.min_p > 0 ? std::log(c.min_p) : 0.0,
                                       allowed, device_seeds, out);
     p.cached = std::min(p.cached, c.cache_limit);
@@ -253,7 +253,7 @@ int run_case(const Case& c, std::mt19937_64& rng) {
   } else {
     const ContrastiveOptions o{c.alpha, c.k, c.temperature, 0.7f};
     cpu_error = contrastive_sample_cpu(dtype, x.data(), x.data() + c.vocab, c.batch, 2 * c.vocab, 2 * c.vocab, o,
-                                       allowed, host_seeds, cpu_tokens.data(), cpu_logprobs.data());
+                                       allowed, host_seeds, cpu_tokens.data(), cpu_logprobs.data(), /*threads=*/1);
     auto p = cuda::make_contrastive_params<T>(x.data(), x.data() + c.vocab, 2 * c.vocab, 2 * c.vocab, o,
                                               c.alpha > 0 ? std::log(c.alpha) : 0.0, allowed, device_seeds, out);
     p.cached = std::min(p.cached, c.cache_limit);

@@ -31,7 +31,7 @@ def test_load_rejects_mismatched_shapes_naming_the_tensor(tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"),
               metadata={"format": "cm3leon", "config": model.config.to_json()})
     with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.up\.weight.*shape \(3, 3\)"):
-        load(tmp_path / "bad.safetensors")
+        load(tmp_path / "bad.safetensors", verify=False)  # written without checksums
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ValueError, match="not a cm3leon checkpoint"):
         load(tmp_path / "foreign.safetensors")

@@ -149,7 +149,7 @@ def test_training_on_world_like_source():
 
 def test_save_load_identical_tokens(tmp_path):
     model = train_image_tokenizer("tiny", _images(16), steps=3, batch_size=8, progress=False).tokenizer
-    path = tmp_path / "tok.pt"
+    path = tmp_path / "tok.safetensors"
     model.save(path)
     loaded = ImageTokenizer.load(path)
     assert loaded.config == model.config
@@ -157,9 +157,14 @@ def test_save_load_identical_tokens(tmp_path):
     tokens = model.encode(images)
     assert torch.equal(loaded.encode(images), tokens)
     assert torch.equal(loaded.decode(tokens), model.decode(tokens))
-    torch.save({"something": 1}, tmp_path / "other.pt")
+    from safetensors.torch import save_file
+
+    save_file({"something": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a cm3leon image tokenizer"):
-        ImageTokenizer.load(tmp_path / "other.pt")
+        ImageTokenizer.load(tmp_path / "other.safetensors")
+    torch.save({"something": 1}, tmp_path / "pickled.pt")  # the old pickle-based format is not read
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        ImageTokenizer.load(tmp_path / "pickled.pt")
 
 
 def test_bad_input(tiny):
@@ -235,6 +240,6 @@ def test_cli_writes_checkpoint_log_and_eval(tmp_path):
                     "--eval-images", "3", "--out", str(tmp_path), "--no-progress"])
     assert {"psnr_mean_db", "scorer_read_rate", "train_seconds", "train_cpu_seconds"} <= set(metrics)
     assert 0.0 <= metrics["scorer_read_rate"] <= 1.0
-    model = ImageTokenizer.load(tmp_path / "image_tokenizer.pt")
+    model = ImageTokenizer.load(tmp_path / "image_tokenizer.safetensors")
     assert model.config.image_size == 32 and (tmp_path / "train_log.json").exists()
     assert (tmp_path / "eval.json").exists()

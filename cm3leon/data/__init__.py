@@ -1,6 +1,6 @@
 """Data for cm3leon: the built-in procedural "shapes" world (scenes, captions, SFT tasks, an exact scorer
-and task metrics, a fixed-network Fréchet distance) and the real-data loader (image folder + captions).
-See docs/data.md."""
+and task metrics, a fixed-network Fréchet distance), the real-data loader (image folder + captions), and
+packed CM3 training batches (:class:`PackedLoader`, docs/objective.md). See docs/data.md."""
 
 from cm3leon.data.datasets import ShapesCaptions
 from cm3leon.data.edits import EDIT_KINDS, Edit, make_edit
@@ -14,6 +14,7 @@ from cm3leon.data.metrics import (
     parse_caption,
     prompt_alignment,
 )
+from cm3leon.data.packing import CM3Source, ExampleSource, PackedBatch, PackedLoader, derive_seed
 from cm3leon.data.scorer import read_scene, read_scenes
 from cm3leon.data.shapes import (
     BACKGROUND,
@@ -35,7 +36,8 @@ from cm3leon.data.tasks import TASKS, format_segments, make_example, sft_example
 from cm3leon.data.vqa import QUESTION_KINDS, Question, answer_question, make_question, vqa_accuracy
 
 __all__ = [
-    "BACKGROUND", "EDIT_KINDS", "PALETTE", "POSITIONS", "QUESTION_KINDS", "SHAPES", "SIZES", "TASKS",
+    "BACKGROUND", "CM3Source", "EDIT_KINDS", "ExampleSource", "PackedBatch", "PackedLoader", "derive_seed",
+    "PALETTE", "POSITIONS", "QUESTION_KINDS", "SHAPES", "SIZES", "TASKS",
     "Edit", "FixedFeatureNet", "ImageCaptionFolder", "Question", "Scene", "ShapeObject", "ShapesCaptions",
     "ShapesWorld", "answer_from_image", "answer_question", "caption", "caption_match", "coverage",
     "edge_map", "export_shapes_folder", "feature_stats", "format_segments", "frechet_distance",

@@ -2,8 +2,8 @@
 
 Images enter as ``uint8`` ``[B, 3, H, W]`` (0..255) or floating ``[B, 3, H, W]`` in [0, 1]; internally the
 network sees [-1, 1]. Tokens are int64 ``[B, h, w]`` codebook indices (``h = w = config.grid_size``).
-Checkpoints are one ``torch.save`` file holding the config (as a JSON-able dict) and the state dict; they
-load with ``weights_only=True``.
+Checkpoints are one safetensors file (no pickle: loading never runs code) with the config as JSON metadata
+and checksums (:mod:`cm3leon.integrity`); damaged files raise :class:`~cm3leon.integrity.CheckpointError`.
 """
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from torch import nn
 
 from cm3leon_kernels import vq_nearest
 
+from ..integrity import TensorFile, check_index, save_tensor_file
 from .codebook import Codebook
 from .image_config import ImageTokenizerConfig
 from .image_modules import Decoder, Encoder
 
 __all__ = ["ImageTokenizer", "TokenizerOutput"]
 
-_FORMAT = "cm3leon-image-tokenizer-v1"
+_FORMAT = "cm3leon-image-tokenizer"
 
 
 def _check_batch_size(batch_size: object) -> None:
@@ -128,20 +129,41 @@ class ImageTokenizer(nn.Module):
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, path: str | PathLike) -> None:
-        """Writes config + weights to one file (``torch.save``; loads with ``weights_only=True``)."""
-        torch.save({"format": _FORMAT, "config": json.dumps(self.config.to_dict()),
-                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}, path)
+        """Writes config + weights to one safetensors file (with checksums)."""
+        save_tensor_file(path, self.state_dict(), kind=_FORMAT,
+                         metadata={"config": json.dumps(self.config.to_dict())})
 
     @classmethod
-    def load(cls, path: str | PathLike, map_location: str | torch.device | None = "cpu"
-             ) -> ImageTokenizer:
-        """Reads a checkpoint written by :meth:`save`; returns the tokenizer in eval mode."""
-        blob = torch.load(path, map_location=map_location, weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a cm3leon image tokenizer checkpoint")
-        model = cls(ImageTokenizerConfig.from_dict(json.loads(blob["config"])))
-        model.load_state_dict(blob["state_dict"])
-        return model.eval()
+    def load(cls, path: str | PathLike, map_location: str | torch.device | None = "cpu", *,
+             verify: bool = True) -> ImageTokenizer:
+        """Reads a checkpoint written by :meth:`save`; returns the tokenizer in eval mode.
+
+        ``verify=False`` skips the checksums. Raises FileNotFoundError, or
+        :class:`~cm3leon.integrity.CheckpointError` for a file that is not a readable image tokenizer, has an
+        invalid config, tensors that do not match it (names, shapes, dtypes) or a failing checksum.
+        """
+        with TensorFile(path, kind=_FORMAT, verify=verify, what="cm3leon image tokenizer") as f:
+            data = f.json_entry("config")
+            try:
+                if not isinstance(data, dict):
+                    raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+                config = ImageTokenizerConfig.from_dict(data)
+            except (TypeError, ValueError) as err:
+                raise f.error(f"invalid image tokenizer config: {err}") from None
+            index = f.index()
+            # Module count grows with the stages and residual blocks, each holding tensors: bounding them by
+            # the file's tensor count keeps even the meta-device build below proportional to the file.
+            if len(config.channel_mult) + sum(config.res_blocks) > len(index):
+                raise f.error(f"config asks for {len(config.channel_mult)} stages and "
+                              f"{sum(config.res_blocks)} residual blocks but the file holds only {len(index)} "
+                              "tensors")
+            with torch.device("meta"):
+                expected = cls(config).state_dict()
+            check_index(index, expected, f.error)
+            tensors = f.tensors()
+        model = cls(config)  # sizes now match the file's, so this allocation is bounded by it
+        model.load_state_dict(tensors)
+        return model.to(map_location).eval()
 
     @property
     def tokens_per_image(self) -> int:

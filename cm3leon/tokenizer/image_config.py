@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 __all__ = ["ImageTokenizerConfig"]
@@ -69,8 +70,8 @@ class ImageTokenizerConfig:
         if self.metric not in ("l2", "cosine"):
             raise ValueError(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
         for name in ("beta", "l1_weight", "l2_weight", "gan_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # also rejects NaN
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.restart_every < 0 or self.gan_start_step < 0:
             raise ValueError("restart_every and gan_start_step must be >= 0")
 

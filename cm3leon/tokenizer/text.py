@@ -7,10 +7,13 @@ caption is ordinary text).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from os import PathLike
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from ..integrity import CheckpointError
 
 __all__ = ["PAPER_TEXT_VOCAB_SIZE", "TextTokenizer"]
 
@@ -90,8 +93,23 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str | PathLike) -> TextTokenizer:
-        """Reads a file written by :meth:`save`."""
-        return cls(Tokenizer.from_file(str(path)))
+        """Reads a file written by :meth:`save`.
+
+        Raises FileNotFoundError, or :class:`~cm3leon.integrity.CheckpointError` naming the file when it is
+        not a readable ``tokenizers`` file or not a byte-level BPE.
+        """
+        path = str(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception as err:  # `tokenizers` raises a bare Exception for damaged JSON
+            raise CheckpointError(f"{path}: not a readable tokenizer file ({err})") from None
+        if not (isinstance(tok.model, models.BPE) and isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+                and isinstance(tok.decoder, decoders.ByteLevel)):
+            raise CheckpointError(f"{path}: not a byte-level BPE tokenizer (model "
+                                  f"{type(tok.model).__name__}, pre-tokenizer {type(tok.pre_tokenizer).__name__})")
+        return cls(tok)
 
     def __repr__(self) -> str:
         return f"TextTokenizer(vocab_size={self.vocab_size})"

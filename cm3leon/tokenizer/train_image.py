@@ -2,7 +2,7 @@
 
     python -m cm3leon.tokenizer.train_image --steps 1500 --out runs/tokenizer
 
-Writes ``<out>/image_tokenizer.pt`` (checkpoint), ``<out>/train_log.json`` (loss history) and
+Writes ``<out>/image_tokenizer.safetensors`` (checkpoint), ``<out>/train_log.json`` (loss history) and
 ``<out>/eval.json`` (held-out PSNR, training time, and the share of decoded reconstructions that the shapes
 scorer ``cm3leon.data.metrics.prompt_alignment`` reads exactly as their scene).
 """
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    seed=args.seed, progress=not args.no_progress)
     train_cpu_seconds = time.process_time() - cpu0
     args.out.mkdir(parents=True, exist_ok=True)
-    result.tokenizer.save(args.out / "image_tokenizer.pt")
+    result.tokenizer.save(args.out / "image_tokenizer.safetensors")
     (args.out / "train_log.json").write_text(json.dumps(result.history, indent=1))
     t0 = time.perf_counter()
     metrics = evaluate(result.tokenizer, heldout, args.eval_images)

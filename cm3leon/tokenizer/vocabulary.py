@@ -17,6 +17,8 @@ from os import PathLike
 
 import torch
 
+from ..integrity import CheckpointError, json_digest, parse_json
+
 __all__ = ["NUM_SENTINELS", "SPECIAL_TOKENS", "Vocabulary"]
 
 NUM_SENTINELS = 16
@@ -147,18 +149,45 @@ class Vocabulary:
                 "special_tokens": list(SPECIAL_TOKENS)}
 
     def save(self, path: str | PathLike) -> None:
-        """Writes the vocabulary as JSON."""
+        """Writes the vocabulary as JSON, with a ``checksum`` field (SHA-256 of the other fields)."""
+        data = self.to_dict()
         with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump(data | {"checksum": json_digest(data)}, f, indent=2)
 
     @classmethod
-    def load(cls, path: str | PathLike) -> Vocabulary:
-        """Reads a vocabulary written by :meth:`save`; ValueError if its special tokens differ from ours."""
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if tuple(data.get("special_tokens", ())) != SPECIAL_TOKENS:
-            raise ValueError(f"{path}: special tokens {data.get('special_tokens')} do not match {SPECIAL_TOKENS}")
-        return cls(text_size=data["text_size"], image_codes=data["image_codes"])
+    def load(cls, path: str | PathLike, *, verify: bool = True) -> Vocabulary:
+        """Reads a vocabulary written by :meth:`save` (``verify=False`` skips the checksum).
+
+        Raises FileNotFoundError, or :class:`~cm3leon.integrity.CheckpointError` (a ``ValueError``) naming
+        the file when it is not valid JSON, lacks a field, holds invalid sizes, its special tokens differ
+        from ours, or its checksum is missing or wrong.
+        """
+        def error(message: str) -> CheckpointError:
+            return CheckpointError(f"{path}: {message}")
+
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise error(f"not UTF-8 text ({err})") from None
+        data = parse_json(text, error, "the vocabulary")
+        if not isinstance(data, dict):
+            raise error(f"must hold a JSON object, got {type(data).__name__}")
+        specials = data.get("special_tokens")
+        if not isinstance(specials, list) or tuple(specials) != SPECIAL_TOKENS:
+            raise error(f"special tokens {specials} do not match {SPECIAL_TOKENS}")
+        try:
+            vocabulary = cls(text_size=data["text_size"], image_codes=data["image_codes"])
+        except KeyError as err:
+            raise error(f"missing field {err}") from None
+        except (TypeError, ValueError) as err:
+            raise error(str(err)) from None
+        if verify and "checksum" not in data:
+            raise error("has no checksum (written by an older cm3leon?); pass verify=False to load it unverified")
+        if verify and data["checksum"] != json_digest(vocabulary.to_dict()):
+            raise error("fails its checksum (the file is damaged); verify=False loads it anyway")
+        return vocabulary
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and self.to_dict() == other.to_dict()

@@ -82,7 +82,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   for (int64_t s = 0; s < pr.num_segments; ++s)
     for (int64_t h = 0; h < hq; ++h)
       for (int64_t q0 = 0; q0 < pr.segments[s].q_len; q0 += BM) pre.push_back({s, h, q0, 0});
-  parallel_items(int64_t(pre.size()), [&](int64_t i) {
+  parallel_items(pr.threads, int64_t(pre.size()), [&](int64_t i) {
     const Item& it = pre[size_t(i)];
     const Segment& sg = pr.segments[it.segment];
     const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
@@ -117,7 +117,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  const int nt = num_threads();
+  const int nt = usable_threads(pr.threads);
   // Per-thread dQ / scale in fp32, laid out like q_rows (16-column strips per query block) so that every
   // micro-kernel tile of dQ is contiguous.
   const ScratchBuffer<float> dq_acc(size_t(nt) * qsize);
@@ -184,7 +184,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   }
 
   // dQ = scale * (sum of the per-thread buffers), written in q's layout and dtype.
-  parallel_items(int64_t(pre.size()), [&](int64_t i) {
+  parallel_items(pr.threads, int64_t(pre.size()), [&](int64_t i) {
     const Item& it = pre[size_t(i)];
     const Segment& sg = pr.segments[it.segment];
     const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);

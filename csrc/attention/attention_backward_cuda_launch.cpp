@@ -72,6 +72,7 @@ BackwardParams base_params(const at::Tensor& q, const at::Tensor& k, double soft
   p.heads_q = q.size(-2);
   p.heads_kv = k.size(-2);
   p.head_dim = q.size(-1);
+  check_softmax_scale(softmax_scale);
   p.scale = float(softmax_scale);
   p.causal = causal;
   return p;

@@ -16,6 +16,10 @@ int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::
                       const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
                       const c10::optional<at::Tensor>& cache_seqlens);
 
+// softmax_scale must be finite as a float32 (the kernels' type): a NaN or infinite scale would silently give
+// NaN or zero rows.
+void check_softmax_scale(double softmax_scale);
+
 // The backward's extra tensors: dout and out shaped, typed and placed like q, lse float32 of `lse_shape` on
 // q's device; all contiguous. (q/k/v are check_qkv's.)
 void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,

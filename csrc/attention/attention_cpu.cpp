@@ -157,7 +157,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
   const float qscale = pr.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
-  parallel_items(int64_t(items.size()), [&](int64_t idx) {
+  parallel_items(pr.threads, int64_t(items.size()), [&](int64_t idx) {
     const Item& it = items[size_t(idx)];
     const Segment& sg = pr.segments[it.segment];
     const int64_t h = it.head, q0 = it.q0, hk = h / group;

@@ -23,6 +23,7 @@ struct Problem {
   int64_t lse_head_stride;
   float scale;  // softmax scale applied to q.k
   bool causal;  // bottom-right aligned: query i sees keys j <= i + k_len - q_len
+  int threads;   // CPU threads the kernel may use (the launcher passes torch's setting)
 };
 
 // out = softmax(scale * q k^T + mask) v; lse = log-sum-exp of each row's scaled scores (natural log).

@@ -38,6 +38,7 @@ void check_fits_int(int64_t value, const char* what) {
 
 cuda::AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                              at::Tensor& lse, double softmax_scale, bool causal) {
+  check_softmax_scale(softmax_scale);
   cuda::AttnParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
@@ -133,6 +134,7 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
                            const c10::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
                            double softmax_scale, bool causal) {
   const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
+  check_softmax_scale(softmax_scale);  // before the caches are written
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
   if (!cache_seqlens.has_value()) {
     TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= cache_len, "cache_seqlens = ", cache_seqlen,

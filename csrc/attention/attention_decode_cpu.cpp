@@ -65,7 +65,7 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
     max_q = std::max(max_q, pr.segments[s].q_len);
   }
   const int64_t pairs_max = round_up(hq * max_q, 8);
-  const int64_t want = 8 * int64_t(num_threads());  // enough items for dynamic balance on busy cores
+  const int64_t want = 8 * int64_t(usable_threads(pr.threads));  // enough items for dynamic balance on busy cores
   const int64_t splits = std::max<int64_t>(
       1, std::min(ceil_div(want, std::max<int64_t>(pr.num_segments, 1)), max_k / kMinSlice));
   const int64_t items = pr.num_segments * splits;
@@ -74,7 +74,7 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
   const float qscale = pr.scale * kLog2e;
   const int64_t stride = hkv * d;  // elements between consecutive cached tokens
 
-  parallel_items(items, [&](int64_t item) {
+  parallel_items(pr.threads, items, [&](int64_t item) {
     const Segment& sg = pr.segments[item / splits];
     const int64_t split = item % splits, pairs = hq * sg.q_len, pairs8 = round_up(pairs, 8);
     const int64_t slice = round_up(ceil_div(sg.k_len, splits), 8);
@@ -164,7 +164,7 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
 
   // Merge the slices of every (segment, pair) by their log-sum-exp. (A slice whose rows saw nothing has
   // m = 0 and l = 0, so it adds nothing; a NaN l, from NaN or inf inputs, makes the row NaN as in PyTorch.)
-  parallel_items(pr.num_segments, [&](int64_t seg) {
+  parallel_items(pr.threads, pr.num_segments, [&](int64_t seg) {
     const Segment& sg = pr.segments[seg];
     for (int64_t pi = 0; pi < hq * sg.q_len; ++pi) {
       const int64_t h = pi / sg.q_len, i = pi % sg.q_len;

@@ -1,8 +1,10 @@
 #include "attention/attention_launch.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
+#include <cmath>
 #include <vector>
 
 #include "attention/attention_checks.h"
@@ -71,6 +73,11 @@ int64_t check_kvcache(const Tensor& q, const Tensor& k_cache, const Tensor& v_ca
   return new_len;
 }
 
+void check_softmax_scale(double softmax_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(float(softmax_scale)), "softmax_scale must be a finite number (as float32), got ",
+                    softmax_scale);
+}
+
 void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
                     at::IntArrayRef lse_shape) {
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(),
@@ -92,8 +99,9 @@ namespace {
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
                      int64_t lse_head_stride, double softmax_scale, bool causal) {
+  // Threads from torch's setting: OpenMP's own per-thread value lags in threads torch has not synced.
   return Problem{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.size(-2), k.size(-2),
-                 q.size(-1), lse_head_stride, float(softmax_scale), causal};
+                 q.size(-1), lse_head_stride, float(softmax_scale), causal, at::get_num_threads()};
 }
 
 std::vector<Segment> dense_segments(const at::Tensor& q, const at::Tensor& k) {
@@ -150,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
 OutLse forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale,
                           bool causal) {
   check_qkv(q, k, v, 4);
+  check_softmax_scale(softmax_scale);
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
   const std::vector<Segment> segments = dense_segments(q, k);
   at::Tensor out = at::empty_like(q);
@@ -162,6 +171,9 @@ OutLse forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v, dou
 Grads backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                           const Tensor& out, const Tensor& lse, double softmax_scale, bool causal) {
   check_qkv(q, k, v, 4);
+  check_softmax_scale(softmax_scale);
+  // The segments index k/v by q's batch: a shorter k/v would be read (and dk/dv written) out of bounds.
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
   check_backward(dout, q, out, lse, {q.size(0), q.size(2), q.size(1)});
   const std::vector<Segment> segments = dense_segments(q, k);
   const Problem p = make_problem(q, k, segments, q.size(1), softmax_scale, causal);
@@ -172,6 +184,7 @@ OutLse varlen_forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor&
                                  const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                  int64_t max_seqlen_k, double softmax_scale, bool causal) {
   check_qkv(q, k, v, 3);
+  check_softmax_scale(softmax_scale);
   const std::vector<Segment> segments =
       varlen_segments(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   at::Tensor out = at::empty_like(q);
@@ -186,6 +199,7 @@ Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tens
                                  const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                  double softmax_scale, bool causal) {
   check_qkv(q, k, v, 3);
+  check_softmax_scale(softmax_scale);
   check_backward(dout, q, out, lse, {q.size(1), q.size(0)});
   const std::vector<Segment> segments =
       varlen_segments(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
@@ -198,6 +212,7 @@ OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& 
                           const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen,
                           double softmax_scale, bool causal) {
   const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
+  check_softmax_scale(softmax_scale);  // before the caches are written
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
   const int32_t* starts = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
   std::vector<Segment> segments(static_cast<size_t>(b));

@@ -1,5 +1,7 @@
 // Torch-free CPU parallelism. OpenMP is the runtime torch itself uses on Linux (its libgomp is already
-// loaded when the extension is imported), so torch.set_num_threads governs our kernels too.
+// loaded when the extension is imported). The thread count is not read from OpenMP here: the launchers pass
+// at::get_num_threads() down, because OpenMP's per-thread setting in a new Python thread keeps its default
+// until a torch op syncs it, while torch.set_num_threads is process-wide.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -7,17 +9,19 @@
 
 namespace cm3leon {
 
-inline int num_threads() { return omp_in_parallel() ? 1 : omp_get_max_threads(); }
+// The threads a kernel may use out of the caller's budget: 1 inside a parallel region (no nested teams).
+inline int usable_threads(int budget) { return omp_in_parallel() ? 1 : std::max(budget, 1); }
 
-// Runs body(item) for item in [0, n) on all threads with dynamic scheduling (items have uneven cost).
+// Runs body(item) for item in [0, n) on up to `threads` threads with dynamic scheduling (uneven items).
 template <typename Body>
-void parallel_items(int64_t n, const Body& body) {
+void parallel_items(int threads, int64_t n, const Body& body) {
   if (n <= 0) return;
-  if (n == 1 || num_threads() == 1) {
+  const int team = int(std::min<int64_t>(n, usable_threads(threads)));
+  if (team == 1) {
     for (int64_t i = 0; i < n; ++i) body(i);
     return;
   }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(int(std::min<int64_t>(n, num_threads())))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
   for (int64_t i = 0; i < n; ++i) body(i);
 }
 

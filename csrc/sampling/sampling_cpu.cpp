@@ -584,14 +584,14 @@ constexpr int64_t kMinChunksPerSplit = 128;  // 8192 tokens: below this a split 
 // over chunk ranges (the rest of a row is cheap); chunk-local work is identical either way, so the tokens
 // do not depend on the thread count.
 template <typename Job>
-RowError run_rows(int64_t batch, bool contrastive, const Job& job) {
+RowError run_rows(int threads, int64_t batch, bool contrastive, const Job& job) {
   if (batch == 0) return {-1, RowStatus::Ok};  // nothing to sample (and the split count below divides by batch)
   std::vector<RowStatus> status(size_t(batch), RowStatus::Ok);
   const int64_t n = job.width(), chunks = ceil_div(n, kChunk);
-  const int64_t threads = num_threads();
-  const int64_t splits = batch >= threads ? 1 : std::min(ceil_div(threads, batch), chunks / kMinChunksPerSplit);
+    const int64_t team = usable_threads(threads);
+  const int64_t splits = batch >= team ? 1 : std::min(ceil_div(team, batch), chunks / kMinChunksPerSplit);
   if (splits <= 1) {
-    parallel_items(batch, [&](int64_t r) {
+    parallel_items(threads, batch, [&](int64_t r) {
       thread_local Workspace ws;
       try {
         ws.reserve(n, contrastive);
@@ -613,11 +613,11 @@ RowError run_rows(int64_t batch, bool contrastive, const Job& job) {
     // A plain pointer: inside the parallel lambdas the name `spaces` would mean each worker's own instance.
     Workspace* const row_ws = spaces.data();
     const int64_t per_split = ceil_div(chunks, splits);
-    parallel_items(batch * splits, [&](int64_t item) {
+    parallel_items(threads, batch * splits, [&](int64_t item) {
       const int64_t r = item / splits, c0 = (item % splits) * per_split;
       partial[size_t(item)] = job.dense(r, row_ws[r], c0, std::min(chunks, c0 + per_split));
     });
-    parallel_items(batch, [&](int64_t r) {
+    parallel_items(threads, batch, [&](int64_t r) {
       ChunkStats st{-kInf, 0, false};
       for (int64_t s = 0; s < splits; ++s) {
         const ChunkStats& p = partial[size_t(r * splits + s)];
@@ -637,24 +637,24 @@ RowError run_rows(int64_t batch, bool contrastive, const Job& job) {
 
 RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t row_stride, int64_t stream_stride,
                         const CfgOptions& options, const Vocab& allowed, const SeedSpec& seeds, int64_t* tokens,
-                        float* logprobs) {
+                        float* logprobs, int threads) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const CfgJob<T> job{{allowed, seeds, tokens, logprobs}, static_cast<const T*>(logits), row_stride,
                         stream_stride, options};
-    return run_rows(batch, false, job);
+    return run_rows(threads, batch, false, job);
   });
 }
 
 RowError contrastive_sample_cpu(DType dtype, const void* expert, const void* amateur, int64_t batch,
                                 int64_t expert_row_stride, int64_t amateur_row_stride,
                                 const ContrastiveOptions& options, const Vocab& allowed, const SeedSpec& seeds,
-                                int64_t* tokens, float* logprobs) {
+                                int64_t* tokens, float* logprobs, int threads) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const ContrastiveJob<T> job{{allowed, seeds, tokens, logprobs}, static_cast<const T*>(expert),
                                 static_cast<const T*>(amateur), expert_row_stride, amateur_row_stride, options};
-    return run_rows(batch, true, job);
+    return run_rows(threads, batch, true, job);
   });
 }
 

@@ -9,15 +9,15 @@ namespace cm3leon::sampling {
 
 // logits: [B, S, V] with strides (row_stride, stream_stride, 1), stream 0 unconditional; only the tokens in
 // allowed's range are read. Writes tokens[B] and, if non-null, logprobs[B] (log-probability of the drawn
-// token under the final distribution; 0 for greedy).
+// token under the final distribution; 0 for greedy). Uses up to `threads` CPU threads.
 RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t row_stride, int64_t stream_stride,
                         const CfgOptions& options, const Vocab& allowed, const SeedSpec& seeds, int64_t* tokens,
-                        float* logprobs);
+                        float* logprobs, int threads);
 
 // expert, amateur: [B, V] with row strides; both of `dtype`.
 RowError contrastive_sample_cpu(DType dtype, const void* expert, const void* amateur, int64_t batch,
                                 int64_t expert_row_stride, int64_t amateur_row_stride,
                                 const ContrastiveOptions& options, const Vocab& allowed, const SeedSpec& seeds,
-                                int64_t* tokens, float* logprobs);
+                                int64_t* tokens, float* logprobs, int threads);
 
 }  // namespace cm3leon::sampling

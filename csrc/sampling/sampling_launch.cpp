@@ -1,5 +1,6 @@
 #include "sampling/sampling_launch.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <cmath>
 
@@ -64,6 +65,8 @@ CfgOptions check_cfg_args(const at::Tensor& logits, c10::ArrayRef<double> guidan
   TORCH_CHECK_VALUE(streams >= 1 && streams <= 3, "logits must have S = 1, 2 or 3 streams, got ", streams);
   TORCH_CHECK_VALUE(int64_t(guidance_scale.size()) == streams - 1, "guidance_scale must hold S - 1 = ",
                     streams - 1, " values for S = ", streams, ", got ", guidance_scale.size());
+  for (const double s : guidance_scale)
+    TORCH_CHECK_VALUE(std::isfinite(float(s)), "guidance_scale must be finite (as float32), got ", s);
   TORCH_CHECK_VALUE(vocab > 0 && vocab < (int64_t(1) << 31), "V must be in [1, 2^31), got ", vocab);
   TORCH_CHECK_VALUE(logits.stride(2) == 1, "logits must be contiguous along V");
   TORCH_CHECK_VALUE(temperature >= 0 && std::isfinite(temperature), "temperature must be >= 0, got ", temperature);
@@ -96,9 +99,15 @@ ContrastiveOptions check_contrastive_args(const at::Tensor& expert, const at::Te
 
 namespace {
 
+void check_on_cpu(const std::optional<at::Tensor>& t, const char* name) {
+  if (t) TORCH_CHECK_VALUE(t->is_cpu(), name, " must be on the logits' device (cpu), got ", t->device());
+}
+
 SeedSpec host_seeds(int64_t batch, int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
                     const std::optional<at::Tensor>& step_tensor) {
   check_seed_tensors(batch, seeds, step_tensor);
+  check_on_cpu(seeds, "seed tensor");
+  check_on_cpu(step_tensor, "step tensor");
   SeedSpec s{nullptr, seed, uint64_t(step)};
   if (seeds) s.per_row = seeds->data_ptr<int64_t>();
   if (step_tensor) s.step = uint64_t(step_tensor->item<int64_t>());
@@ -115,12 +124,14 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu_launch(
   const CfgOptions options = check_cfg_args(logits, guidance_scale, temperature, top_k, top_p, min_p);
   const int64_t batch = logits.size(0), vocab = logits.size(2);
   const DType dtype = float_dtype(logits, "logits");
+  check_on_cpu(allowed_mask, "allowed_mask");
   const Vocab allowed = check_vocab(batch, vocab, range_lo, range_hi, allowed_mask);
   const SeedSpec seed_spec = host_seeds(batch, seed, seeds, step, step_tensor);
   at::Tensor tokens = at::empty({batch}, logits.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({batch}, logits.options().dtype(at::kFloat));
   const RowError err = cfg_sample_cpu(dtype, logits.data_ptr(), batch, logits.stride(0), logits.stride(1), options,
-                                      allowed, seed_spec, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+                                      allowed, seed_spec, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+                                      at::get_num_threads());
   raise_row_error(err, "logits");
   return {tokens, logprobs};
 }
@@ -134,13 +145,16 @@ std::tuple<at::Tensor, at::Tensor> contrastive_sample_cpu_launch(
       check_contrastive_args(expert, amateur, alpha, k, temperature, amateur_temperature);
   const int64_t batch = expert.size(0), vocab = expert.size(1);
   const DType dtype = float_dtype(expert, "expert_logits");
+  TORCH_CHECK_VALUE(amateur.is_cpu(), "amateur_logits must be on expert_logits' device (cpu), got ", amateur.device());
+  check_on_cpu(allowed_mask, "allowed_mask");
   const Vocab allowed = check_vocab(batch, vocab, range_lo, range_hi, allowed_mask);
   const SeedSpec seed_spec = host_seeds(batch, seed, seeds, step, step_tensor);
   at::Tensor tokens = at::empty({batch}, expert.options().dtype(at::kLong));
   at::Tensor logprobs = at::empty({batch}, expert.options().dtype(at::kFloat));
   const RowError err =
       contrastive_sample_cpu(dtype, expert.data_ptr(), amateur.data_ptr(), batch, expert.stride(0), amateur.stride(0),
-                             options, allowed, seed_spec, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>());
+                             options, allowed, seed_spec, tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+                             at::get_num_threads());
   raise_row_error(err, "expert_logits/amateur_logits");
   return {tokens, logprobs};
 }

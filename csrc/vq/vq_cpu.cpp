@@ -24,11 +24,25 @@ constexpr int64_t NR = kMicroCols;  // codes per micro-kernel
 constexpr int64_t MC = 96;   // z rows per work item (16 panels of 6; ~96 KiB packed at d=256)
 constexpr int64_t KC = 256;  // depth chunk: a code panel chunk (16 KiB) must stay in L1
 
+// In double: the squared norm of a finite fp32 vector can overflow (or underflow) fp32, never double.
 template <typename T>
-float row_norm(const T* x, int64_t d) {
-  float s = 0.f;
-  for (int64_t i = 0; i < d; ++i) { const float v = to_float(x[i]); s += v * v; }
+double row_norm(const T* x, int64_t d) {
+  double s = 0.0;
+  for (int64_t i = 0; i < d; ++i) { const double v = to_float(x[i]); s += v * v; }
   return std::sqrt(s);
+}
+
+// Cosine scores compare z.c over codes, so a positive per-row factor of z changes no argmin: scaling by the
+// power of two that brings max|z| into [0.5, 1) is exact and keeps z.c (codes are unit vectors) far from
+// fp32 overflow. Returns that power's exponent (applied with ldexp: 2^exponent itself may not be a float).
+template <typename T>
+int cosine_row_shift(const T* x, int64_t d) {
+  float top = 0.f;
+  for (int64_t i = 0; i < d; ++i) top = std::max(top, std::fabs(to_float(x[i])));
+  if (!(top > 0.f) || !std::isfinite(top)) return 0;  // zero rows, and NaN/inf that must stay visible
+  int exponent = 0;
+  std::frexp(top, &exponent);
+  return -exponent;
 }
 
 // The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c.
@@ -39,11 +53,11 @@ struct PackedCodebook {
 };
 
 template <typename T>
-PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric metric) {
+PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric metric, int threads) {
   const int64_t panels = ceil_div(k, NR);
   PackedCodebook packed{panels, ScratchBuffer<float>(size_t(panels * d * NR)),
                         ScratchBuffer<float>(size_t(panels * NR))};
-  parallel_items(packed.panels, [&](int64_t panel) {
+  parallel_items(threads, packed.panels, [&](int64_t panel) {
     float* dst = packed.values.data() + panel * d * NR;
     for (int64_t j = 0; j < NR; ++j) {
       const int64_t code = panel * NR + j;
@@ -53,13 +67,14 @@ PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric met
         continue;
       }
       const T* src = codebook + code * d;
-      float scale = 1.f, sq = 0.f;
+      double scale = 1.0;
+      float sq = 0.f;
       if (metric == Metric::Cosine) {
-        const float norm = row_norm(src, d);
-        scale = norm > 0.f ? 1.f / norm : 0.f;
+        const double norm = row_norm(src, d);
+        scale = norm > 0.0 ? 1.0 / norm : 0.0;
       }
       for (int64_t p = 0; p < d; ++p) {
-        const float v = to_float(src[p]) * scale;
+        const float v = float(double(to_float(src[p])) * scale);
         dst[p * NR + j] = v;
         sq += v * v;
       }
@@ -69,16 +84,22 @@ PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric met
   return packed;
 }
 
-// Packs rows [row0, row0 + rows) of z into MR-row panels; missing rows of the last panel are zero.
+// Packs rows [row0, row0 + rows) of z into MR-row panels; missing rows of the last panel are zero. Cosine
+// rows are rescaled by cosine_row_shift.
 template <typename T>
-void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, float* dst) {
+void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, Metric metric, float* dst) {
   for (int64_t panel = 0; panel < ceil_div(rows, MR); ++panel) {
     float* out = dst + panel * d * MR;
     for (int64_t r = 0; r < MR; ++r) {
       const int64_t row = panel * MR + r;
       if (row < rows) {
         const T* src = z + (row0 + row) * d;
-        for (int64_t p = 0; p < d; ++p) out[p * MR + r] = to_float(src[p]);
+        if (metric == Metric::Cosine) {
+          const int shift = cosine_row_shift(src, d);
+          for (int64_t p = 0; p < d; ++p) out[p * MR + r] = std::ldexp(to_float(src[p]), shift);
+        } else {
+          for (int64_t p = 0; p < d; ++p) out[p * MR + r] = to_float(src[p]);
+        }
       } else {
         for (int64_t p = 0; p < d; ++p) out[p * MR + r] = 0.f;
       }
@@ -93,12 +114,12 @@ struct Best {
 
 // Scans code panels [panel0, panel1) for rows [row0, row0 + rows) and writes each row's best score.
 template <typename T>
-void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t rows, int64_t d,
+void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t rows, int64_t d, Metric metric,
                 int64_t panel0, int64_t panel1, Best* best) {
   const int64_t z_panels = ceil_div(rows, MR);
   std::vector<float> zpack(size_t(z_panels * MR * d));
   std::vector<float> tile(size_t(z_panels * MR * NR));
-  pack_rows(z, row0, rows, d, zpack.data());
+  pack_rows(z, row0, rows, d, metric, zpack.data());
   for (int64_t r = 0; r < rows; ++r) best[r] = {std::numeric_limits<float>::infinity(), -1};
 
   for (int64_t panel = panel0; panel < panel1; ++panel) {
@@ -124,27 +145,27 @@ void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t r
 
 template <typename T>
 int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, Metric metric,
-                int64_t* indices, float* distance) {
+                int64_t* indices, float* distance, int threads) {
   if (n == 0) return 0;
-  const PackedCodebook codes = pack_codebook(codebook, k, d, metric);
+  const PackedCodebook codes = pack_codebook(codebook, k, d, metric, threads);
 
   // Work items: row blocks x code ranges. Few rows (decode-sized calls) split the codebook instead so
   // every core has work; the partial winners are merged in code order, which preserves lowest-index ties.
   const int64_t row_blocks = ceil_div(n, MC);
-  const int64_t want = 4 * int64_t(num_threads());
+  const int64_t want = 4 * int64_t(usable_threads(threads));
   const int64_t code_splits = row_blocks >= want ? 1 : std::min(codes.panels, ceil_div(want, row_blocks));
   const int64_t panels_per_split = ceil_div(codes.panels, code_splits);
   std::vector<Best> partial(size_t(code_splits * n));
-  parallel_items(row_blocks * code_splits, [&](int64_t item) {
+  parallel_items(threads, row_blocks * code_splits, [&](int64_t item) {
     const int64_t block = item / code_splits, split = item % code_splits;
     const int64_t row0 = block * MC, rows = std::min(MC, n - row0);
     const int64_t panel0 = split * panels_per_split;
     const int64_t panel1 = std::min(codes.panels, panel0 + panels_per_split);
-    scan_block(z, codes, row0, rows, d, panel0, panel1, partial.data() + split * n + row0);
+    scan_block(z, codes, row0, rows, d, metric, panel0, panel1, partial.data() + split * n + row0);
   });
 
   int64_t non_finite = 0;
-#pragma omp parallel for reduction(+ : non_finite) num_threads(num_threads()) if (n * d > 65536)
+#pragma omp parallel for reduction(+ : non_finite) num_threads(usable_threads(threads)) if (n * d > 65536)
   for (int64_t row = 0; row < n; ++row) {
     Best b = partial[size_t(row)];
     for (int64_t s = 1; s < code_splits; ++s) {
@@ -187,23 +208,23 @@ int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, 
 }  // namespace
 
 int64_t nearest_cpu(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
-                    Metric metric, int64_t* indices, float* distance) {
+                    Metric metric, int64_t* indices, float* distance, int threads) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     return nearest(static_cast<const T*>(z), static_cast<const T*>(codebook), n, k, d, metric, indices,
-                   distance);
+                   distance, threads);
   });
 }
 
 int64_t embed_cpu(DType dtype, const int64_t* indices, const void* codebook, int64_t n, int64_t k, int64_t d,
-                  void* out) {
+                  void* out, int threads) {
   return dispatch_float(dtype, [&](auto tag) -> int64_t {
     using T = decltype(tag);
     const T* src = static_cast<const T*>(codebook);
     T* dst = static_cast<T*>(out);
     for (int64_t i = 0; i < n; ++i)
       if (indices[i] < 0 || indices[i] >= k) return i;
-    parallel_items(ceil_div(n, 256), [&](int64_t block) {
+    parallel_items(threads, ceil_div(n, 256), [&](int64_t block) {
       for (int64_t i = block * 256; i < std::min(n, block * 256 + 256); ++i)
         std::copy(src + indices[i] * d, src + (indices[i] + 1) * d, dst + i * d);
     });

@@ -11,11 +11,12 @@ enum class Metric { L2, Cosine };
 // Writes indices[n] and distance[n]: squared euclidean distance (L2) or 1 - cosine similarity (Cosine).
 // Never forms the n x k distance matrix. Returns the number of rows whose distances were all NaN/inf
 // (their outputs are unspecified), so the caller can reject non-finite input without a separate pass.
+// Both functions use up to `threads` CPU threads.
 int64_t nearest_cpu(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
-                    Metric metric, int64_t* indices, float* distance);
+                    Metric metric, int64_t* indices, float* distance, int threads);
 
 // out[i, :] = codebook[indices[i], :]. Returns the position of the first index outside [0, k), or -1.
 int64_t embed_cpu(DType dtype, const int64_t* indices, const void* codebook, int64_t n, int64_t k, int64_t d,
-                  void* out);
+                  void* out, int threads);
 
 }  // namespace cm3leon::vq

@@ -1,5 +1,6 @@
 #include "vq/vq_launch.h"
 
+#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
 #include "common/tensor_checks.h"
@@ -35,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_cpu_launch(const at::Tensor& z, const
   at::Tensor distance = at::empty({n}, z.options().dtype(at::kFloat));
   const int64_t bad = nearest_cpu(float_dtype(z, "z"), z.data_ptr(), codebook.data_ptr(), n, codebook.size(0),
                                   codebook.size(1), kind,
-                                  indices.data_ptr<int64_t>(), distance.data_ptr<float>());
+                                  indices.data_ptr<int64_t>(), distance.data_ptr<float>(), at::get_num_threads());
   TORCH_CHECK_VALUE(bad == 0, "z or codebook holds NaN/inf: ", bad, " row(s) of z have no finite distance");
   return {indices, distance};
 }
@@ -44,11 +45,13 @@ at::Tensor embed_cpu_launch(const at::Tensor& indices, const at::Tensor& codeboo
   check_codebook(codebook);
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, "indices must be int64, got ", indices.scalar_type());
   TORCH_CHECK_VALUE(indices.dim() == 1, "indices must be 1-D, got ", indices.sizes());
+  TORCH_CHECK_VALUE(indices.device() == codebook.device(), "indices and codebook must be on the same device, got ",
+                    indices.device(), " and ", codebook.device());
   check_contiguous(indices, "indices");
   at::Tensor out = at::empty({indices.size(0), codebook.size(1)}, codebook.options());
   const int64_t bad = embed_cpu(float_dtype(codebook, "codebook"), indices.data_ptr<int64_t>(),
                                 codebook.data_ptr(), indices.size(0), codebook.size(0), codebook.size(1),
-                                out.data_ptr());
+                                out.data_ptr(), at::get_num_threads());
   TORCH_CHECK_INDEX(bad < 0, "indices out of range: indices[", bad, "] = ",
                     bad < 0 ? 0 : indices.data_ptr<int64_t>()[bad], " is not in [0, ", codebook.size(0), ")");
   return out;
