@@ -23,7 +23,13 @@ ONE = Runtime(rank=0, world_size=1, device=torch.device("cpu"), owns_group=False
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return prepare_shapes_corpus(tmp_path_factory.mktemp("corpus"), **TINY)
+    # one thread: the tiny tokenizer's small convolutions only lose to thread synchronisation on shared cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield prepare_shapes_corpus(tmp_path_factory.mktemp("corpus"), **TINY)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_corpus_is_trained_once_then_loaded_and_refuses_other_settings(corpus):
@@ -141,3 +147,17 @@ def test_build_data_for_both_stages(corpus):
     sft = build_data(load_config("tiny-pretrain", [*base, "stage='sft'"]), ONE)
     assert len(sft.train) == 14 and len(sft.validation) == 7  # 2 documents of each of the 7 tasks
     assert np.unique(sft.train.table[:, 0]).tolist() == list(range(7))
+
+
+def test_trainer_runs_from_the_shapes_corpus_and_exports_for_generation(corpus, tmp_path):
+    pytest.importorskip("cm3leon.data.packing")
+    import cm3leon
+    from cm3leon.training import Trainer
+
+    config = load_config("tiny-pretrain", ["data.corpus_dir='" + str(corpus.root) + "'", f"out_dir='{tmp_path}'",
+                                           "schedule.steps=2", "logging.val_every=2", "threads=1"])
+    summary = Trainer(config).fit()
+    assert summary["step"] == 2 and 0 < summary["val_loss"] < 10
+    model = cm3leon.load(tmp_path / "model.safetensors")
+    assert model.config.vocab_size == len(corpus.vocabulary)
+    assert {"text.json", "image_tokenizer.pt", "vocabulary.json"} <= {p.name for p in tmp_path.iterdir()}
