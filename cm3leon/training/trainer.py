@@ -50,6 +50,17 @@ def lr_at(step: int, config: TrainingConfig) -> float:
     return peak * (s.min_lr_ratio + (1.0 - s.min_lr_ratio) * shape)
 
 
+def _check_optional_packages(config: TrainingConfig) -> None:
+    """Fails before any work when the config needs a package of the ``training`` extra that is missing."""
+    import importlib.util
+
+    needs = {"matplotlib": "logging.plot = true", "webdataset": "data.source = 'webdataset'"}
+    wanted = {"matplotlib": config.logging.plot, "webdataset": config.data.source == "webdataset"}
+    for package, used in wanted.items():
+        if used and importlib.util.find_spec(package) is None:
+            raise ImportError(f"{needs[package]} needs {package}: pip install 'cm3leon[training]' (or {package})")
+
+
 class _Loss(nn.Module):
     """``model.loss`` as a module's forward, so DDP sees (and synchronises) the call."""
 
@@ -111,6 +122,7 @@ class Trainer:
         if not isinstance(config, TrainingConfig):
             raise TypeError(f"config must be a TrainingConfig, got {type(config).__name__}")
         self.config = config
+        _check_optional_packages(config)
         if config.threads:
             torch.set_num_threads(config.threads)
         self.runtime: Runtime = init_runtime(config.parallel)
