@@ -41,7 +41,8 @@ def test_checkpoint(benchmark, bench_record, name, op):
              {"rng": rng_state(), "loader": {}})
     manager.save(1, model, optimizer, *state)
     size = sum(p.stat().st_size for p in (root / "step-1").iterdir())
-    bench_record(benchmark, case=f"checkpoint {op}: {name} ({model.num_parameters() / 1e6:.0f}M params + AdamW)",
+    params = f"{model.num_parameters() / 1e6:.0f}M params"
+    bench_record(benchmark, case=f"checkpoint {op}: {name} ({params} + AdamW)",
                  impl="cm3leon", work=size, unit="GB/s", size_mib=round(size / 2**20, 1))
     if op == "save":
         benchmark.pedantic(lambda: manager.save(2, model, optimizer, *state), rounds=2, iterations=1)

@@ -49,7 +49,8 @@ class _RandomDocuments:
 def _config(out: str):
     return load_config("demo-pretrain", [f"out_dir='{out}'", f"schedule.steps={STEPS}", "schedule.warmup=1",
                                          "checkpoint.every=0", "checkpoint.export=false", "logging.every=1",
-                                         "logging.val_every=0", "logging.progress=false", "logging.plot=false",
+                                         "logging.val_every=0", "logging.progress=false",
+                                         "logging.plot=false",
                                          f"data.tokens_per_batch={TOKENS}",
                                          "model.overrides.zero_init_output_proj=false"])
 
@@ -83,8 +84,8 @@ def test_bare_train_step(benchmark, bench_record, impl):
     """Forward + CM3Leon.loss + backward of one 2048-token packed batch, nothing else (bench_model.py's
     train step, with the loss the trainer uses)."""
     torch.manual_seed(0)
-    model = CM3Leon(load_config("demo-pretrain").model.architecture(VOCAB).replace(zero_init_output_proj=False),
-                    attention_backend=BACKENDS[impl]).train()
+    arch = load_config("demo-pretrain").model.architecture(VOCAB).replace(zero_init_output_proj=False)
+    model = CM3Leon(arch, attention_backend=BACKENDS[impl]).train()
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(100, 400, (64,), generator=g)
     lengths = lengths[: int((lengths.cumsum(0) <= TOKENS).sum())]

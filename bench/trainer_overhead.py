@@ -32,8 +32,8 @@ def main(argv: list[str]) -> None:
     if cpu:
         torch.set_num_threads(1)
     clock = time.process_time if cpu else time.perf_counter
-    trainer = Trainer(_config(tempfile.mkdtemp()), data=TrainingData(vocab_size=VOCAB, train=_RandomDocuments()),
-                      attention_backend=BACKENDS[impl])
+    data = TrainingData(vocab_size=VOCAB, train=_RandomDocuments())
+    trainer = Trainer(_config(tempfile.mkdtemp()), data=data, attention_backend=BACKENDS[impl])
     batches, model = iter(trainer.loader), trainer.model
     trainer_rates, bare_rates = [], []
     for i in range(pairs + 1):
@@ -51,8 +51,8 @@ def main(argv: list[str]) -> None:
             trainer_rates.append(n / (t1 - t0))
             bare_rates.append(n / (t2 - t1))
     ratios = [a / b for a, b in zip(trainer_rates, bare_rates)]
-    print(f"{impl}: trainer {statistics.median(trainer_rates):.0f} tok/s, bare {statistics.median(bare_rates):.0f} "
-          f"tok/s, trainer/bare median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
+    print(f"{impl}: trainer {statistics.median(trainer_rates):.0f} tok/s, "
+          f"bare {statistics.median(bare_rates):.0f} tok/s, trainer/bare median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
           f"{max(ratios):.3f}), {'CPU time, ' if cpu else ''}threads {torch.get_num_threads()}")
 
 

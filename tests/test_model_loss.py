@@ -13,7 +13,8 @@ from cm3leon_kernels import reference
 # A float64 twin of the model: same weights, attention from the plain-PyTorch reference.
 REFERENCE = AttentionBackend(
     lambda q, k, v, causal=False, **_: reference.attention(q, k, v, causal=causal)[0],
-    lambda q, k, v, cq, ck, mq, mk, causal=False, **_: reference.attention_varlen(q, k, v, cq, ck, causal=causal)[0],
+    lambda q, k, v, cq, ck, mq, mk, causal=False, **_: reference.attention_varlen(q, k, v, cq, ck,
+                                                                                  causal=causal)[0],
     None)
 
 

@@ -88,7 +88,8 @@ def test_partial_file_takes_defaults_for_the_rest(tmp_path):
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant"])
 def test_lr_schedule_warms_up_then_decays_to_the_floor(decay):
-    config = load_config("tiny-pretrain", ["schedule.steps=20", "schedule.warmup=4", f"schedule.decay='{decay}'",
+    config = load_config("tiny-pretrain", ["schedule.steps=20", "schedule.warmup=4",
+                                           f"schedule.decay='{decay}'",
                                            "optim.lr=1.0", "schedule.min_lr_ratio=0.1"])
     lrs = [lr_at(s, config) for s in range(20)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -108,5 +109,6 @@ def test_command_line_prints_the_resolved_config_and_rejects_bad_values(capsys, 
     with pytest.raises(SystemExit) as exit_info:
         main(["--config", "tiny-pretrain", "--set", "optim.lr=-1"])
     assert exit_info.value.code == 2 and "optim.lr must be > 0" in capsys.readouterr().err
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5, "val_loss": 2.7}\n')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n'
+                                            '{"step": 2, "loss": 2.5, "val_loss": 2.7}\n')
     assert main(["--plot", str(tmp_path)]) == 0 and (tmp_path / "loss.png").is_file()

@@ -1,4 +1,4 @@
-"""Training data: the cached shapes corpus, the SFT task mixture, real data (image folder, WebDataset shards)."""
+"""Training data: the cached shapes corpus, the SFT task mixture, real data (image folder, WebDataset)."""
 from __future__ import annotations
 
 import io
@@ -104,7 +104,8 @@ def test_folder_and_webdataset_shards_give_the_same_documents(corpus, tmp_path):
     assert expand_shards(str(tmp_path / "shard-{000..002}.tar")) == [str(tmp_path / f"shard-00{i}.tar")
                                                                      for i in range(3)]
     base = ["data.corpus_dir='" + str(corpus.root) + "'", "logging.progress=false"]
-    folder = load_config("tiny-pretrain", [*base, "data.source='folder'", f"data.path='{tmp_path / 'folder'}'"])
+    folder = load_config("tiny-pretrain", [*base, "data.source='folder'",
+                                           f"data.path='{tmp_path / 'folder'}'"])
     shards = load_config("tiny-pretrain", [*base, "data.source='webdataset'",
                                            f"data.path='{tmp_path}/shard-{{000..002}}.tar'"])
     from_folder = real_documents(folder, corpus, ONE)
@@ -124,10 +125,11 @@ def test_folder_and_webdataset_shards_give_the_same_documents(corpus, tmp_path):
 def test_ranks_tokenize_disjoint_shards(corpus, tmp_path):
     world = ShapesWorld(image_size=16, seed=6)
     _write_shards(tmp_path, world, 6, 2)
-    cfg = load_config("tiny-pretrain", ["data.corpus_dir='" + str(corpus.root / "r") + "'", "logging.progress=false",
-                                        "data.source='webdataset'", f"data.path='{tmp_path}/shard-{{000..002}}.tar'"])
+    cfg = load_config("tiny-pretrain", ["data.corpus_dir='" + str(corpus.root / "r") + "'",
+                                        "logging.progress=false", "data.source='webdataset'",
+                                        f"data.path='{tmp_path}/shard-{{000..002}}.tar'"])
     rank1 = Runtime(rank=1, world_size=2, device=torch.device("cpu"), owns_group=False)
-    with pytest.raises(FileNotFoundError):  # rank 1 alone writes shard 1 only, then cannot read shards 0 and 2
+    with pytest.raises(FileNotFoundError):  # rank 1 alone writes shard 1, then cannot read shards 0 and 2
         real_documents(cfg, corpus, rank1)
     assert [p.name for p in (corpus.root / "r" / "tokenized").glob("*/*.pt")] == ["000001.pt"]
     assert len(real_documents(cfg, corpus, ONE)) == 6
@@ -154,7 +156,8 @@ def test_trainer_runs_from_the_shapes_corpus_and_exports_for_generation(corpus, 
     import cm3leon
     from cm3leon.training import Trainer
 
-    config = load_config("tiny-pretrain", ["data.corpus_dir='" + str(corpus.root) + "'", f"out_dir='{tmp_path}'",
+    config = load_config("tiny-pretrain", ["data.corpus_dir='" + str(corpus.root) + "'",
+                                           f"out_dir='{tmp_path}'",
                                            "schedule.steps=2", "logging.val_every=2", "threads=1"])
     summary = Trainer(config).fit()
     assert summary["step"] == 2 and 0 < summary["val_loss"] < 10

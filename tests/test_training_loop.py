@@ -208,7 +208,8 @@ def test_resume_without_checkpoints_starts_from_scratch(tmp_path):
 
 
 def test_bf16_autocast_keeps_float32_master_weights_and_optimizer_state(tmp_path):
-    trainer = Trainer(_config(tmp_path, "model.precision='bf16'", "schedule.steps=2", "checkpoint.export=false",
+    trainer = Trainer(_config(tmp_path, "model.precision='bf16'", "schedule.steps=2",
+                              "checkpoint.export=false",
                               "logging.val_every=0"), data=fake_data())
     summary = trainer.fit()
     assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))

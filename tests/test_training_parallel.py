@@ -58,16 +58,23 @@ def test_ddp_and_fsdp_match_one_process_with_the_same_global_batch(tmp_path):
     reference = full_state(single)
     results = _spawn(tmp_path, "parallel")
     for mode in ("ddp", "fsdp"):
-        torch.testing.assert_close(torch.tensor(_losses(tmp_path / mode)), torch.tensor(_losses(tmp_path / "single")),
-                                   rtol=1e-5, atol=0, msg=mode)
+        torch.testing.assert_close(torch.tensor(_losses(tmp_path / mode)),
+                                   torch.tensor(_losses(tmp_path / "single")), rtol=1e-5, atol=0, msg=mode)
         _assert_close_states(results[mode], reference, rtol=1e-4, atol=1e-6)
 
 
 def test_two_process_exact_resume_and_resume_across_world_sizes(tmp_path):
-    # A one-process run (2 micro-batches per step) stopped by SIGTERM after step 2: the 2-process job resumes it.
+    # A one-process run (2 micro-batches per step) stopped by SIGTERM after step 2; the 2-process job resumes it.
     cut = Trainer(config(tmp_path / "from1", "parallel.mode='none'", "optim.grad_accum=2"), data=fake_data())
     original = cut.train_step
-    cut.train_step = lambda batches: (original(batches), cut.step == 1 and os.kill(os.getpid(), signal.SIGTERM))[0]
+
+    def stop_after_step_2(batches):
+        result = original(batches)
+        if cut.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    cut.train_step = stop_after_step_2
     assert cut.fit()["step"] == 2
 
     results = _spawn(tmp_path, "resume")
@@ -81,9 +88,9 @@ def test_two_process_exact_resume_and_resume_across_world_sizes(tmp_path):
                         read_metrics(tmp_path / "cut" / "metrics.jsonl"))]
     # 1 -> 2 processes: same global batches, float32 rounding apart
     _assert_close_states(results["from1"], results["full"], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "from1")), torch.tensor(_losses(tmp_path / "full")),
-                               rtol=1e-5, atol=0)
-    # 2 -> 1 process: the 2-process checkpoint of step 2, continued by one process accumulating 2 micro-batches
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "from1")),
+                               torch.tensor(_losses(tmp_path / "full")), rtol=1e-5, atol=0)
+    # 2 -> 1 process: the 2-process checkpoint of step 2, continued by one process with 2 micro-batches
     (tmp_path / "to1" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "cut" / "checkpoints" / "step-2", tmp_path / "to1" / "checkpoints" / "step-2")
     to1 = Trainer(config(tmp_path / "to1", "optim.grad_accum=2"), data=fake_data())

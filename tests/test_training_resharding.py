@@ -46,7 +46,8 @@ def _take_examples(loader, n):
     return out[:n], out[n:]
 
 
-@pytest.mark.parametrize("old_world,new_world,steps", [(2, 1, [3, 5]), (1, 2, [4]), (2, 3, [2, 6]), (3, 2, [1, 4, 2])])
+@pytest.mark.parametrize("old_world,new_world,steps",
+                         [(2, 1, [3, 5]), (1, 2, [4]), (2, 3, [2, 6]), (3, 2, [1, 4, 2])])
 def test_reshard_finishes_the_epoch_without_repeats_or_gaps(old_world, new_world, steps):
     source = IndexSource(101)
     old = [_loader(source, r, old_world) for r in range(old_world)]

@@ -60,7 +60,8 @@ class GreedyLoader:
     def _global_batches(self):
         epoch = 0
         while True:
-            order = torch.randperm(len(self.source), generator=torch.Generator().manual_seed(self.seed + epoch))
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(len(self.source), generator=generator)
             current = []
             for i in order.tolist():
                 ex = self.source[i]

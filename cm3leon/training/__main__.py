@@ -2,8 +2,8 @@
 
     python -m cm3leon.training --config demo-pretrain [--set optim.lr=3e-4 ...] [--resume]
     torchrun --nproc-per-node 2 -m cm3leon.training --config demo-pretrain --set parallel.mode=ddp
-    python -m cm3leon.training --config demo-pretrain --print-config > run.toml   # then edit, --config run.toml
-    python -m cm3leon.training --plot runs/demo-pretrain                          # loss.png from metrics.jsonl
+    python -m cm3leon.training --config demo-pretrain --print-config > run.toml  # edit; --config run.toml
+    python -m cm3leon.training --plot runs/demo-pretrain                         # loss.png from metrics
 
 Exit status: 0 when training finished, 128 + signal number when SIGTERM/SIGINT stopped it (after saving a
 checkpoint; run again with ``--resume``), 2 for a bad config or command line, 1 on other errors (e.g. too
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config value (TOML value syntax), e.g. --set optim.lr=3e-4")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as TOML and exit")
     parser.add_argument("--plot", type=Path, metavar="RUN_DIR", help="write RUN_DIR/loss.png and exit")
     args = parser.parse_args(argv)
     if args.plot is not None:

@@ -53,7 +53,8 @@ class CheckpointError(RuntimeError):
 def _single_process_quiet():
     """DCP warns that it assumes a single process when there is no process group: that is intended here."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        warnings.filterwarnings("ignore",
+                                message="torch.distributed is disabled, unavailable or uninitialized")
         yield
 
 
@@ -82,7 +83,8 @@ def _check_manifest(folder: Path) -> None:
         if not path.is_file():
             raise CheckpointError(f"{folder}: missing {name}")
         if path.stat().st_size != size:
-            raise CheckpointError(f"{folder}: {name} has {path.stat().st_size} bytes, the manifest says {size}")
+            raise CheckpointError(f"{folder}: {name} has {path.stat().st_size} bytes, the manifest says "
+                                  f"{size}")
 
 
 def _write_manifest(folder: Path) -> None:
@@ -166,8 +168,8 @@ class CheckpointManager:
             if self.runtime.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             reason = f": {error}" if error is not None else " on another rank"
-            raise CheckpointError(f"saving checkpoint {tmp.name} failed ({what}){reason}; older checkpoints in "
-                                  f"{self.root} are untouched") from error
+            raise CheckpointError(f"saving checkpoint {tmp.name} failed ({what}){reason}; older checkpoints "
+                                  f"in {self.root} are untouched") from error
         self.runtime.barrier()
 
     def _prune(self) -> None:
@@ -178,8 +180,8 @@ class CheckpointManager:
     def load_latest(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     log: Callable[[str], None] = print) -> Restored | None:
         """Restores model and optimizer from the newest usable checkpoint and returns the rest of its state,
-        or None when there is no checkpoint at all. Damaged checkpoints are skipped with a warning; if every one is
-        damaged, :class:`CheckpointError` is raised."""
+        or None when there is no checkpoint at all. Damaged checkpoints are skipped with a warning; if every
+        one is damaged, :class:`CheckpointError` is raised."""
         candidates = self.runtime.broadcast_object([p for _, p in step_dirs(self.root)])
         if not candidates:
             return None
@@ -207,7 +209,8 @@ class CheckpointManager:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        ranks = [torch.load(folder / _rank_file(r), weights_only=False) for r in range(trainer_state["world_size"])]
+        ranks = [torch.load(folder / _rank_file(r), weights_only=False)
+                 for r in range(trainer_state["world_size"])]
         mine = ranks[self.runtime.rank] if self.runtime.rank < len(ranks) else None
         return Restored(folder, trainer_state, mine, ranks)
 
@@ -226,8 +229,8 @@ def load_model_weights(model: torch.nn.Module, source: str | os.PathLike, runtim
     if not _STEP_DIR.match(path.name):
         dirs = step_dirs(path)
         if not dirs:
-            raise ValueError(f"checkpoint.init_from={str(source)!r}: no step-N checkpoint folder or .safetensors "
-                             "file there")
+            raise ValueError(f"checkpoint.init_from={str(source)!r}: no step-N checkpoint folder or "
+                             ".safetensors file there")
         path = dirs[0][1]
     _check_manifest(path)
     state = {"model": get_model_state_dict(model)}

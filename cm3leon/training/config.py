@@ -145,8 +145,8 @@ class DataSection(_Section):
     tokenizers found in ``corpus_dir`` (trained on the shapes world when absent).
     Pretraining draws CM3 sequences; with ``memory_bank`` set (a saved :class:`cm3leon.retrieval.MemoryBank`,
     searched with the saved ``DualEncoder`` at ``retrieval_encoder``) the bank's documents are the queries and
-    each one is retrieval-augmented with ``retrieved`` documents (the paper keeps 3). The SFT stage mixes ``sft_tasks``,
-    balancing them with per-task sampling ratios clamped to ``[sft_ratio_min, sft_ratio_max]``.
+    each one is retrieval-augmented with ``retrieved`` documents (the paper keeps 3). The SFT stage mixes
+    ``sft_tasks``, balancing them with per-task sampling ratios clamped to ``[sft_ratio_min, sft_ratio_max]``.
     ``tokens_per_batch`` is per process and micro-batch.
     """
 
@@ -182,8 +182,8 @@ class DataSection(_Section):
         if bad or not self.sft_tasks:
             raise ValueError(f"data.sft_tasks must be a non-empty subset of {TASKS}, got {self.sft_tasks}")
         if bool(self.memory_bank) != bool(self.retrieval_encoder):
-            raise ValueError("data.memory_bank and data.retrieval_encoder go together (the bank is searched with "
-                             "the encoder that embedded it)")
+            raise ValueError("data.memory_bank and data.retrieval_encoder go together (the bank is searched "
+                             "with the encoder that embedded it)")
         if self.sft_ratio_min > 1.0:
             raise ValueError(f"data.sft_ratio_min must be <= 1, got {self.sft_ratio_min}")
 
@@ -191,8 +191,8 @@ class DataSection(_Section):
 @dataclass(frozen=True)
 class OptimSection(_Section):
     """AdamW (weight decay on matrices only), global-norm gradient clipping, gradient accumulation over
-    ``grad_accum`` micro-batches, and the non-finite-loss policy: a step whose loss or gradient norm is NaN/inf
-    is skipped; ``max_bad_steps`` such steps in a row stop training with an error."""
+    ``grad_accum`` micro-batches, and the non-finite-loss policy: a step whose loss or gradient norm is
+    NaN/inf is skipped; ``max_bad_steps`` such steps in a row stop training with an error."""
 
     _name = "optim"
     lr: float = _range(6e-4, 0.0, lo_open=True)
@@ -323,7 +323,7 @@ class TrainingConfig(_Section):
         return dataclasses.replace(self, **changes)
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> TrainingConfig:
-        """Applies ``"section.field=value"`` strings (``--set``), converting each value to the field's type."""
+        """Applies ``"section.field=value"`` strings (``--set``), converting values to the fields' types."""
         data = self.to_dict()
         for item in overrides:
             key, sep, raw = item.partition("=")
@@ -365,8 +365,8 @@ def _parse_value(raw: str, is_string_field: bool) -> Any:
     except tomllib.TOMLDecodeError:
         if is_string_field:
             return raw
-        raise ValueError(f"cannot parse override value {raw!r} (use TOML syntax: 3e-4, true, [1, 2], \"text\")"
-                         ) from None
+        raise ValueError(f"cannot parse override value {raw!r} (use TOML syntax: 3e-4, true, [1, 2], "
+                         "\"text\")") from None
 
 
 def _toml_value(value: Any) -> str:

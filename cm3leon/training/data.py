@@ -22,8 +22,8 @@ class TrainingData:
 
 
 def make_loader(source: Any, config: TrainingConfig, *, seed: int, rank: int, world_size: int) -> Any:
-    """A :class:`ReshardableLoader` (a :class:`cm3leon.data.PackedLoader`) over ``source`` with the run's batch
-    geometry."""
+    """A :class:`ReshardableLoader` (a :class:`cm3leon.data.PackedLoader`) over ``source`` with the run's
+    batch geometry."""
     from .resharding import ReshardableLoader
 
     data = config.data

@@ -35,7 +35,8 @@ from .runtime import Runtime
 
 __all__ = ["ShapesCorpus", "TaskMixture", "build_data", "prepare_shapes_corpus", "sft_task_weights"]
 
-TEXT_FILE, IMAGE_FILE, VOCAB_FILE, MANIFEST = "text.json", "image_tokenizer.pt", "vocabulary.json", "corpus.json"
+TEXT_FILE, IMAGE_FILE, VOCAB_FILE = "text.json", "image_tokenizer.pt", "vocabulary.json"
+MANIFEST = "corpus.json"
 VAL_SCENE_OFFSET = 10_000_000  # validation scenes come after every training scene index
 
 
@@ -70,8 +71,10 @@ class ShapesCorpus:
         codec, docs = self.codec, []
         with torch.inference_mode():
             for lo in tqdm(range(start, start + n, 256), desc=f"tokenizing {task}", disable=not progress):
-                examples = [make_example(world, i, task).segments() for i in range(lo, min(lo + 256, start + n))]
-                docs.extend(codec.encode(segments) for segments in tokenize_images(examples, self.image_tokenizer))
+                indices = range(lo, min(lo + 256, start + n))
+                examples = tokenize_images([make_example(world, i, task).segments() for i in indices],
+                                           self.image_tokenizer)
+                docs.extend(codec.encode(segments) for segments in examples)
         tmp = cache.with_suffix(".part")
         torch.save(docs, tmp)
         tmp.rename(cache)
@@ -90,20 +93,22 @@ def prepare_shapes_corpus(out_dir: str | PathLike, *, text_vocab_size: int = 102
     """
     root = Path(out_dir)
     settings = {"text_vocab_size": text_vocab_size, "text_examples": text_examples,
-                "image_tokenizer": image_tokenizer, "image_tokenizer_steps": image_tokenizer_steps, "seed": seed}
+                "image_tokenizer": image_tokenizer, "image_tokenizer_steps": image_tokenizer_steps,
+                "seed": seed}
     manifest = root / MANIFEST
     if manifest.is_file():
         found = json.loads(manifest.read_text())
         if found != settings:
             raise ValueError(f"{root} holds a shapes corpus made with {found}, not {settings}; use another "
                              "data.corpus_dir or delete the folder")
-        return ShapesCorpus(root, TextTokenizer.load(root / TEXT_FILE), ImageTokenizer.load(root / IMAGE_FILE),
-                            Vocabulary.load(root / VOCAB_FILE))
+        return ShapesCorpus(root, TextTokenizer.load(root / TEXT_FILE),
+                            ImageTokenizer.load(root / IMAGE_FILE), Vocabulary.load(root / VOCAB_FILE))
     root.mkdir(parents=True, exist_ok=True)
     text = TextTokenizer.train(shapes_corpus(text_examples, seed=seed), vocab_size=text_vocab_size)
     config = ImageTokenizerConfig.preset(image_tokenizer)
     world = ShapesWorld(image_size=config.image_size, seed=seed)
-    image = train_image_tokenizer(config, world, image_tokenizer_steps, seed=seed, progress=progress).tokenizer.eval()
+    trained = train_image_tokenizer(config, world, image_tokenizer_steps, seed=seed, progress=progress)
+    image = trained.tokenizer.eval()
     vocabulary = Vocabulary(text.vocab_size, config.codebook_size)
     text.save(root / TEXT_FILE)
     image.save(root / IMAGE_FILE)
@@ -112,7 +117,8 @@ def prepare_shapes_corpus(out_dir: str | PathLike, *, text_vocab_size: int = 102
     return ShapesCorpus(root, text, image, vocabulary)
 
 
-def sft_task_weights(counts: dict[str, int], ratio_min: float = 0.3, ratio_max: float = 3.0) -> dict[str, float]:
+def sft_task_weights(counts: dict[str, int], ratio_min: float = 0.3, ratio_max: float = 3.0
+                     ) -> dict[str, float]:
     """Sampling probability of each task: balanced (equal shares) but with each task's ratio to its natural
     share ``count / total`` clamped to ``[ratio_min, ratio_max]``, then renormalised (PAPER.md §6)."""
     if not counts or any(n < 1 for n in counts.values()):
@@ -134,7 +140,8 @@ class TaskMixture:
 
     def __init__(self, sources: dict[str, Any], weights: dict[str, float], *, length: int, seed: int) -> None:
         if set(sources) != set(weights):
-            raise ValueError(f"sources {sorted(sources)} and weights {sorted(weights)} must name the same tasks")
+            raise ValueError(f"sources {sorted(sources)} and weights {sorted(weights)} must name the same "
+                             "tasks")
         if length < len(sources):
             raise ValueError(f"length ({length}) must be >= the number of tasks ({len(sources)})")
         names = sorted(sources)
@@ -160,13 +167,14 @@ class TaskMixture:
         return source[int(k) % len(source)]
 
 
-# ---- build the data of a run ---------------------------------------------------------------------------------
+# ---- build the data of a run -----------------------------------------------------------------------------
 
 def _corpus(config: TrainingConfig, runtime: Runtime) -> ShapesCorpus:
     """Rank 0 prepares (or loads) the corpus first; the other ranks then load what it wrote."""
     d = config.data
     kwargs = dict(text_vocab_size=d.text_vocab_size, text_examples=d.text_examples,
-                  image_tokenizer=d.image_tokenizer, image_tokenizer_steps=d.image_tokenizer_steps, seed=config.seed,
+                  image_tokenizer=d.image_tokenizer, image_tokenizer_steps=d.image_tokenizer_steps,
+                  seed=config.seed,
                   progress=config.logging.progress and runtime.is_main)
     corpus = prepare_shapes_corpus(d.corpus_dir, **kwargs) if runtime.is_main else None
     runtime.barrier()
@@ -214,7 +222,8 @@ def build_data(config: TrainingConfig, runtime: Runtime) -> TrainingData:
         val_docs = _documents(corpus, config, runtime, "text_to_image", d.val_documents, VAL_SCENE_OFFSET) \
             if d.val_documents else []
     validation = _cm3(val_docs, vocab, config, config.seed + 1) if val_docs else None
-    return TrainingData(vocab_size=len(vocab), train=train, validation=validation, tokenizer_files=corpus.files)
+    return TrainingData(vocab_size=len(vocab), train=train, validation=validation,
+                        tokenizer_files=corpus.files)
 
 
 def _retrieval_source(config: TrainingConfig, corpus: ShapesCorpus):
@@ -227,5 +236,5 @@ def _retrieval_source(config: TrainingConfig, corpus: ShapesCorpus):
     encoder = DualEncoder.load(d.retrieval_encoder)
     retriever = Retriever(encoder, bank, corpus.text_tokenizer)
     return RetrievalAugmentedSource(list(bank.documents), retriever, corpus.vocabulary, seed=config.seed,
-                                    max_seq_len=d.max_seq_len, poisson_rate=d.poisson_rate, max_spans=d.max_spans,
-                                    keep=d.retrieved)
+                                    max_seq_len=d.max_seq_len, poisson_rate=d.poisson_rate,
+                                    max_spans=d.max_spans, keep=d.retrieved)

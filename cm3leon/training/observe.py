@@ -28,7 +28,8 @@ def train_flops(config: CM3LeonConfig, cu_seqlens: torch.Tensor) -> float:
     return 6.0 * matmul_params * tokens + attention
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None,
+                      repeats: int = 5) -> float:
     """Measured dense matmul throughput (FLOP/s) of ``device`` in ``dtype``: the MFU denominator. Best of
     ``repeats`` square products (1024 on CPU, 8192 on GPU by default)."""
     size = size or (8192 if device.type == "cuda" else 1024)
@@ -69,7 +70,8 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -55,7 +55,8 @@ def _caption(sample: dict[str, Any]) -> str:
         meta = json.loads(sample["json"])
         if isinstance(meta, dict) and isinstance(meta.get("caption"), str):
             return meta["caption"]
-    raise ValueError(f"WebDataset sample {sample.get('__key__')!r} has no caption (.txt, or .json with 'caption')")
+    raise ValueError(f"WebDataset sample {sample.get('__key__')!r} has no caption (.txt, or .json with "
+                     "'caption')")
 
 
 class _TarShards(Dataset):
@@ -74,7 +75,8 @@ class _TarShards(Dataset):
         for sample in wds.WebDataset(self.urls[i], shardshuffle=False, empty_check=False):
             key = next((k for k in IMAGE_KEYS if k in sample), None)
             if key is None:
-                raise ValueError(f"{self.urls[i]}: sample {sample.get('__key__')!r} has no image ({IMAGE_KEYS})")
+                raise ValueError(f"{self.urls[i]}: sample {sample.get('__key__')!r} has no image "
+                                 f"({IMAGE_KEYS})")
             pairs.append((load_image(io.BytesIO(sample[key]), self.size), _caption(sample)))
         return pairs
 
@@ -118,7 +120,8 @@ def real_documents(config: TrainingConfig, corpus, runtime: Runtime) -> list[lis
             torch.save(docs, tmp)
             tmp.rename(cache / f"{index:06d}.pt")  # a shard counts as done only once complete
     runtime.barrier()
-    documents = [doc for i in range(len(shards)) for doc in torch.load(cache / f"{i:06d}.pt", weights_only=True)]
+    documents = [doc for i in range(len(shards))
+                 for doc in torch.load(cache / f"{i:06d}.pt", weights_only=True)]
     if not documents:
         raise ValueError(f"data.path={d.path!r} holds no image-caption pairs")
     return documents

@@ -37,7 +37,8 @@ class ReshardableLoader(PackedLoader):
                 "done": {e: d for e, d in self._done.items() if e in live}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._pending = {int(e): np.asarray(p, dtype=np.int64) for e, p in state_dict.get("pending", {}).items()}
+        pending = state_dict.get("pending", {})
+        self._pending = {int(e): np.asarray(p, dtype=np.int64) for e, p in pending.items()}
         self._done = {int(e): list(d) for e, d in state_dict.get("done", {}).items()}
         if self._pending.get(state_dict.get("epoch"), [None]).__len__() == 0:
             self._epoch, self._index = state_dict["epoch"], 0  # an empty share: starts on the next epoch

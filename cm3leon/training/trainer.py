@@ -58,7 +58,8 @@ def _check_optional_packages(config: TrainingConfig) -> None:
     wanted = {"matplotlib": config.logging.plot, "webdataset": config.data.source == "webdataset"}
     for package, used in wanted.items():
         if used and importlib.util.find_spec(package) is None:
-            raise ImportError(f"{needs[package]} needs {package}: pip install 'cm3leon[training]' (or {package})")
+            raise ImportError(f"{needs[package]} needs {package}: pip install 'cm3leon[training]' "
+                              f"(or {package})")
 
 
 class _Loss(nn.Module):
@@ -140,11 +141,13 @@ class Trainer:
             used = load_model_weights(self.model, config.checkpoint.init_from, self.runtime)
             self._log(f"initial weights from {used}")
         self.loss_fn: nn.Module = self._parallelise()
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, config.optim.weight_decay),
-                                           lr=lr_at(0, config), betas=config.optim.betas, eps=config.optim.eps)
+        groups = _param_groups(self.model, config.optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr_at(0, config), betas=config.optim.betas,
+                                           eps=config.optim.eps)
         self.loader = make_loader(data.train, config, seed=config.seed, rank=self.runtime.rank,
                                   world_size=self.runtime.world_size)
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.checkpoint.keep, self.runtime)
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", config.checkpoint.keep,
+                                             self.runtime)
         self.step = 0
         self.tokens = 0
         self.bad_steps = 0  # consecutive non-finite steps
@@ -226,8 +229,8 @@ class Trainer:
             self.bad_steps += 1
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        counts = torch.tensor([sum(int(b.tokens.numel()) for b in batches), sum(int(b.padding) for b in batches)],
-                              dtype=torch.float64)
+        counts = torch.tensor([sum(int(b.tokens.numel()) for b in batches),
+                               sum(int(b.padding) for b in batches)], dtype=torch.float64)
         rt.all_reduce(counts)
         return {"loss": loss_value, "grad_norm": norm_value, "lr": lr, "tokens": int(counts[0]),
                 "padding": int(counts[1]), "skipped": not finite}
@@ -279,8 +282,8 @@ class Trainer:
             # Weights and optimizer state were resharded by DCP; the loader hands out exactly the examples
             # no old rank consumed (RNG streams of ranks that did not exist before start from the seed).
             self.loader.reshard_from([state["loader"] for state in restored.all_ranks])
-            self._log(f"resumed a {trainer_state['world_size']}-process checkpoint on {self.runtime.world_size}"
-                      " processes")
+            self._log(f"resumed a {trainer_state['world_size']}-process checkpoint on "
+                      f"{self.runtime.world_size} processes")
         return True
 
     def export(self, path: Path | None = None) -> Path:
@@ -289,7 +292,8 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         path = path or self.out_dir / "model.safetensors"
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.model, options=options)
         if self.runtime.is_main:
             with torch.device("meta"):
                 plain = CM3Leon(self.arch)
@@ -326,8 +330,8 @@ class Trainer:
             (self.out_dir / "config.toml").write_text(cfg.to_toml())
         peak = self._peak()
         batches = iter(self.loader)
-        bar = tqdm(total=cfg.schedule.steps, initial=self.step, disable=not (cfg.logging.progress and rt.is_main),
-                   desc=f"{cfg.stage}", unit="step")
+        bar = tqdm(total=cfg.schedule.steps, initial=self.step, desc=cfg.stage, unit="step",
+                   disable=not (cfg.logging.progress and rt.is_main))
         last: dict[str, Any] = {}
         interrupted = None
         window = {"time": 0.0, "tokens": 0, "padding": 0, "flops": 0.0, "steps": 0}
@@ -351,8 +355,8 @@ class Trainer:
                         if self.bad_steps >= cfg.optim.max_bad_steps:
                             raise NonFiniteLossError(
                                 f"{self.bad_steps} consecutive steps with a non-finite loss or gradient norm "
-                                f"(last at step {self.step}); lower optim.lr, check the data, or resume from an "
-                                f"earlier checkpoint")
+                                f"(last at step {self.step}); lower optim.lr, check the data, or resume from "
+                                "an earlier checkpoint")
                     last = {"step": self.step, "loss": result["loss"], "lr": result["lr"]}
                     record = None
                     if self.step % cfg.logging.every == 0 or self.step == cfg.schedule.steps:
