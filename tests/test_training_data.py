@@ -164,3 +164,42 @@ def test_trainer_runs_from_the_shapes_corpus_and_exports_for_generation(corpus, 
     model = cm3leon.load(tmp_path / "model.safetensors")
     assert model.config.vocab_size == len(corpus.vocabulary)
     assert {"text.json", "image_tokenizer.pt", "vocabulary.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_pretraining_with_a_memory_bank_draws_retrieval_augmented_sequences(corpus, tmp_path):
+    pytest.importorskip("cm3leon.data.packing")
+    from cm3leon.data import ShapesCaptions
+    from cm3leon.retrieval import (
+        DualEncoderConfig,
+        MemoryBank,
+        RetrievalAugmentedSource,
+        caption_image_documents,
+        embed_documents,
+        train_dual_encoder,
+    )
+    from cm3leon.training.datasets import build_data
+
+    pairs = ShapesCaptions(ShapesWorld(image_size=16, seed=0), 12)
+    # a few contrastive steps spread the embeddings (an untrained encoder maps everything to near-duplicates,
+    # which the retriever's 0.9 rule skips)
+    small = DualEncoderConfig(image_size=16, patch_size=8, image_width=32, image_layers=1, text_width=32,
+                              text_layers=1, embed_dim=16)
+    encoder = train_dual_encoder(small, pairs, corpus.text_tokenizer, 10, batch_size=12, lr=3e-3,
+                                 progress=False).encoder.eval()
+    docs = caption_image_documents(pairs, corpus.codec, corpus.image_tokenizer)
+    bank = MemoryBank(encoder.embed_dim)
+    bank.add(docs, embed_documents(docs, encoder, corpus.text_tokenizer))
+    bank.save(tmp_path / "bank.safetensors")
+    encoder.save(tmp_path / "encoder.safetensors")
+    config = load_config("tiny-pretrain", ["data.corpus_dir='" + str(corpus.root) + "'", "logging.progress=false",
+                                           f"data.memory_bank='{tmp_path / 'bank.safetensors'}'",
+                                           f"data.retrieval_encoder='{tmp_path / 'encoder.safetensors'}'",
+                                           "data.retrieved=2", "data.max_seq_len=256",
+                                           "data.tokens_per_batch=512"])
+    data = build_data(config, ONE)
+    assert isinstance(data.train, RetrievalAugmentedSource) and len(data.train) == 12
+    eos = corpus.vocabulary.eos_id
+    # <eos> T(r1) <eos> T(r2) <eos> T(query) <eos>: four <eos> when both retrieved documents fit
+    assert max(int((data.train[i].tokens == eos).sum()) for i in range(len(data.train))) == 4
+    with pytest.raises(ValueError, match="retrieval_encoder"):
+        load_config("tiny-pretrain", [f"data.memory_bank='{tmp_path / 'bank.safetensors'}'"])
