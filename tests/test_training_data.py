@@ -203,3 +203,45 @@ def test_pretraining_with_a_memory_bank_draws_retrieval_augmented_sequences(corp
     assert max(int((data.train[i].tokens == eos).sum()) for i in range(len(data.train))) == 4
     with pytest.raises(ValueError, match="retrieval_encoder"):
         load_config("tiny-pretrain", [f"data.memory_bank='{tmp_path / 'bank.safetensors'}'"])
+
+
+def test_exact_resume_with_the_real_loader_and_cm3_sequences(corpus, tmp_path):
+    """The same bit-exactness as the loop tests, through CM3Source + the packed loader (one kernel thread:
+    the attention backward's dQ is not bit-reproducible across threads)."""
+    pytest.importorskip("cm3leon.data.packing")
+    from cm3leon.training import Trainer
+    from cm3leon.training.observe import read_metrics
+
+    import os
+    import signal
+
+    def run(out, resume=False, stop_after=None):
+        config = load_config("tiny-pretrain", ["data.corpus_dir='" + str(corpus.root) + "'", f"out_dir='{out}'",
+                                               "schedule.steps=4", "schedule.warmup=1", "threads=1",
+                                               "checkpoint.every=0", "logging.val_every=0",
+                                               "checkpoint.export=false", "logging.plot=false"])
+        trainer = Trainer(config)
+        if stop_after is not None:
+            step = trainer.train_step
+
+            def step_then_sigterm(batches):
+                result = step(batches)
+                if trainer.step == stop_after - 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return result
+
+            trainer.train_step = step_then_sigterm
+        summary = trainer.fit(resume=resume)
+        return trainer, summary
+
+    threads = torch.get_num_threads()
+    try:
+        full, _ = run(tmp_path / "full")
+        assert run(tmp_path / "cut", stop_after=2)[1]["step"] == 2
+        resumed, _ = run(tmp_path / "cut", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name
+    assert [r["loss"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")] == \
+        [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl")]
