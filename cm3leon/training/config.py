@@ -146,8 +146,9 @@ class DataSection(_Section):
     Pretraining draws CM3 sequences; with ``memory_bank`` set (a saved :class:`cm3leon.retrieval.MemoryBank`,
     searched with the saved ``DualEncoder`` at ``retrieval_encoder``) the bank's documents are the queries and
     each one is retrieval-augmented with ``retrieved`` documents (the paper keeps 3). The SFT stage mixes
-    ``sft_tasks``, balancing them with per-task sampling ratios clamped to ``[sft_ratio_min, sft_ratio_max]``.
-    ``tokens_per_batch`` is per process and micro-batch.
+    ``sft_tasks``, balancing them with per-task sampling ratios clamped to ``[sft_ratio_min, sft_ratio_max]``
+    (``documents`` and ``val_documents`` are then split evenly over the tasks). ``tokens_per_batch`` is per
+    process and micro-batch.
     """
 
     _name = "data"
