@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,11 @@ from typing import Any, Literal
 from cm3leon.config import PRESETS as MODEL_PRESETS
 from cm3leon.config import CM3LeonConfig
 from cm3leon.data.tasks import TASKS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, released separately for Python 3.10 (a dependency there)
+    import tomli as tomllib
 
 __all__ = ["CheckpointSection", "DataSection", "LoggingSection", "ModelSection", "OptimSection",
            "ParallelSection", "PRESETS", "ScheduleSection", "TrainingConfig", "load_config"]
