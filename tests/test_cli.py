@@ -171,3 +171,17 @@ def test_bundle_reads_the_optional_retrieval_files(checkpoint, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "cm3leon.retrieval", None)  # as if FAISS were missing
     with pytest.raises(ImportError, match="holds retrieval files, but cm3leon.retrieval cannot be imported"):
         load_bundle(root)
+
+
+@pytest.mark.slow
+def test_train_then_generate_from_the_export(tmp_path, capsys):
+    """cm3leon train runs the trainer; its export directory is a checkpoint cm3leon generate reads."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", "tiny-pretrain", "--set", f'out_dir="{out}"',
+                     "--set", "schedule.steps=2", "--set", "checkpoint.every=0"]) == 0
+    status, _, err = _run(capsys, "generate", "--checkpoint", out, "--task", "text-to-image", "--prompt",
+                          "a large red circle", "--samples", "2", "--out", tmp_path / "g.png", "--quiet")
+    assert status == 0, err
+    status, text, err = _run(capsys, "generate", "--checkpoint", out, "--task", "infill", "--prompt",
+                             "a large <mask> in the center", "--max-new-tokens", "3", "--quiet")
+    assert status == 0 and text.startswith("a large"), err
