@@ -41,11 +41,11 @@ def test_bundle_round_trip(checkpoint):
 
 
 def test_bundle_reads_a_training_export(checkpoint, tmp_path):
-    """The trainer's export: model.safetensors beside its corpus's text.json, image_tokenizer.pt, vocabulary.json."""
+    """The trainer's export: model.safetensors beside its corpus's text.json, image_tokenizer.safetensors,
+    vocabulary.json."""
     import shutil
 
     root = shutil.copytree(checkpoint / "ckpt", tmp_path / "export")
-    (root / "image_tokenizer.safetensors").rename(root / "image_tokenizer.pt")
     assert load_bundle(root).pipeline().image_size == parts()[2].config.image_size
     (root / "text.json").unlink()
     with pytest.raises(FileNotFoundError, match="lacks text.json"):

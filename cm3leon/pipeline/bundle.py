@@ -6,8 +6,7 @@ Layout (file names are :data:`MODEL_FILE` etc.)::
       model.safetensors              cm3leon.save / cm3leon.load (weights + config)
       vocabulary.json                Vocabulary.save
       text.json                      TextTokenizer.save
-      image_tokenizer.safetensors    ImageTokenizer.save (image_tokenizer.pt, the name training corpora use,
-                                     is read too)
+      image_tokenizer.safetensors    ImageTokenizer.save
       retrieval/                     optional (needs cm3leon.retrieval):
         dual_encoder.safetensors     DualEncoder.save: re-ranks samples (ImageTextScorer)
         memory_bank.safetensors      MemoryBank.save: retrieval-augmented prompts (Retriever, with the encoder)
@@ -37,7 +36,6 @@ MODEL_FILE = "model.safetensors"
 VOCABULARY_FILE = "vocabulary.json"
 TEXT_TOKENIZER_FILE = "text.json"
 IMAGE_TOKENIZER_FILE = "image_tokenizer.safetensors"
-IMAGE_TOKENIZER_ALIAS = "image_tokenizer.pt"  # what the trainer's corpus folder calls the same file
 RETRIEVAL_DIR = "retrieval"
 DUAL_ENCODER_FILE = "dual_encoder.safetensors"
 MEMORY_BANK_FILE = "memory_bank.safetensors"
@@ -87,8 +85,7 @@ def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "c
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(root)!r} does not exist")
-    image_file = next((root / name for name in (IMAGE_TOKENIZER_FILE, IMAGE_TOKENIZER_ALIAS)
-                       if (root / name).is_file()), root / IMAGE_TOKENIZER_FILE)
+    image_file = root / IMAGE_TOKENIZER_FILE
     missing = [path.name for path in (root / MODEL_FILE, root / VOCABULARY_FILE, root / TEXT_TOKENIZER_FILE,
                                       image_file) if not path.is_file()]
     if missing:

@@ -35,7 +35,7 @@ from .runtime import Runtime
 
 __all__ = ["ShapesCorpus", "TaskMixture", "build_data", "prepare_shapes_corpus", "sft_task_weights"]
 
-TEXT_FILE, IMAGE_FILE, VOCAB_FILE = "text.json", "image_tokenizer.pt", "vocabulary.json"
+TEXT_FILE, IMAGE_FILE, VOCAB_FILE = "text.json", "image_tokenizer.safetensors", "vocabulary.json"
 MANIFEST = "corpus.json"
 VAL_SCENE_OFFSET = 10_000_000  # validation scenes come after every training scene index
 
