@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sdpa_backend import SDPA
 
 from cm3leon import CM3Leon, preset
+from cm3leon.baselines import SDPA, hf_style_cfg_generate
 from cm3leon.generate import SamplingOptions, compile_decode_step, generate
-from cm3leon_kernels import reference
 
 REQUESTS, PROMPT = 4, 16
 CASES = {  # name: (config, image codes, tokens per image, decoded tokens)
@@ -50,35 +49,6 @@ def workload(case: str) -> tuple[list[list[int]], list[list[int]], tuple[int, in
     return prompts, uncond, (image_lo, config.vocab_size), steps
 
 
-@torch.no_grad()
-def baseline_generate(model: CM3Leon, prompts, uncond, image_range, steps: int, *, guidance_scale=3.0,
-                      top_p=0.9) -> torch.Tensor:
-    """The plain loop: prefill both streams, then per token run the processor chain and one model step."""
-    n, rows = len(prompts), uncond + prompts
-    cache = model.allocate_cache(len(rows), max(map(len, rows)) + steps)
-    padded = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    for i, row in enumerate(rows):
-        padded[i, : len(row)] = torch.tensor(row)
-    lengths = torch.tensor([len(r) for r in rows])
-    logits = model.step(padded, cache)[torch.arange(len(rows)), lengths - 1]
-    cache.seqlens.copy_(lengths.int())
-    blocked = torch.ones(model.config.vocab_size, dtype=torch.bool)
-    blocked[image_range[0]: image_range[1]] = False
-    out = []
-    for _ in range(steps):
-        # The vocabulary processor masks the guided scores; with u = 0 and c = -inf on blocked ids the chain's
-        # own CFG mix u + s·(c − u) gives exactly -inf there (masking both streams would give NaN).
-        uncond_logits, cond_logits = logits.view(2, n, -1)
-        scores = torch.stack([uncond_logits.masked_fill(blocked, 0.0),
-                              cond_logits.masked_fill(blocked, float("-inf"))], dim=1)
-        token = reference.hf_chain_sample(scores, guidance_scale=guidance_scale, temperature=1.0, top_p=top_p)
-        out.append(token)
-        if bool((token == 1).all()):  # the stopping-criteria check transformers runs every step
-            break
-        logits = model.step(token.repeat(2)[:, None], cache)[:, -1]
-    return torch.stack(out, 1)
-
-
 def ours(model: CM3Leon, prompts, uncond, image_range, steps: int, decode_step=None) -> list[list[int]]:
     options = SamplingOptions(temperature=1.0, top_p=0.9, guidance_scale=3.0, allowed_range=image_range)
     return generate(model, prompts, unconditional_prompts=uncond, max_new_tokens=steps, options=options,
@@ -89,7 +59,7 @@ def runner(case: str, dtype_name: str, impl: str):
     model = build(case, DTYPES[dtype_name], impl)
     prompts, uncond, image_range, steps = workload(case)
     if impl == "torch-sdpa+hf-chain":
-        return lambda: baseline_generate(model, prompts, uncond, image_range, steps)
+        return lambda: hf_style_cfg_generate(model, prompts, uncond, image_range, steps)
     step = compile_decode_step(model) if impl == "cm3leon+compile" else None
     return lambda: ours(model, prompts, uncond, image_range, steps, decode_step=step)
 
