@@ -78,8 +78,8 @@ def test_vq_tokenizer_shape(benchmark, bench_record, impl):
     benchmark.pedantic(fn, rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("impl", ["cm3leon", "cm3leon[avx512]", "cm3leon[avx2]", "torch-expanded-matmul-fp32",
-                                  "torch.mm-bf16"])
+@pytest.mark.parametrize("impl", ["cm3leon", "cm3leon[avx512_bf16]", "cm3leon[avx512]", "cm3leon[avx2]",
+                                  "torch-expanded-matmul-fp32", "torch.mm-bf16"])
 def test_vq_bf16_inputs(benchmark, bench_record, impl):
     """bf16 latents/codebook (autocast training) at the tokenizer shape. Baselines: what a user would do
     (upcast to fp32, then the expanded form), and torch.mm of the bf16 inputs alone (z @ codebook^T, no

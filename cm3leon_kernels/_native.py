@@ -24,10 +24,10 @@ def cpu_features() -> dict:
 
     Returns ``{"cpu": {feature: bool}, "compiled": [levels], "supported": [levels], "isa": level,
     "ops": {op: level}}``: the features cpuid reports (``avx2``, ``fma``, ``f16c``, ``avx512f``, ``avx512dq``,
-    ``avx512bw``, ``avx512vl``, ``avx512_bf16``, ``amx_bf16``), the instruction-set levels this build compiled
-    (``baseline``, ``avx2``, ``avx512``, ``avx512_bf16``), those this CPU can run, the level chosen at load time
-    (the highest supported one, or ``CM3LEON_CPU_ISA``) and the level each op's CPU kernel runs at (an op without
-    a body of its own at the chosen level runs its highest level below it).
+    ``avx512bw``, ``avx512vl``, ``avx512_bf16``, ``amx_bf16``), the instruction-set levels this build
+    compiled (``baseline``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx_bf16``), those this CPU can run, the
+    level chosen at load time (the highest supported one, or ``CM3LEON_CPU_ISA``) and the level each op's CPU
+    kernel runs at (an op without a body of its own at the chosen level runs its highest level below it).
     """
     return dict(_C.cpu_features())
 

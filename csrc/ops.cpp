@@ -111,7 +111,7 @@ pybind11::dict cpu_features() {
   seen["avx512f"] = cpu.avx512f; seen["avx512dq"] = cpu.avx512dq; seen["avx512bw"] = cpu.avx512bw;
   seen["avx512vl"] = cpu.avx512vl; seen["avx512_bf16"] = cpu.avx512_bf16; seen["amx_bf16"] = cpu.amx_bf16;
   pybind11::list compiled, supported;
-  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16}) {
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::AmxBf16}) {
     if (int(isa) <= CM3LEON_MAX_ISA_LEVEL) compiled.append(cm3leon::isa_name(isa));
     if (int(isa) <= CM3LEON_MAX_ISA_LEVEL && cm3leon::isa_supported(isa, cpu)) supported.append(cm3leon::isa_name(isa));
   }

@@ -40,9 +40,10 @@ def test_cuda_kernel_bodies_match_cpu_kernel(tmp_path):
     flags = ["c++", "-std=c++20", "-O1", "-ffp-contract=off", "-march=native", "-fopenmp", f"-I{ROOT / 'csrc'}",
              "-DCM3LEON_MAX_ISA_LEVEL=0"]
     kernel = tmp_path / "sampling_cpu.o"
-    for cmd in ([*flags, "-DCM3LEON_ISA_LEVEL=0", "-c", str(ROOT / "csrc" / "sampling" / "sampling_cpu.cpp"), "-o",
+    csrc = ROOT / "csrc"
+    for cmd in ([*flags, "-DCM3LEON_ISA_LEVEL=0", "-c", str(csrc / "sampling" / "sampling_cpu.cpp"), "-o",
                  str(kernel)],
-                [*flags, f"-I{_cuda_include()}", str(EMULATOR), str(ROOT / "csrc" / "common" / "cpu_features.cpp"),
+                [*flags, f"-I{_cuda_include()}", str(EMULATOR), str(csrc / "common" / "cpu_features.cpp"),
                  str(kernel), "-o", str(exe)]):
         build = subprocess.run(cmd, capture_output=True, text=True)
         assert build.returncode == 0, build.stderr[-3000:]

@@ -7,6 +7,8 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define CM3LEON_X86 1
 #endif
 
@@ -18,6 +20,17 @@ uint64_t xcr0() {  // which register states the OS saves on context switches
   uint32_t lo = 0, hi = 0;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return (uint64_t(hi) << 32) | lo;
+}
+
+// Linux hands out the AMX tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); without the grant the first tile instruction faults.
+bool amx_permitted() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kReqXcompPerm = 0x1023, kXtileData = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+#else
+  return false;
+#endif
 }
 
 CpuFeatures query_cpu() {
@@ -41,7 +54,7 @@ CpuFeatures query_cpu() {
   f.avx512dq = zmm && (b & (1u << 17));
   f.avx512bw = zmm && (b & (1u << 30));
   f.avx512vl = zmm && (b & (1u << 31));
-  f.amx_bf16 = tiles && (d & (1u << 22)) && (d & (1u << 24));
+  f.amx_bf16 = tiles && (d & (1u << 22)) && (d & (1u << 24)) && amx_permitted();
   if (max_sub7 >= 1) {
     __cpuid_count(7, 1, a, b, c, d);
     f.avx512_bf16 = zmm && (a & (1u << 5));
@@ -52,7 +65,7 @@ CpuFeatures query_cpu() {
 CpuFeatures query_cpu() { return {}; }
 #endif
 
-constexpr Isa kLevels[] = {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16};
+constexpr Isa kLevels[] = {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::AmxBf16};
 
 Isa select(const std::string& name) {
   const CpuFeatures& cpu = detected_cpu_features();
@@ -72,8 +85,8 @@ Isa select(const std::string& name) {
       throw std::invalid_argument("CM3LEON_CPU_ISA=" + name + ": this CPU lacks " + missing);
     return isa;
   }
-  throw std::invalid_argument("CM3LEON_CPU_ISA must be one of baseline, avx2, avx512, avx512_bf16; got '" + name +
-                              "'");
+  throw std::invalid_argument(
+      "CM3LEON_CPU_ISA must be one of baseline, avx2, avx512, avx512_bf16, amx_bf16; got '" + name + "'");
 }
 
 std::string env_isa() {
@@ -96,6 +109,7 @@ const char* isa_name(Isa isa) {
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
     case Isa::Avx512Bf16: return "avx512_bf16";
+    case Isa::AmxBf16: return "amx_bf16";
   }
   return "unknown";
 }
@@ -111,6 +125,7 @@ bool isa_supported(Isa isa, const CpuFeatures& cpu, std::string* missing) {
     need(cpu.avx512bw, "avx512bw"); need(cpu.avx512vl, "avx512vl");
   }
   if (int(isa) >= int(Isa::Avx512Bf16)) need(cpu.avx512_bf16, "avx512_bf16");
+  if (int(isa) >= int(Isa::AmxBf16)) need(cpu.amx_bf16, "amx_bf16 (with the OS's permission for tile data)");
   if (missing) *missing = lacks;
   return lacks.empty();
 }

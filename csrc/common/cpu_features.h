@@ -28,7 +28,7 @@ const char* isa_name(Isa isa);
 // Whether this CPU runs every instruction of `isa`; otherwise fills `missing` with the features it lacks.
 bool isa_supported(Isa isa, const CpuFeatures& cpu, std::string* missing = nullptr);
 
-// The level the kernels run at: CM3LEON_CPU_ISA (baseline|avx2|avx512|avx512_bf16) when set, else the
+// The level the kernels run at: CM3LEON_CPU_ISA (baseline|avx2|avx512|avx512_bf16|amx_bf16) when set, else the
 // highest level that is both compiled and supported. Chosen on first use; an unknown name, a level this CPU
 // lacks, or one the build did not compile throws std::invalid_argument naming the problem.
 Isa active_isa();

@@ -13,6 +13,7 @@
 #define CM3LEON_ISA_AVX2 1
 #define CM3LEON_ISA_AVX512 2
 #define CM3LEON_ISA_AVX512_BF16 3
+#define CM3LEON_ISA_AMX_BF16 4
 
 #if !defined(CM3LEON_ISA_LEVEL)
 #define CM3LEON_ISA_NAMESPACE host  // launchers, ops.cpp, the dispatcher: the build's default flags
@@ -24,6 +25,8 @@
 #define CM3LEON_ISA_NAMESPACE isa_avx512
 #elif CM3LEON_ISA_LEVEL == CM3LEON_ISA_AVX512_BF16
 #define CM3LEON_ISA_NAMESPACE isa_avx512_bf16
+#elif CM3LEON_ISA_LEVEL == CM3LEON_ISA_AMX_BF16
+#define CM3LEON_ISA_NAMESPACE isa_amx_bf16
 #else
 #error "unknown CM3LEON_ISA_LEVEL"
 #endif
@@ -38,7 +41,8 @@ enum class Isa : int {
   Baseline = CM3LEON_ISA_BASELINE,      // the compiler's default target (x86-64), scalar loops
   Avx2 = CM3LEON_ISA_AVX2,              // AVX2 + FMA + F16C
   Avx512 = CM3LEON_ISA_AVX512,          // + AVX-512 F/BW/VL/DQ
-  Avx512Bf16 = CM3LEON_ISA_AVX512_BF16  // + AVX-512 BF16 (vdpbf16ps)
+  Avx512Bf16 = CM3LEON_ISA_AVX512_BF16,  // + AVX-512 BF16 (vdpbf16ps)
+  AmxBf16 = CM3LEON_ISA_AMX_BF16          // + AMX tiles with bf16 dot products (tdpbf16ps)
 };
 
 #if defined(CM3LEON_ISA_LEVEL)

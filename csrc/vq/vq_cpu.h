@@ -9,7 +9,7 @@ namespace cm3leon::vq {
 enum class Metric { L2, Cosine };
 
 // Highest level with its own VQ bodies; one explicit specialisation per compiled level (vq_cpu.cpp).
-constexpr Isa kVqMaxIsa = Isa::Avx512Bf16;
+constexpr Isa kVqMaxIsa = Isa::AmxBf16;
 template <Isa I>
 int64_t nearest_kernel(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
                        Metric metric, int64_t* indices, float* distance, int threads);
