@@ -27,7 +27,8 @@ def cpu_features() -> dict:
     ``avx512bw``, ``avx512vl``, ``avx512_bf16``, ``amx_bf16``), the instruction-set levels this build
     compiled (``baseline``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx_bf16``), those this CPU can run, the
     level chosen at load time (the highest supported one, or ``CM3LEON_CPU_ISA``) and the level each op's CPU
-    kernel runs at (an op without a body of its own at the chosen level runs its highest level below it).
+    kernel runs at, by ``torch.ops.cm3leon`` op name (an op without a body of its own at the chosen level runs
+    its highest level below it; docs/kernels.md says what each level changes).
     """
     return dict(_C.cpu_features())
 

@@ -117,7 +117,8 @@ pybind11::dict cpu_features() {
   }
   auto path = [](Isa highest) { return cm3leon::isa_name(cm3leon::family_isa(highest)); };
   pybind11::dict ops;
-  for (const char* op : {"flash_attn_forward", "flash_attn_backward", "flash_attn_decode"})
+  for (const char* op : {"flash_attn_forward", "flash_attn_backward", "flash_attn_varlen_forward",
+                         "flash_attn_varlen_backward", "flash_attn_kvcache"})
     ops[op] = path(cm3leon::attention::kAttentionMaxIsa);
   for (const char* op : {"vq_nearest", "vq_embed"}) ops[op] = path(cm3leon::vq::kVqMaxIsa);
   for (const char* op : {"cfg_sample", "contrastive_sample"}) ops[op] = path(cm3leon::sampling::kSamplingMaxIsa);

@@ -27,7 +27,8 @@ NEEDS = {"baseline": [], "avx2": ["avx2", "fma", "f16c"],
          "avx512": ["avx512f", "avx512dq", "avx512bw", "avx512vl"], "avx512_bf16": ["avx512_bf16"],
          "amx_bf16": ["amx_bf16"]}
 # The highest level each kernel family has a body for (csrc/*/..._cpu.h).
-FAMILY_TOP = {"flash_attn_forward": "avx512", "flash_attn_backward": "avx512", "flash_attn_decode": "avx512",
+FAMILY_TOP = {"flash_attn_forward": "avx512", "flash_attn_backward": "avx512", "flash_attn_kvcache": "avx512",
+              "flash_attn_varlen_forward": "avx512", "flash_attn_varlen_backward": "avx512",
               "vq_nearest": "amx_bf16", "vq_embed": "amx_bf16",
               "cfg_sample": "avx2", "contrastive_sample": "avx2"}
 
@@ -91,7 +92,7 @@ def test_attention_forward_backward(isa, case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
 def test_attention_varlen(isa, dtype):
-    _needs_own_body(isa, "flash_attn_forward")
+    _needs_own_body(isa, "flash_attn_varlen_forward")
     lengths = [37, 1, 150]
     cu = _cu(lengths)
     q, k, v = (_rand(sum(lengths), h, 64, dtype=dtype) for h in (4, 2, 2))
@@ -103,7 +104,7 @@ def test_attention_varlen(isa, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
 def test_attention_kvcache(isa, dtype):
-    _needs_own_body(isa, "flash_attn_decode")
+    _needs_own_body(isa, "flash_attn_kvcache")
     for case in KV_CASES:
         check_kvcache_case(case, dtype, "cpu")
 
