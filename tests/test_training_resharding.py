@@ -4,10 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("cm3leon.data.packing")
-from training_fakes import Example  # noqa: E402
-
-from cm3leon.training.resharding import ReshardableLoader  # noqa: E402
+from cm3leon.objective import CM3Example
+from cm3leon.training.resharding import ReshardableLoader
 
 
 class IndexSource:
@@ -19,9 +17,9 @@ class IndexSource:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i: int) -> Example:
+    def __getitem__(self, i: int) -> CM3Example:
         length = 3 + (i * 7) % 7
-        return Example(torch.full((length,), i, dtype=torch.int64), torch.ones(length))
+        return CM3Example(torch.full((length,), i, dtype=torch.int64), torch.ones(length), 0)
 
 
 def _loader(source, rank, world):
