@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -27,9 +28,11 @@ using attention::pack_panels;
 using attention::pack_rows;
 using attention::round_up;
 
-constexpr int64_t kChunk = 144;  // tokens per chunk: the logits chunk is vocab x 144 fp32 (36 MiB at 64k)
+constexpr int64_t kTokenAlign = std::lcm(MR, NR);  // chunks are padded to whole micro-kernel tiles
+constexpr int64_t kChunk = 192;  // tokens per chunk: the logits chunk is vocab x 192 fp32 (48 MiB at 64k)
 constexpr int64_t kBlock = 96;   // vocabulary rows per block (a multiple of MR and NR)
-static_assert(kChunk % 48 == 0 && kBlock % MR == 0 && kBlock % NR == 0, "tile multiples");
+constexpr int64_t kDepth = 256;  // depth slice of the logits matmul: a 256 x NR strip of hidden stays in L1
+static_assert(kChunk % kTokenAlign == 0 && kBlock % MR == 0 && kBlock % NR == 0, "tile multiples");
 
 // x <- cap * tanh(x / cap), n a multiple of 8.
 void softcap_rows(float* x, int64_t n, float cap) {
@@ -73,7 +76,7 @@ class Engine {
 
   // Loads chunk [t0, t0 + nt): the packed H^T panels (and fp32 rows for dW when grads are needed).
   void load_chunk(int64_t t0, int64_t nt) {
-    tp_ = round_up(nt, 48);
+    tp_ = round_up(nt, kTokenAlign);
     pack_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, NR, tp_, cfg_.dim, hpanels_.data());
     if (grads_) pack_rows(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, tp_, dp_, hrows_.data());
     t0_ = t0;
@@ -86,10 +89,13 @@ class Engine {
     const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0);
     w = weight_block(part, v0, nv, ld);
     float* out = logits_.data() + (full_ ? v0 : part * kBlock) * tp_;
-    for (int64_t tc = 0; tc < tp_; tc += NR)
-      for (int64_t i = 0; i < nv; i += MR)
-        micro_6x16(w + i * ld, 1, ld, hpanels_.data() + tc * cfg_.dim, NR, cfg_.dim, out + i * tp_ + tc, tp_,
-                   false);
+    for (int64_t k0 = 0; k0 < cfg_.dim; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, cfg_.dim - k0);
+      for (int64_t tc = 0; tc < tp_; tc += NR)
+        for (int64_t i = 0; i < nv; i += MR)
+          micro_6x16(w + i * ld + k0, 1, ld, hpanels_.data() + tc * cfg_.dim + k0 * NR, NR, depth,
+                     out + i * tp_ + tc, tp_, k0 > 0);
+    }
     if (cfg_.softcap > 0.f) softcap_rows(out, nv * tp_, cfg_.softcap);
     return out;
   }
@@ -192,8 +198,8 @@ class Engine {
       z[(y - v0) * tp_ + k] -= st.b[k] * target_slope[k];
     }
     // grad_weight rows [v0, v0 + nv) (+)= G^T H over the chunk's tokens.
-    for (int64_t i = 0; i < nv; i += MR)
-      for (int64_t dc = 0; dc < cfg_.dim; dc += NR) {
+    for (int64_t dc = 0; dc < cfg_.dim; dc += NR)
+      for (int64_t i = 0; i < nv; i += MR) {
         const int64_t rows = std::min(MR, nv - i), cols = std::min(NR, cfg_.dim - dc);
         float* c = grad_weight + (v0 + i) * cfg_.dim + dc;
         if (rows == MR && cols == NR) {
@@ -326,7 +332,7 @@ LossStatus run(const T* hidden, const T* weight, const int64_t* targets, const f
   double weight_sum = 0.0;
   LossStatus status = check_inputs(targets, loss_weights, cfg, weight_sum);
   if (status.kind != LossStatus::Ok) return status;
-  const bool grads = grad_hidden != nullptr;
+  const bool grads = grad_weight != nullptr;  // (grad_hidden is null when there are no tokens)
   const bool forward = lse_in == nullptr;
   if (grads && cfg.tokens == 0) {
     std::fill(grad_weight, grad_weight + cfg.vocab * cfg.dim, 0.f);

@@ -26,7 +26,7 @@ struct LossStatus {
 // (soft-capped) logits z_t = hidden_t . weight^T; weighted by loss_weights (1 when null), 0 where
 // targets == ignore_index. Writes lse [tokens] and loss: [tokens] w_t l_t (Reduction::None) or [1]
 // (sum w_t l_t, divided by sum w_t over non-ignored tokens for Mean; 0 when that sum is 0).
-// When grad_hidden is not null (Sum/Mean only) also writes the gradients of that scalar: grad_hidden
+// When grad_weight is not null (Sum/Mean only) also writes the gradients of that scalar: grad_hidden
 // [tokens, dim] in the input dtype and grad_weight [vocab, dim] in fp32, computed from each chunk of logits
 // while it is in memory (the matmul is not redone in a backward pass).
 template <typename T>
