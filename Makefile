@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install nvidia-cutlass  # CUTLASS/CuTe headers for the CUDA compile check
 	touch $(STAMP)
 
-# Editable install with the test and retrieval extras (dependencies come from pyproject.toml): builds
+# Editable install with the test, retrieval and training extras (dependencies come from pyproject.toml): builds
 # cm3leon_kernels._C with CMake + ninja against the venv's torch, which already satisfies "torch>=2.4".
 build: $(STAMP)
-	$(PIP) install --no-build-isolation -e ".[test,retrieval]"
+	$(PIP) install --no-build-isolation -e ".[test,retrieval,training]"
 
 test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)

@@ -186,6 +186,32 @@ class CM3Leon(nn.Module):
         positions, max_seqlen = self._packed_positions(tokens, cu_seqlens, max_seqlen)
         return self.logits(self._trunk(tokens, positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
 
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor, *,
+             cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        """Weighted next-token cross entropy: ``sum(w * CE) / sum(w)`` over every position (0 when
+        ``sum(w) == 0``), reduced in float32 (or the model's float64) whatever the autocast dtype of the logits.
+
+        ``targets[i]`` is the token to predict at position ``i`` (the next token of the same document) and
+        ``loss_weights[i]`` its weight; shapes follow ``tokens`` (``[B, S]``, or ``[T]`` packed with
+        ``cu_seqlens``/``max_seqlen`` as in :meth:`forward`). The trainer computes every loss through this
+        method, so a fused linear + cross-entropy kernel can replace the body without touching it.
+        """
+        if targets.shape != tokens.shape or loss_weights.shape != tokens.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} and loss_weights {tuple(loss_weights.shape)} must "
+                             f"have the shape of tokens {tuple(tokens.shape)}")
+        if targets.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
+        if not loss_weights.dtype.is_floating_point:
+            raise TypeError(f"loss_weights must be a floating-point tensor, got {loss_weights.dtype}")
+        logits = self(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 reduction under bf16 autocast
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), targets.reshape(-1).long(),
+                             reduction="none")
+        weights = loss_weights.reshape(-1).to(dtype)
+        total = weights.sum()
+        # A batch whose weights are all 0 has loss 0 (and zero gradients), not 0/0.
+        return (weights * ce).sum() / torch.where(total > 0, total, torch.ones_like(total))
+
     def _packed_positions(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None):
         if tokens.dim() != 1:
             raise ValueError(f"packed tokens must be 1-D [total_tokens], got {tuple(tokens.shape)}")

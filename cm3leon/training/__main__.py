@@ -1,0 +1,59 @@
+"""Command line of the trainer.
+
+    python -m cm3leon.training --config demo-pretrain [--set optim.lr=3e-4 ...] [--resume]
+    torchrun --nproc-per-node 2 -m cm3leon.training --config demo-pretrain --set parallel.mode=ddp
+    python -m cm3leon.training --config demo-pretrain --print-config > run.toml  # edit; --config run.toml
+    python -m cm3leon.training --plot runs/demo-pretrain                         # loss.png from metrics
+
+Exit status: 0 when training finished, 128 + signal number when SIGTERM/SIGINT stopped it (after saving a
+checkpoint; run again with ``--resume``), 2 for a bad config or command line, 1 on other errors (e.g. too
+many non-finite steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import PRESETS, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cm3leon.training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo-pretrain",
+                        help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config value (TOML value syntax), e.g. --set optim.lr=3e-4")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as TOML and exit")
+    parser.add_argument("--plot", type=Path, metavar="RUN_DIR", help="write RUN_DIR/loss.png and exit")
+    args = parser.parse_args(argv)
+    if args.plot is not None:
+        from .observe import plot_metrics
+
+        print(plot_metrics(args.plot / "metrics.jsonl", args.plot / "loss.png"))
+        return 0
+    try:
+        config = load_config(args.config, args.overrides)
+    except (TypeError, ValueError) as err:  # a bad config stops here, before any work, with exit status 2
+        parser.error(str(err))
+    if args.print_config:
+        sys.stdout.write(config.to_toml())
+        return 0
+    from .trainer import Trainer
+
+    trainer = Trainer(config)
+    try:
+        summary = trainer.fit(resume=args.resume)
+    finally:
+        trainer.close()
+    if trainer.runtime.is_main:
+        print(json.dumps(summary))
+    return 128 + summary["interrupted"] if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
