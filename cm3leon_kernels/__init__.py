@@ -12,7 +12,7 @@ Drop-in ops, registered with ``torch.library`` as ``torch.ops.cm3leon.*`` (so ``
 """
 from ._native import cpu_features, cuda_built
 from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
-from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy, linear_cross_entropy_supports
 from .sampling import cfg_sample, contrastive_sample
 from .vq import VQOutput, vector_quantize, vq_embed, vq_nearest
 
@@ -20,4 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "vq_nearest", "vq_embed", "vector_quantize", "VQOutput",
-           "cfg_sample", "contrastive_sample", "linear_cross_entropy", "cuda_built", "cpu_features"]
+           "cfg_sample", "contrastive_sample", "linear_cross_entropy",
+           "linear_cross_entropy_supports", "cuda_built", "cpu_features"]

@@ -17,7 +17,7 @@ from ._checks import (FLOAT_DTYPES, as_int, check_contiguous, check_fake_devices
                       check_supported_device, check_tensor)
 from ._native import ops
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_supports"]
 
 _REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 _DEVICES = ("cpu",)  # the CUDA kernel is compile-checked only (docs/loss.md, "CUDA")
@@ -36,6 +36,11 @@ def _real(name: str, x: object, *, lo: float, hi: float = math.inf, lo_open: boo
         bracket = "(" if lo_open else "["
         raise ValueError(f"{name} must be a finite number in {bracket}{lo}, {hi}], got {x!r}")
     return value
+
+
+def linear_cross_entropy_supports(weight: torch.Tensor) -> bool:
+    """Whether :func:`linear_cross_entropy` has a kernel for a head ``weight`` of this device and dtype."""
+    return weight.device.type in _DEVICES and weight.dtype in FLOAT_DTYPES
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

@@ -215,3 +215,30 @@ def test_raw_backward_checks_its_extra_tensors():
         ops.linear_cross_entropy_backward(torch.ones(6), h, w, y, None, lse * float("nan"), -100, 0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="compute_grad"):
         ops.linear_cross_entropy_forward(h, w, y, None, -100, 0.0, 0.0, 0.0, 0, True)
+
+
+# ---- CM3Leon.loss ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])
+def test_model_loss_runs_the_fused_op(monkeypatch, tied):
+    import dataclasses
+
+    from model_fixtures import LAYOUTS
+
+    import cm3leon.model as model_module
+
+    calls = []
+    fused = ck.linear_cross_entropy
+    monkeypatch.setattr(model_module.ck, "linear_cross_entropy", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    torch.manual_seed(0)
+    model = model_module.CM3Leon(dataclasses.replace(LAYOUTS["cm3leon"], tie_embeddings=tied))
+    tokens, targets = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    weights = torch.rand(2, 9)
+    loss = model.loss(tokens, targets, weights)
+    loss.backward()
+    head = model.embed.weight if tied else model.lm_head.weight
+    assert calls and head.grad is not None and head.grad.abs().sum() > 0
+    logits = model(tokens).reshape(-1, 97)
+    plain = (torch.nn.functional.cross_entropy(logits, targets.reshape(-1), reduction="none") *
+             weights.reshape(-1)).sum() / weights.sum()
+    torch.testing.assert_close(loss, plain)
