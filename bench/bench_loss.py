@@ -64,3 +64,35 @@ def test_linear_cross_entropy(benchmark, bench_record, impl, mode):
     bench_record(benchmark, case=f"linear_cross_entropy {mode} T={t} D={d} V={v} fp32", impl=impl,
                  work=matmuls * 2 * t * d * v, unit="GFLOP/s", peak_extra_mib=extra)
     benchmark.pedantic(fn, rounds=3, iterations=1)
+
+
+CUDA_READY = torch.cuda.is_available() and ck.cuda_built()
+
+
+def _raw_cuda_loss(h, w, y):
+    """The CUDA kernel through the raw op (the Python API enables CUDA once tests/test_loss_cuda.py passes)."""
+    grads = torch.is_grad_enabled() and h.requires_grad
+    return torch.ops.cm3leon.linear_cross_entropy_forward(h, w, y, None, -100, 0.0, 0.0, 0.0, 2, grads)[0]
+
+
+@pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("impl", ["cm3leon", "torch-linear+cross_entropy"])
+def test_linear_cross_entropy_cuda(benchmark, bench_record, impl, mode):
+    t, d, v = 8192, 2048, 65536
+    hidden, weight, targets = (x.cuda() for x in _inputs(t, d, v))
+    loss_fn = _raw_cuda_loss if impl == "cm3leon" else _torch_loss
+    step = MODES[mode](loss_fn, hidden, weight, targets)
+
+    def fn():
+        step()
+        torch.cuda.synchronize()
+    fn()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    extra = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
+    matmuls = 3 if mode == "fwd+bwd" else 1
+    bench_record(benchmark, case=f"linear_cross_entropy cuda {mode} T={t} D={d} V={v} fp32", impl=impl,
+                 work=matmuls * 2 * t * d * v, unit="GFLOP/s", peak_extra_mib=extra)
+    benchmark.pedantic(fn, rounds=3, iterations=1)

@@ -143,10 +143,19 @@ def _backward_fake(grad_loss, hidden, weight, targets, loss_weights, lse, ignore
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
+def _eager(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain tensor outside any tracing (no FakeTensor/FunctionalTensor, no dispatch mode)."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and \
+        torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
+
+
 def _setup(ctx, inputs, output):
     hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss, softcap, reduction, \
         compute_grad = inputs
     _, lse, grad_hidden, grad_weight = output
+    # Autograd would otherwise pass zero tensors as the gradients of the unused outputs (grad_hidden and
+    # grad_weight themselves): a transient [V, D] allocation in every backward.
+    ctx.set_materialize_grads(False)
     ctx.args = (ignore_index, label_smoothing, z_loss, softcap)
     ctx.reduction, ctx.compute_grad = reduction, compute_grad
     ctx.has_weights = loss_weights is not None
@@ -156,10 +165,18 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_lse, grad_grad_hidden, grad_grad_weight):
     no_grads = (None,) * 8
-    if ctx.compute_grad:  # the forward already computed the gradients of the reduced loss: scale them
+    if grad_loss is None:  # only lse was used, which is not differentiable
+        return (None, None, *no_grads)
+    if ctx.compute_grad:
+        # The forward already computed the gradients of the reduced loss: scale them, in place when running
+        # eagerly (a [V, D] copy would add the size of the weight to the peak; a second backward through the
+        # same graph, retain_graph=True, then raises autograd's "modified by an inplace operation" error).
+        # Traced graphs (torch.compile, AOT) get the out-of-place product: they must not mutate saved outputs.
         grad_hidden, grad_weight = ctx.saved_tensors[:2]
-        return (grad_loss.to(grad_hidden.dtype) * grad_hidden, grad_loss.to(grad_weight.dtype) * grad_weight,
-                *no_grads)
+        scale_h, scale_w = grad_loss.to(grad_hidden.dtype), grad_loss.to(grad_weight.dtype)
+        if _eager(grad_weight):
+            return grad_hidden.mul_(scale_h), grad_weight.mul_(scale_w), *no_grads
+        return grad_hidden * scale_h, grad_weight * scale_w, *no_grads
     hidden, weight, targets, lse = ctx.saved_tensors[:4]
     loss_weights = ctx.saved_tensors[4] if ctx.has_weights else None
     per_token = grad_loss.float()

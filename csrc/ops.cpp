@@ -102,6 +102,9 @@ TORCH_LIBRARY_IMPL(cm3leon, CUDA, m) {
   m.impl("flash_attn_forward", &cm3leon::attention::forward_cuda_launch);
   m.impl("flash_attn_varlen_forward", &cm3leon::attention::varlen_forward_cuda_launch);
   m.impl("flash_attn_kvcache", &cm3leon::attention::kvcache_cuda_launch);
+  // Fused linear + cross-entropy (csrc/loss/loss_cuda*)
+  m.impl("linear_cross_entropy_forward", &cm3leon::loss::forward_cuda_launch);
+  m.impl("linear_cross_entropy_backward", &cm3leon::loss::backward_cuda_launch);
 }
 #endif
 

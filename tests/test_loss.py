@@ -242,3 +242,13 @@ def test_model_loss_runs_the_fused_op(monkeypatch, tied):
     plain = (torch.nn.functional.cross_entropy(logits, targets.reshape(-1), reduction="none") *
              weights.reshape(-1)).sum() / weights.sum()
     torch.testing.assert_close(loss, plain)
+
+
+def test_second_backward_through_a_retained_graph_raises():
+    """The stored gradients are scaled in place in backward (no [V, D] copy), so they serve one backward."""
+    hidden, weight, targets, _ = _inputs(10, 8, 20)
+    h = hidden.clone().requires_grad_()
+    loss = ck.linear_cross_entropy(h, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()

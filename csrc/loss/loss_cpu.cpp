@@ -51,6 +51,28 @@ void softcap_rows(float* x, int64_t n, float cap) {
   for (; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
 }
 
+// rows x d elements (row stride `stride`) as fp32 column strips dst[dp / NR][rows_pad][NR], zero-padded: a
+// strip is a contiguous micro-kernel B operand. (Row-major operands with 4 KiB rows, D = 1024, put every
+// depth step of a strip in the same L1 set and ran the gradient matmuls at under half speed.)
+template <typename T>
+void pack_column_strips(const T* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad, int64_t dp,
+                        float* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    const T* in = src + r * stride;
+    for (int64_t c = 0; c < dp; c += NR) {
+      float* out = dst + (c / NR * rows_pad + r) * NR;
+      const int64_t n = r < rows ? std::clamp<int64_t>(d - c, 0, NR) : 0;
+      int64_t j = 0;
+#if CM3LEON_AVX2
+      if (n == NR)
+        for (; j < NR; j += 8) _mm256_storeu_ps(out + j, load8(in + c + j));
+#endif
+      for (; j < n; ++j) out[j] = to_float(in[c + j]);
+      for (; j < NR; ++j) out[j] = 0.f;
+    }
+  }
+}
+
 // One token chunk's per-token state (padded to `tp` tokens; padded tokens have zero coefficients).
 struct ChunkState {
   std::vector<float> lse, target_logit, a, b, e;  // dl/dz_v = a p_v - e - b [v == y], times softcap'
@@ -66,9 +88,9 @@ class Engine {
         dp_(round_up(cfg.dim, NR)), nblocks_(attention::round_up(cfg.vocab, kBlock) / kBlock),
         parts_(int(std::min<int64_t>(nblocks_, usable_threads(threads)))),
         direct_w_(std::is_same_v<T, float> && cfg.dim % NR == 0),
-        hpanels_(size_t(kChunk) * dp_), hrows_(grads ? size_t(kChunk) * dp_ : 0),
+        hpanels_(size_t(kChunk) * dp_), hstrips_(grads ? size_t(kChunk) * dp_ : 0),
         logits_(size_t(full_logits ? round_up(cfg.vocab, MR) : parts_ * kBlock) * kChunk),
-        wbuf_(size_t(parts_) * kBlock * dp_), stats_(size_t(nblocks_) * 3 * kChunk),
+        wbuf_(size_t(parts_) * kBlock * dp_), wstrips_(grads ? size_t(parts_) * kBlock * dp_ : 0), stats_(size_t(nblocks_) * 3 * kChunk),
         dh_(grads ? size_t(parts_) * kChunk * dp_ : 0) {}
 
   int parts() const { return parts_; }
@@ -78,7 +100,7 @@ class Engine {
   void load_chunk(int64_t t0, int64_t nt) {
     tp_ = round_up(nt, kTokenAlign);
     pack_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, NR, tp_, cfg_.dim, hpanels_.data());
-    if (grads_) pack_rows(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, tp_, dp_, hrows_.data());
+    if (grads_) pack_column_strips(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, tp_, dp_, hstrips_.data());
     t0_ = t0;
     nt_ = nt;
   }
@@ -155,7 +177,7 @@ class Engine {
 
   // Turns a block of logits into dl/dlogits (in place), then adds its contributions to grad_weight (rows
   // owned by this part) and to this part's grad_hidden partial.
-  void block_grads(int part, int64_t blk, float* z, const float* w, int64_t ld, const ChunkState& st,
+  void block_grads(int part, int64_t blk, float* z, const ChunkState& st,
                    float* grad_weight, bool first_chunk) {
     const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0), nvp = round_up(nv, MR);
     const float cap = cfg_.softcap;
@@ -198,25 +220,30 @@ class Engine {
       z[(y - v0) * tp_ + k] -= st.b[k] * target_slope[k];
     }
     // grad_weight rows [v0, v0 + nv) (+)= G^T H over the chunk's tokens.
-    for (int64_t dc = 0; dc < cfg_.dim; dc += NR)
+    for (int64_t dc = 0; dc < cfg_.dim; dc += NR) {
+      const float* hs = hstrips_.data() + dc * tp_;  // strip dc / NR: [tp][NR]
       for (int64_t i = 0; i < nv; i += MR) {
         const int64_t rows = std::min(MR, nv - i), cols = std::min(NR, cfg_.dim - dc);
         float* c = grad_weight + (v0 + i) * cfg_.dim + dc;
         if (rows == MR && cols == NR) {
-          micro_6x16(z + i * tp_, 1, tp_, hrows_.data() + dc, dp_, nt_, c, cfg_.dim, !first_chunk);
+          micro_6x16(z + i * tp_, 1, tp_, hs, NR, nt_, c, cfg_.dim, !first_chunk);
           continue;
         }
         float tile[MR * NR];
-        micro_6x16(z + i * tp_, 1, tp_, hrows_.data() + dc, dp_, nt_, tile, NR, false);
+        micro_6x16(z + i * tp_, 1, tp_, hs, NR, nt_, tile, NR, false);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < cols; ++j)
             c[r * cfg_.dim + j] = (first_chunk ? 0.f : c[r * cfg_.dim + j]) + tile[r * NR + j];
       }
+    }
     // This part's grad_hidden partial (+)= G W_block.
     float* dh = dh_.data() + size_t(part) * kChunk * dp_;
+    float* ws = wstrips_.data() + size_t(part) * kBlock * dp_;
+    pack_column_strips(w_ + v0 * cfg_.dim, cfg_.dim, nv, cfg_.dim, nvp, dp_, ws);
     const int64_t tr = round_up(nt_, MR);
     for (int64_t dc = 0; dc < dp_; dc += NR)
-      for (int64_t t = 0; t < tr; t += MR) micro_6x16(z + t, tp_, 1, w + dc, ld, nv, dh + t * dp_ + dc, dp_, true);
+      for (int64_t t = 0; t < tr; t += MR)
+        micro_6x16(z + t, tp_, 1, ws + dc * nvp, NR, nv, dh + t * dp_ + dc, dp_, true);
   }
 
   void clear_grad_hidden_partials() { std::fill(dh_.data(), dh_.data() + dh_.size(), 0.f); }
@@ -231,12 +258,8 @@ class Engine {
       }
   }
 
-  // The stored (forward) logits of a block and its weight rows.
-  float* stored_logits(int part, int64_t blk, const float*& w, int64_t& ld) {
-    const int64_t v0 = blk * kBlock;
-    w = weight_block(part, v0, std::min(kBlock, cfg_.vocab - v0), ld);
-    return logits_.data() + v0 * tp_;
-  }
+  // The stored (forward) logits of a block.
+  float* stored_logits(int64_t blk) { return logits_.data() + blk * kBlock * tp_; }
 
  private:
   // The fp32 weight rows of a block with row stride `ld`: in place for fp32 weights whose rows are whole
@@ -262,7 +285,7 @@ class Engine {
   int64_t dp_, nblocks_;
   int parts_;
   bool direct_w_;
-  ScratchBuffer<float> hpanels_, hrows_, logits_, wbuf_, stats_, dh_;
+  ScratchBuffer<float> hpanels_, hstrips_, logits_, wbuf_, wstrips_, stats_, dh_;
   int64_t t0_ = 0, nt_ = 0, tp_ = 0;
 };
 
@@ -379,8 +402,8 @@ LossStatus run(const T* hidden, const T* weight, const int64_t* targets, const f
     over_blocks(eng.parts(), eng.nblocks(), [&](int part, int64_t blk) {
       const float* w;
       int64_t ld;
-      float* z = forward ? eng.stored_logits(part, blk, w, ld) : eng.block_logits(part, blk, w, ld);
-      eng.block_grads(part, blk, z, w, ld, st, grad_weight, t0 == 0);
+      float* z = forward ? eng.stored_logits(blk) : eng.block_logits(part, blk, w, ld);
+      eng.block_grads(part, blk, z, st, grad_weight, t0 == 0);
     });
     eng.write_grad_hidden(grad_hidden);
   }

@@ -9,8 +9,6 @@
 
 namespace cm3leon::loss {
 
-namespace {
-
 void check_float32_vector(const at::Tensor& t, const char* name, int64_t tokens, const at::Tensor& hidden) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == tokens, name, " must be [T] with T = ", tokens,
@@ -20,7 +18,6 @@ void check_float32_vector(const at::Tensor& t, const char* name, int64_t tokens,
   check_contiguous(t, name);
 }
 
-// Shapes, dtypes, devices and scalars shared by both ops (the data checks run inside the kernel).
 LossConfig check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                       const c10::optional<at::Tensor>& loss_weights, int64_t ignore_index,
                       double label_smoothing, double z_loss, double softcap) {
@@ -76,6 +73,8 @@ void raise_status(const LossStatus& s, const at::Tensor& targets, const c10::opt
                         " is not finite");
   }
 }
+
+namespace {
 
 const float* optional_data(const c10::optional<at::Tensor>& t) {
   return t ? t->data_ptr<float>() : nullptr;
