@@ -1,4 +1,4 @@
-# make test | make demo | make bench | make build | make clean — each sets itself up from nothing.
+# make demo | make test | make bench | make study | make build | make clean — each sets itself up from nothing.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench build gpu gpu-wheels clean
+.PHONY: test demo study bench build gpu gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,13 @@ bench: build
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-enable --benchmark-json=.benchmarks/latest.json -q
 	$(PY) bench/report.py .benchmarks/latest.json
 
-demo: bench
+# The recipe end to end on the built-in shapes world; writes out/demo/report.md (rerun to resume).
+demo: build
+	$(PY) -m cm3leon.demo --out out/demo --scale demo
+
+# The longer study: three seeds, a retrieval-free control run, more steps and prompts (hours on 2 cores).
+study: build
+	$(PY) -m cm3leon.demo --out out/study --scale study
 
 # One command on a GPU machine: CUDA build, CUDA tests, GPU benchmarks (see bench/gpu.sh).
 gpu:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sdpa_backend import SDPA
+from cm3leon.baselines import SDPA
 
 import cm3leon_kernels as ck
 from cm3leon import CM3Leon, preset

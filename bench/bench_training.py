@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from sdpa_backend import SDPA
+from cm3leon.baselines import SDPA
 
 from cm3leon import CM3Leon
 from cm3leon.model import KERNELS

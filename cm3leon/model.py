@@ -20,7 +20,7 @@ import cm3leon_kernels as ck
 
 from .config import CM3LeonConfig
 from .kv_cache import KVCache
-from .layers import FeedForward, HeadNorm, Rotary, make_norm
+from .layers import FeedForward, HeadNorm, Rotary, fuse_linears, make_norm, transpose_linears
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,25 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.q_norm = HeadNorm(self.n_heads, self.head_dim) if config.qk_norm else None
         self.k_norm = HeadNorm(self.n_kv_heads, self.head_dim) if config.qk_norm else None
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix after fuse_projections()
+        self.qkv_sizes: list[int] = []
+
+    def fuse_projections(self) -> None:
+        """Computes q, k and v with one matmul (the state dict keeps the separate names)."""
+        if self.qkv_proj is None:
+            self.qkv_sizes = fuse_linears(self, ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary | None):
         lead = x.shape[:-1]
-        q = self.q_proj(x).view(*lead, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*lead, self.n_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            # The attention kernels take contiguous q/k/v: copying three slices costs far less than the two
+            # matmul launches (and input reads) that fusing saves.
+            q, k, v = (t.contiguous() for t in self.qkv_proj(x).split(self.qkv_sizes, dim=-1))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(*lead, self.n_heads, self.head_dim)
+        k = k.view(*lead, self.n_kv_heads, self.head_dim)
+        v = v.view(*lead, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
@@ -138,10 +151,10 @@ class CM3Leon(nn.Module):
                 nn.init.zeros_(block.ffn.down.weight)
 
     # ---- shared trunk --------------------------------------------------------------------------------------
-    def _check_tokens(self, tokens: torch.Tensor) -> None:
+    def _check_tokens(self, tokens: torch.Tensor, *, values: bool = True) -> None:
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
-        if tokens.numel() and not torch.compiler.is_compiling():
+        if values and tokens.numel() and not torch.compiler.is_compiling():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"tokens must be in [0, {self.config.vocab_size}); got values in [{lo}, {hi}]")
@@ -158,8 +171,13 @@ class CM3Leon(nn.Module):
             x = block(x, positions, self.rotary, **kwargs)
         return self.final_norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+    def logits(self, hidden: torch.Tensor, vocab_range: tuple[int, int] | None = None) -> torch.Tensor:
+        """Output logits of ``hidden``; only for the ids in ``[lo, hi)`` when ``vocab_range = (lo, hi)`` (e.g.
+        the image range while sampling image tokens: the output layer reads only those rows)."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if vocab_range is not None:
+            weight = weight[vocab_range[0]: vocab_range[1]]
+        return F.linear(hidden, weight)
 
     # ---- entry points -------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
@@ -259,13 +277,22 @@ class CM3Leon(nn.Module):
         return KVCache.allocate(self.config.n_layers, batch, max_len, self.config.kv_heads, self.config.head_dim,
                                 dtype=dtype or param.dtype, device=device or param.device)
 
-    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, cache: KVCache, *, validate: bool = True) -> torch.Tensor:
         """Runs ``tokens [B, S]`` after each row's cached prefix, appends their keys/values to ``cache`` and
-        advances ``cache.seqlens`` by ``S``. Returns ``[B, S, vocab]`` logits (prefill: S > 1; decode: S = 1)."""
-        self._check_tokens(tokens)
+        advances ``cache.seqlens`` by ``S``. Returns ``[B, S, vocab]`` logits (prefill: S > 1; decode: S = 1).
+
+        ``validate=False`` skips the checks that read values back to the host (token range, cache room): a
+        decode loop that validated its request once and feeds back sampled tokens passes it so that no step
+        waits for the device."""
+        return self.logits(self.step_hidden(tokens, cache, validate=validate))
+
+    def step_hidden(self, tokens: torch.Tensor, cache: KVCache, *, validate: bool = True) -> torch.Tensor:
+        """:meth:`step` without the output layer: the final hidden states ``[B, S, d_model]`` (so a caller can
+        compute logits for some positions or ids only, with :meth:`logits`)."""
+        self._check_tokens(tokens, values=validate)
         if tokens.dim() != 2 or tokens.shape[0] != cache.batch:
             raise ValueError(f"tokens must be [batch={cache.batch}, S], got {tuple(tokens.shape)}")
-        if not torch.compiler.is_compiling():
+        if validate and not torch.compiler.is_compiling():
             filled = int(cache.seqlens.max())
             if filled + tokens.shape[1] > cache.max_len:
                 raise ValueError(f"KV cache overflow: {filled} cached + {tokens.shape[1]} new tokens > "
@@ -273,7 +300,24 @@ class CM3Leon(nn.Module):
         positions = cache.seqlens[:, None].long() + torch.arange(tokens.shape[1], device=tokens.device)
         hidden = self._trunk(tokens, positions, cache=cache)
         cache.seqlens.add_(tokens.shape[1])
-        return self.logits(hidden)
+        return hidden
+
+    def fuse_projections(self, *, transpose: bool = False) -> CM3Leon:
+        """Fuses every block's q/k/v projections (and the SwiGLU gate/up projections) into one matrix each, for
+        inference: fewer, larger matmuls per decode step. ``transpose=True`` also stores every block matrix as
+        ``[in, out]`` (:class:`~cm3leon.layers.TransposedLinear`), the layout float32 decoding runs fastest in
+        on CPUs (MKL); keep the default for bfloat16.
+
+        Outputs are unchanged; state dicts and checkpoints keep the unfused names and layout
+        (``save``/``load_state_dict`` work before and after). It replaces parameter objects, so do it before
+        building an optimizer, or not at all for training. Idempotent; returns the model."""
+        for block in self.blocks:
+            block.attn.fuse_projections()
+            block.ffn.fuse_projections()
+            if transpose:
+                transpose_linears(block.attn)
+                transpose_linears(block.ffn)
+        return self
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

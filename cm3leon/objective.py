@@ -73,6 +73,15 @@ def _check_generator(generator: object) -> torch.Generator:
     return generator
 
 
+def check_probability(name: str, value: object) -> float:
+    """A probability in [0, 1] (int or float, not bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
 def check_objective_args(poisson_rate: object, max_spans: object) -> tuple[float, int]:
     """Validates the span-count parameters shared by every entry point; returns them as (float, int)."""
     if isinstance(poisson_rate, bool) or not isinstance(poisson_rate, (int, float)):
@@ -204,13 +213,17 @@ def _sample_spans(starts: list[int], lengths: list[int], n: int, u: np.ndarray) 
 
 
 def _transform(arr: np.ndarray, vocab: Vocabulary, generator: torch.Generator, rate: float, max_spans: int,
-               limit: int | None = None) -> tuple[np.ndarray, int]:
+               limit: int | None = None, transform_probability: float = 1.0) -> tuple[np.ndarray, int]:
     """The CM3 transform of a checked document; with ``limit``, the document's tail is cut first so that
-    the result has at most ``limit`` tokens (``limit >= 1``). Returns (tokens, n_spans)."""
+    the result has at most ``limit`` tokens (``limit >= 1``). With probability ``1 - transform_probability``
+    the document stays plain (only cut). Returns (tokens, n_spans)."""
+    # the keep-plain draw exists only when it can matter, so the default draws stay those of the paper's form
+    plain = transform_probability < 1.0 and float(
+        torch.rand(1, generator=generator, dtype=torch.float64)) >= transform_probability
     starts, lengths = _runs(arr, vocab.num_special)
     # one draw per document: the span count, one per run (allocation), one per cut point of every run
     u = torch.rand(1 + 2 * len(lengths) + sum(lengths), generator=generator, dtype=torch.float64).numpy()
-    n = min(_poisson_count(float(u[0]), rate, max_spans), _capacity(lengths))
+    n = 0 if plain else min(_poisson_count(float(u[0]), rate, max_spans), _capacity(lengths))
     if limit is not None and len(arr) + (2 * n + 1 if n else 0) > limit:
         return _transform_truncated(arr, vocab, u, n, limit)
     if n == 0:
@@ -351,7 +364,7 @@ def cm3_restore(tokens: IdsLike, vocabulary: Vocabulary) -> list[int]:
 
 def training_sequence(query_doc: IdsLike, retrieved_docs: Sequence[IdsLike], vocabulary: Vocabulary, *,
                       generator: torch.Generator, max_seq_len: int, poisson_rate: float = 1.0,
-                      max_spans: int = 16) -> CM3Example:
+                      max_spans: int = 16, transform_probability: float = 1.0) -> CM3Example:
     """``<eos> T(r1) <eos> T(r2) ... <eos> T(query) <eos>``: each document CM3-transformed on its own.
 
     Every position weighs the same (retrieved documents included), except sentinels and position 0, which
@@ -363,6 +376,10 @@ def training_sequence(query_doc: IdsLike, retrieved_docs: Sequence[IdsLike], voc
     - retrieved documents follow in the given order while they fit: the first one that does not fit is
       dropped together with all after it (retrievers list the most relevant first).
 
+    ``transform_probability`` is the chance that a document is transformed at all (independently per
+    document); the others stay plain, in the layout inference prompts use. The objective as published
+    transforms every document (1.0, the default).
+
     ``n_spans`` counts the spans of all kept documents. Randomness is drawn from ``generator`` in a fixed
     order (query, then retrieved documents), so equal inputs and generator states give equal sequences.
 
@@ -373,6 +390,7 @@ def training_sequence(query_doc: IdsLike, retrieved_docs: Sequence[IdsLike], voc
     """
     vocab = _check_vocabulary(vocabulary)
     rate, max_spans = check_objective_args(poisson_rate, max_spans)
+    p_transform = check_probability("transform_probability", transform_probability)
     generator = _check_generator(generator)
     max_seq_len = as_int("max_seq_len", max_seq_len)
     if max_seq_len < 3:
@@ -383,14 +401,15 @@ def training_sequence(query_doc: IdsLike, retrieved_docs: Sequence[IdsLike], voc
     retrieved = [_check_document(d, vocab, f"retrieved_docs[{i}]") for i, d in enumerate(retrieved_docs)]
 
     eos = np.array([vocab.eos_id])
-    query_t, n_spans = _transform(query, vocab, generator, rate, max_spans, limit=max_seq_len - 2)
+    query_t, n_spans = _transform(query, vocab, generator, rate, max_spans, limit=max_seq_len - 2,
+                                  transform_probability=p_transform)
     truncated = len(query_t) - (2 * n_spans + 1 if n_spans else 0) < len(query)
     budget = 0 if truncated else max_seq_len - 2 - len(query_t)
     pieces = [eos]
     for doc in retrieved:
         if len(doc) + 1 > budget:       # cannot fit even untransformed (or the query was cut): no draws
             break
-        doc_t, n = _transform(doc, vocab, generator, rate, max_spans)
+        doc_t, n = _transform(doc, vocab, generator, rate, max_spans, transform_probability=p_transform)
         if len(doc_t) + 1 > budget:
             break
         pieces += [doc_t, eos]

@@ -101,3 +101,102 @@ def test_three_stream_instruct_cfg_and_contrastive_decoding_run():
 def test_bad_requests_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate(small_model("cm3leon"), **kwargs)
+
+
+def _host_reads(monkeypatch, run) -> int:
+    """How many times ``run`` reads a tensor value back to the host (bool/int/float/item/tolist)."""
+    count = [0]
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    run()
+    monkeypatch.undo()
+    return count[0]
+
+
+def test_decode_loop_reads_nothing_back_per_token(monkeypatch):
+    """Host reads do not grow with the number of decoded tokens, except one stop check every n steps."""
+    model = small_model("cm3leon")
+    options = SamplingOptions(temperature=1.0)
+    reads = {n: _host_reads(monkeypatch, lambda n=n: generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=n,
+                                                               unconditional_prompts=[[3], [3]], options=options,
+                                                               stop_tokens=[96], stop_check_every=8))
+             for n in (8, 40)}
+    assert reads[40] - reads[8] <= 4  # 40 // 8 - 8 // 8 stop checks
+
+
+def test_mixed_per_request_options_match_separate_calls():
+    """Half the requests with CFG + top-p and half with CD-K in one batch give each request's own output."""
+    model = small_model("cm3leon")
+    topp = SamplingOptions(temperature=1.0, top_p=0.9, guidance_scale=2.0)
+    cdk = SamplingOptions(temperature=1.0, contrastive=True, cd_k=3)
+    prompts, uncond = [[1, 2, 3], [4, 5, 6], [7, 8, 9]], [[3], [3], [3]]
+    mixed = generate(model, prompts, unconditional_prompts=uncond, max_new_tokens=6, options=[topp, cdk, topp],
+                     seeds=[1, 2, 3])
+    for i, o in enumerate([topp, cdk, topp]):
+        assert mixed[i] == generate(model, [prompts[i]], unconditional_prompts=[uncond[i]], max_new_tokens=6,
+                                    options=o, seeds=[i + 1])[0]
+    with pytest.raises(ValueError, match="one SamplingOptions or one per request"):
+        generate(model, prompts, max_new_tokens=2, options=[topp])
+
+
+def test_allowed_mask_restricts_every_request():
+    model = small_model("cm3leon")
+    mask = torch.zeros(97, dtype=torch.bool)
+    mask[[5, 17, 60]] = True
+    out = generate(model, [[1], [2]], max_new_tokens=12, options=SamplingOptions(temperature=1.0), seeds=4,
+                   allowed_mask=mask)
+    assert {t for row in out for t in row} <= {5, 17, 60}
+    with pytest.raises(ValueError, match="allowed_mask"):
+        generate(model, [[1]], max_new_tokens=2, allowed_mask=mask[:50])
+
+
+def test_compiled_decode_step_matches_eager():
+    from cm3leon.generate import compile_decode_step
+
+    model = small_model("chameleon")
+    options = SamplingOptions(temperature=1.0, top_p=0.9, guidance_scale=2.0)
+    kwargs = dict(unconditional_prompts=[[3], [3, 4]], max_new_tokens=6, options=options, seeds=[5, 6])
+    eager = generate(model, [[1, 2, 3], [4, 5]], **kwargs)
+    step = compile_decode_step(model, backend="aot_eager")
+    assert generate(model, [[1, 2, 3], [4, 5]], decode_step=step, **kwargs) == eager
+
+
+def test_shared_allowed_range_computes_only_those_logits_and_samples_the_same():
+    """With one allowed_range for every request, the output layer computes that slice only; greedy picks
+    are the full logits' argmax inside the range, and sampled tokens match a masked full-vocabulary call."""
+    model = small_model("cm3leon")
+    prompt, lo, hi = [5, 9, 1], 40, 70
+    seq, want = list(prompt), []
+    with torch.no_grad():
+        for _ in range(5):
+            token = lo + int(model(torch.tensor([seq]))[0, -1, lo:hi].argmax())
+            want.append(token)
+            seq.append(token)
+    got = generate(model, [prompt], max_new_tokens=5, options=SamplingOptions(temperature=0.0, allowed_range=(lo, hi)))
+    assert got == [want]
+    mask = torch.zeros(97, dtype=torch.bool)
+    mask[lo:hi] = True
+    options = SamplingOptions(temperature=1.0, top_p=0.9, allowed_range=(lo, hi))
+    sliced = generate(model, [prompt, [7, 7]], max_new_tokens=8, options=options, seeds=3)
+    assert sliced == generate(model, [prompt, [7, 7]], max_new_tokens=8, options=options, seeds=3, allowed_mask=mask)
+    with pytest.raises(ValueError, match="allowed_range"):
+        generate(model, [prompt], max_new_tokens=2, options=SamplingOptions(allowed_range=(40, 98)))
+
+
+def test_identical_prompts_are_prefilled_once_with_the_same_results(monkeypatch):
+    model = small_model("chameleon")
+    prompts, uncond = [[5, 9, 1, 33], [5, 9, 1, 33], [7, 8]], [[3]] * 3
+    options = SamplingOptions(temperature=0.0, guidance_scale=2.5)
+    batches = []
+    real = model.step_hidden
+    monkeypatch.setattr(model, "step_hidden", lambda tokens, cache, **kw: batches.append(tokens.shape) or
+                        real(tokens, cache, **kw))
+    got = generate(model, prompts, unconditional_prompts=uncond, max_new_tokens=5, options=options)
+    assert batches[0] == (3, 4)  # distinct rows: [3], [5, 9, 1, 33], [7, 8]
+    assert got == [_greedy_reference(model, p, 5, u, 2.5) for p, u in zip(prompts, uncond)]

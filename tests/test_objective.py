@@ -297,3 +297,19 @@ def test_restore_rejects_malformed_sequences():
             pytest.fail(why)
     with pytest.raises(TypeError, match="tokens"):
         cm3_restore(torch.zeros(3), VOCAB)
+
+
+def test_transform_probability_keeps_that_share_of_documents_plain():
+    vocab = Vocabulary(text_size=50, image_codes=64)
+    doc = vocab.text_to_global(list(range(12))) + [vocab.break_id] + vocab.image_to_global(list(range(16)))
+    gen = torch.Generator().manual_seed(3)
+    plain = sum(training_sequence(doc, [], vocab, generator=gen, max_seq_len=64,
+                                  transform_probability=0.25).n_spans == 0 for _ in range(2000))
+    assert abs(plain / 2000 - 0.75) < 0.04   # binomial std 0.0097: a 4-sigma band
+    untouched = training_sequence(doc, [], vocab, generator=gen, max_seq_len=64, transform_probability=0.0)
+    assert untouched.tokens.tolist() == [vocab.eos_id, *doc, vocab.eos_id] and untouched.n_spans == 0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="transform_probability"):
+            training_sequence(doc, [], vocab, generator=gen, max_seq_len=64, transform_probability=bad)
+    with pytest.raises(TypeError, match="transform_probability"):
+        training_sequence(doc, [], vocab, generator=gen, max_seq_len=64, transform_probability=True)

@@ -145,7 +145,7 @@ def test_build_data_for_both_stages(corpus):
     assert len(pre.train) == 14 and len(pre.validation) == 7 and pre.vocab_size == len(corpus.vocabulary)
     ex = pre.train[0]
     assert ex.tokens[0] == corpus.vocabulary.eos_id and ex.tokens[-1] == corpus.vocabulary.eos_id
-    assert [f.name for f in pre.tokenizer_files] == ["text.json", "image_tokenizer.pt", "vocabulary.json"]
+    assert [f.name for f in pre.tokenizer_files] == ["text.json", "image_tokenizer.safetensors", "vocabulary.json"]
     sft = build_data(load_config("tiny-pretrain", [*base, "stage='sft'"]), ONE)
     assert len(sft.train) == 14 and len(sft.validation) == 7  # 2 documents of each of the 7 tasks
     assert np.unique(sft.train.table[:, 0]).tolist() == list(range(7))
@@ -163,7 +163,7 @@ def test_trainer_runs_from_the_shapes_corpus_and_exports_for_generation(corpus, 
     assert summary["step"] == 2 and 0 < summary["val_loss"] < 10
     model = cm3leon.load(tmp_path / "model.safetensors")
     assert model.config.vocab_size == len(corpus.vocabulary)
-    assert {"text.json", "image_tokenizer.pt", "vocabulary.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"text.json", "image_tokenizer.safetensors", "vocabulary.json"} <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_pretraining_with_a_memory_bank_draws_retrieval_augmented_sequences(corpus, tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cm3leon.objective import CM3Example, check_objective_args, training_sequence
+from cm3leon.objective import CM3Example, check_objective_args, check_probability, training_sequence
 from cm3leon.tokenizer.vocabulary import Vocabulary
 from cm3leon_kernels._checks import as_int
 
@@ -96,10 +96,12 @@ class CM3Source:
         seed: non-negative int.
         max_seq_len: longest sequence (>= 3); longer documents are cut as ``training_sequence`` describes.
         poisson_rate, max_spans: the span-count distribution, as in ``cm3_transform``.
+        transform_probability: chance that a document is CM3-transformed at all (``training_sequence``).
     """
 
     def __init__(self, documents: Sequence[Sequence[int]], vocabulary: Vocabulary, *, seed: int,
-                 max_seq_len: int, poisson_rate: float = 1.0, max_spans: int = 16) -> None:
+                 max_seq_len: int, poisson_rate: float = 1.0, max_spans: int = 16,
+                 transform_probability: float = 1.0) -> None:
         if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
             raise TypeError(f"documents must be a sequence of documents, got {type(documents).__name__}")
         if len(documents) == 0:
@@ -110,6 +112,7 @@ class CM3Source:
         if self.max_seq_len < 3:
             raise ValueError(f"max_seq_len must be >= 3 (<eos> document <eos>), got {self.max_seq_len}")
         self.poisson_rate, self.max_spans = check_objective_args(poisson_rate, max_spans)
+        self.transform_probability = check_probability("transform_probability", transform_probability)
         self.documents, self.vocabulary, self.seed = documents, vocabulary, _check_seed(seed)
         self.epoch = 0
 
@@ -131,7 +134,7 @@ class CM3Source:
         try:
             return training_sequence(self.documents[index], [], self.vocabulary, generator=generator,
                                      max_seq_len=self.max_seq_len, poisson_rate=self.poisson_rate,
-                                     max_spans=self.max_spans)
+                                     max_spans=self.max_spans, transform_probability=self.transform_probability)
         except (TypeError, ValueError) as e:
             raise type(e)(f"documents[{index}]: {e}") from e
 

@@ -101,6 +101,16 @@ def box_phrase(box: tuple[int, int, int, int]) -> str:
     return f"at location ({x0}, {y0}) -> ({x1}, {y1})"
 
 
+def grounded_prompt(objects: list[tuple[str, tuple[int, int, int, int]]]) -> str:
+    """``[("large red circle", (1, 2, 9, 10)), ...]`` -> ``"Generate an image with a large red circle at
+    location (1, 2) -> (9, 10), ... and a ..."`` (the grounded task's text)."""
+    if not objects:
+        raise ValueError("objects must hold at least one (description, box) pair")
+    parts = [f"a {description} {box_phrase(box)}" for description, box in objects]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{GROUNDED_PREFIX} {listed}"
+
+
 @dataclass(frozen=True)
 class GroundedExample:
     """Spatially grounded generation: every object with its pixel box, then the image."""
@@ -111,9 +121,7 @@ class GroundedExample:
     @property
     def prompt(self) -> str:
         """``Generate an image with a large red circle at location (1, 2) -> (9, 10) and ...``."""
-        parts = [f"a {o.describe()} {box_phrase(o.box)}" for o in self.scene.objects]
-        listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return f"{GROUNDED_PREFIX} {listed}"
+        return grounded_prompt([(o.describe(), o.box) for o in self.scene.objects])
 
     def segments(self) -> list[Segment]:
         """``{prompt} <break> image``."""

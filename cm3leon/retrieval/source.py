@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cm3leon.data.packing import derive_seed
-from cm3leon.objective import CM3Example, training_sequence
+from cm3leon.objective import CM3Example, check_objective_args, check_probability, training_sequence
 from cm3leon.tokenizer import DocumentCodec, ImageTokenizer, Vocabulary
 from cm3leon_kernels._checks import as_int
 
@@ -55,13 +55,13 @@ class RetrievalAugmentedSource:
         vocabulary: the shared id space.
         seed: keys every random draw, with the epoch and the index.
         max_seq_len: longest training sequence (passed to ``training_sequence``).
-        poisson_rate / max_spans: the CM3 masking.
+        poisson_rate / max_spans / transform_probability: the CM3 masking (``training_sequence``).
         per_modality / keep: documents retrieved by caption and by image, and how many are kept.
     """
 
     def __init__(self, queries: Sequence[RetrievalDocument], retriever: Retriever, vocabulary: Vocabulary, *,
                  seed: int, max_seq_len: int, poisson_rate: float = 1.0, max_spans: int = 16,
-                 per_modality: int = 2, keep: int = 3) -> None:
+                 per_modality: int = 2, keep: int = 3, transform_probability: float = 1.0) -> None:
         queries = check_documents(queries, "queries")
         for i, q in enumerate(queries):
             if q.token_ids is None:
@@ -78,7 +78,8 @@ class RetrievalAugmentedSource:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.queries, self.retriever, self.vocabulary = queries, retriever, vocabulary
         self.seed, self.max_seq_len = seed, max_seq_len
-        self.poisson_rate, self.max_spans = poisson_rate, max_spans
+        self.poisson_rate, self.max_spans = check_objective_args(poisson_rate, max_spans)
+        self.transform_probability = check_probability("transform_probability", transform_probability)
         self.per_modality, self.keep = per_modality, keep
         self.epoch = 0
 
@@ -118,4 +119,4 @@ class RetrievalAugmentedSource:
         docs = self.retrieved(index, gen)
         return training_sequence(self.queries[index].token_ids, [d.token_ids for d in docs], self.vocabulary,
                                  generator=gen, max_seq_len=self.max_seq_len, poisson_rate=self.poisson_rate,
-                                 max_spans=self.max_spans)
+                                 max_spans=self.max_spans, transform_probability=self.transform_probability)

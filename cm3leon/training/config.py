@@ -171,6 +171,7 @@ class DataSection(_Section):
     num_workers: int = _range(0, 0)
     poisson_rate: float = _range(1.0, 0.0, lo_open=True)
     max_spans: int = _range(16, 1, 16)
+    transform_probability: float = _range(1.0, 0.0, 1.0)
     memory_bank: str = ""
     retrieval_encoder: str = ""
     retrieved: int = _range(3, 0, 8)

@@ -35,7 +35,7 @@ from .runtime import Runtime
 
 __all__ = ["ShapesCorpus", "TaskMixture", "build_data", "prepare_shapes_corpus", "sft_task_weights"]
 
-TEXT_FILE, IMAGE_FILE, VOCAB_FILE = "text.json", "image_tokenizer.pt", "vocabulary.json"
+TEXT_FILE, IMAGE_FILE, VOCAB_FILE = "text.json", "image_tokenizer.safetensors", "vocabulary.json"
 MANIFEST = "corpus.json"
 VAL_SCENE_OFFSET = 10_000_000  # validation scenes come after every training scene index
 
@@ -194,7 +194,7 @@ def _cm3(documents: list[list[int]], vocabulary: Vocabulary, config: TrainingCon
 
     d = config.data
     return CM3Source(documents, vocabulary, seed=seed, max_seq_len=d.max_seq_len, poisson_rate=d.poisson_rate,
-                     max_spans=d.max_spans)
+                     max_spans=d.max_spans, transform_probability=d.transform_probability)
 
 
 def build_data(config: TrainingConfig, runtime: Runtime) -> TrainingData:
@@ -237,4 +237,5 @@ def _retrieval_source(config: TrainingConfig, corpus: ShapesCorpus):
     retriever = Retriever(encoder, bank, corpus.text_tokenizer)
     return RetrievalAugmentedSource(list(bank.documents), retriever, corpus.vocabulary, seed=config.seed,
                                     max_seq_len=d.max_seq_len, poisson_rate=d.poisson_rate,
-                                    max_spans=d.max_spans, keep=d.retrieved)
+                                    max_spans=d.max_spans, keep=d.retrieved,
+                                    transform_probability=d.transform_probability)

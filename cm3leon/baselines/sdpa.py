@@ -1,4 +1,4 @@
-"""The benchmarks' baseline attention: the same model with PyTorch's scaled_dot_product_attention.
+"""Baseline attention: the same model with PyTorch's scaled_dot_product_attention.
 
 This is what a user would write without our kernels: a block-diagonal causal mask for packed documents, and
 for the KV cache an index write of the new keys/values plus a padding mask for ragged rows.
