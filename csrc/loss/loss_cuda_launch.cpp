@@ -36,7 +36,7 @@ double check_data(const at::Tensor& targets, const c10::optional<at::Tensor>& lo
 }
 
 void check_finite(const at::Tensor& lse, const char* inputs) {
-  const at::Tensor bad = (~lse.isfinite()).nonzero();
+  const at::Tensor bad = lse.isfinite().logical_not().nonzero();
   if (bad.numel()) raise_status({LossStatus::NonFinite, bad[0][0].item<int64_t>()}, lse, {}, 0, inputs);
 }
 
@@ -44,11 +44,11 @@ void check_finite(const at::Tensor& lse, const char* inputs) {
 std::tuple<at::Tensor, at::Tensor> gradients(const at::Tensor& hidden, const at::Tensor& weight,
                                              const at::Tensor& targets, const c10::optional<at::Tensor>& loss_weights,
                                              const LossConfig& cfg, const at::Tensor& lse, const at::Tensor& scale) {
-  at::Tensor c = scale * (targets != cfg.ignore_index).to(at::kFloat);
-  if (loss_weights) c = c * *loss_weights;
-  const at::Tensor a = (c * (1.0 + 2.0 * cfg.z_loss * lse)).contiguous();
-  const at::Tensor b = (c * (1.0 - cfg.label_smoothing)).contiguous();
-  const at::Tensor e = (c * (cfg.label_smoothing / double(cfg.vocab))).contiguous();
+  at::Tensor c = scale.mul(targets.ne(cfg.ignore_index).to(at::kFloat));
+  if (loss_weights) c = c.mul(*loss_weights);
+  const at::Tensor a = c.mul(lse.mul(2.0 * cfg.z_loss).add(1.0)).contiguous();
+  const at::Tensor b = c.mul(1.0 - cfg.label_smoothing).contiguous();
+  const at::Tensor e = c.mul(cfg.label_smoothing / double(cfg.vocab)).contiguous();
   at::Tensor gh = at::zeros(hidden.sizes(), hidden.options().dtype(at::kFloat));
   at::Tensor gw = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
   check_cuda(gradients_cuda(float_dtype(hidden, "hidden"), hidden.data_ptr(), weight.data_ptr(),
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(
              "forward kernel");
   check_finite(lse, "hidden or weight");
   const double mean_scale = reduction == 2 ? (weight_sum > 0 ? 1.0 / weight_sum : 0.0) : 1.0;
-  at::Tensor loss = reduction == 0 ? per_token : (per_token.to(at::kDouble).sum() * mean_scale).to(at::kFloat);
+  at::Tensor loss = reduction == 0 ? per_token : per_token.to(at::kDouble).sum().mul(mean_scale).to(at::kFloat);
   at::Tensor grad_hidden = at::empty({0}, hidden.options()), grad_weight = at::empty({0}, weight.options());
   if (compute_grad)
     std::tie(grad_hidden, grad_weight) =
