@@ -2,7 +2,8 @@
 
 Environment knobs:
   CM3LEON_CUDA=0|1     force the CUDA kernels off/on (default: on when nvcc is found and torch is a CUDA build)
-  CM3LEON_NATIVE=0     build portable CPU code instead of -march=native
+  CM3LEON_NATIVE=1     also tune every CPU kernel level for this host (-march=native; the default build is
+                       portable and picks AVX2 / AVX-512 kernels at load time from cpuid)
   CM3LEON_CUDA_ARCHS   CMake CUDA architectures (default "80;90a")
   MAX_JOBS             parallel compile jobs (default: all cores)
 """
@@ -83,7 +84,7 @@ class CMakeBuild(build_ext):
             f"-DTORCH_LIBRARY_DIR={Path(torch.__file__).parent / 'lib'}",
             f"-DTORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             f"-DCM3LEON_CUDA={'ON' if cuda else 'OFF'}",
-            f"-DCM3LEON_NATIVE={'OFF' if os.environ.get('CM3LEON_NATIVE') == '0' else 'ON'}",
+            f"-DCM3LEON_NATIVE={'ON' if os.environ.get('CM3LEON_NATIVE') == '1' else 'OFF'}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
         ]
         if shutil.which("ninja"):

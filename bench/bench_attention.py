@@ -1,9 +1,11 @@
 """Attention benchmarks: cm3leon's fused CPU kernels beside torch's scaled_dot_product_attention (SDPA) on the
 same inputs (each in its native layout: ours (B, S, H, D), SDPA's (B, H, S, D)).
 
-Cases and targets: causal forward fp32 B=1 H=16 S=2048 D=64 (GFLOP/s, target >= 1.2x SDPA); decode
+Cases and targets: causal forward fp32 and bf16 B=1 H=16 S=2048 D=64 (GFLOP/s, target >= 1.3x SDPA in fp32),
+each beside the same kernels forced to the avx2 level ("cm3leon[avx2]") on AVX-512 machines; decode
 fp32 B=8 H=16 D=64 over 4096 cached tokens (GB/s of K/V read, target >= 1.5x); causal backward (ratio, aim
->= 1.0x); the per-call overhead of a tiny decode call; and torch.mm as the machine's fp32 matmul peak.
+>= 1.0x); the per-call overhead of a tiny decode call; and torch.mm as the machine's fp32 and bf16 matmul
+peak.
 
 CUDA cases (skipped without a GPU and a CUDA build): causal bf16 forward over 16k tokens
 (batch x seqlen) with 16 heads of dim 128 beside SDPA's flash backend and, when installed, the flash-attn
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import cm3leon_kernels as ck
+from conftest import cpu_path
 
 B, H, S, D = 1, 16, 2048, 64
 CAUSAL_FLOPS = 4 * B * H * D * S * (S + 1) / 2  # q.k and p.v over the visible (lower-triangle) pairs
@@ -31,23 +34,25 @@ def _sdpa_layout(*ts):
     return [t.transpose(1, 2).contiguous() for t in ts]
 
 
-@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa"])
-def test_forward_causal(benchmark, bench_record, impl):
-    q, k, v = _qkv(B, S, H, D)
-    if impl == "cm3leon":
-        fn = lambda: ck.flash_attn_func(q, k, v, causal=True)  # noqa: E731
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["cm3leon", "cm3leon[avx2]", "torch.sdpa"])
+def test_forward_causal(benchmark, bench_record, impl, dtype):
+    q, k, v = _qkv(B, S, H, D, dtype)
+    if impl.startswith("cm3leon"):
+        fn = cpu_path(impl, lambda: ck.flash_attn_func(q, k, v, causal=True))
     else:
         qs, ks, vs = _sdpa_layout(q, k, v)
         fn = lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
-    bench_record(benchmark, case=f"attn fwd causal fp32 B={B} H={H} S={S} D={D}", impl=impl,
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    bench_record(benchmark, case=f"attn fwd causal {name} B={B} H={H} S={S} D={D}", impl=impl,
                  work=CAUSAL_FLOPS, unit="GFLOP/s")
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("impl", ["cm3leon", "torch.sdpa"])
+@pytest.mark.parametrize("impl", ["cm3leon", "cm3leon[avx2]", "torch.sdpa"])
 def test_backward_causal(benchmark, bench_record, impl):
     q, k, v = [t.requires_grad_() for t in _qkv(B, S, H, D)]
-    if impl == "cm3leon":
+    if impl.startswith("cm3leon"):
         out = ck.flash_attn_func(q, k, v, causal=True)
         inputs = (q, k, v)
     else:
@@ -56,8 +61,8 @@ def test_backward_causal(benchmark, bench_record, impl):
     dout = torch.randn_like(out)
     bench_record(benchmark, case=f"attn bwd causal fp32 B={B} H={H} S={S} D={D}", impl=impl,
                  work=2.5 * CAUSAL_FLOPS, unit="GFLOP/s")
-    benchmark.pedantic(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True), rounds=3,
-                       warmup_rounds=1)
+    benchmark.pedantic(cpu_path(impl, lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)),
+                       rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -92,11 +97,13 @@ def test_decode_call_overhead(benchmark, bench_record, impl):
     benchmark.pedantic(fn, rounds=200, iterations=20, warmup_rounds=5)
 
 
-def test_matmul_peak(benchmark, bench_record):
-    """The machine's fp32 matmul rate (torch.mm), the yardstick for the attention GFLOP/s."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matmul_peak(benchmark, bench_record, dtype):
+    """The machine's matmul rate (torch.mm), the yardstick for the attention GFLOP/s."""
     n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    bench_record(benchmark, case=f"fp32 matmul peak (torch.mm {n}^3)", impl="torch.mm", work=2 * n ** 3,
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    name = "fp32" if dtype == torch.float32 else "bf16"
+    bench_record(benchmark, case=f"{name} matmul peak (torch.mm {n}^3)", impl="torch.mm", work=2 * n ** 3,
                  unit="GFLOP/s")
     benchmark.pedantic(lambda: a @ b, rounds=5, warmup_rounds=1)
 

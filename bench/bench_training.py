@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
 
 import pytest
 import torch
-from cm3leon.baselines import SDPA
 
 from cm3leon import CM3Leon
+from cm3leon.baselines import SDPA
 from cm3leon.model import KERNELS
+from cm3leon.objective import CM3Example
 from cm3leon.training import load_config
 from cm3leon.training.data import TrainingData
 from cm3leon.training.trainer import Trainer
@@ -27,23 +27,16 @@ TOKENS = 2048
 STEPS = 1000
 
 
-@dataclass(frozen=True)
-class _Example:
-    tokens: torch.Tensor
-    loss_weights: torch.Tensor
-    n_spans: int = 0
-
-
 class _RandomDocuments:
     """Example ``i``: 100-400 random tokens (the lengths bench_model.py packs), all weighted."""
 
     def __len__(self) -> int:
         return 10_000
 
-    def __getitem__(self, i: int) -> _Example:
+    def __getitem__(self, i: int) -> CM3Example:
         g = torch.Generator().manual_seed(i)
         n = int(torch.randint(100, 400, (1,), generator=g))
-        return _Example(torch.randint(0, VOCAB, (n,), generator=g), torch.ones(n))
+        return CM3Example(torch.randint(0, VOCAB, (n,), generator=g), torch.ones(n), 0)
 
 
 def _config(out: str):

@@ -9,6 +9,9 @@ Every benchmark calls ``record(benchmark, case=..., impl=..., work=..., unit=...
 """
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -22,3 +25,26 @@ def record(benchmark, *, case: str, impl: str, work: float | None = None, unit: 
 @pytest.fixture
 def bench_record():
     return record
+
+
+def cpu_path(impl: str, fn):
+    """``fn`` run at the CPU kernel level an impl name asks for: ``"cm3leon[avx2]"`` forces the avx2 kernels
+    for the call (so the chosen level and a lower one run side by side); other names run ``fn`` as is. A level
+    this machine cannot run is skipped."""
+    match = re.fullmatch(r"cm3leon\[(\w+)\]", impl)
+    if match is None:
+        return fn
+    import cm3leon_kernels as ck
+    from cm3leon_kernels import _C
+
+    level = match.group(1)
+    if level not in ck.cpu_features()["supported"]:
+        pytest.skip(f"this CPU or build cannot run the {level} kernels")
+
+    def call():
+        _C._force_cpu_isa(level)
+        try:
+            return fn()
+        finally:
+            _C._force_cpu_isa(os.environ.get("CM3LEON_CPU_ISA", ""))
+    return call

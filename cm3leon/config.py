@@ -122,12 +122,16 @@ class CM3LeonConfig:
 
     @classmethod
     def from_json(cls, text: str) -> CM3LeonConfig:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown CM3LeonConfig fields in JSON: {unknown}")
-        return cls(**data)
+        return dataclass_from_json(cls, text)
+
+
+def dataclass_from_json(cls: type, text: str) -> Any:
+    """``cls(**json.loads(text))`` for a config dataclass; ValueError naming unknown fields."""
+    data = json.loads(text)
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields in JSON: {unknown}")
+    return cls(**data)
 
 
 def _cm3leon(d_model: int, n_layers: int, n_heads: int) -> CM3LeonConfig:

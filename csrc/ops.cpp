@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 #include "common/cpu_features.h"
+#include "attention/attention_cpu.h"
+#include "sampling/sampling_cpu.h"
+#include "vq/vq_cpu.h"
 #include "attention/attention_launch.h"
 #include "attention/attention_cuda_launch.h"
 #include "common/philox.h"
@@ -117,19 +120,45 @@ bool cuda_built() {
 #endif
 }
 
+// The CPU as cpuid reports it, the levels this build compiled, the level chosen and the one each op runs at.
 pybind11::dict cpu_features() {
-  const cm3leon::CpuFeatures compiled = cm3leon::compiled_cpu_features();
+  using cm3leon::Isa;
+  const cm3leon::CpuFeatures& cpu = cm3leon::detected_cpu_features();
+  pybind11::dict seen;
+  seen["avx2"] = cpu.avx2; seen["fma"] = cpu.fma; seen["f16c"] = cpu.f16c;
+  seen["avx512f"] = cpu.avx512f; seen["avx512dq"] = cpu.avx512dq; seen["avx512bw"] = cpu.avx512bw;
+  seen["avx512vl"] = cpu.avx512vl; seen["avx512_bf16"] = cpu.avx512_bf16; seen["amx_bf16"] = cpu.amx_bf16;
+  pybind11::list compiled, supported;
+  for (Isa isa : {Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::AmxBf16}) {
+    if (int(isa) <= CM3LEON_MAX_ISA_LEVEL) compiled.append(cm3leon::isa_name(isa));
+    if (int(isa) <= CM3LEON_MAX_ISA_LEVEL && cm3leon::isa_supported(isa, cpu)) supported.append(cm3leon::isa_name(isa));
+  }
+  auto path = [](Isa highest) { return cm3leon::isa_name(cm3leon::family_isa(highest)); };
+  pybind11::dict ops;
+  for (const char* op : {"flash_attn_forward", "flash_attn_backward", "flash_attn_varlen_forward",
+                         "flash_attn_varlen_backward", "flash_attn_kvcache"})
+    ops[op] = path(cm3leon::attention::kAttentionMaxIsa);
+  for (const char* op : {"vq_nearest", "vq_embed"}) ops[op] = path(cm3leon::vq::kVqMaxIsa);
+  for (const char* op : {"cfg_sample", "contrastive_sample"}) ops[op] = path(cm3leon::sampling::kSamplingMaxIsa);
+  for (const char* op : {"linear_cross_entropy_forward", "linear_cross_entropy_backward"})
+    ops[op] = path(cm3leon::loss::kLossMaxIsa);
   pybind11::dict f;
-  f["avx2_fma"] = compiled.avx2_fma;
-  f["f16c"] = compiled.f16c;
+  f["cpu"] = seen;
+  f["compiled"] = compiled;
+  f["supported"] = supported;
+  f["isa"] = cm3leon::isa_name(cm3leon::active_isa());
+  f["ops"] = ops;
   return f;
 }
+
+void force_cpu_isa(const std::string& name) { cm3leon::force_active_isa(name); }
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cm3leon_kernels native extension: ops are registered as torch.ops.cm3leon.*";
   m.def("cuda_built", &cuda_built, "Whether the CUDA kernels were compiled into this build.");
-  m.def("cpu_features", &cpu_features, "SIMD features the CPU kernels were compiled for.");
+  m.def("cpu_features", &cpu_features, "CPU features seen, CPU kernel levels compiled and chosen, each op's level.");
+  m.def("_force_cpu_isa", &force_cpu_isa, "Tests only: re-select the CPU kernel level as CM3LEON_CPU_ISA=name would.");
   // Sampling: the Philox stream, exposed so tests can check known-answer vectors and recompute draws.
   m.def("philox4x32_10", [](std::array<uint32_t, 4> counter, uint32_t key0, uint32_t key1) {
     const cm3leon::Philox4x32 out = cm3leon::philox4x32_10({{counter[0], counter[1], counter[2], counter[3]}}, key0, key1);

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 import torch
-from training_fakes import fake_data, use_fake_loader
+from training_fakes import fake_data, one_thread_and_fake_loader, use_fake_loader  # noqa: F401 (fixture)
 
 import cm3leon
 from cm3leon.training import load_config
@@ -23,13 +23,7 @@ from cm3leon.training.trainer import NonFiniteLossError, Trainer
 CURVE_KEYS = ("step", "loss", "lr", "grad_norm", "tokens", "padding", "val_loss")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fake_loader(monkeypatch):
-    use_fake_loader(monkeypatch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_and_fake_loader")
 
 
 def _config(out, *extra):
@@ -106,9 +100,9 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     accumulated = trainer.train_step(micro)
     after_accum = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
-    from training_fakes import Batch
+    from cm3leon.data import PackedBatch
     b1, b2 = micro
-    merged = Batch(torch.cat([b1.tokens, b2.tokens]), torch.cat([b1.targets, b2.targets]),
+    merged = PackedBatch(torch.cat([b1.tokens, b2.tokens]), torch.cat([b1.targets, b2.targets]),
                    torch.cat([b1.loss_weights, b2.loss_weights]),
                    torch.cat([b1.cu_seqlens, b2.cu_seqlens[1:] + b1.cu_seqlens[-1]]),
                    max(b1.max_seqlen, b2.max_seqlen), b1.n_sequences + b2.n_sequences, 0)

@@ -19,22 +19,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from training_fakes import fake_data, use_fake_loader
+from training_fakes import fake_data, one_thread_and_fake_loader  # noqa: F401 (fixture)
 from training_workers import config, full_state, worker
 
 from cm3leon.training.observe import read_metrics
 from cm3leon.training.trainer import Trainer
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+              pytest.mark.usefixtures("one_thread_and_fake_loader")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fake_loader(monkeypatch):
-    use_fake_loader(monkeypatch)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _spawn(tmp_path, job):

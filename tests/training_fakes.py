@@ -1,21 +1,15 @@
 """Small stand-ins for the trainer tests: a deterministic example source and a packed loader that follow the
-data contract (``CM3Example``-like items, ``PackedBatch``-like batches, resumable loader state)."""
+data contract (``CM3Example`` items, ``PackedBatch`` batches, resumable loader state)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import pytest
 import torch
 
+from cm3leon.data import PackedBatch
+from cm3leon.objective import CM3Example
 from cm3leon.training.data import TrainingData
 
 VOCAB = 64
-
-
-@dataclass(frozen=True)
-class Example:
-    tokens: torch.Tensor
-    loss_weights: torch.Tensor
-    n_spans: int = 0
 
 
 class PatternSource:
@@ -27,25 +21,14 @@ class PatternSource:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> Example:
+    def __getitem__(self, index: int) -> CM3Example:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         length = int(torch.randint(5, 21, (1,), generator=g))
         start = int(torch.randint(0, VOCAB, (1,), generator=g))
         tokens = (start + torch.arange(length)) % VOCAB
         weights = torch.ones(length)
         weights[0] = 0.0
-        return Example(tokens, weights)
-
-
-@dataclass(frozen=True)
-class Batch:
-    tokens: torch.Tensor
-    targets: torch.Tensor
-    loss_weights: torch.Tensor
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-    n_sequences: int
-    padding: int
+        return CM3Example(tokens, weights, 0)
 
 
 class GreedyLoader:
@@ -73,14 +56,14 @@ class GreedyLoader:
                 yield current
             epoch += 1
 
-    def _batch(self, examples) -> Batch:
+    def _batch(self, examples) -> PackedBatch:
         # weight of predicting targets[i] = loss_weights[i + 1] of its example; the last position has weight 0
         tokens = torch.cat([e.tokens for e in examples])
         targets = torch.cat([torch.cat([e.tokens[1:], e.tokens[:1]]) for e in examples])
         weights = torch.cat([torch.cat([e.loss_weights[1:], torch.zeros(1)]) for e in examples])
         lengths = torch.tensor([len(e.tokens) for e in examples])
         cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
-        return Batch(tokens, targets, weights, cu, int(lengths.max()), len(examples),
+        return PackedBatch(tokens, targets, weights, cu, int(lengths.max()), len(examples),
                      self.budget - len(tokens))
 
     def __iter__(self):
@@ -117,3 +100,13 @@ def use_fake_loader(monkeypatch) -> None:
                             max_seq_len=config.data.max_seq_len, seed=seed, rank=rank, world_size=world_size)
 
     monkeypatch.setattr(trainer_module, "make_loader", make)
+
+
+@pytest.fixture
+def one_thread_and_fake_loader(monkeypatch):
+    """The trainer on the fake loader, kernels on one thread (bit-exact resume needs deterministic sums)."""
+    use_fake_loader(monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from cm3leon.config import dataclass_from_json
 from cm3leon.tokenizer.text import PAPER_TEXT_VOCAB_SIZE
 
 __all__ = ["DualEncoderConfig"]
@@ -74,12 +75,7 @@ class DualEncoderConfig:
 
     @classmethod
     def from_json(cls, text: str) -> DualEncoderConfig:
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DualEncoderConfig field(s) {unknown}")
-        return cls(**data)
+        return dataclass_from_json(cls, text)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> DualEncoderConfig:

@@ -422,7 +422,7 @@ def _demo_sft() -> TrainingConfig:
 
 
 def _350m_pretrain() -> TrainingConfig:
-    """The paper's 350M recipe (PAPER.md §1): seq 4096, peak LR 6e-4, 1500 warmup steps, 8M-token global
+    """The paper's 350M recipe (docs/recipe.md §1): seq 4096, peak LR 6e-4, 1500 warmup steps, 8M-token global
     batches (here 16 ranks x 16K tokens x 32 micro-batches), bf16 autocast, FSDP."""
     return TrainingConfig(
         stage="pretrain", out_dir="runs/350m-pretrain",

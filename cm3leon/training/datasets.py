@@ -120,7 +120,7 @@ def prepare_shapes_corpus(out_dir: str | PathLike, *, text_vocab_size: int = 102
 def sft_task_weights(counts: dict[str, int], ratio_min: float = 0.3, ratio_max: float = 3.0
                      ) -> dict[str, float]:
     """Sampling probability of each task: balanced (equal shares) but with each task's ratio to its natural
-    share ``count / total`` clamped to ``[ratio_min, ratio_max]``, then renormalised (PAPER.md §6)."""
+    share ``count / total`` clamped to ``[ratio_min, ratio_max]``, then renormalised (docs/recipe.md §6)."""
     if not counts or any(n < 1 for n in counts.values()):
         raise ValueError(f"counts must give every task at least one document, got {counts}")
     total = sum(counts.values())

@@ -2,7 +2,7 @@
 // from the saved log-sum-exp, never stored.
 //
 // Preprocessing packs Q and dO in fp32 per block of BM queries, both transposed (B operands of S^T = K Q^T
-// and dP^T = V dO^T) and as 16-column strips (B operands of dK and dV, see pack_strips), and computes
+// and dP^T = V dO^T) and as NR-column strips (B operands of dK and dV, see pack_strips), and computes
 // D = rowsum(dO * O) per query row. A work item is (segment, kv head, block of BN keys): it keeps its dK/dV
 // block in registers-and-L1 scratch while it sweeps the query heads of its GQA group and the query blocks
 // that can see it (causal: the ones at or below the diagonal), so GQA gradients are summed in place.
@@ -14,6 +14,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "attention/attention_cpu.h"
@@ -22,13 +23,15 @@
 #include "common/scratch.h"
 
 namespace cm3leon::attention {
+CM3LEON_ISA_BEGIN
 namespace {
 
 // Measured on the 2-core AVX2 machine (one thread, S = 2048): 144 keys per item beat 48 by 8-11% at head
 // dims 64-256, causal and not (the query-side panels streamed per step are reused by more keys); 96 and 192
 // lost at head dims 256 and 32 respectively, and 96 query rows per step did not help.
-constexpr int64_t BM = 48;   // query rows per step (multiple of MR)
-constexpr int64_t BN = 144;  // keys per work item (multiple of MR and of NR)
+constexpr int64_t BM = std::lcm(48, NR);  // query rows per step: 48 with AVX2, 96 with AVX-512
+constexpr int64_t BN = 144;  // keys per work item (multiple of MR)
+static_assert(BM % MR == 0 && BM % NR == 0 && BN % MR == 0, "blocks hold whole micro-kernel tiles");
 
 struct Item {
   int64_t segment, head_kv, n0, cost;
@@ -118,7 +121,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
   const int nt = usable_threads(pr.threads);
-  // Per-thread dQ / scale in fp32, laid out like q_rows (16-column strips per query block) so that every
+  // Per-thread dQ / scale in fp32, laid out like q_rows (NR-column strips per query block) so that every
   // micro-kernel tile of dQ is contiguous.
   const ScratchBuffer<float> dq_acc(size_t(nt) * qsize);
 
@@ -157,20 +160,20 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
           const float *qt = q_t.data() + row * dp, *dot = do_t.data() + row * dp;
           for (int64_t r0 = 0; r0 < BN; r0 += MR)  // S^T = K Q^T, dP^T = V dO^T
             for (int64_t c = 0; c < rows16; c += NR) {
-              micro_6x16(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
-              micro_6x16(vr + r0 * dp, 1, dp, dot + c, BM, dp, dpt + r0 * BM + c, BM, false);
+              micro_tile(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
+              micro_tile(vr + r0 * dp, 1, dp, dot + c, BM, dp, dpt + r0 * BM + c, BM, false);
             }
           softmax_grad_block(s, dpt, lse2.data() + row, dsum.data() + row, sc.limit.data());
           for (int64_t r0 = 0; r0 < BN; r0 += MR)  // dV += P^T dO, dK += dS^T Q
             for (int64_t c = 0; c < dp; c += NR) {
-              micro_6x16(s + r0 * BM, 1, BM, do_rows.data() + row * dp + c * BM, NR, rows,
+              micro_tile(s + r0 * BM, 1, BM, do_rows.data() + row * dp + c * BM, NR, rows,
                          sc.dv.data() + r0 * dp + c, dp, true);
-              micro_6x16(dpt + r0 * BM, 1, BM, q_rows.data() + row * dp + c * BM, NR, rows,
+              micro_tile(dpt + r0 * BM, 1, BM, q_rows.data() + row * dp + c * BM, NR, rows,
                          sc.dk.data() + r0 * dp + c, dp, true);
             }
           for (int64_t c = 0; c < dp; c += NR)  // dQ += dS K (six query columns of dS^T per step)
             for (int64_t qr = 0; qr < rows6; qr += MR)
-              micro_6x16(dpt + qr, BM, 1, kr + c, dp, BN, my_dq + row * dp + c * BM + qr * NR, NR, true);
+              micro_tile(dpt + qr, BM, 1, kr + c, dp, BN, my_dq + row * dp + c * BM + qr * NR, NR, true);
         }
       }
       for (int64_t j = 0; j < cols; ++j) {
@@ -203,7 +206,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
 
 }  // namespace
 
-void backward_cpu(const Problem& p, const void* q, const void* k, const void* v, const void* out,
+void backward_all(const Problem& p, const void* q, const void* k, const void* v, const void* out,
                   const float* lse, const void* dout, void* dq, void* dk, void* dv) {
   dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -211,6 +214,14 @@ void backward_cpu(const Problem& p, const void* q, const void* k, const void* v,
              static_cast<const T*>(out), lse, static_cast<const T*>(dout), static_cast<T*>(dq),
              static_cast<T*>(dk), static_cast<T*>(dv));
   });
+}
+
+CM3LEON_ISA_END
+
+template <>
+void backward_kernel<kIsa>(const Problem& p, const void* q, const void* k, const void* v, const void* out,
+                           const float* lse, const void* dout, void* dq, void* dk, void* dv) {
+  backward_all(p, q, k, v, out, lse, dout, dq, dk, dv);
 }
 
 }  // namespace cm3leon::attention

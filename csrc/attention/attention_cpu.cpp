@@ -2,7 +2,7 @@
 //
 // The micro-kernel reads K and V from one fp32 copy made per call (bf16/fp16 are widened once), packed
 // chunk by chunk on first use. A work item is (segment, query head, block of
-// BM queries): S^T = K Q^T block by block with the 6x16 micro-kernel, running max/sum per query, then
+// BM queries): S^T = K Q^T block by block with the micro-kernel, running max/sum per query, then
 // O += P V with the same micro-kernel. The S x S matrix never exists; scratch per item is
 // O(BM * (BN + head_dim)). Items are sorted by cost (causal blocks near the
 // diagonal are cheap) and scheduled dynamically so both cores finish together.
@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -21,12 +20,14 @@
 #include "common/scratch.h"
 
 namespace cm3leon::attention {
+CM3LEON_ISA_BEGIN
 namespace {
 
 // Measured on the 2-core AVX2 machine: 96 x 48 beats 48 x 48 by ~10% (D = 64); with V in strips, 96 x 72
 // beats 96 x 48 by ~2% (D = 32..256, causal and not); 144 x 96 was no better than 96 x 72.
 constexpr int64_t BM = 96;  // query rows per work item (multiple of MR and of NR)
 constexpr int64_t BN = 72;  // keys per block (multiple of MR)
+static_assert(BM % MR == 0 && BM % NR == 0 && BN % MR == 0, "blocks hold whole micro-kernel tiles");
 
 constexpr int64_t kPackKeys = 4 * BN;  // keys per K/V packing chunk (a multiple of BN)
 enum PackState : int { kUnpacked = 0, kPacking = 1, kPacked = 2 };
@@ -114,7 +115,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
   const int64_t group = hq / hkv;
 
   // K and V in fp32, packed once per call (bf16/fp16 widened once): block n0 of segment s, kv head h starts
-  // at float (h * k_total + k_off[s] + n0) * dp; K as rows of dp floats, V as 16-column strips per block
+  // at float (h * k_total + k_off[s] + n0) * dp; K as rows of dp floats, V as NR-column strips per block
   // (pack_strips). Even fp32 is copied: in place, consecutive keys of one head lie heads_kv * head_dim
   // floats apart (4 KiB for 16 x 64), all in the same L1 sets.
   std::vector<int64_t> k_off(size_t(pr.num_segments) + 1, 0);
@@ -188,18 +189,18 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
         for (int64_t qc = 0; qc < rows16; qc += NR)
           if (!masked || n0 + kr0 < seen_by(q0 + std::min(qc + NR, rows) - 1))
-            micro_6x16(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
+            micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
       softmax_block(st, cols, cols6, rows16, masked, sc.limit.data(), sc.m.data(), sc.l.data(),
                     sc.alpha.data());
       for (int64_t r = 0; r < rows; ++r)
         if (sc.alpha[size_t(r)] != 1.f) scale_row(o + r * dp, dp, sc.alpha[size_t(r)]);
-      for (int64_t dc = 0; dc < dp; dc += NR)  // a 16-column strip of V stays in L1 across query panels
+      for (int64_t dc = 0; dc < dp; dc += NR)  // an NR-column strip of V stays in L1 across query panels
         for (int64_t qr = 0; qr < rows6; qr += MR) {
           // Keys past the last one these six queries see have P = 0: stop the depth there.
           const int64_t depth =
               masked ? std::clamp<int64_t>(seen_by(q0 + std::min(qr + MR, rows) - 1) - n0, 0, cols) : cols;
           if (depth > 0)
-            micro_6x16(st + qr, BM, 1, vr.data() + blk + dc * BN, NR, depth, o + qr * dp + dc, dp, true);
+            micro_tile(st + qr, BM, 1, vr.data() + blk + dc * BN, NR, depth, o + qr * dp + dc, dp, true);
         }
     }
 
@@ -216,7 +217,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
 
 }  // namespace
 
-void forward_cpu(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
+void forward(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
   if (decode_applies(p)) return decode_forward(p, q, k, v, out, lse);
   dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -225,14 +226,11 @@ void forward_cpu(const Problem& p, const void* q, const void* k, const void* v, 
   });
 }
 
-void append_cpu(int64_t elem_size, const void* src, void* cache, int64_t batch, int64_t new_len,
-                int64_t cache_len, int64_t row_elems, const int32_t* starts, int32_t start_if_null) {
-  const int64_t row_bytes = row_elems * elem_size;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t start = starts ? starts[b] : start_if_null;
-    std::memcpy(static_cast<char*>(cache) + (b * cache_len + start) * row_bytes,
-                static_cast<const char*>(src) + b * new_len * row_bytes, size_t(new_len * row_bytes));
-  }
+CM3LEON_ISA_END
+
+template <>
+void forward_kernel<kIsa>(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
+  forward(p, q, k, v, out, lse);
 }
 
 }  // namespace cm3leon::attention

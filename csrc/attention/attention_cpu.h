@@ -5,6 +5,9 @@
 // dense, packed (varlen) and KV-cache layouts share one kernel.
 #pragma once
 #include <cstdint>
+#include <cstring>
+
+#include "common/cpu_features.h"
 #include "common/dtype.h"
 
 namespace cm3leon::attention {
@@ -26,19 +29,49 @@ struct Problem {
   int threads;   // CPU threads the kernel may use (the launcher passes torch's setting)
 };
 
+// Highest level with its own attention bodies (forward, decode, backward): common/cpu_features.h dispatch.
+constexpr Isa kAttentionMaxIsa = Isa::Avx512;
+
+// The kernel bodies, one explicit specialisation per compiled level (attention_*_cpu.cpp).
+template <Isa I>
+void forward_kernel(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse);
+template <Isa I>
+void backward_kernel(const Problem& p, const void* q, const void* k, const void* v, const void* out,
+                     const float* lse, const void* dout, void* dq, void* dk, void* dv);
+
+// The entry points exist for host code only (launchers); kernel objects define the bodies above.
+#if !defined(CM3LEON_ISA_LEVEL)
+CM3LEON_ISA_BEGIN
+
 // out = softmax(scale * q k^T + mask) v; lse = log-sum-exp of each row's scaled scores (natural log).
 // Rows with no visible key get out = 0 and lse = -inf. Short queries (decode) take a split-KV path that
 // shares each K/V row between the query heads of a GQA group and merges partial results by their lse.
-void forward_cpu(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse);
+// (Runs the body of the level chosen at load time, as every entry point here.)
+inline void forward_cpu(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
+  dispatch_isa<kAttentionMaxIsa>([&](auto isa) { forward_kernel<decltype(isa)::value>(p, q, k, v, out, lse); });
+}
 
 // Gradients of forward_cpu given dout, the forward output and its lse (probabilities are recomputed block
 // by block). dk/dv have k's shape: GQA gradients are summed over the query heads that share a kv head.
-void backward_cpu(const Problem& p, const void* q, const void* k, const void* v, const void* out,
-                  const float* lse, const void* dout, void* dq, void* dk, void* dv);
+inline void backward_cpu(const Problem& p, const void* q, const void* k, const void* v, const void* out,
+                         const float* lse, const void* dout, void* dq, void* dk, void* dv) {
+  dispatch_isa<kAttentionMaxIsa>([&](auto isa) {
+    backward_kernel<decltype(isa)::value>(p, q, k, v, out, lse, dout, dq, dk, dv);
+  });
+}
 
 // Copies new rows [batch][new_len][heads_kv * head_dim] into cache rows [batch][cache_len][...] starting at
 // position starts[b] of each batch row (the caller has checked starts[b] + new_len <= cache_len).
-void append_cpu(int64_t elem_size, const void* src, void* cache, int64_t batch, int64_t new_len,
-                int64_t cache_len, int64_t row_elems, const int32_t* starts, int32_t start_if_null);
+inline void append_cpu(int64_t elem_size, const void* src, void* cache, int64_t batch, int64_t new_len,
+                       int64_t cache_len, int64_t row_elems, const int32_t* starts, int32_t start_if_null) {
+  const int64_t row_bytes = row_elems * elem_size;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t start = starts ? starts[b] : start_if_null;
+    std::memcpy(static_cast<char*>(cache) + (b * cache_len + start) * row_bytes,
+                static_cast<const char*>(src) + b * new_len * row_bytes, size_t(new_len * row_bytes));
+  }
+}
 
+CM3LEON_ISA_END
+#endif
 }  // namespace cm3leon::attention

@@ -14,6 +14,7 @@
 #include "common/parallel.h"
 
 namespace cm3leon::attention {
+CM3LEON_ISA_BEGIN
 
 #if CM3LEON_AVX2
 namespace {
@@ -211,4 +212,5 @@ bool decode_applies(const Problem&) { return false; }
 void decode_forward(const Problem&, const void*, const void*, const void*, void*, float*) {}
 #endif
 
+CM3LEON_ISA_END
 }  // namespace cm3leon::attention

@@ -1,6 +1,7 @@
 // Building blocks shared by the attention kernels (internal, torch-free): a vectorised exp2 and packing of
-// bf16/fp16/fp32 rows into fp32 operands (the 6x16 micro-kernel lives in common/micro_kernel.h).
+// bf16/fp16/fp32 rows into fp32 operands (the micro-kernel lives in common/micro_kernel.h).
 #pragma once
+#include "common/isa.h"
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -11,8 +12,9 @@
 #include "common/simd.h"
 
 namespace cm3leon::attention {
+CM3LEON_ISA_BEGIN
 
-using cm3leon::micro_6x16;
+using cm3leon::micro_tile;
 constexpr int64_t MR = kMicroRows;
 constexpr int64_t NR = kMicroCols;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -70,7 +72,7 @@ void pack_rows(const T* src, int64_t stride, int64_t rows, int64_t d, float scal
   }
 }
 
-// The same rows as 16-column strips per block of `block` rows, dst[rows_pad / block][dp / NR][block][NR]:
+// The same rows as NR-column strips per block of `block` rows, dst[rows_pad / block][dp / NR][block][NR]:
 // one strip of a block, a micro-kernel B operand (V in O += P V, Q and dO in dK/dV), is then contiguous
 // memory that the hardware prefetcher streams (row-major V made P V ~5% slower when V comes from L3).
 template <typename T>
@@ -148,4 +150,5 @@ inline int64_t visible_keys(int64_t i, int64_t q_len, int64_t k_len, bool causal
   return std::clamp<int64_t>(i + k_len - q_len + 1, 0, k_len);
 }
 
+CM3LEON_ISA_END
 }  // namespace cm3leon::attention

@@ -7,6 +7,8 @@ namespace cm3leon {
 
 enum class DType { Float32, BFloat16, Float16 };
 
+CM3LEON_ISA_BEGIN
+
 // Calls f(T{}) with T the C++ storage type for `dtype`; kernels are templates over T.
 template <typename F>
 decltype(auto) dispatch_float(DType dtype, F&& f) {
@@ -18,4 +20,5 @@ decltype(auto) dispatch_float(DType dtype, F&& f) {
   throw std::invalid_argument("cm3leon: unsupported dtype");
 }
 
+CM3LEON_ISA_END
 }  // namespace cm3leon

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+
+#include "common/isa.h"
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -11,6 +13,8 @@ namespace cm3leon {
 
 struct bf16 { uint16_t bits; };
 struct fp16 { uint16_t bits; };
+
+CM3LEON_ISA_BEGIN
 
 inline float to_float(float x) { return x; }
 
@@ -78,4 +82,5 @@ inline void from_float(float f, fp16* out) {
 #endif
 }
 
+CM3LEON_ISA_END
 }  // namespace cm3leon

@@ -1,52 +1,85 @@
-// The register-blocked 6x16 fp32 micro-kernel shared by the CPU kernels (VQ search, attention forward and
+// The register-blocked fp32 micro-kernel shared by the CPU kernels (VQ search, attention forward and
 // backward): the innermost loop of every small GEMM they run. Torch-free, header-only.
+//
+// The tile is kMicroRows x kMicroCols and depends on the level the including object is compiled for:
+// 6 x 16 with AVX2 (two ymm per row) and 6 x 32 with AVX-512 (two zmm per row); 12 accumulators either way.
+// Callers size their blocks and packed layouts with these constants (blocks that are multiples of 96 rows
+// or columns suit both), never with literal 16s, so one kernel body serves every level.
 #pragma once
+#include "common/isa.h"
 #include <cstdint>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 
 namespace cm3leon {
+CM3LEON_ISA_BEGIN
 
-constexpr int64_t kMicroRows = 6;   // rows of the output tile
-constexpr int64_t kMicroCols = 16;  // columns (two AVX registers)
+constexpr int64_t kMicroRows = 6;  // rows of the output tile
+#if defined(__AVX512F__)
+constexpr int64_t kMicroCols = 32;  // columns (two zmm registers)
+#else
+constexpr int64_t kMicroCols = 16;  // columns (two ymm registers)
+#endif
 
-// c[r * ldc + j] (+)= sum_p a[p * lda + r * ars] * b[p * ldb + j] for r < 6, j < 16.
+namespace micro_detail {
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int64_t kWidth = 16;
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+#elif defined(__AVX2__) && defined(__FMA__)
+using Vec = __m256;
+constexpr int64_t kWidth = 8;
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+#endif
+}  // namespace micro_detail
+
+// c[r * ldc + j] (+)= sum_p a[p * lda + r * ars] * b[p * ldb + j] for r < kMicroRows, j < kMicroCols.
 // The six A values of a depth step are `ars` apart and steps are `lda` apart: a packed panel (lda = 6,
 // ars = 1), six columns of a row-major block (lda = its row length, ars = 1), or six rows of one
 // (lda = 1, ars = row length). `b` is any row-major fp32 block.
-inline void micro_6x16(const float* a, int64_t lda, int64_t ars, const float* b, int64_t ldb, int64_t depth,
+inline void micro_tile(const float* a, int64_t lda, int64_t ars, const float* b, int64_t ldb, int64_t depth,
                        float* c, int64_t ldc, bool accumulate) {
 #if defined(__AVX2__) && defined(__FMA__)
-  // Twelve named accumulators + two b vectors + one broadcast = 15 of 16 ymm registers (arrays spill).
-  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  using namespace micro_detail;
+  static_assert(kMicroCols == 2 * kWidth, "two vectors per tile row");
+  // Twelve named accumulators + two b vectors + one broadcast: 15 registers (arrays would spill on AVX2).
+  Vec c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   if (accumulate) {
-    c00 = _mm256_loadu_ps(c + 0 * ldc); c01 = _mm256_loadu_ps(c + 0 * ldc + 8);
-    c10 = _mm256_loadu_ps(c + 1 * ldc); c11 = _mm256_loadu_ps(c + 1 * ldc + 8);
-    c20 = _mm256_loadu_ps(c + 2 * ldc); c21 = _mm256_loadu_ps(c + 2 * ldc + 8);
-    c30 = _mm256_loadu_ps(c + 3 * ldc); c31 = _mm256_loadu_ps(c + 3 * ldc + 8);
-    c40 = _mm256_loadu_ps(c + 4 * ldc); c41 = _mm256_loadu_ps(c + 4 * ldc + 8);
-    c50 = _mm256_loadu_ps(c + 5 * ldc); c51 = _mm256_loadu_ps(c + 5 * ldc + 8);
+    c00 = load(c + 0 * ldc); c01 = load(c + 0 * ldc + kWidth);
+    c10 = load(c + 1 * ldc); c11 = load(c + 1 * ldc + kWidth);
+    c20 = load(c + 2 * ldc); c21 = load(c + 2 * ldc + kWidth);
+    c30 = load(c + 3 * ldc); c31 = load(c + 3 * ldc + kWidth);
+    c40 = load(c + 4 * ldc); c41 = load(c + 4 * ldc + kWidth);
+    c50 = load(c + 5 * ldc); c51 = load(c + 5 * ldc + kWidth);
   } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = zero();
   }
   const int64_t a1 = ars, a2 = 2 * ars, a3 = 3 * ars, a4 = 4 * ars, a5 = 5 * ars;
   for (int64_t p = 0; p < depth; ++p, a += lda, b += ldb) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 ar;
-    ar = _mm256_broadcast_ss(a); c00 = _mm256_fmadd_ps(ar, b0, c00); c01 = _mm256_fmadd_ps(ar, b1, c01);
-    ar = _mm256_broadcast_ss(a + a1); c10 = _mm256_fmadd_ps(ar, b0, c10); c11 = _mm256_fmadd_ps(ar, b1, c11);
-    ar = _mm256_broadcast_ss(a + a2); c20 = _mm256_fmadd_ps(ar, b0, c20); c21 = _mm256_fmadd_ps(ar, b1, c21);
-    ar = _mm256_broadcast_ss(a + a3); c30 = _mm256_fmadd_ps(ar, b0, c30); c31 = _mm256_fmadd_ps(ar, b1, c31);
-    ar = _mm256_broadcast_ss(a + a4); c40 = _mm256_fmadd_ps(ar, b0, c40); c41 = _mm256_fmadd_ps(ar, b1, c41);
-    ar = _mm256_broadcast_ss(a + a5); c50 = _mm256_fmadd_ps(ar, b0, c50); c51 = _mm256_fmadd_ps(ar, b1, c51);
+    const Vec b0 = load(b), b1 = load(b + kWidth);
+    Vec ar;
+    ar = broadcast(a); c00 = fmadd(ar, b0, c00); c01 = fmadd(ar, b1, c01);
+    ar = broadcast(a + a1); c10 = fmadd(ar, b0, c10); c11 = fmadd(ar, b1, c11);
+    ar = broadcast(a + a2); c20 = fmadd(ar, b0, c20); c21 = fmadd(ar, b1, c21);
+    ar = broadcast(a + a3); c30 = fmadd(ar, b0, c30); c31 = fmadd(ar, b1, c31);
+    ar = broadcast(a + a4); c40 = fmadd(ar, b0, c40); c41 = fmadd(ar, b1, c41);
+    ar = broadcast(a + a5); c50 = fmadd(ar, b0, c50); c51 = fmadd(ar, b1, c51);
   }
-  _mm256_storeu_ps(c + 0 * ldc, c00); _mm256_storeu_ps(c + 0 * ldc + 8, c01);
-  _mm256_storeu_ps(c + 1 * ldc, c10); _mm256_storeu_ps(c + 1 * ldc + 8, c11);
-  _mm256_storeu_ps(c + 2 * ldc, c20); _mm256_storeu_ps(c + 2 * ldc + 8, c21);
-  _mm256_storeu_ps(c + 3 * ldc, c30); _mm256_storeu_ps(c + 3 * ldc + 8, c31);
-  _mm256_storeu_ps(c + 4 * ldc, c40); _mm256_storeu_ps(c + 4 * ldc + 8, c41);
-  _mm256_storeu_ps(c + 5 * ldc, c50); _mm256_storeu_ps(c + 5 * ldc + 8, c51);
+  store(c + 0 * ldc, c00); store(c + 0 * ldc + kWidth, c01);
+  store(c + 1 * ldc, c10); store(c + 1 * ldc + kWidth, c11);
+  store(c + 2 * ldc, c20); store(c + 2 * ldc + kWidth, c21);
+  store(c + 3 * ldc, c30); store(c + 3 * ldc + kWidth, c31);
+  store(c + 4 * ldc, c40); store(c + 4 * ldc + kWidth, c41);
+  store(c + 5 * ldc, c50); store(c + 5 * ldc + kWidth, c51);
 #else
   float acc[kMicroRows][kMicroCols];
   for (int r = 0; r < kMicroRows; ++r)
@@ -59,4 +92,48 @@ inline void micro_6x16(const float* a, int64_t lda, int64_t ars, const float* b,
 #endif
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+// The same tile from bf16 operands with the AVX-512 BF16 dot-product instruction (vdpbf16ps): each depth step
+// is a *pair* of bf16 values packed in one uint32 (element 2p in the low half, 2p + 1 in the high half), both
+// products are exact in fp32 and accumulate in fp32, at twice the fp32 rate. `a` and `b` hold pairs with the
+// micro_tile layout (strides in pairs): c[r * ldc + j] (+)= sum_p dot(a[p * lda + r * ars], b[p * ldb + j]).
+// Subnormal bf16 inputs count as zero (the instruction's rule).
+constexpr bool kHasBf16Dot = true;
+inline void micro_tile_bf16(const uint32_t* a, int64_t lda, int64_t ars, const uint32_t* b, int64_t ldb,
+                            int64_t pairs, float* c, int64_t ldc, bool accumulate) {
+  static_assert(kMicroCols == 32, "two zmm of pairs per tile row");
+  __m512 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (accumulate) {
+    c00 = _mm512_loadu_ps(c + 0 * ldc); c01 = _mm512_loadu_ps(c + 0 * ldc + 16);
+    c10 = _mm512_loadu_ps(c + 1 * ldc); c11 = _mm512_loadu_ps(c + 1 * ldc + 16);
+    c20 = _mm512_loadu_ps(c + 2 * ldc); c21 = _mm512_loadu_ps(c + 2 * ldc + 16);
+    c30 = _mm512_loadu_ps(c + 3 * ldc); c31 = _mm512_loadu_ps(c + 3 * ldc + 16);
+    c40 = _mm512_loadu_ps(c + 4 * ldc); c41 = _mm512_loadu_ps(c + 4 * ldc + 16);
+    c50 = _mm512_loadu_ps(c + 5 * ldc); c51 = _mm512_loadu_ps(c + 5 * ldc + 16);
+  } else {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm512_setzero_ps();
+  }
+  const int64_t a1 = ars, a2 = 2 * ars, a3 = 3 * ars, a4 = 4 * ars, a5 = 5 * ars;
+  for (int64_t p = 0; p < pairs; ++p, a += lda, b += ldb) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 16);
+    __m512bh ar;
+    ar = (__m512bh)_mm512_set1_epi32(int(a[0])); c00 = _mm512_dpbf16_ps(c00, ar, b0); c01 = _mm512_dpbf16_ps(c01, ar, b1);
+    ar = (__m512bh)_mm512_set1_epi32(int(a[a1])); c10 = _mm512_dpbf16_ps(c10, ar, b0); c11 = _mm512_dpbf16_ps(c11, ar, b1);
+    ar = (__m512bh)_mm512_set1_epi32(int(a[a2])); c20 = _mm512_dpbf16_ps(c20, ar, b0); c21 = _mm512_dpbf16_ps(c21, ar, b1);
+    ar = (__m512bh)_mm512_set1_epi32(int(a[a3])); c30 = _mm512_dpbf16_ps(c30, ar, b0); c31 = _mm512_dpbf16_ps(c31, ar, b1);
+    ar = (__m512bh)_mm512_set1_epi32(int(a[a4])); c40 = _mm512_dpbf16_ps(c40, ar, b0); c41 = _mm512_dpbf16_ps(c41, ar, b1);
+    ar = (__m512bh)_mm512_set1_epi32(int(a[a5])); c50 = _mm512_dpbf16_ps(c50, ar, b0); c51 = _mm512_dpbf16_ps(c51, ar, b1);
+  }
+  _mm512_storeu_ps(c + 0 * ldc, c00); _mm512_storeu_ps(c + 0 * ldc + 16, c01);
+  _mm512_storeu_ps(c + 1 * ldc, c10); _mm512_storeu_ps(c + 1 * ldc + 16, c11);
+  _mm512_storeu_ps(c + 2 * ldc, c20); _mm512_storeu_ps(c + 2 * ldc + 16, c21);
+  _mm512_storeu_ps(c + 3 * ldc, c30); _mm512_storeu_ps(c + 3 * ldc + 16, c31);
+  _mm512_storeu_ps(c + 4 * ldc, c40); _mm512_storeu_ps(c + 4 * ldc + 16, c41);
+  _mm512_storeu_ps(c + 5 * ldc, c50); _mm512_storeu_ps(c + 5 * ldc + 16, c51);
+}
+#else
+constexpr bool kHasBf16Dot = false;  // levels without vdpbf16ps widen bf16 to fp32 and use micro_tile
+#endif
+
+CM3LEON_ISA_END
 }  // namespace cm3leon

@@ -3,11 +3,13 @@
 // at::get_num_threads() down, because OpenMP's per-thread setting in a new Python thread keeps its default
 // until a torch op syncs it, while torch.set_num_threads is process-wide.
 #pragma once
+#include "common/isa.h"
 #include <algorithm>
 #include <cstdint>
 #include <omp.h>
 
 namespace cm3leon {
+CM3LEON_ISA_BEGIN
 
 // The threads a kernel may use out of the caller's budget: 1 inside a parallel region (no nested teams).
 inline int usable_threads(int budget) { return omp_in_parallel() ? 1 : std::max(budget, 1); }
@@ -27,4 +29,5 @@ void parallel_items(int threads, int64_t n, const Body& body) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+CM3LEON_ISA_END
 }  // namespace cm3leon

@@ -5,6 +5,7 @@
 // Sampling streams (docs/sampling.md): key = the 64-bit seed, counter = (0, row, step_lo, step_hi).
 // Counter word 0 numbers the draws of one (seed, row, step); the samplers use draw 0 only.
 #pragma once
+#include "common/isa.h"
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -14,6 +15,7 @@
 #endif
 
 namespace cm3leon {
+CM3LEON_ISA_BEGIN
 
 struct Philox4x32 {
   uint32_t v[4];
@@ -55,4 +57,5 @@ CM3LEON_HOST_DEVICE double philox_uniform(uint64_t seed, uint32_t row, uint64_t 
   return double(bits) * (1.0 / 9007199254740992.0);  // 2^-53
 }
 
+CM3LEON_ISA_END
 }  // namespace cm3leon

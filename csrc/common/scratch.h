@@ -7,6 +7,7 @@
 // /sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`, the common defaults; PyTorch's
 // THP_MEM_ALLOC_ENABLE does the same for tensors). Nothing is cached between calls.
 #pragma once
+#include "common/isa.h"
 #include <cstddef>
 #include <cstdlib>
 #include <memory>
@@ -17,6 +18,7 @@
 #endif
 
 namespace cm3leon {
+CM3LEON_ISA_BEGIN
 
 // n elements of a trivial type T, uninitialised (as std::vector without the zero-fill pass).
 template <typename T>
@@ -49,4 +51,5 @@ class ScratchBuffer {
   size_t size_;
 };
 
+CM3LEON_ISA_END
 }  // namespace cm3leon

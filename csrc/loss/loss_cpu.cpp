@@ -18,7 +18,7 @@
 #include "common/scratch.h"
 
 namespace cm3leon::loss {
-
+CM3LEON_ISA_BEGIN
 namespace {
 
 using attention::kLog2e;
@@ -115,7 +115,7 @@ class Engine {
       const int64_t depth = std::min(kDepth, cfg_.dim - k0);
       for (int64_t tc = 0; tc < tp_; tc += NR)
         for (int64_t i = 0; i < nv; i += MR)
-          micro_6x16(w + i * ld + k0, 1, ld, hpanels_.data() + tc * cfg_.dim + k0 * NR, NR, depth,
+          micro_tile(w + i * ld + k0, 1, ld, hpanels_.data() + tc * cfg_.dim + k0 * NR, NR, depth,
                      out + i * tp_ + tc, tp_, k0 > 0);
     }
     if (cfg_.softcap > 0.f) softcap_rows(out, nv * tp_, cfg_.softcap);
@@ -226,11 +226,11 @@ class Engine {
         const int64_t rows = std::min(MR, nv - i), cols = std::min(NR, cfg_.dim - dc);
         float* c = grad_weight + (v0 + i) * cfg_.dim + dc;
         if (rows == MR && cols == NR) {
-          micro_6x16(z + i * tp_, 1, tp_, hs, NR, nt_, c, cfg_.dim, !first_chunk);
+          micro_tile(z + i * tp_, 1, tp_, hs, NR, nt_, c, cfg_.dim, !first_chunk);
           continue;
         }
         float tile[MR * NR];
-        micro_6x16(z + i * tp_, 1, tp_, hs, NR, nt_, tile, NR, false);
+        micro_tile(z + i * tp_, 1, tp_, hs, NR, nt_, tile, NR, false);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < cols; ++j)
             c[r * cfg_.dim + j] = (first_chunk ? 0.f : c[r * cfg_.dim + j]) + tile[r * NR + j];
@@ -243,7 +243,7 @@ class Engine {
     const int64_t tr = round_up(nt_, MR);
     for (int64_t dc = 0; dc < dp_; dc += NR)
       for (int64_t t = 0; t < tr; t += MR)
-        micro_6x16(z + t, tp_, 1, ws + dc * nvp, NR, nv, dh + t * dp_ + dc, dp_, true);
+        micro_tile(z + t, tp_, 1, ws + dc * nvp, NR, nv, dh + t * dp_ + dc, dp_, true);
   }
 
   void clear_grad_hidden_partials() { std::fill(dh_.data(), dh_.data() + dh_.size(), 0.f); }
@@ -413,30 +413,28 @@ LossStatus run(const T* hidden, const T* weight, const int64_t* targets, const f
 
 }  // namespace
 
-template <typename T>
-LossStatus forward_cpu(const T* hidden, const T* weight, const int64_t* targets, const float* loss_weights,
-                       const LossConfig& cfg, Reduction reduction, float* loss, float* lse, T* grad_hidden,
-                       float* grad_weight, int threads) {
-  return run(hidden, weight, targets, loss_weights, cfg, nullptr, nullptr, reduction, loss, lse, grad_hidden,
-             grad_weight, threads);
+CM3LEON_ISA_END
+
+template <>
+LossStatus forward_kernel<kIsa>(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                                const float* loss_weights, const LossConfig& cfg, Reduction reduction, float* loss,
+                                float* lse, void* grad_hidden, float* grad_weight, int threads) {
+  return dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return run(static_cast<const T*>(hidden), static_cast<const T*>(weight), targets, loss_weights, cfg, nullptr,
+               nullptr, reduction, loss, lse, static_cast<T*>(grad_hidden), grad_weight, threads);
+  });
 }
 
-template <typename T>
-LossStatus backward_cpu(const T* hidden, const T* weight, const int64_t* targets, const float* loss_weights,
-                        const LossConfig& cfg, const float* lse, const float* grad_loss, T* grad_hidden,
-                        float* grad_weight, int threads) {
-  return run(hidden, weight, targets, loss_weights, cfg, lse, grad_loss, Reduction::None, nullptr, nullptr,
-             grad_hidden, grad_weight, threads);
+template <>
+LossStatus backward_kernel<kIsa>(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                                 const float* loss_weights, const LossConfig& cfg, const float* lse,
+                                 const float* grad_loss, void* grad_hidden, float* grad_weight, int threads) {
+  return dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return run(static_cast<const T*>(hidden), static_cast<const T*>(weight), targets, loss_weights, cfg, lse,
+               grad_loss, Reduction::None, nullptr, nullptr, static_cast<T*>(grad_hidden), grad_weight, threads);
+  });
 }
-
-#define CM3LEON_LOSS_INSTANTIATE(T)                                                                         \
-  template LossStatus forward_cpu<T>(const T*, const T*, const int64_t*, const float*, const LossConfig&,    \
-                                     Reduction, float*, float*, T*, float*, int);                          \
-  template LossStatus backward_cpu<T>(const T*, const T*, const int64_t*, const float*, const LossConfig&,   \
-                                      const float*, const float*, T*, float*, int);
-CM3LEON_LOSS_INSTANTIATE(float)
-CM3LEON_LOSS_INSTANTIATE(bf16)
-CM3LEON_LOSS_INSTANTIATE(fp16)
-#undef CM3LEON_LOSS_INSTANTIATE
 
 }  // namespace cm3leon::loss

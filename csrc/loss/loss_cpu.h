@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/cpu_features.h"
 #include "common/dtype.h"
 
 namespace cm3leon::loss {
@@ -22,23 +23,50 @@ struct LossStatus {
   int64_t index = -1;
 };
 
+// Highest level with its own loss bodies (AVX-512: the 6 x 32 micro-kernel); one explicit specialisation per
+// compiled level (loss_cpu.cpp). hidden/weight are of `dtype`, grad_hidden too.
+constexpr Isa kLossMaxIsa = Isa::Avx512;
+template <Isa I>
+LossStatus forward_kernel(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                          const float* loss_weights, const LossConfig& cfg, Reduction reduction, float* loss,
+                          float* lse, void* grad_hidden, float* grad_weight, int threads);
+template <Isa I>
+LossStatus backward_kernel(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                           const float* loss_weights, const LossConfig& cfg, const float* lse, const float* grad_loss,
+                           void* grad_hidden, float* grad_weight, int threads);
+
+// The entry points exist for host code only (launchers); kernel objects define the bodies above.
+#if !defined(CM3LEON_ISA_LEVEL)
+CM3LEON_ISA_BEGIN
+
 // Per-token loss l_t = (1 - eps)(lse_t - z_t[y_t]) + eps (lse_t - mean_v z_t[v]) + z_loss * lse_t^2 over
 // (soft-capped) logits z_t = hidden_t . weight^T; weighted by loss_weights (1 when null), 0 where
 // targets == ignore_index. Writes lse [tokens] and loss: [tokens] w_t l_t (Reduction::None) or [1]
 // (sum w_t l_t, divided by sum w_t over non-ignored tokens for Mean; 0 when that sum is 0).
 // When grad_weight is not null (Sum/Mean only) also writes the gradients of that scalar: grad_hidden
 // [tokens, dim] in the input dtype and grad_weight [vocab, dim] in fp32, computed from each chunk of logits
-// while it is in memory (the matmul is not redone in a backward pass).
-template <typename T>
-LossStatus forward_cpu(const T* hidden, const T* weight, const int64_t* targets, const float* loss_weights,
-                       const LossConfig& cfg, Reduction reduction, float* loss, float* lse, T* grad_hidden,
-                       float* grad_weight, int threads);
+// while it is in memory (the matmul is not redone in a backward pass). Uses up to `threads` CPU threads.
+inline LossStatus forward_cpu(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                              const float* loss_weights, const LossConfig& cfg, Reduction reduction, float* loss,
+                              float* lse, void* grad_hidden, float* grad_weight, int threads) {
+  return dispatch_isa<kLossMaxIsa>([&](auto isa) {
+    return forward_kernel<decltype(isa)::value>(dtype, hidden, weight, targets, loss_weights, cfg, reduction, loss,
+                                                lse, grad_hidden, grad_weight, threads);
+  });
+}
 
 // Gradients of sum_t grad_loss[t] * w_t * l_t given the forward's lse: recomputes the logits chunk by chunk
 // and turns each block into its gradient contribution at once (one matmul pass, no log-sum-exp pass).
-template <typename T>
-LossStatus backward_cpu(const T* hidden, const T* weight, const int64_t* targets, const float* loss_weights,
-                        const LossConfig& cfg, const float* lse, const float* grad_loss, T* grad_hidden,
-                        float* grad_weight, int threads);
+inline LossStatus backward_cpu(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                               const float* loss_weights, const LossConfig& cfg, const float* lse,
+                               const float* grad_loss, void* grad_hidden, float* grad_weight, int threads) {
+  return dispatch_isa<kLossMaxIsa>([&](auto isa) {
+    return backward_kernel<decltype(isa)::value>(dtype, hidden, weight, targets, loss_weights, cfg, lse, grad_loss,
+                                                 grad_hidden, grad_weight, threads);
+  });
+}
+
+CM3LEON_ISA_END
+#endif
 
 }  // namespace cm3leon::loss

@@ -80,11 +80,6 @@ const float* optional_data(const c10::optional<at::Tensor>& t) {
   return t ? t->data_ptr<float>() : nullptr;
 }
 
-template <typename T>
-const T* typed(const at::Tensor& t) {
-  return static_cast<const T*>(t.data_ptr());
-}
-
 // The fp32 accumulator of grad_weight: the output itself for fp32 weights.
 at::Tensor grad_weight_accumulator(const at::Tensor& weight) {
   return at::empty(weight.sizes(), weight.options().dtype(at::kFloat));
@@ -107,13 +102,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu_launch(
   at::Tensor lse = at::empty({cfg.tokens}, f32);
   at::Tensor grad_hidden = compute_grad ? at::empty(hidden.sizes(), hidden.options()) : at::empty({0}, hidden.options());
   at::Tensor grad_weight = compute_grad ? grad_weight_accumulator(weight) : at::empty({0}, weight.options());
-  const LossStatus status = dispatch_float(float_dtype(hidden, "hidden"), [&](auto tag) {
-    using T = decltype(tag);
-    return forward_cpu<T>(typed<T>(hidden), typed<T>(weight), targets.data_ptr<int64_t>(),
-                          optional_data(loss_weights), cfg, Reduction(reduction), loss.data_ptr<float>(),
-                          lse.data_ptr<float>(), compute_grad ? static_cast<T*>(grad_hidden.data_ptr()) : nullptr,
-                          compute_grad ? grad_weight.data_ptr<float>() : nullptr, at::get_num_threads());
-  });
+  const LossStatus status =
+      forward_cpu(float_dtype(hidden, "hidden"), hidden.data_ptr(), weight.data_ptr(), targets.data_ptr<int64_t>(),
+                  optional_data(loss_weights), cfg, Reduction(reduction), loss.data_ptr<float>(), lse.data_ptr<float>(),
+                  compute_grad ? grad_hidden.data_ptr() : nullptr,
+                  compute_grad ? grad_weight.data_ptr<float>() : nullptr, at::get_num_threads());
   raise_status(status, targets, loss_weights, cfg.vocab, "hidden or weight");
   if (compute_grad && weight.scalar_type() != at::kFloat) grad_weight = grad_weight.to(weight.scalar_type());
   return {loss, lse, grad_hidden, grad_weight};
@@ -129,13 +122,10 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu_launch(
   check_float32_vector(lse, "lse", cfg.tokens, hidden);
   at::Tensor grad_hidden = at::empty(hidden.sizes(), hidden.options());
   at::Tensor grad_weight = grad_weight_accumulator(weight);
-  const LossStatus status = dispatch_float(float_dtype(hidden, "hidden"), [&](auto tag) {
-    using T = decltype(tag);
-    return backward_cpu<T>(typed<T>(hidden), typed<T>(weight), targets.data_ptr<int64_t>(),
-                           optional_data(loss_weights), cfg, lse.data_ptr<float>(), grad_loss.data_ptr<float>(),
-                           static_cast<T*>(grad_hidden.data_ptr()), grad_weight.data_ptr<float>(),
-                           at::get_num_threads());
-  });
+  const LossStatus status =
+      backward_cpu(float_dtype(hidden, "hidden"), hidden.data_ptr(), weight.data_ptr(), targets.data_ptr<int64_t>(),
+                   optional_data(loss_weights), cfg, lse.data_ptr<float>(), grad_loss.data_ptr<float>(),
+                   grad_hidden.data_ptr(), grad_weight.data_ptr<float>(), at::get_num_threads());
   raise_status(status, targets, loss_weights, cfg.vocab, "hidden, weight or lse");
   if (weight.scalar_type() != at::kFloat) grad_weight = grad_weight.to(weight.scalar_type());
   return {grad_hidden, grad_weight};

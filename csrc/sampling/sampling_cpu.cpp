@@ -27,6 +27,7 @@
 #include "sampling/sampling_simd.h"
 
 namespace cm3leon::sampling {
+CM3LEON_ISA_BEGIN
 namespace {
 
 using simd::exp_nonpositive;
@@ -634,10 +635,12 @@ RowError run_rows(int threads, int64_t batch, bool contrastive, const Job& job) 
 }
 
 }  // namespace
+CM3LEON_ISA_END
 
-RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t row_stride, int64_t stream_stride,
-                        const CfgOptions& options, const Vocab& allowed, const SeedSpec& seeds, int64_t* tokens,
-                        float* logprobs, int threads) {
+template <>
+RowError cfg_sample_kernel<kIsa>(DType dtype, const void* logits, int64_t batch, int64_t row_stride,
+                                 int64_t stream_stride, const CfgOptions& options, const Vocab& allowed,
+                                 const SeedSpec& seeds, int64_t* tokens, float* logprobs, int threads) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const CfgJob<T> job{{allowed, seeds, tokens, logprobs}, static_cast<const T*>(logits), row_stride,
@@ -646,10 +649,11 @@ RowError cfg_sample_cpu(DType dtype, const void* logits, int64_t batch, int64_t 
   });
 }
 
-RowError contrastive_sample_cpu(DType dtype, const void* expert, const void* amateur, int64_t batch,
-                                int64_t expert_row_stride, int64_t amateur_row_stride,
-                                const ContrastiveOptions& options, const Vocab& allowed, const SeedSpec& seeds,
-                                int64_t* tokens, float* logprobs, int threads) {
+template <>
+RowError contrastive_sample_kernel<kIsa>(DType dtype, const void* expert, const void* amateur, int64_t batch,
+                                         int64_t expert_row_stride, int64_t amateur_row_stride,
+                                         const ContrastiveOptions& options, const Vocab& allowed,
+                                         const SeedSpec& seeds, int64_t* tokens, float* logprobs, int threads) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const ContrastiveJob<T> job{{allowed, seeds, tokens, logprobs}, static_cast<const T*>(expert),

@@ -1,6 +1,7 @@
 // Scalar float helpers of the samplers, host and device: the CPU and CUDA kernels run the same sequence of
 // fp32 operations (explicit fma), so a token's weight and every threshold come out bit-identical on both.
 #pragma once
+#include "common/isa.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -13,6 +14,7 @@
 #endif
 
 namespace cm3leon::sampling {
+CM3LEON_ISA_BEGIN
 
 // a - b and a * b rounded on their own: nvcc may otherwise contract a product with a later add into an fma,
 // and the kernels must round every weight exactly as the CPU does.
@@ -73,4 +75,5 @@ CM3LEON_SAMPLING_HD float float_at_least(double t) {
   return f;
 }
 
+CM3LEON_ISA_END
 }  // namespace cm3leon::sampling

@@ -2,6 +2,7 @@
 // same sequence of fp32 operations (explicit fma) as its vector lane, so a token's weight is bit-identical
 // whichever path computed it: the inverse-CDF draw re-derives weights one by one inside the chosen chunk.
 #pragma once
+#include "common/isa.h"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -11,6 +12,7 @@
 #include "sampling/sampling_math.h"
 
 namespace cm3leon::sampling::simd {
+CM3LEON_ISA_BEGIN
 
 // The scalar exp_nonpositive lives in sampling_math.h (shared with the CUDA kernels); the vector one below
 // runs the same operations lane by lane.
@@ -66,4 +68,5 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+CM3LEON_ISA_END
 }  // namespace cm3leon::sampling::simd

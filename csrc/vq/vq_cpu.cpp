@@ -1,8 +1,8 @@
 // Fused VQ nearest-code search: a register-blocked GEMM (z . c^T) whose epilogue keeps the running argmin.
 //
-// Layout (GotoBLAS-style): the codebook is packed once into panels of NR=16 codes, d-major ([d][16] fp32),
+// Layout (GotoBLAS-style): the codebook is packed once into panels of NR codes, d-major ([d][NR] fp32),
 // with ||c||^2 precomputed. Each work item takes a block of MC rows of z, packs them into panels of MR=6
-// rows ([d][6] fp32), and for every code panel runs the 6x16 micro-kernel over all z panels (the code panel
+// rows ([d][6] fp32), and for every code panel runs the micro-kernel over all z panels (the code panel
 // stays in L1, the z block in L2). Scores cnorm - 2 z.c are reduced straight into a per-row best, so memory
 // is O(n + k*d) and the n x k matrix never exists. bf16/fp16 are widened while packing; all math is fp32.
 #include "vq/vq_cpu.h"
@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/micro_kernel.h"
@@ -17,6 +18,7 @@
 #include "common/scratch.h"
 
 namespace cm3leon::vq {
+CM3LEON_ISA_BEGIN
 namespace {
 
 constexpr int64_t MR = kMicroRows;  // z rows per micro-kernel
@@ -45,28 +47,63 @@ int cosine_row_shift(const T* x, int64_t d) {
   return -exponent;
 }
 
-// The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c.
+// The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c. On levels with
+// the bf16 dot-product instruction, bf16 codebooks searched by L2 (whose codes are used as given, so they
+// stay exact in bf16) are packed as bf16 pairs instead and scanned with micro_tile_bf16.
 struct PackedCodebook {
   int64_t panels;
-  ScratchBuffer<float> values;  // [panels][d][NR]
-  ScratchBuffer<float> bias;    // [panels * NR]: ||c||^2 (L2), 0 (cosine, codes pre-normalised), +inf padding
+  ScratchBuffer<float> values;    // [panels][d][NR] (fp32 path)
+  ScratchBuffer<uint32_t> pairs;  // [panels][ceil(d / 2)][NR] (bf16 path)
+  ScratchBuffer<float> bias;      // [panels * NR]: ||c||^2 (L2), 0 (cosine, codes pre-normalised), +inf padding
 };
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr bool kAmx = true;  // bf16 pairs go through AMX tiles (tdpbf16ps) instead of micro_tile_bf16
+#else
+constexpr bool kAmx = false;
+#endif
+
+// Pair rows of a packed bf16 code panel: ceil(d / 2), padded with zero pairs to whole 16-pair AMX tiles.
+inline int64_t pair_rows(int64_t d) { return kAmx ? ceil_div(d, 32) * 16 : ceil_div(d, 2); }
+
+template <typename T>
+bool bf16_dot_path(Metric metric) {
+  return (kHasBf16Dot || kAmx) && std::is_same_v<T, bf16> && metric == Metric::L2;
+}
+
+// Two consecutive bf16 values of a row as one pair (the second is 0 past the row's end).
+inline uint32_t bf16_pair(const bf16* src, int64_t p, int64_t d) {
+  return uint32_t(src[p].bits) | (p + 1 < d ? uint32_t(src[p + 1].bits) << 16 : 0u);
+}
 
 template <typename T>
 PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric metric, int threads) {
-  const int64_t panels = ceil_div(k, NR);
-  PackedCodebook packed{panels, ScratchBuffer<float>(size_t(panels * d * NR)),
+  const int64_t panels = ceil_div(k, NR), d2 = pair_rows(d);
+  const bool pairs = bf16_dot_path<T>(metric);
+  PackedCodebook packed{panels, ScratchBuffer<float>(pairs ? 0 : size_t(panels * d * NR)),
+                        ScratchBuffer<uint32_t>(pairs ? size_t(panels * d2 * NR) : 0),
                         ScratchBuffer<float>(size_t(panels * NR))};
   parallel_items(threads, packed.panels, [&](int64_t panel) {
-    float* dst = packed.values.data() + panel * d * NR;
+    float* dst = pairs ? nullptr : packed.values.data() + panel * d * NR;
+    uint32_t* dst2 = pairs ? packed.pairs.data() + panel * d2 * NR : nullptr;
     for (int64_t j = 0; j < NR; ++j) {
       const int64_t code = panel * NR + j;
       if (code >= k) {  // padding codes of the last panel: zero values, never the argmin
-        for (int64_t p = 0; p < d; ++p) dst[p * NR + j] = 0.f;
+        if (pairs) for (int64_t p = 0; p < d2; ++p) dst2[p * NR + j] = 0u;
+        else for (int64_t p = 0; p < d; ++p) dst[p * NR + j] = 0.f;
         packed.bias[size_t(code)] = std::numeric_limits<float>::infinity();
         continue;
       }
       const T* src = codebook + code * d;
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (pairs) {
+          float sq = 0.f;
+          for (int64_t p = 0; p < d; ++p) sq += to_float(src[p]) * to_float(src[p]);
+          for (int64_t p = 0; p < d2; ++p) dst2[p * NR + j] = 2 * p < d ? bf16_pair(src, 2 * p, d) : 0u;
+          packed.bias[size_t(code)] = sq;
+          continue;
+        }
+      }
       double scale = 1.0;
       float sq = 0.f;
       if (metric == Metric::Cosine) {
@@ -107,6 +144,83 @@ void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, Metric metric,
   }
 }
 
+// The bf16 twin of pack_rows for the bf16 dot-product path (L2 only): panels of MR rows of bf16 pairs,
+// [ceil(d / 2)][MR] per panel.
+template <typename T>
+void pack_pairs(const T* z, int64_t row0, int64_t rows, int64_t d, uint32_t* dst) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    const int64_t d2 = ceil_div(d, 2);
+    for (int64_t panel = 0; panel < ceil_div(rows, MR); ++panel) {
+      uint32_t* out = dst + panel * d2 * MR;
+      for (int64_t r = 0; r < MR; ++r) {
+        const int64_t row = panel * MR + r;
+        const T* src = z + (row0 + row) * d;
+        for (int64_t p = 0; p < d2; ++p) out[p * MR + r] = row < rows ? bf16_pair(src, 2 * p, d) : 0u;
+      }
+    }
+  }
+}
+
+// z rows as row-major bf16 pairs [rows rounded up to 32][d2] (zero padding): the A operand of AMX tiles.
+template <typename T>
+void pack_pair_rows(const T* z, int64_t row0, int64_t rows, int64_t d, int64_t d2, uint32_t* dst) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    for (int64_t r = 0; r < ceil_div(rows, 32) * 32; ++r) {
+      const T* src = z + (row0 + r) * d;
+      for (int64_t p = 0; p < d2; ++p) dst[r * d2 + p] = r < rows && 2 * p < d ? bf16_pair(src, 2 * p, d) : 0u;
+    }
+  }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Eight tiles of 16 rows x 64 bytes: C00 C01 C10 C11 (fp32 16 x 16), A0 A1 (16 rows x 16 pairs), B0 B1
+// (16 pairs x 16 codes). Configured per call on the calling thread and released at the end.
+struct AmxSession {
+  explicit AmxSession(bool on) : on_(on) {
+    if (!on_) return;
+    alignas(64) uint8_t config[64] = {};
+    config[0] = 1;  // palette 1
+    for (int t = 0; t < 8; ++t) {
+      config[16 + 2 * t] = 64;  // bytes per row
+      config[48 + t] = 16;      // rows
+    }
+    _tile_loadconfig(config);
+  }
+  ~AmxSession() {
+    if (on_) _tile_release();
+  }
+  AmxSession(const AmxSession&) = delete;
+  AmxSession& operator=(const AmxSession&) = delete;
+
+ private:
+  bool on_;
+};
+
+// tile[r][j] = z_r . c_j for the rows (a multiple of 32) of a packed z block and one NR = 32 code panel.
+inline void amx_panel(const uint32_t* zp, int64_t rows, int64_t d2, const uint32_t* cpanel, float* tile) {
+  static_assert(NR == 32, "two 16-code B tiles per panel");
+  const int64_t zstride = d2 * 4, cstride = NR * 4, tstride = NR * 4;
+  for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t p0 = 0; p0 < d2; p0 += 16) {
+      _tile_loadd(4, zp + r0 * d2 + p0, zstride);
+      _tile_loadd(5, zp + (r0 + 16) * d2 + p0, zstride);
+      _tile_loadd(6, cpanel + p0 * NR, cstride);
+      _tile_loadd(7, cpanel + p0 * NR + 16, cstride);
+      _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, tile + r0 * NR, tstride); _tile_stored(1, tile + r0 * NR + 16, tstride);
+    _tile_stored(2, tile + (r0 + 16) * NR, tstride); _tile_stored(3, tile + (r0 + 16) * NR + 16, tstride);
+  }
+}
+#else
+struct AmxSession {
+  explicit AmxSession(bool) {}
+};
+inline void amx_panel(const uint32_t*, int64_t, int64_t, const uint32_t*, float*) {}
+#endif
+
 struct Best {
   float score;
   int64_t index;
@@ -116,19 +230,40 @@ struct Best {
 template <typename T>
 void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t rows, int64_t d, Metric metric,
                 int64_t panel0, int64_t panel1, Best* best) {
-  const int64_t z_panels = ceil_div(rows, MR);
-  std::vector<float> zpack(size_t(z_panels * MR * d));
-  std::vector<float> tile(size_t(z_panels * MR * NR));
-  pack_rows(z, row0, rows, d, metric, zpack.data());
+  const int64_t z_panels = ceil_div(rows, MR), d2 = pair_rows(d);
+  const bool pairs = codes.pairs.size() > 0;
+  const bool amx = kAmx && pairs;
+  std::vector<float> zpack(pairs ? 0 : size_t(z_panels * MR * d));
+  std::vector<uint32_t> zpairs(pairs ? size_t((amx ? ceil_div(rows, 32) * 32 : z_panels * MR) * d2) : 0);
+  std::vector<float> tile(size_t((amx ? ceil_div(rows, 32) * 32 : z_panels * MR) * NR));
+  if (amx) pack_pair_rows(z, row0, rows, d, d2, zpairs.data());
+  else if (pairs) pack_pairs(z, row0, rows, d, zpairs.data());
+  else pack_rows(z, row0, rows, d, metric, zpack.data());
   for (int64_t r = 0; r < rows; ++r) best[r] = {std::numeric_limits<float>::infinity(), -1};
+  [[maybe_unused]] const AmxSession session(amx);
 
   for (int64_t panel = panel0; panel < panel1; ++panel) {
-    const float* cpanel = codes.values.data() + panel * d * NR;
-    for (int64_t p0 = 0; p0 < d; p0 += KC) {
-      const int64_t depth = std::min(KC, d - p0);
-      for (int64_t zp = 0; zp < z_panels; ++zp)
-        micro_6x16(zpack.data() + zp * d * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
-                   tile.data() + zp * MR * NR, NR, p0 > 0);
+    if (amx) {
+      amx_panel(zpairs.data(), ceil_div(rows, 32) * 32, d2, codes.pairs.data() + panel * d2 * NR, tile.data());
+    } else if (pairs) {
+      [[maybe_unused]] const uint32_t* cpanel = codes.pairs.data() + panel * d2 * NR;
+      for (int64_t p0 = 0; p0 < d2; p0 += KC / 2) {
+        [[maybe_unused]] const int64_t depth = std::min(KC / 2, d2 - p0);
+        for (int64_t zp = 0; zp < z_panels; ++zp) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+          micro_tile_bf16(zpairs.data() + zp * d2 * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
+                          tile.data() + zp * MR * NR, NR, p0 > 0);
+#endif
+        }
+      }
+    } else {
+      const float* cpanel = codes.values.data() + panel * d * NR;
+      for (int64_t p0 = 0; p0 < d; p0 += KC) {
+        const int64_t depth = std::min(KC, d - p0);
+        for (int64_t zp = 0; zp < z_panels; ++zp)
+          micro_tile(zpack.data() + zp * d * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
+                     tile.data() + zp * MR * NR, NR, p0 > 0);
+      }
     }
     const float* bias = codes.bias.data() + panel * NR;
     for (int64_t r = 0; r < rows; ++r) {
@@ -206,9 +341,11 @@ int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, 
 }
 
 }  // namespace
+CM3LEON_ISA_END
 
-int64_t nearest_cpu(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
-                    Metric metric, int64_t* indices, float* distance, int threads) {
+template <>
+int64_t nearest_kernel<kIsa>(DType dtype, const void* z, const void* codebook, int64_t n, int64_t k, int64_t d,
+                             Metric metric, int64_t* indices, float* distance, int threads) {
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     return nearest(static_cast<const T*>(z), static_cast<const T*>(codebook), n, k, d, metric, indices,
@@ -216,8 +353,9 @@ int64_t nearest_cpu(DType dtype, const void* z, const void* codebook, int64_t n,
   });
 }
 
-int64_t embed_cpu(DType dtype, const int64_t* indices, const void* codebook, int64_t n, int64_t k, int64_t d,
-                  void* out, int threads) {
+template <>
+int64_t embed_kernel<kIsa>(DType dtype, const int64_t* indices, const void* codebook, int64_t n, int64_t k,
+                           int64_t d, void* out, int threads) {
   return dispatch_float(dtype, [&](auto tag) -> int64_t {
     using T = decltype(tag);
     const T* src = static_cast<const T*>(codebook);
