@@ -193,6 +193,12 @@ class CM3Leon(nn.Module):
         Returns:
             ``[B, S, vocab]`` or ``[T, vocab]`` logits.
         """
+        return self.logits(self.hidden_states(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
+
+    def hidden_states(self, tokens: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+                      max_seqlen: int | None = None) -> torch.Tensor:
+        """The final-norm output that :meth:`logits` projects: ``[B, S, d_model]`` or ``[T, d_model]``
+        (arguments as :meth:`forward`)."""
         self._check_tokens(tokens)
         if cu_seqlens is None:
             if tokens.dim() != 2:
@@ -200,9 +206,9 @@ class CM3Leon(nn.Module):
             if tokens.shape[1] > self.config.max_seq_len:
                 raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len {self.config.max_seq_len}")
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-            return self.logits(self._trunk(tokens, positions))
+            return self._trunk(tokens, positions)
         positions, max_seqlen = self._packed_positions(tokens, cu_seqlens, max_seqlen)
-        return self.logits(self._trunk(tokens, positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen))
+        return self._trunk(tokens, positions, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, loss_weights: torch.Tensor, *,
              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
@@ -212,7 +218,13 @@ class CM3Leon(nn.Module):
         ``targets[i]`` is the token to predict at position ``i`` (the next token of the same document) and
         ``loss_weights[i]`` its weight; shapes follow ``tokens`` (``[B, S]``, or ``[T]`` packed with
         ``cu_seqlens``/``max_seqlen`` as in :meth:`forward`). The trainer computes every loss through this
-        method, so a fused linear + cross-entropy kernel can replace the body without touching it.
+        method.
+
+        Where ``cm3leon_kernels.linear_cross_entropy`` has a kernel for the head's device and dtype (CPU;
+        float32, bfloat16, float16 weights) the loss is computed by it: the ``[tokens, vocab]`` logits are
+        never materialised and the loss and gradients are accumulated in float32 (the head runs in the
+        weight's dtype, also under autocast). Elsewhere (other devices, float64 models) it is the plain
+        ``F.linear`` + ``F.cross_entropy``; both give the same value up to rounding.
         """
         if targets.shape != tokens.shape or loss_weights.shape != tokens.shape:
             raise ValueError(f"targets {tuple(targets.shape)} and loss_weights {tuple(loss_weights.shape)} must "
@@ -221,7 +233,13 @@ class CM3Leon(nn.Module):
             raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
         if not loss_weights.dtype.is_floating_point:
             raise TypeError(f"loss_weights must be a floating-point tensor, got {loss_weights.dtype}")
-        logits = self(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        hidden = self.hidden_states(tokens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if ck.linear_cross_entropy_supports(weight):
+            flat = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype).contiguous()
+            return ck.linear_cross_entropy(flat, weight, targets.reshape(-1).long(),
+                                           loss_weights=loss_weights.reshape(-1), reduction="mean")
+        logits = self.logits(hidden)
         dtype = torch.promote_types(logits.dtype, torch.float32)  # float32 reduction under bf16 autocast
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), targets.reshape(-1).long(),
                              reduction="none")

@@ -6,11 +6,13 @@ Drop-in ops, registered with ``torch.library`` as ``torch.ops.cm3leon.*`` (so ``
   :func:`flash_attn_with_kvcache`.
 - VQ codebook lookup: :func:`vq_nearest`, :func:`vq_embed`, :func:`vector_quantize`.
 - Sampling: :func:`cfg_sample` (CFG / instruct CFG with top-k/top-p/min-p), :func:`contrastive_sample` (CD-K).
+- Loss: :func:`linear_cross_entropy` (the LM head's cross-entropy without materialising the logits).
 
 ``cm3leon_kernels.reference`` holds the plain-PyTorch versions used as test oracle and benchmark baseline.
 """
 from ._native import cpu_features, cuda_built
 from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from .loss import linear_cross_entropy, linear_cross_entropy_supports
 from .sampling import cfg_sample, contrastive_sample
 from .vq import VQOutput, vector_quantize, vq_embed, vq_nearest
 
@@ -18,4 +20,5 @@ __version__ = "0.1.0"
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "vq_nearest", "vq_embed", "vector_quantize", "VQOutput",
-           "cfg_sample", "contrastive_sample", "cuda_built", "cpu_features"]
+           "cfg_sample", "contrastive_sample", "linear_cross_entropy",
+           "linear_cross_entropy_supports", "cuda_built", "cpu_features"]

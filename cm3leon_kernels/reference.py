@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["vq_distances", "vq_nearest", "vq_embed", "attention", "attention_varlen",
-           "attention_with_kvcache", "cfg_mix", "cfg_probs", "contrastive_probs", "hf_chain_sample"]
+           "attention_with_kvcache", "cfg_mix", "cfg_probs", "contrastive_probs", "hf_chain_sample",
+           "linear_cross_entropy"]
 
 
 def vq_distances(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -226,3 +227,33 @@ def hf_chain_sample(logits: torch.Tensor, *, guidance_scale: float, temperature:
         scores = scores.masked_fill(remove, -math.inf)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ---- Fused linear + cross-entropy ------------------------------------------------------------------------
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                         loss_weights: torch.Tensor | None = None, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: float | None = None, return_lse: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``F.cross_entropy(F.linear(hidden, weight), ...)`` with per-token weights, z-loss and soft-capping,
+    materialising the ``[T, V]`` logits (upcast to float32 for 16-bit inputs, as training code does).
+    Same semantics as :func:`cm3leon_kernels.linear_cross_entropy`; differentiable."""
+    logits = torch.nn.functional.linear(hidden, weight)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = targets != ignore_index
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none",
+                                             label_smoothing=label_smoothing)
+    loss = loss + z_loss * lse.square() * valid
+    w = valid.to(loss.dtype) if loss_weights is None else loss_weights.to(loss.dtype) * valid
+    loss = loss * w
+    if reduction == "sum":
+        loss = loss.sum()
+    elif reduction == "mean":
+        total = w.sum()
+        loss = loss.sum() / torch.where(total > 0, total, torch.ones_like(total))
+    return (loss, lse.detach()) if return_lse else loss

@@ -13,6 +13,7 @@
 #include "attention/attention_launch.h"
 #include "attention/attention_cuda_launch.h"
 #include "common/philox.h"
+#include "loss/loss_launch.h"
 #include "sampling/sampling_launch.h"
 #include "vq/vq_launch.h"
 #ifdef CM3LEON_WITH_CUDA
@@ -50,6 +51,16 @@ TORCH_LIBRARY(cm3leon, m) {
   m.def("contrastive_sample(Tensor expert_logits, Tensor amateur_logits, float alpha, int k, float temperature, "
         "float amateur_temperature, int range_lo, int range_hi, Tensor? allowed_mask, int seed, Tensor? seeds, "
         "int step, Tensor? step_tensor) -> (Tensor tokens, Tensor logprobs)");
+
+  // ---- Fused linear + cross-entropy (cm3leon_kernels/loss.py) ------------------------------------------
+  // reduction: 0 none (loss [T]), 1 sum, 2 mean (loss []); softcap 0 = off. With compute_grad (sum/mean) the
+  // forward also returns the gradients of the reduced loss; otherwise they are empty [0] tensors.
+  m.def("linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor targets, Tensor? loss_weights, "
+        "int ignore_index, float label_smoothing, float z_loss, float softcap, int reduction, bool compute_grad)"
+        " -> (Tensor loss, Tensor lse, Tensor grad_hidden, Tensor grad_weight)");
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor targets, "
+        "Tensor? loss_weights, Tensor lse, int ignore_index, float label_smoothing, float z_loss, float softcap)"
+        " -> (Tensor grad_hidden, Tensor grad_weight)");
 }
 
 TORCH_LIBRARY_IMPL(cm3leon, CPU, m) {
@@ -64,6 +75,9 @@ TORCH_LIBRARY_IMPL(cm3leon, CPU, m) {
   // Sampling
   m.impl("cfg_sample", &cm3leon::sampling::cfg_sample_cpu_launch);
   m.impl("contrastive_sample", &cm3leon::sampling::contrastive_sample_cpu_launch);
+  // Fused linear + cross-entropy
+  m.impl("linear_cross_entropy_forward", &cm3leon::loss::forward_cpu_launch);
+  m.impl("linear_cross_entropy_backward", &cm3leon::loss::backward_cpu_launch);
 }
 
 // Ops without a derivative: backward() through them raises "derivative ... is not implemented" instead of
@@ -74,6 +88,7 @@ TORCH_LIBRARY_IMPL(cm3leon, Autograd, m) {
   m.impl("flash_attn_kvcache", torch::autograd::autogradNotImplementedFallback());
   m.impl("flash_attn_backward", torch::autograd::autogradNotImplementedFallback());
   m.impl("flash_attn_varlen_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_cross_entropy_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 #ifdef CM3LEON_WITH_CUDA
@@ -90,6 +105,9 @@ TORCH_LIBRARY_IMPL(cm3leon, CUDA, m) {
   m.impl("flash_attn_forward", &cm3leon::attention::forward_cuda_launch);
   m.impl("flash_attn_varlen_forward", &cm3leon::attention::varlen_forward_cuda_launch);
   m.impl("flash_attn_kvcache", &cm3leon::attention::kvcache_cuda_launch);
+  // Fused linear + cross-entropy (csrc/loss/loss_cuda*)
+  m.impl("linear_cross_entropy_forward", &cm3leon::loss::forward_cuda_launch);
+  m.impl("linear_cross_entropy_backward", &cm3leon::loss::backward_cuda_launch);
 }
 #endif
 
@@ -122,6 +140,8 @@ pybind11::dict cpu_features() {
     ops[op] = path(cm3leon::attention::kAttentionMaxIsa);
   for (const char* op : {"vq_nearest", "vq_embed"}) ops[op] = path(cm3leon::vq::kVqMaxIsa);
   for (const char* op : {"cfg_sample", "contrastive_sample"}) ops[op] = path(cm3leon::sampling::kSamplingMaxIsa);
+  for (const char* op : {"linear_cross_entropy_forward", "linear_cross_entropy_backward"})
+    ops[op] = path(cm3leon::loss::kLossMaxIsa);
   pybind11::dict f;
   f["cpu"] = seen;
   f["compiled"] = compiled;

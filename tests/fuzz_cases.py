@@ -261,6 +261,61 @@ def _contrastive_ref(a):
                                         allowed_range=a["allowed_range"], allowed_mask=a["allowed_mask"]),)
 
 
+# ---- fused linear + cross-entropy -------------------------------------------------------------------------
+
+_LCE_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+_LCE_SCALARS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap")
+
+
+def _lce_build(rng, gen) -> Args:
+    tokens, dim, vocab = rng.randint(0, 30), rng.randint(1, 20), rng.randint(1, 120)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen)
+    targets[torch.rand(tokens, generator=gen) < 0.2] = -100
+    a = {"hidden": torch.randn(tokens, dim, generator=gen), "weight": torch.randn(vocab, dim, generator=gen) * 0.5,
+         "targets": targets, "loss_weights": torch.rand(tokens, generator=gen) if rng.random() < 0.5 else None,
+         "ignore_index": -100, "reduction": rng.choice(tuple(_LCE_REDUCTIONS)),
+         "label_smoothing": rng.choice((0.0, 0.1)), "z_loss": rng.choice((0.0, 1e-3)),
+         "softcap": rng.choice((None, 4.0))}
+    return a | {"grad": torch.randn(tokens, generator=gen)}
+
+
+def _lce_kwargs(a: Args) -> dict:
+    return {n: a[n] for n in ("loss_weights",) + _LCE_SCALARS}
+
+
+def _lce_raw_scalars(a: Args) -> tuple:
+    """ignore_index, label_smoothing, z_loss, softcap of the raw schema; bad values pass through."""
+    return a["ignore_index"], a["label_smoothing"], a["z_loss"], 0.0 if a["softcap"] is None else a["softcap"]
+
+
+def _lce_raw(a):
+    ignore, smoothing, z, cap = _lce_raw_scalars(a)
+    out = ops.linear_cross_entropy_forward(a["hidden"], a["weight"], a["targets"], a["loss_weights"], ignore,
+                                           smoothing, z, cap, _LCE_REDUCTIONS.get(a["reduction"], a["reduction"]),
+                                           False)
+    return out[:2]
+
+
+def _lce_ref(a):
+    hidden, weight, lw = _f64(a["hidden"], a["weight"], a["loss_weights"])
+    return reference.linear_cross_entropy(hidden, weight, a["targets"], return_lse=True,
+                                          **(_lce_kwargs(a) | {"loss_weights": lw}))
+
+
+def _lce_backward_raw(a):
+    ignore, smoothing, z, cap = _lce_raw_scalars(a)
+    lse = ops.linear_cross_entropy_forward(a["hidden"], a["weight"], a["targets"], a["loss_weights"], ignore,
+                                           smoothing, z, cap, 0, False)[1]
+    return ops.linear_cross_entropy_backward(a["grad"], a["hidden"], a["weight"], a["targets"], a["loss_weights"],
+                                             lse, ignore, smoothing, z, cap)
+
+
+def _lce_grads(fn, a: Args, hidden, weight, lw) -> tuple:
+    leaves = [hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()]
+    loss = fn(*leaves, a["targets"], **(_lce_kwargs(a) | {"loss_weights": lw, "reduction": "none"}))
+    return torch.autograd.grad(loss, leaves, a["grad"].to(loss.dtype))
+
+
 _ATTN = ("softmax_scale", "causal")
 SPECS: dict[str, OpSpec] = {
     "flash_attn_forward": OpSpec(
@@ -324,6 +379,18 @@ SPECS: dict[str, OpSpec] = {
         ("expert_logits", "amateur_logits", "allowed_mask", "seed", "step"),
         ("alpha", "k", "temperature", "amateur_temperature", "allowed_range", "seed", "step"),
         int_bounds=lambda a: {0: a["expert_logits"].shape[-1]}, compare="sampled"),
+    "linear_cross_entropy": OpSpec(
+        _lce_build,
+        {"python": lambda a: ck.linear_cross_entropy(a["hidden"], a["weight"], a["targets"], return_lse=True,
+                                                     **_lce_kwargs(a)),
+         "raw": _lce_raw},
+        _lce_ref, ("hidden", "weight", "targets", "loss_weights"), _LCE_SCALARS, ignores=("grad",)),
+    "linear_cross_entropy_backward": OpSpec(
+        _lce_build,
+        {"python": lambda a: _lce_grads(ck.linear_cross_entropy, a, a["hidden"], a["weight"], a["loss_weights"]),
+         "raw": _lce_backward_raw},
+        lambda a: _lce_grads(reference.linear_cross_entropy, a, *_f64(a["hidden"], a["weight"], a["loss_weights"])),
+        ("grad", "hidden", "weight", "targets", "loss_weights"), _LCE_SCALARS[:1] + _LCE_SCALARS[2:]),
 }
 
 

@@ -30,7 +30,8 @@ NEEDS = {"baseline": [], "avx2": ["avx2", "fma", "f16c"],
 FAMILY_TOP = {"flash_attn_forward": "avx512", "flash_attn_backward": "avx512", "flash_attn_kvcache": "avx512",
               "flash_attn_varlen_forward": "avx512", "flash_attn_varlen_backward": "avx512",
               "vq_nearest": "amx_bf16", "vq_embed": "amx_bf16",
-              "cfg_sample": "avx2", "contrastive_sample": "avx2"}
+              "cfg_sample": "avx2", "contrastive_sample": "avx2",
+              "linear_cross_entropy_forward": "avx512", "linear_cross_entropy_backward": "avx512"}
 
 
 def _expected_path(level: str, op: str) -> str:
@@ -133,6 +134,16 @@ def test_sampling_draws_the_same_tokens_on_every_level(isa):
                                        seed=7, step=3, return_logprobs=True)
     assert torch.equal(tokens, tokens0)
     assert torch.equal(logprobs, logprobs0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy(isa, reduction, dtype):
+    """Chunks, vocabulary blocks and dimensions that pad differently under 16- and 32-column tiles."""
+    from test_loss import OPTIONS, _check
+
+    _needs_own_body(isa, "linear_cross_entropy_forward")
+    _check(200, 40, 301, dtype, reduction, OPTIONS["all"], eps=1e-5 if dtype == torch.float32 else 1e-3)
 
 
 def _run_with_isa(value: str, code: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,440 @@
+// Fused linear + cross-entropy, CPU body (torch-free). Tokens are processed in chunks of kChunk; for each
+// chunk the logits are computed transposed, [vocab][chunk] (six vocabulary rows x sixteen tokens per
+// micro-kernel call, weight rows read in place), so every per-token reduction is a vector loop across
+// tokens. Vocabulary blocks are split between threads in contiguous ranges: a thread owns the rows of
+// grad_weight of its blocks (no races) and keeps its own partial grad_hidden for the chunk.
+#include "loss/loss_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "attention/attention_tiles.h"  // exp2_neg, pack_rows, pack_panels, round_up
+#include "common/parallel.h"
+#include "common/scratch.h"
+
+namespace cm3leon::loss {
+CM3LEON_ISA_BEGIN
+namespace {
+
+using attention::kLog2e;
+using attention::MR;
+using attention::NR;
+using attention::pack_panels;
+using attention::pack_rows;
+using attention::round_up;
+
+constexpr int64_t kTokenAlign = std::lcm(MR, NR);  // chunks are padded to whole micro-kernel tiles
+constexpr int64_t kChunk = 192;  // tokens per chunk: the logits chunk is vocab x 192 fp32 (48 MiB at 64k)
+constexpr int64_t kBlock = 96;   // vocabulary rows per block (a multiple of MR and NR)
+constexpr int64_t kDepth = 256;  // depth slice of the logits matmul: a 256 x NR strip of hidden stays in L1
+static_assert(kChunk % kTokenAlign == 0 && kBlock % MR == 0 && kBlock % NR == 0, "tile multiples");
+
+// x <- cap * tanh(x / cap), n a multiple of 8.
+void softcap_rows(float* x, int64_t n, float cap) {
+  int64_t i = 0;
+#if CM3LEON_AVX2
+  const __m256 inv = _mm256_set1_ps(1.f / cap), capv = _mm256_set1_ps(cap);
+  const __m256 sign_mask = _mm256_set1_ps(-0.f), m2l2e = _mm256_set1_ps(-2.f * kLog2e);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), inv);
+    const __m256 e = attention::exp2_neg(_mm256_mul_ps(_mm256_andnot_ps(sign_mask, u), m2l2e));  // e^-2|u|
+    const __m256 one = _mm256_set1_ps(1.f);
+    const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));               // tanh |u|
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_or_ps(t, _mm256_and_ps(sign_mask, u)), capv));
+  }
+#endif
+  for (; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
+}
+
+// rows x d elements (row stride `stride`) as fp32 column strips dst[dp / NR][rows_pad][NR], zero-padded: a
+// strip is a contiguous micro-kernel B operand. (Row-major operands with 4 KiB rows, D = 1024, put every
+// depth step of a strip in the same L1 set and ran the gradient matmuls at under half speed.)
+template <typename T>
+void pack_column_strips(const T* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad, int64_t dp,
+                        float* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    const T* in = src + r * stride;
+    for (int64_t c = 0; c < dp; c += NR) {
+      float* out = dst + (c / NR * rows_pad + r) * NR;
+      const int64_t n = r < rows ? std::clamp<int64_t>(d - c, 0, NR) : 0;
+      int64_t j = 0;
+#if CM3LEON_AVX2
+      if (n == NR)
+        for (; j < NR; j += 8) _mm256_storeu_ps(out + j, load8(in + c + j));
+#endif
+      for (; j < n; ++j) out[j] = to_float(in[c + j]);
+      for (; j < NR; ++j) out[j] = 0.f;
+    }
+  }
+}
+
+// One token chunk's per-token state (padded to `tp` tokens; padded tokens have zero coefficients).
+struct ChunkState {
+  std::vector<float> lse, target_logit, a, b, e;  // dl/dz_v = a p_v - e - b [v == y], times softcap'
+  explicit ChunkState(int64_t tp) : lse(tp), target_logit(tp), a(tp), b(tp), e(tp) {}
+};
+
+template <typename T>
+class Engine {
+ public:
+  Engine(const T* hidden, const T* weight, const int64_t* targets, const LossConfig& cfg, int threads,
+         bool grads, bool full_logits)
+      : h_(hidden), w_(weight), y_(targets), cfg_(cfg), grads_(grads), full_(full_logits),
+        dp_(round_up(cfg.dim, NR)), nblocks_(attention::round_up(cfg.vocab, kBlock) / kBlock),
+        parts_(int(std::min<int64_t>(nblocks_, usable_threads(threads)))),
+        direct_w_(std::is_same_v<T, float> && cfg.dim % NR == 0),
+        hpanels_(size_t(kChunk) * dp_), hstrips_(grads ? size_t(kChunk) * dp_ : 0),
+        logits_(size_t(full_logits ? round_up(cfg.vocab, MR) : parts_ * kBlock) * kChunk),
+        wbuf_(size_t(parts_) * kBlock * dp_), wstrips_(grads ? size_t(parts_) * kBlock * dp_ : 0), stats_(size_t(nblocks_) * 3 * kChunk),
+        dh_(grads ? size_t(parts_) * kChunk * dp_ : 0) {}
+
+  int parts() const { return parts_; }
+  int64_t nblocks() const { return nblocks_; }
+
+  // Loads chunk [t0, t0 + nt): the packed H^T panels (and fp32 rows for dW when grads are needed).
+  void load_chunk(int64_t t0, int64_t nt) {
+    tp_ = round_up(nt, kTokenAlign);
+    pack_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, NR, tp_, cfg_.dim, hpanels_.data());
+    if (grads_) pack_column_strips(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, tp_, dp_, hstrips_.data());
+    t0_ = t0;
+    nt_ = nt;
+  }
+
+  // Logits of vocabulary block `blk` for the chunk (soft-capped), into the block's rows of the logits
+  // buffer; returns them ([round_up(nv, MR)][tp] with row stride tp). `w`/`ld`: the block's weight rows.
+  float* block_logits(int part, int64_t blk, const float*& w, int64_t& ld) {
+    const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0);
+    w = weight_block(part, v0, nv, ld);
+    float* out = logits_.data() + (full_ ? v0 : part * kBlock) * tp_;
+    for (int64_t k0 = 0; k0 < cfg_.dim; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, cfg_.dim - k0);
+      for (int64_t tc = 0; tc < tp_; tc += NR)
+        for (int64_t i = 0; i < nv; i += MR)
+          micro_tile(w + i * ld + k0, 1, ld, hpanels_.data() + tc * cfg_.dim + k0 * NR, NR, depth,
+                     out + i * tp_ + tc, tp_, k0 > 0);
+    }
+    if (cfg_.softcap > 0.f) softcap_rows(out, nv * tp_, cfg_.softcap);
+    return out;
+  }
+
+  // Per-token max, sum of exp (relative to that max) and sum of the block's logits; captures target logits.
+  void block_stats(int64_t blk, const float* z, ChunkState& st) {
+    const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0);
+    float* mx = stats_.data() + size_t(blk) * 3 * kChunk;
+    float* se = mx + kChunk;
+    float* sz = se + kChunk;
+    int64_t t = 0;
+#if CM3LEON_AVX2
+    for (; t + 8 <= tp_; t += 8) {
+      __m256 m = _mm256_loadu_ps(z + t), s = _mm256_setzero_ps(), zs = _mm256_setzero_ps();
+      for (int64_t i = 1; i < nv; ++i) m = _mm256_max_ps(m, _mm256_loadu_ps(z + i * tp_ + t));
+      const __m256 ml = _mm256_mul_ps(m, _mm256_set1_ps(kLog2e));
+      for (int64_t i = 0; i < nv; ++i) {
+        const __m256 x = _mm256_loadu_ps(z + i * tp_ + t);
+        zs = _mm256_add_ps(zs, x);
+        s = _mm256_add_ps(s, attention::exp2_neg(_mm256_fmsub_ps(x, _mm256_set1_ps(kLog2e), ml)));
+      }
+      _mm256_storeu_ps(mx + t, m);
+      _mm256_storeu_ps(se + t, s);
+      _mm256_storeu_ps(sz + t, zs);
+    }
+#endif
+    for (; t < tp_; ++t) {
+      float m = z[t], s = 0.f, zs = 0.f;
+      for (int64_t i = 1; i < nv; ++i) m = std::max(m, z[i * tp_ + t]);
+      for (int64_t i = 0; i < nv; ++i) {
+        zs += z[i * tp_ + t];
+        s += std::exp(z[i * tp_ + t] - m);
+      }
+      mx[t] = m, se[t] = s, sz[t] = zs;
+    }
+    for (int64_t k = 0; k < nt_; ++k) {
+      const int64_t y = y_[t0_ + k];
+      if (y != cfg_.ignore_index && y >= v0 && y < v0 + nv) st.target_logit[k] = z[(y - v0) * tp_ + k];
+    }
+  }
+
+  // Combines the block statistics into lse; returns per-token sums of logits in `sumz`. NaN/inf propagate.
+  void merge_stats(ChunkState& st, std::vector<float>& sumz) const {
+    for (int64_t k = 0; k < nt_; ++k) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t b = 0; b < nblocks_; ++b) m = std::max(m, stats_[size_t(b) * 3 * kChunk + k]);
+      double s = 0.0, zs = 0.0;
+      for (int64_t b = 0; b < nblocks_; ++b) {
+        const float* base = stats_.data() + size_t(b) * 3 * kChunk;
+        s += double(base[kChunk + k]) * std::exp(double(base[k]) - m);
+        zs += base[2 * kChunk + k];
+      }
+      st.lse[k] = float(double(m) + std::log(s));
+      sumz[k] = float(zs);
+    }
+  }
+
+  // Turns a block of logits into dl/dlogits (in place), then adds its contributions to grad_weight (rows
+  // owned by this part) and to this part's grad_hidden partial.
+  void block_grads(int part, int64_t blk, float* z, const ChunkState& st,
+                   float* grad_weight, bool first_chunk) {
+    const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0), nvp = round_up(nv, MR);
+    const float cap = cfg_.softcap;
+    // The target terms need the soft-cap derivative at the target logit, which the loop below overwrites.
+    float target_slope[kChunk];
+    for (int64_t k = 0; k < nt_; ++k) {
+      const int64_t y = y_[t0_ + k];
+      const float u = (y != cfg_.ignore_index && y >= v0 && y < v0 + nv && cap > 0.f) ? z[(y - v0) * tp_ + k] / cap : 0.f;
+      target_slope[k] = 1.f - u * u;
+    }
+    for (int64_t i = 0; i < nvp; ++i) {
+      float* row = z + i * tp_;
+      if (i >= nv) {
+        std::fill(row, row + tp_, 0.f);
+        continue;
+      }
+      int64_t t = 0;
+#if CM3LEON_AVX2
+      for (; t + 8 <= tp_; t += 8) {
+        const __m256 x = _mm256_loadu_ps(row + t);
+        const __m256 p = attention::exp2_neg(
+            _mm256_mul_ps(_mm256_sub_ps(x, _mm256_loadu_ps(st.lse.data() + t)), _mm256_set1_ps(kLog2e)));
+        __m256 g = _mm256_fmsub_ps(_mm256_loadu_ps(st.a.data() + t), p, _mm256_loadu_ps(st.e.data() + t));
+        if (cap > 0.f) {
+          const __m256 u = _mm256_mul_ps(x, _mm256_set1_ps(1.f / cap));
+          g = _mm256_mul_ps(g, _mm256_fnmadd_ps(u, u, _mm256_set1_ps(1.f)));
+        }
+        _mm256_storeu_ps(row + t, g);
+      }
+#endif
+      for (; t < tp_; ++t) {
+        float g = st.a[t] * std::exp(row[t] - st.lse[t]) - st.e[t];
+        if (cap > 0.f) g *= 1.f - (row[t] / cap) * (row[t] / cap);
+        row[t] = g;
+      }
+    }
+    for (int64_t k = 0; k < nt_; ++k) {
+      const int64_t y = y_[t0_ + k];
+      if (y == cfg_.ignore_index || y < v0 || y >= v0 + nv) continue;
+      z[(y - v0) * tp_ + k] -= st.b[k] * target_slope[k];
+    }
+    // grad_weight rows [v0, v0 + nv) (+)= G^T H over the chunk's tokens.
+    for (int64_t dc = 0; dc < cfg_.dim; dc += NR) {
+      const float* hs = hstrips_.data() + dc * tp_;  // strip dc / NR: [tp][NR]
+      for (int64_t i = 0; i < nv; i += MR) {
+        const int64_t rows = std::min(MR, nv - i), cols = std::min(NR, cfg_.dim - dc);
+        float* c = grad_weight + (v0 + i) * cfg_.dim + dc;
+        if (rows == MR && cols == NR) {
+          micro_tile(z + i * tp_, 1, tp_, hs, NR, nt_, c, cfg_.dim, !first_chunk);
+          continue;
+        }
+        float tile[MR * NR];
+        micro_tile(z + i * tp_, 1, tp_, hs, NR, nt_, tile, NR, false);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t j = 0; j < cols; ++j)
+            c[r * cfg_.dim + j] = (first_chunk ? 0.f : c[r * cfg_.dim + j]) + tile[r * NR + j];
+      }
+    }
+    // This part's grad_hidden partial (+)= G W_block.
+    float* dh = dh_.data() + size_t(part) * kChunk * dp_;
+    float* ws = wstrips_.data() + size_t(part) * kBlock * dp_;
+    pack_column_strips(w_ + v0 * cfg_.dim, cfg_.dim, nv, cfg_.dim, nvp, dp_, ws);
+    const int64_t tr = round_up(nt_, MR);
+    for (int64_t dc = 0; dc < dp_; dc += NR)
+      for (int64_t t = 0; t < tr; t += MR)
+        micro_tile(z + t, tp_, 1, ws + dc * nvp, NR, nv, dh + t * dp_ + dc, dp_, true);
+  }
+
+  void clear_grad_hidden_partials() { std::fill(dh_.data(), dh_.data() + dh_.size(), 0.f); }
+
+  // grad_hidden rows of the chunk = sum of the parts' partials.
+  void write_grad_hidden(T* grad_hidden) const {
+    for (int64_t k = 0; k < nt_; ++k)
+      for (int64_t d = 0; d < cfg_.dim; ++d) {
+        float s = 0.f;
+        for (int p = 0; p < parts_; ++p) s += dh_[(size_t(p) * kChunk + k) * dp_ + d];
+        from_float(s, grad_hidden + (t0_ + k) * cfg_.dim + d);
+      }
+  }
+
+  // The stored (forward) logits of a block.
+  float* stored_logits(int64_t blk) { return logits_.data() + blk * kBlock * tp_; }
+
+ private:
+  // The fp32 weight rows of a block with row stride `ld`: in place for fp32 weights whose rows are whole
+  // micro-kernel strips, else a zero-padded copy (also for the last block's missing rows).
+  const float* weight_block(int part, int64_t v0, int64_t nv, int64_t& ld) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (direct_w_ && v0 + round_up(nv, MR) <= cfg_.vocab) {
+        ld = cfg_.dim;
+        return w_ + v0 * cfg_.dim;
+      }
+    }
+    float* buf = wbuf_.data() + size_t(part) * kBlock * dp_;
+    pack_rows(w_ + v0 * cfg_.dim, cfg_.dim, nv, cfg_.dim, 1.f, round_up(nv, MR), dp_, buf);
+    ld = dp_;
+    return buf;
+  }
+
+  const T* h_;
+  const T* w_;
+  const int64_t* y_;
+  LossConfig cfg_;
+  bool grads_, full_;
+  int64_t dp_, nblocks_;
+  int parts_;
+  bool direct_w_;
+  ScratchBuffer<float> hpanels_, hstrips_, logits_, wbuf_, wstrips_, stats_, dh_;
+  int64_t t0_ = 0, nt_ = 0, tp_ = 0;
+};
+
+// Runs body(part, block) over every vocabulary block, each part owning a contiguous range of blocks.
+template <typename Body>
+void over_blocks(int parts, int64_t nblocks, const Body& body) {
+  parallel_items(parts, parts, [&](int64_t part) {
+    const int64_t lo = nblocks * part / parts, hi = nblocks * (part + 1) / parts;
+    for (int64_t blk = lo; blk < hi; ++blk) body(int(part), blk);
+  });
+}
+
+// Checks targets and weights; returns the sum of weights over non-ignored tokens in `weight_sum`.
+LossStatus check_inputs(const int64_t* targets, const float* loss_weights, const LossConfig& cfg,
+                        double& weight_sum) {
+  weight_sum = 0.0;
+  for (int64_t t = 0; t < cfg.tokens; ++t) {
+    const int64_t y = targets[t];
+    if (y == cfg.ignore_index) continue;
+    if (y < 0 || y >= cfg.vocab) return {LossStatus::TargetOutOfRange, t};
+    const float w = loss_weights ? loss_weights[t] : 1.f;
+    if (!(w >= 0.f) || !std::isfinite(w)) return {LossStatus::BadWeight, t};
+    weight_sum += w;
+  }
+  return {};
+}
+
+// Per-token loss and gradient coefficients of a chunk; `scale[k]` multiplies token k's gradient.
+// Returns false when some lse is not finite (NaN/inf in hidden or weight), with the token in `bad`.
+bool finish_chunk(const LossConfig& cfg, const int64_t* targets, const float* loss_weights, int64_t t0,
+                  int64_t nt, const std::vector<float>& sumz, const float* scale, ChunkState& st, float* loss,
+                  int64_t& bad) {
+  const float eps = cfg.label_smoothing, zl = cfg.z_loss;
+  std::fill(st.a.begin(), st.a.end(), 0.f);
+  std::fill(st.b.begin(), st.b.end(), 0.f);
+  std::fill(st.e.begin(), st.e.end(), 0.f);
+  for (int64_t k = nt; k < int64_t(st.lse.size()); ++k) st.lse[k] = 0.f;
+  for (int64_t k = 0; k < nt; ++k) {
+    const float lse = st.lse[k];
+    if (!std::isfinite(lse) || !std::isfinite(sumz[k])) {
+      bad = t0 + k;
+      return false;
+    }
+    const int64_t y = targets[t0 + k];
+    if (y == cfg.ignore_index) {
+      if (loss) loss[k] = 0.f;
+      continue;
+    }
+    const float w = loss_weights ? loss_weights[t0 + k] : 1.f;
+    const double l = (1.0 - eps) * (double(lse) - st.target_logit[k]) +
+                     eps * (double(lse) - double(sumz[k]) / double(cfg.vocab)) + double(zl) * lse * lse;
+    if (loss) loss[k] = float(w * l);
+    const float c = scale ? scale[k] * w : 0.f;
+    st.a[k] = c * (1.f + 2.f * zl * lse);
+    st.b[k] = c * (1.f - eps);
+    st.e[k] = c * eps / float(cfg.vocab);
+  }
+  return true;
+}
+
+// The shared chunk loop. mode grads_in_forward: lse pass, then gradients from the stored logits.
+// Backward (lse given): one pass per chunk. Forward without grads: lse pass only.
+template <typename T>
+LossStatus run(const T* hidden, const T* weight, const int64_t* targets, const float* loss_weights,
+               const LossConfig& cfg, const float* lse_in, const float* grad_loss, Reduction reduction,
+               float* loss, float* lse_out, T* grad_hidden, float* grad_weight, int threads) {
+  double weight_sum = 0.0;
+  LossStatus status = check_inputs(targets, loss_weights, cfg, weight_sum);
+  if (status.kind != LossStatus::Ok) return status;
+  const bool grads = grad_weight != nullptr;  // (grad_hidden is null when there are no tokens)
+  const bool forward = lse_in == nullptr;
+  if (grads && cfg.tokens == 0) {
+    std::fill(grad_weight, grad_weight + cfg.vocab * cfg.dim, 0.f);
+  }
+  Engine<T> eng(hidden, weight, targets, cfg, threads, grads, /*full_logits=*/forward && grads);
+  ChunkState st(kChunk);
+  std::vector<float> sumz(kChunk), scale(kChunk), token_loss(kChunk);
+  double total = 0.0;
+  const float mean_scale = reduction == Reduction::Mean ? (weight_sum > 0 ? float(1.0 / weight_sum) : 0.f) : 1.f;
+  for (int64_t t0 = 0; t0 < cfg.tokens; t0 += kChunk) {
+    const int64_t nt = std::min(kChunk, cfg.tokens - t0);
+    eng.load_chunk(t0, nt);
+    if (forward) {
+      over_blocks(eng.parts(), eng.nblocks(), [&](int part, int64_t blk) {
+        const float* w;
+        int64_t ld;
+        eng.block_stats(blk, eng.block_logits(part, blk, w, ld), st);
+      });
+      eng.merge_stats(st, sumz);
+      for (int64_t k = 0; k < nt; ++k) scale[k] = mean_scale;
+    } else {
+      // lse is known: only the target logit and the logit sum are missing for the loss, and the gradient
+      // does not need them (only lse), so they are not computed.
+      for (int64_t k = 0; k < nt; ++k) {
+        st.lse[k] = lse_in[t0 + k];
+        st.target_logit[k] = 0.f;
+        sumz[k] = 0.f;
+        scale[k] = grad_loss[t0 + k];
+      }
+    }
+    int64_t bad = -1;
+    if (!finish_chunk(cfg, targets, loss_weights, t0, nt, sumz, grads ? scale.data() : nullptr, st,
+                      forward ? token_loss.data() : nullptr, bad))
+      return {LossStatus::NonFinite, bad};
+    if (forward) {
+      for (int64_t k = 0; k < nt; ++k) {
+        lse_out[t0 + k] = st.lse[k];
+        if (reduction == Reduction::None) loss[t0 + k] = token_loss[k];
+        else total += token_loss[k];
+      }
+    }
+    if (!grads) continue;
+    eng.clear_grad_hidden_partials();
+    over_blocks(eng.parts(), eng.nblocks(), [&](int part, int64_t blk) {
+      const float* w;
+      int64_t ld;
+      float* z = forward ? eng.stored_logits(blk) : eng.block_logits(part, blk, w, ld);
+      eng.block_grads(part, blk, z, st, grad_weight, t0 == 0);
+    });
+    eng.write_grad_hidden(grad_hidden);
+  }
+  if (forward && reduction != Reduction::None) loss[0] = float(reduction == Reduction::Mean ? total * mean_scale : total);
+  return {};
+}
+
+}  // namespace
+
+CM3LEON_ISA_END
+
+template <>
+LossStatus forward_kernel<kIsa>(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                                const float* loss_weights, const LossConfig& cfg, Reduction reduction, float* loss,
+                                float* lse, void* grad_hidden, float* grad_weight, int threads) {
+  return dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return run(static_cast<const T*>(hidden), static_cast<const T*>(weight), targets, loss_weights, cfg, nullptr,
+               nullptr, reduction, loss, lse, static_cast<T*>(grad_hidden), grad_weight, threads);
+  });
+}
+
+template <>
+LossStatus backward_kernel<kIsa>(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                                 const float* loss_weights, const LossConfig& cfg, const float* lse,
+                                 const float* grad_loss, void* grad_hidden, float* grad_weight, int threads) {
+  return dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return run(static_cast<const T*>(hidden), static_cast<const T*>(weight), targets, loss_weights, cfg, lse,
+               grad_loss, Reduction::None, nullptr, nullptr, static_cast<T*>(grad_hidden), grad_weight, threads);
+  });
+}
+
+}  // namespace cm3leon::loss

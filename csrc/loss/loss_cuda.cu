@@ -1,0 +1,220 @@
+// Fused linear + cross-entropy, CUDA SIMT kernels (torch-free). A block owns kTokens tokens and walks the
+// vocabulary in tiles of kRows weight rows, staging kDepth-deep slices of both operands in shared memory;
+// each thread computes kPerThread logits of one token. The forward keeps an online (max, sum exp, sum)
+// per thread and merges the 16 threads of a token with warp shuffles; the gradient kernel turns a tile of
+// logits into dl/dz in shared memory and reduces its contributions over the tile before one atomic add
+// per element of grad_hidden / grad_weight. Never materialises [T, V].
+#include "loss/loss_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <climits>
+#include <cmath>
+
+namespace cm3leon::loss {
+
+namespace {
+
+constexpr int kTokens = 16;                           // tokens per block
+constexpr int kRows = 64;                             // vocabulary rows per tile
+constexpr int kDepth = 32;                            // depth slice staged in shared memory
+constexpr int kThreads = 256;                         // 16 threads per token
+constexpr int kLanesPerToken = kThreads / kTokens;    // 16
+constexpr int kPerThread = kRows / kLanesPerToken;    // 4 logits per thread and tile
+
+__device__ inline float load_f(const float* p) { return *p; }
+__device__ inline float load_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ inline float load_f(const __half* p) { return __half2float(*p); }
+
+template <typename F>
+cudaError_t dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::BFloat16: return f(__nv_bfloat16{});
+    case DType::Float16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Logits of the block's tokens against weight rows [v0, v0 + kRows) for this thread: out[j] is the logit of
+// token threadIdx.x / 16 and row v0 + lane + 16 j (soft-capped; rows past V are left at -inf).
+template <typename T>
+__device__ void tile_logits(const T* hidden, const T* weight, const LossConfig& cfg, int64_t t0, int64_t v0,
+                            float (*hs)[kDepth + 1], float (*ws)[kDepth + 1], float* out) {
+  const int tid = threadIdx.x, tok = tid / kLanesPerToken, lane = tid % kLanesPerToken;
+  float acc[kPerThread] = {};
+  for (int64_t k0 = 0; k0 < cfg.dim; k0 += kDepth) {
+    for (int i = tid; i < kTokens * kDepth; i += kThreads) {
+      const int r = i / kDepth, c = i % kDepth;
+      const int64_t t = t0 + r, d = k0 + c;
+      hs[r][c] = (t < cfg.tokens && d < cfg.dim) ? load_f(hidden + t * cfg.dim + d) : 0.f;
+    }
+    for (int i = tid; i < kRows * kDepth; i += kThreads) {
+      const int r = i / kDepth, c = i % kDepth;
+      const int64_t v = v0 + r, d = k0 + c;
+      ws[r][c] = (v < cfg.vocab && d < cfg.dim) ? load_f(weight + v * cfg.dim + d) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int c = 0; c < kDepth; ++c) {
+      const float h = hs[tok][c];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) acc[j] = fmaf(h, ws[lane + kLanesPerToken * j][c], acc[j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int64_t v = v0 + lane + kLanesPerToken * j;
+    float z = acc[j];
+    if (cfg.softcap > 0.f) z = cfg.softcap * tanhf(z / cfg.softcap);
+    out[j] = v < cfg.vocab ? z : -INFINITY;
+  }
+}
+
+__global__ void check_kernel(const int64_t* targets, const float* loss_weights, LossConfig cfg,
+                             long long* bad_target, long long* bad_weight, double* weight_sum) {
+  double local = 0.0;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < cfg.tokens;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t y = targets[t];
+    if (y == cfg.ignore_index) continue;
+    if (y < 0 || y >= cfg.vocab) atomicMin(bad_target, (long long)t);
+    const float w = loss_weights ? loss_weights[t] : 1.f;
+    if (!(w >= 0.f) || !isfinite(w)) atomicMin(bad_weight, (long long)t);
+    local += w;
+  }
+  if (local != 0.0) atomicAdd(weight_sum, local);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const T* hidden, const T* weight, const int64_t* targets,
+                                                           const float* loss_weights, LossConfig cfg, float* lse,
+                                                           float* loss) {
+  __shared__ float hs[kTokens][kDepth + 1];
+  __shared__ float ws[kRows][kDepth + 1];
+  __shared__ float target_logit[kTokens];
+  const int tid = threadIdx.x, tok = tid / kLanesPerToken, lane = tid % kLanesPerToken;
+  const int64_t t0 = int64_t(blockIdx.x) * kTokens, t = t0 + tok;
+  const int64_t y = t < cfg.tokens ? targets[t] : cfg.ignore_index;
+  if (lane == 0) target_logit[tok] = 0.f;
+  float m = -INFINITY, s = 0.f, sz = 0.f;
+  for (int64_t v0 = 0; v0 < cfg.vocab; v0 += kRows) {
+    float z[kPerThread];
+    tile_logits(hidden, weight, cfg, t0, v0, hs, ws, z);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t v = v0 + lane + kLanesPerToken * j;
+      if (v >= cfg.vocab) continue;
+      if (v == y) target_logit[tok] = z[j];
+      sz += z[j];
+      const float mn = fmaxf(m, z[j]);
+      s = s * __expf(m - mn) + __expf(z[j] - mn);
+      m = isnan(z[j]) ? z[j] : mn;
+    }
+  }
+  // Merge the 16 lanes of the token (consecutive lanes of one warp).
+  for (int off = kLanesPerToken / 2; off > 0; off /= 2) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    sz += __shfl_xor_sync(0xffffffffu, sz, off);
+    const float mn = fmaxf(m, m2);
+    s = (m == -INFINITY ? 0.f : s * __expf(m - mn)) + (m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mn));
+    m = (isnan(m) || isnan(m2)) ? NAN : mn;
+  }
+  __syncthreads();
+  if (lane != 0 || t >= cfg.tokens) return;
+  const float l = m + logf(s);
+  lse[t] = l;
+  if (y == cfg.ignore_index) {
+    loss[t] = 0.f;
+    return;
+  }
+  const float w = loss_weights ? loss_weights[t] : 1.f, eps = cfg.label_smoothing;
+  loss[t] = w * ((1.f - eps) * (l - target_logit[tok]) + eps * (l - sz / float(cfg.vocab)) + cfg.z_loss * l * l);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gradient_kernel(const T* hidden, const T* weight, const int64_t* targets,
+                                                            LossConfig cfg, const float* lse, const float* a,
+                                                            const float* b, const float* e, float* grad_hidden,
+                                                            float* grad_weight) {
+  __shared__ float hs[kTokens][kDepth + 1];
+  __shared__ float ws[kRows][kDepth + 1];
+  __shared__ float g[kTokens][kRows + 1];
+  const int tid = threadIdx.x, tok = tid / kLanesPerToken, lane = tid % kLanesPerToken;
+  const int64_t t0 = int64_t(blockIdx.x) * kTokens, v0 = int64_t(blockIdx.y) * kRows, t = t0 + tok;
+  float z[kPerThread];
+  tile_logits(hidden, weight, cfg, t0, v0, hs, ws, z);
+  const bool live = t < cfg.tokens;
+  const int64_t y = live ? targets[t] : cfg.ignore_index;
+#pragma unroll
+  for (int j = 0; j < kPerThread; ++j) {
+    const int col = lane + kLanesPerToken * j;
+    const int64_t v = v0 + col;
+    float grad = 0.f;
+    if (live && v < cfg.vocab) {
+      grad = a[t] * __expf(z[j] - lse[t]) - e[t] - (v == y ? b[t] : 0.f);
+      if (cfg.softcap > 0.f) grad *= 1.f - (z[j] / cfg.softcap) * (z[j] / cfg.softcap);
+    }
+    g[tok][col] = grad;
+  }
+  __syncthreads();
+  // grad_hidden[t, d] += sum over the tile's rows; grad_weight[v, d] += sum over the tile's tokens.
+  for (int64_t i = tid; i < int64_t(kTokens) * cfg.dim; i += kThreads) {
+    const int r = int(i / cfg.dim);
+    const int64_t d = i % cfg.dim, tt = t0 + r;
+    if (tt >= cfg.tokens) continue;
+    float acc = 0.f;
+    for (int c = 0; c < kRows && v0 + c < cfg.vocab; ++c) acc = fmaf(g[r][c], load_f(weight + (v0 + c) * cfg.dim + d), acc);
+    atomicAdd(grad_hidden + tt * cfg.dim + d, acc);
+  }
+  for (int64_t i = tid; i < int64_t(kRows) * cfg.dim; i += kThreads) {
+    const int c = int(i / cfg.dim);
+    const int64_t d = i % cfg.dim, v = v0 + c;
+    if (v >= cfg.vocab) continue;
+    float acc = 0.f;
+    for (int r = 0; r < kTokens && t0 + r < cfg.tokens; ++r) acc = fmaf(g[r][c], load_f(hidden + (t0 + r) * cfg.dim + d), acc);
+    atomicAdd(grad_weight + v * cfg.dim + d, acc);
+  }
+}
+
+unsigned blocks_for(int64_t n, int64_t per_block) { return unsigned((n + per_block - 1) / per_block); }
+
+}  // namespace
+
+cudaError_t check_inputs_cuda(const int64_t* targets, const float* loss_weights, const LossConfig& cfg,
+                              long long* bad_target, long long* bad_weight, double* weight_sum,
+                              cudaStream_t stream) {
+  if (cfg.tokens == 0) return cudaSuccess;
+  const unsigned grid = blocks_for(cfg.tokens, kThreads) < 1024 ? blocks_for(cfg.tokens, kThreads) : 1024;
+  check_kernel<<<grid, kThreads, 0, stream>>>(targets, loss_weights, cfg, bad_target, bad_weight, weight_sum);
+  return cudaGetLastError();
+}
+
+cudaError_t forward_cuda(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                         const float* loss_weights, const LossConfig& cfg, float* lse, float* loss,
+                         cudaStream_t stream) {
+  if (cfg.tokens == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    forward_kernel<T><<<blocks_for(cfg.tokens, kTokens), kThreads, 0, stream>>>(
+        static_cast<const T*>(hidden), static_cast<const T*>(weight), targets, loss_weights, cfg, lse, loss);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t gradients_cuda(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
+                           const LossConfig& cfg, const float* lse, const float* a, const float* b,
+                           const float* e, float* grad_hidden_f32, float* grad_weight_f32, cudaStream_t stream) {
+  if (cfg.tokens == 0) return cudaSuccess;
+  if (blocks_for(cfg.vocab, kRows) > 65535) return cudaErrorInvalidConfiguration;
+  return dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const dim3 grid(blocks_for(cfg.tokens, kTokens), blocks_for(cfg.vocab, kRows));
+    gradient_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(hidden), static_cast<const T*>(weight),
+                                                      targets, cfg, lse, a, b, e, grad_hidden_f32, grad_weight_f32);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cm3leon::loss

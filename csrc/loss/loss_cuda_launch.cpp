@@ -1,0 +1,106 @@
+// CUDA launchers of the fused linear + cross-entropy (compiled only in CUDA builds). The forward computes loss
+// and lse; gradients always come from the recomputing gradient kernel (docs/loss.md, "CUDA").
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <climits>
+
+#include "common/tensor_checks.h"
+#include "loss/loss_cuda.h"
+#include "loss/loss_launch.h"
+
+namespace cm3leon::loss {
+
+namespace {
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "linear_cross_entropy CUDA ", what, " failed: ", cudaGetErrorString(err));
+}
+
+// Checks targets and weights on the device; returns the sum of the weights of non-ignored tokens.
+double check_data(const at::Tensor& targets, const c10::optional<at::Tensor>& loss_weights, const LossConfig& cfg) {
+  at::Tensor bad = at::full({2}, LLONG_MAX, targets.options());
+  at::Tensor total = at::zeros({1}, targets.options().dtype(at::kDouble));
+  auto* flags = reinterpret_cast<long long*>(bad.data_ptr<int64_t>());
+  check_cuda(check_inputs_cuda(targets.data_ptr<int64_t>(), loss_weights ? loss_weights->data_ptr<float>() : nullptr,
+                               cfg, flags, flags + 1, total.data_ptr<double>(), c10::cuda::getCurrentCUDAStream()),
+             "input check");
+  const at::Tensor host = bad.cpu();
+  const int64_t bad_target = host.data_ptr<int64_t>()[0], bad_weight = host.data_ptr<int64_t>()[1];
+  if (bad_target != LLONG_MAX) raise_status({LossStatus::TargetOutOfRange, bad_target}, targets.cpu(), {}, cfg.vocab, "");
+  if (bad_weight != LLONG_MAX)
+    raise_status({LossStatus::BadWeight, bad_weight}, targets, loss_weights->cpu(), cfg.vocab, "");
+  return total.item<double>();
+}
+
+void check_finite(const at::Tensor& lse, const char* inputs) {
+  const at::Tensor bad = lse.isfinite().logical_not().nonzero();
+  if (bad.numel()) raise_status({LossStatus::NonFinite, bad[0][0].item<int64_t>()}, lse, {}, 0, inputs);
+}
+
+// grad_hidden / grad_weight (inputs' dtypes) of sum_t scale[t] * w_t * l_t.
+std::tuple<at::Tensor, at::Tensor> gradients(const at::Tensor& hidden, const at::Tensor& weight,
+                                             const at::Tensor& targets, const c10::optional<at::Tensor>& loss_weights,
+                                             const LossConfig& cfg, const at::Tensor& lse, const at::Tensor& scale) {
+  at::Tensor c = scale.mul(targets.ne(cfg.ignore_index).to(at::kFloat));
+  if (loss_weights) c = c.mul(*loss_weights);
+  const at::Tensor a = c.mul(lse.mul(2.0 * cfg.z_loss).add(1.0)).contiguous();
+  const at::Tensor b = c.mul(1.0 - cfg.label_smoothing).contiguous();
+  const at::Tensor e = c.mul(cfg.label_smoothing / double(cfg.vocab)).contiguous();
+  at::Tensor gh = at::zeros(hidden.sizes(), hidden.options().dtype(at::kFloat));
+  at::Tensor gw = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
+  check_cuda(gradients_cuda(float_dtype(hidden, "hidden"), hidden.data_ptr(), weight.data_ptr(),
+                            targets.data_ptr<int64_t>(), cfg, lse.data_ptr<float>(), a.data_ptr<float>(),
+                            b.data_ptr<float>(), e.data_ptr<float>(), gh.data_ptr<float>(), gw.data_ptr<float>(),
+                            c10::cuda::getCurrentCUDAStream()),
+             "gradient kernel");
+  return {gh.to(hidden.scalar_type()), gw.to(weight.scalar_type())};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const c10::optional<at::Tensor>& loss_weights, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap, int64_t reduction, bool compute_grad) {
+  const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
+                                    softcap);
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (sum) or 2 (mean), got ",
+                    reduction);
+  TORCH_CHECK_VALUE(!compute_grad || reduction != 0,
+                    "compute_grad needs reduction sum or mean (reduction none differentiates in backward)");
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const double weight_sum = check_data(targets, loss_weights, cfg);
+  at::Tensor lse = at::empty({cfg.tokens}, hidden.options().dtype(at::kFloat));
+  at::Tensor per_token = at::empty({cfg.tokens}, hidden.options().dtype(at::kFloat));
+  check_cuda(forward_cuda(float_dtype(hidden, "hidden"), hidden.data_ptr(), weight.data_ptr(),
+                          targets.data_ptr<int64_t>(), loss_weights ? loss_weights->data_ptr<float>() : nullptr, cfg,
+                          lse.data_ptr<float>(), per_token.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+             "forward kernel");
+  check_finite(lse, "hidden or weight");
+  const double mean_scale = reduction == 2 ? (weight_sum > 0 ? 1.0 / weight_sum : 0.0) : 1.0;
+  at::Tensor loss = reduction == 0 ? per_token : per_token.to(at::kDouble).sum().mul(mean_scale).to(at::kFloat);
+  at::Tensor grad_hidden = at::empty({0}, hidden.options()), grad_weight = at::empty({0}, weight.options());
+  if (compute_grad)
+    std::tie(grad_hidden, grad_weight) =
+        gradients(hidden, weight, targets, loss_weights, cfg, lse, at::full({cfg.tokens}, mean_scale, lse.options()));
+  return {loss, lse, grad_hidden, grad_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_cuda_launch(
+    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const c10::optional<at::Tensor>& loss_weights, const at::Tensor& lse, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap) {
+  const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
+                                    softcap);
+  check_float32_vector(grad_loss, "grad_loss", cfg.tokens, hidden);
+  check_float32_vector(lse, "lse", cfg.tokens, hidden);
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  check_data(targets, loss_weights, cfg);
+  check_finite(lse, "hidden, weight or lse");
+  return gradients(hidden, weight, targets, loss_weights, cfg, lse, grad_loss);
+}
+
+}  // namespace cm3leon::loss
