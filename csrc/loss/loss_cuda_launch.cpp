@@ -67,10 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(
     double softcap, int64_t reduction, bool compute_grad) {
   const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
                                     softcap);
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (sum) or 2 (mean), got ",
-                    reduction);
-  TORCH_CHECK_VALUE(!compute_grad || reduction != 0,
-                    "compute_grad needs reduction sum or mean (reduction none differentiates in backward)");
+  check_reduction(reduction, compute_grad);
   const c10::cuda::CUDAGuard guard(hidden.device());
   const double weight_sum = check_data(targets, loss_weights, cfg);
   at::Tensor lse = at::empty({cfg.tokens}, hidden.options().dtype(at::kFloat));

@@ -18,6 +18,13 @@ void check_float32_vector(const at::Tensor& t, const char* name, int64_t tokens,
   check_contiguous(t, name);
 }
 
+void check_reduction(int64_t reduction, bool compute_grad) {
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (sum) or 2 (mean), got ",
+                    reduction);
+  TORCH_CHECK_VALUE(!compute_grad || reduction != 0,
+                    "compute_grad needs reduction sum or mean (reduction none differentiates in backward)");
+}
+
 LossConfig check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                       const c10::optional<at::Tensor>& loss_weights, int64_t ignore_index,
                       double label_smoothing, double z_loss, double softcap) {
@@ -93,10 +100,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu_launch(
     double softcap, int64_t reduction, bool compute_grad) {
   const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
                                     softcap);
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction must be 0 (none), 1 (sum) or 2 (mean), got ",
-                    reduction);
-  TORCH_CHECK_VALUE(!compute_grad || reduction != 0,
-                    "compute_grad needs reduction sum or mean (reduction none differentiates in backward)");
+  check_reduction(reduction, compute_grad);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor loss = reduction == 0 ? at::empty({cfg.tokens}, f32) : at::empty({}, f32);
   at::Tensor lse = at::empty({cfg.tokens}, f32);

@@ -12,6 +12,8 @@ namespace cm3leon::loss {
 LossConfig check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
                       const c10::optional<at::Tensor>& loss_weights, int64_t ignore_index,
                       double label_smoothing, double z_loss, double softcap);
+// reduction is 0 (none), 1 (sum) or 2 (mean); gradients in the forward need a reduced loss.
+void check_reduction(int64_t reduction, bool compute_grad);
 // A float32 [tokens] tensor on hidden's device (grad_loss, lse, loss_weights).
 void check_float32_vector(const at::Tensor& t, const char* name, int64_t tokens, const at::Tensor& hidden);
 // Raises the error of a failed data check (IndexError for targets, ValueError otherwise).
