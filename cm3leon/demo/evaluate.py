@@ -18,7 +18,7 @@ from cm3leon.data.edits import make_edit
 from cm3leon.data.metrics import caption_match, grounding_iou, prompt_alignment
 from cm3leon.data.tasks import CAPTION_PREFIX, image_of
 from cm3leon.data.vqa import make_question, normalize_answer
-from cm3leon.model import CM3Leon
+from cm3leon.model import KERNELS, AttentionBackend, CM3Leon
 from cm3leon.objective import training_sequence
 from cm3leon.pipeline import Pipeline
 from cm3leon.retrieval import RetrievalDocument
@@ -120,17 +120,17 @@ def task_scores(pipe: Pipeline, world: ShapesWorld, n: int, *, tuned: bool, seed
 
 
 # ---- cost --------------------------------------------------------------------------------------------------
-def _sdpa_twin(model: CM3Leon) -> CM3Leon:
-    twin = CM3Leon(model.config, attention_backend=SDPA)
+def _copy(model: CM3Leon, backend: AttentionBackend) -> CM3Leon:
+    """The same weights, unfused, on ``backend``."""
+    twin = CM3Leon(model.config, attention_backend=backend)
     twin.load_state_dict(model.state_dict())
-    return twin.eval()
+    return twin
 
 
 def train_tokens_per_second(model: CM3Leon, batch, steps: int = 3) -> dict[str, float]:
     """Optimizer steps on one packed batch: our kernels vs the same model on PyTorch SDPA."""
     rates = {}
-    for name, net in (("cm3leon", CM3Leon(model.config)), ("torch-sdpa", CM3Leon(model.config, attention_backend=SDPA))):
-        net.load_state_dict(model.state_dict())
+    for name, net in (("cm3leon", _copy(model, KERNELS)), ("torch-sdpa", _copy(model, SDPA))):
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         times = []
         for _ in range(steps + 1):
@@ -151,7 +151,7 @@ def generation_images_per_second(pipe: Pipeline, captions: Sequence[str], seed: 
     start = time.perf_counter()
     pipe.text_to_image(list(captions), n_samples=1, strategy="topp", rerank=False, seed=seed)
     ours = len(captions) / (time.perf_counter() - start)
-    twin = _sdpa_twin(pipe.model)
+    twin = _copy(pipe.model, SDPA).eval()
     guided = [pipe.prompts.text_to_image(c) for c in captions]
     grid = pipe.image_tokenizer.config.grid_size
     start = time.perf_counter()
