@@ -27,6 +27,13 @@ struct Problem {
   float scale;  // softmax scale applied to q.k
   bool causal;  // bottom-right aligned: query i sees keys j <= i + k_len - q_len
   int threads;   // CPU threads the kernel may use (the launcher passes torch's setting)
+  // Local attention: query i (diagonal d = i + k_len - q_len) sees keys j with d - window_left <= j <=
+  // d + window_right; -1 leaves that side unbounded (causal is the same as window_right = 0).
+  int64_t window_left = -1, window_right = -1;
+  float softcap = 0.f;                    // > 0: each scaled score s becomes softcap * tanh(s / softcap)
+  const float* alibi_slopes = nullptr;    // ALiBi: s -= slope * |d - j|, slopes fp32 [segment][heads_q]
+  int64_t alibi_segment_stride = 0;       // 0 when every segment shares one row of slopes
+  bool deterministic = false;             // backward: bit-identical gradients for any thread count
 };
 
 // Highest level with its own attention bodies (forward, decode, backward): common/cpu_features.h dispatch.
