@@ -9,30 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from collections import defaultdict
 from pathlib import Path
 
-
-# The CPU features that decide which kernel level runs (cm3leon_kernels.cpu_features() reports the same).
-SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    import os
-
-    simd = ", ".join(f for f in SIMD_FLAGS if f in flags) or "no AVX2"
-    return f"{cpu}, {os.cpu_count()} cores ({simd})"
+from cm3leon.machine import describe_machine
 
 
 def rows(data: dict) -> list[list[str]]:
@@ -66,7 +46,7 @@ def main() -> None:
     data = json.loads(args.json.read_text())
     header = ["case", "impl", "median ms", "throughput", "cm3leon speedup", "notes"]
     table = rows(data)
-    print(f"machine: {_machine()}; torch threads: "
+    print(f"machine: {describe_machine()}; torch threads: "
           f"{data['benchmarks'][0]['extra_info'].get('threads') if data['benchmarks'] else '?'}")
     if args.markdown:
         print("| " + " | ".join(header) + " |")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from tqdm.auto import tqdm
 
 from cm3leon.data import ShapesWorld, caption, frechet_distance
 from cm3leon.data.packing import CM3Source, PackedLoader
+from cm3leon.machine import describe_machine
 from cm3leon.pipeline import load_bundle
 
 from . import evaluate as ev
@@ -195,7 +195,7 @@ def write_report(out_dir: Path, scale: DemoScale, results: dict) -> dict[str, st
     lines = ["# cm3leon demo report", "",
              f"The CM3Leon recipe trained from nothing on the built-in shapes world and measured on "
              f"{scale.prompts} held-out prompts per row (seeds: {', '.join(map(str, results))}). Machine: "
-             f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads.", "",
+             f"{describe_machine()}, {torch.get_num_threads()} torch threads.", "",
              f"- Tokenizers: text BPE of {corpus['text_vocab_size']} ids; image tokenizer "
              f"({scale.image_tokenizer} preset, {scale.image_tokenizer_steps} steps) held-out PSNR "
              f"{corpus['psnr_mean_db']:.1f} dB, scenes read back exactly from its reconstructions "
