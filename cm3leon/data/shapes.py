@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .._checks import check_int
+
 #: Named object colours (RGB, uint8). Chosen far apart from each other and from the background.
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -146,8 +148,7 @@ class ShapesWorld:
 
     def __init__(self, image_size: int = 32, seed: int = 0, min_objects: int = 1,
                  max_objects: int = MAX_OBJECTS) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
-            raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
+        check_int("image_size", image_size, 16)
         if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, "
                              f"got min_objects={min_objects}, max_objects={max_objects}")

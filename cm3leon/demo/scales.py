@@ -48,7 +48,7 @@ SCALES: dict[str, DemoScale] = {
                      tokens_per_batch=512, max_seq_len=256, prompts=4, samples=2, guidance_scales=(1.0, 3.0)),
     "demo": DemoScale(model_preset="demo", image_tokenizer="demo", image_tokenizer_steps=700,
                       text_vocab_size=1024, text_examples=6000, documents=4000, encoder_steps=300,
-                      pretrain_steps=500, sft_steps=200, tokens_per_batch=2048, max_seq_len=512, prompts=32),
+                      pretrain_steps=1500, sft_steps=300, tokens_per_batch=2048, max_seq_len=512, prompts=32),
     "study": DemoScale(model_preset="demo", image_tokenizer="demo", image_tokenizer_steps=1500,
                        text_vocab_size=1024, text_examples=6000, documents=8000, encoder_steps=1000,
                        pretrain_steps=3000, sft_steps=600, tokens_per_batch=2048, max_seq_len=512, prompts=128,

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .._checks import check_int, is_int
 from ..generate import DecodeStep, SamplingOptions, generate
 from ..model import CM3Leon
 from ..tokenizer import NUM_SENTINELS, DocumentCodec, ImageTokenizer, tokenize_images
@@ -62,18 +63,9 @@ def _as_list(value: Any, name: str, kind: type | tuple[type, ...]) -> list:
     return items
 
 
-def _count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
     """One seed per request: an int is every request's seed (so a request's output does not depend on its
     batch), a sequence gives one per request."""
-    def is_int(x: Any) -> bool:
-        return hasattr(type(x), "__index__") and not isinstance(x, bool)  # ints and e.g. numpy integers
-
     if is_int(seed):
         return [operator.index(seed)] * n
     seeds = list(seed) if isinstance(seed, Sequence) else None
@@ -158,7 +150,7 @@ class Pipeline:
 
     def _retrieve(self, queries: list[Any], k: int, by: str) -> list[list[list[int]]]:
         """The token ids of ``k`` retrieved documents per query (``[[]] * n`` when ``k == 0``)."""
-        _count(k, "retrieved", 0)
+        check_int("retrieved", k, 0)
         if k == 0:
             return [[] for _ in queries]
         if self.retriever is None:
@@ -192,7 +184,7 @@ class Pipeline:
     def _sample_images(self, guided: list[GuidedPrompt], *, n_samples: int, strategy: str, guidance_scale: Any,
                        decoding: ImageDecoding, seed: int | Sequence[int]) -> tuple[torch.Tensor, list[list[str]]]:
         """Token grids ``[P, N, h, w]`` for ``N`` samples of each guided prompt, in one batched decode."""
-        _count(n_samples, "n_samples", 1)
+        check_int("n_samples", n_samples, 1)
         per_sample = self._image_options(strategy, n_samples, guidance_scale, decoding)
         seeds = _seeds(seed, len(guided))
         requests = [(g, p, j) for p, g in enumerate(guided) for j in range(n_samples)]
@@ -222,7 +214,7 @@ class Pipeline:
     def _generate_text(self, prompts: list[list[int]], *, stops: list[int], max_new_tokens: int,
                        temperature: float, top_p: float, seed: int | Sequence[int]) -> list[list[int]]:
         """Text ids after each prompt until a stop token; only text ids (and the stops) can be drawn."""
-        _count(max_new_tokens, "max_new_tokens", 1)
+        check_int("max_new_tokens", max_new_tokens, 1)
         allowed = torch.zeros(self.model.config.vocab_size, dtype=torch.bool)
         lo, hi = self.vocabulary.text_range
         allowed[lo:hi] = True

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import is_int
 from ..data.tasks import CAPTION_PREFIX, EDIT_PREFIX, STRUCTURE_PREFIX, grounded_prompt
 from ..tokenizer import NUM_SENTINELS, DocumentCodec, Vocabulary
 
@@ -97,7 +98,7 @@ class PromptBuilder:
         objects = list(objects)
         for i, obj in enumerate(objects):
             if (not isinstance(obj, (tuple, list)) or len(obj) != 2 or not isinstance(obj[0], str)
-                    or len(obj[1]) != 4 or any(isinstance(c, bool) or not isinstance(c, int) for c in obj[1])):
+                    or len(obj[1]) != 4 or not all(is_int(c) for c in obj[1])):
                 raise ValueError(f"objects[{i}] must be (description, (x0, y0, x1, y1)) with int pixel "
                                  f"coordinates, got {obj!r}")
         text = grounded_prompt(objects)

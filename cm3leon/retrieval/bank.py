@@ -23,6 +23,7 @@ import torch
 
 from cm3leon.integrity import TensorFile, save_tensor_file
 
+from .._checks import check_int
 from .document import RetrievalDocument
 from .embed import check_documents
 from .serialize import documents_from_tensors, documents_to_tensors
@@ -40,12 +41,6 @@ def _faiss():
         raise ImportError("the memory bank needs FAISS: pip install 'cm3leon[retrieval]' (faiss-gpu or "
                           "faiss-cpu)") from err
     return faiss
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_matrix(name: str, x: object, dim: int) -> np.ndarray:
@@ -89,14 +84,14 @@ class MemoryBank:
 
     def __init__(self, dim: int, *, index: str = "flat", nlist: int | None = None, nprobe: int = 16,
                  hnsw_m: int = 32, ef_search: int = 64, use_gpu: bool | None = None) -> None:
-        self.dim = _positive_int("dim", dim)
+        self.dim = check_int("dim", dim, 1)
         if index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
         self.kind = index
-        self.nlist = None if nlist is None else _positive_int("nlist", nlist)
-        self.nprobe = _positive_int("nprobe", nprobe)
-        self.hnsw_m = _positive_int("hnsw_m", hnsw_m)
-        self.ef_search = _positive_int("ef_search", ef_search)
+        self.nlist = None if nlist is None else check_int("nlist", nlist, 1)
+        self.nprobe = check_int("nprobe", nprobe, 1)
+        self.hnsw_m = check_int("hnsw_m", hnsw_m, 1)
+        self.ef_search = check_int("ef_search", ef_search, 1)
         faiss = _faiss()
         gpus = faiss.get_num_gpus()
         if use_gpu and gpus == 0:
@@ -178,8 +173,7 @@ class MemoryBank:
         score -inf."""
         if not self._documents:
             raise ValueError("the memory bank is empty: add documents before searching")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self):
-            raise ValueError(f"k must be an int in [1, {len(self)}] (the bank's size), got {k!r}")
+        k = check_int("k", k, 1, len(self))
         q = _check_matrix("queries", queries, self.dim)
         scores, indices = self._index.search(q, k)
         scores, indices = torch.from_numpy(scores), torch.from_numpy(indices).to(torch.int64)

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from cm3leon._checks import check_int
 from cm3leon.config import dataclass_from_json
 from cm3leon.tokenizer.text import PAPER_TEXT_VOCAB_SIZE
 
@@ -48,8 +49,7 @@ class DualEncoderConfig:
     def __post_init__(self) -> None:
         for name in (*_POSITIVE_INTS, "mlp_ratio"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, 1)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size "
                              f"({self.patch_size})")

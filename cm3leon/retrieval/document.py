@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import is_int
+
 __all__ = ["RetrievalDocument"]
 
 
@@ -39,8 +41,7 @@ class RetrievalDocument:
                 raise ValueError(f"image must be uint8 [3, H, W], got {self.image.dtype} of shape "
                                  f"{tuple(self.image.shape)}")
         if self.token_ids is not None:
-            if not isinstance(self.token_ids, list) or any(
-                    isinstance(t, bool) or not isinstance(t, int) for t in self.token_ids):
+            if not isinstance(self.token_ids, list) or not all(is_int(t) for t in self.token_ids):
                 raise TypeError("token_ids must be a list of ints or None")
             if not self.token_ids:
                 raise ValueError("token_ids must be non-empty (or None)")

@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from .document import RetrievalDocument
 from .encoder import ImageTextEncoder
 
@@ -56,8 +57,7 @@ def embed_documents(docs: Sequence[RetrievalDocument], encoder: ImageTextEncoder
     image embeddings (so its norm is at most 1); a document with one modality gets that embedding.
     """
     docs = check_documents(docs)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     out = torch.zeros(len(docs), encoder.embed_dim)
     count = torch.zeros(len(docs), 1)
     bar = tqdm(total=len(docs), desc="embedding documents", disable=not progress, dynamic_ncols=True)

@@ -17,6 +17,7 @@ from torch import nn
 from cm3leon.integrity import TensorFile, check_index, save_tensor_file
 from cm3leon.model import KERNELS, AttentionBackend
 
+from .._checks import is_int
 from .config import DualEncoderConfig
 from .dropout import check_fraction, patch_keep_indices
 from .towers import ImageTower, TextTower
@@ -53,8 +54,7 @@ def check_text_ids(text_ids: object, vocab_size: int, name: str = "text_ids") ->
         raise TypeError(f"{name} must be a list of lists of ints, got {type(text_ids).__name__}")
     out = []
     for i, ids in enumerate(text_ids):
-        if isinstance(ids, (str, torch.Tensor)) or not isinstance(ids, Sequence) or any(
-                isinstance(t, bool) or not isinstance(t, int) for t in ids):
+        if isinstance(ids, (str, torch.Tensor)) or not isinstance(ids, Sequence) or not all(is_int(t) for t in ids):
             raise TypeError(f"{name}[{i}] must be a list of ints")
         if not ids:
             raise ValueError(f"{name}[{i}] is empty")

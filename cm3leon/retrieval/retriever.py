@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_int
 from .bank import MemoryBank
 from .document import RetrievalDocument
 from .dropout import check_fraction, drop_tokens
@@ -54,8 +55,7 @@ class Retriever:
             raise ValueError(f"encoder.embed_dim ({encoder.embed_dim}) != bank.dim ({bank.dim})")
         if isinstance(max_score, bool) or not isinstance(max_score, (int, float)) or not -1.0 < max_score <= 1.0:
             raise ValueError(f"max_score must be a number in (-1, 1], got {max_score!r}")
-        if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 1:
-            raise ValueError(f"oversample must be a positive int, got {oversample!r}")
+        check_int("oversample", oversample, 1)
         self.encoder, self.bank, self.text_tokenizer = encoder, bank, text_tokenizer
         self.max_score = float(max_score)
         self.query_dropout = check_fraction(query_dropout, "query_dropout")
@@ -90,8 +90,7 @@ class Retriever:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         for name, value in (("per_modality", per_modality), ("keep", keep)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, 1)
         queries = check_documents(queries, "queries")
         out = []
         for query in queries:
@@ -108,8 +107,7 @@ class Retriever:
     # ---- internals -------------------------------------------------------------------------------------
     def _check(self, queries: object, k: object, by: object, generator: object) -> list[RetrievalDocument]:
         queries = check_documents(queries, "queries")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k must be a non-negative int, got {k!r}")
+        k = check_int("k", k, 0)
         if k and not len(self.bank):
             raise ValueError("bank is empty: add documents before retrieving")
         if k > len(self.bank):

@@ -18,6 +18,7 @@ from cm3leon.objective import CM3Example, check_objective_args, check_probabilit
 from cm3leon.tokenizer import DocumentCodec, ImageTokenizer, Vocabulary
 from cm3leon_kernels._checks import as_int
 
+from .._checks import check_int
 from .bank import MemoryBank
 from .document import RetrievalDocument
 from .embed import TextTokenizerLike, check_documents, embed_documents
@@ -32,8 +33,7 @@ def caption_image_documents(pairs: PairSource, codec: DocumentCodec, image_token
                             batch_size: int = 64, progress: bool = False) -> list[RetrievalDocument]:
     """``(image, caption)`` items (``ShapesCaptions``, ``ImageCaptionFolder``) -> documents whose
     ``token_ids`` are ``caption <break> image tokens`` (the images tokenized in batches)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     docs: list[RetrievalDocument] = []
     bar = tqdm(total=len(pairs), desc="tokenizing documents", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(pairs), batch_size):
@@ -74,8 +74,7 @@ class RetrievalAugmentedSource:
                                  "examples)")
         seed = as_int("seed", seed)
         for name, value in (("per_modality", per_modality), ("keep", keep)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, 1)
         self.queries, self.retriever, self.vocabulary = queries, retriever, vocabulary
         self.seed, self.max_seq_len = seed, max_seq_len
         self.poisson_rate, self.max_spans = check_objective_args(poisson_rate, max_spans)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._checks import check_int
 from .config import DualEncoderConfig
 from .encoder import DualEncoder
 
@@ -74,8 +75,7 @@ def train_dual_encoder(config: DualEncoderConfig | str, pairs: PairSource, text_
             of a few 1e-3 collapsed the demo encoder to constant embeddings (the chance-level loss).
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("log_every", log_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value, 1)
     if not (hasattr(pairs, "__len__") and hasattr(pairs, "__getitem__")):
         raise TypeError(f"pairs must be indexable (image, caption) items, got {type(pairs).__name__}")
     if batch_size > len(pairs):

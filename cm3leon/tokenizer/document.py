@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._checks import is_int
 from .image import ImageTokenizer
 from .text import TextTokenizer
 from .vocabulary import Vocabulary
@@ -44,8 +45,7 @@ class DocumentCodec:
             raise ValueError(f"text_tokenizer.vocab_size ({text_tokenizer.vocab_size}) != "
                              f"vocabulary.text_size ({vocabulary.text_size})")
         if image_shape is not None:
-            if len(image_shape) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
-                                            for s in image_shape):
+            if len(image_shape) != 2 or not all(is_int(s) and s >= 1 for s in image_shape):
                 raise ValueError(f"image_shape must be a pair of positive ints, got {image_shape!r}")
             image_shape = (int(image_shape[0]), int(image_shape[1]))
         self.text_tokenizer = text_tokenizer
@@ -162,7 +162,7 @@ def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
             raise ValueError(f"ids must be a 1-D integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
         return ids.tolist()
     out = list(ids)
-    if any(isinstance(t, bool) or not isinstance(t, int) for t in out):
+    if not all(is_int(t) for t in out):
         raise TypeError("ids must be a sequence of ints")
     return out
 

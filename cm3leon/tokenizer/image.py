@@ -16,6 +16,7 @@ from torch import nn
 
 from cm3leon_kernels import vq_nearest
 
+from .._checks import check_int
 from ..integrity import TensorFile, check_index, save_tensor_file
 from .codebook import Codebook
 from .image_config import ImageTokenizerConfig
@@ -27,8 +28,7 @@ _FORMAT = "cm3leon-image-tokenizer"
 
 
 def _check_batch_size(batch_size: object) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
 
 
 class TokenizerOutput(NamedTuple):

@@ -13,6 +13,7 @@ from os import PathLike
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .._checks import check_int, is_int
 from ..integrity import CheckpointError
 
 __all__ = ["PAPER_TEXT_VOCAB_SIZE", "TextTokenizer"]
@@ -47,8 +48,7 @@ class TextTokenizer:
                 earlier, so read :attr:`vocab_size` for the real size. Paper: 56,320.
             min_frequency: a pair must occur this often to be merged.
         """
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _BYTE_ALPHABET:
-            raise ValueError(f"vocab_size must be an int >= {_BYTE_ALPHABET} (the byte alphabet), got {vocab_size!r}")
+        check_int("vocab_size", vocab_size, _BYTE_ALPHABET)  # at least the byte alphabet
         if isinstance(corpus, str):
             raise TypeError("corpus must be an iterable of strings, not a single string")
         tok = _byte_level_bpe()
@@ -82,7 +82,7 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """BPE ids -> text; ValueError if an id is outside ``[0, vocab_size)``."""
         ids = list(ids)
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size]
+        bad = [i for i in ids if not is_int(i) or not 0 <= i < self.vocab_size]
         if bad:
             raise ValueError(f"ids must be ints in [0, {self.vocab_size}), got {bad[:5]}")
         return self._tok.decode(ids, skip_special_tokens=False)
