@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+# The floating dtypes every kernel accepts, float32 first.
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
 
 def fa_rule_bound(reference: torch.Tensor, baseline: torch.Tensor, factor: float = 2.0,
                   eps: float = 1e-6) -> float:
@@ -50,9 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_isolated(code: str, *, timeout: float = 120.0, env: dict[str, str] | None = None
                  ) -> subprocess.CompletedProcess:
-    """Runs ``code`` in a fresh interpreter (this checkout's packages first on the path), so a crash or a hang
-    fails the calling test instead of killing pytest. Returns the ``CompletedProcess`` (text output)."""
-    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    """Runs ``code`` in a fresh interpreter (this checkout's packages and the test support modules first on the
+    path), so a crash or a hang fails the calling test instead of killing pytest. Returns the
+    ``CompletedProcess`` (text output)."""
+    path = os.pathsep.join(filter(None, (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH"))))
     full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cuda_compile import CSRC, _cutlass_include, _nvcc
+from cuda_build import CSRC, cutlass_include, nvcc
 
 SOURCE = Path(__file__).parent / "cuda" / "attention_layout_check.cu"
 
 
-@pytest.mark.skipif(_nvcc() is None or not _cutlass_include(), reason="needs nvcc and the CUTLASS headers")
+@pytest.mark.skipif(nvcc() is None or not cutlass_include(), reason="needs nvcc and the CUTLASS headers")
 def test_sm80_fragment_layouts_match_the_kernels_formulas(tmp_path):
     exe = tmp_path / "layout_check"
-    build = subprocess.run([_nvcc(), "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}",
-                            *_cutlass_include(), str(SOURCE), "-o", str(exe)], capture_output=True, text=True)
+    build = subprocess.run([nvcc(), "-std=c++17", "-O1", "--expt-relaxed-constexpr", f"-I{CSRC}",
+                            *cutlass_include(), str(SOURCE), "-o", str(exe)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True)
     assert run.returncode == 0 and "FAIL" not in run.stdout, run.stdout[-3000:]

@@ -7,33 +7,16 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+from cuda_build import CSRC, cuda_include, cutlass_include, nvcc
+
 CUDA_SOURCES = sorted(CSRC.rglob("*.cu"))
 ARCHS = ("80", "90a")
-
-
-def _nvcc() -> str | None:
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    candidate = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
-    return str(candidate) if candidate.exists() else None
-
-
-def _cutlass_include() -> list[str]:
-    try:
-        import cutlass_library
-    except ImportError:
-        return []
-    path = Path(cutlass_library.__file__).parent / "source" / "include"
-    return [f"-I{path}"] if path.is_dir() else []
 
 
 def test_there_are_cuda_sources():
@@ -48,14 +31,14 @@ def test_cuda_sources_are_torch_free(source):
         assert not re.search(r"#\s*include\s*[<\"](torch|ATen|c10)/", text), f"{path} includes torch headers"
 
 
-@pytest.mark.skipif(_nvcc() is None, reason="nvcc not found")
+@pytest.mark.skipif(nvcc() is None, reason="nvcc not found")
 def test_cuda_sources_compile_for_sm80_and_sm90a(tmp_path):
-    nvcc = _nvcc()
+    compiler = nvcc()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
 
     def compile_one(source: Path) -> tuple[Path, subprocess.CompletedProcess]:
-        cmd = [nvcc, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), "-std=c++17", "-O3",
-               "-DNDEBUG", "--expt-relaxed-constexpr", f"-I{CSRC}", *_cutlass_include(), *gencode]
+        cmd = [compiler, "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), "-std=c++17", "-O3",
+               "-DNDEBUG", "--expt-relaxed-constexpr", f"-I{CSRC}", *cutlass_include(), *gencode]
         return source, subprocess.run(cmd, capture_output=True, text=True)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -64,20 +47,10 @@ def test_cuda_sources_compile_for_sm80_and_sm90a(tmp_path):
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
 
 
-def _cuda_include() -> Path | None:
-    nvcc = _nvcc()
-    if nvcc is None:
-        return None
-    for root in (Path(nvcc).resolve().parents[1], Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"))):
-        if (root / "include" / "cuda_runtime_api.h").exists():
-            return root / "include"
-    return None
-
-
 CUDA_GLUE = sorted(CSRC.rglob("*_cuda_launch.cpp")) + [CSRC / "ops.cpp"]
 
 
-@pytest.mark.skipif(_cuda_include() is None, reason="CUDA toolkit headers not found")
+@pytest.mark.skipif(cuda_include() is None, reason="CUDA toolkit headers not found")
 def test_cuda_launchers_compile_against_torch_headers(tmp_path):
     """The at::Tensor glue of the CUDA kernels (built only with a CUDA torch) type-checks here too.
 
@@ -91,7 +64,7 @@ def test_cuda_launchers_compile_against_torch_headers(tmp_path):
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    includes = [f"-I{p}" for p in (CSRC, *cpp_extension.include_paths(), tmp_path, _cuda_include(),
+    includes = [f"-I{p}" for p in (CSRC, *cpp_extension.include_paths(), tmp_path, cuda_include(),
                                     sysconfig.get_paths()["include"])]
 
     def check(source: Path) -> tuple[Path, subprocess.CompletedProcess]:

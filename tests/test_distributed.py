@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).parent))
-from model_fixtures import small_model  # noqa: E402
+from model_fixtures import small_model
 
 
 def _train_step(model, tokens, cu):

@@ -24,8 +24,6 @@ BATCHES = int(os.environ.get("CM3LEON_FUZZ_BATCHES", "3"))
 
 def _run(cases: list[tuple]) -> None:
     result = run_isolated(f"""
-        import sys
-        sys.path.insert(0, "tests")
         from fuzz_cases import main
         main({json.dumps(cases)!r})
     """, timeout=300)

@@ -11,90 +11,20 @@ from hypothesis import strategies as st
 
 from cm3leon_kernels import _C, cfg_sample, contrastive_sample, reference
 
-from helpers import poisoned_outputs
-
-V = 101          # small vocabulary for the distribution tests: one full 64-token SIMD chunk + a scalar tail
-N = 1 << 18      # draws per distribution test (262,144)
-
-# Total-variation bound for N i.i.d. draws from p over V categories:
-#   E[TV] = 1/2 sum_i E|p̂_i - p_i| <= 1/2 sum_i sqrt(p_i / N) <= 1/2 sqrt(V / N)   (Jensen, Cauchy-Schwarz),
-# and one draw moves TV by at most 1/N, so McDiarmid gives P(TV >= E[TV] + t) <= exp(-2 N t^2).
-# With a false-alarm probability of 1e-9 per test, t = sqrt(ln(1e9) / (2N)). For V = 101, N = 2^18 the bound is
-# about 0.016, while e.g. dropping or wrongly keeping a token of probability 3% moves TV by >= 0.03.
-TV_BOUND = 0.5 * math.sqrt(V / N) + math.sqrt(math.log(1e9) / (2 * N))
-
-
-def _logits(streams: int, *, scale: float = 1.5, vocab: int = V, batch: int = 1, seed: int = 1,
-            dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, streams, vocab, generator=g) * scale).to(dtype)
-
-
-def _empirical(tokens: torch.Tensor, vocab: int = V) -> torch.Tensor:
-    return torch.bincount(tokens, minlength=vocab).double() / tokens.numel()
-
-
-def _assert_distribution(tokens: torch.Tensor, probs: torch.Tensor) -> None:
-    emp = _empirical(tokens, probs.numel())
-    tv = 0.5 * (emp - probs).abs().sum().item()
-    assert tv <= TV_BOUND, f"TV {tv:.4f} > bound {TV_BOUND:.4f}"
-    never = probs == 0
-    assert emp[never].sum() == 0, f"filtered tokens drawn: {never.nonzero().flatten().tolist()}"
-
-
-CFG_CASES = [
-    dict(streams=1, guidance_scale=None),
-    dict(streams=2, guidance_scale=3.0, temperature=0.7),
-    dict(streams=3, guidance_scale=(1.5, 2.5)),
-    dict(streams=2, guidance_scale=2.0, top_k=5),
-    dict(streams=2, guidance_scale=2.0, top_p=0.8),
-    dict(streams=1, guidance_scale=None, min_p=0.05),
-    dict(streams=2, guidance_scale=1.5, temperature=1.3, top_k=10, top_p=0.9, min_p=0.02, allowed_range=(3, 90)),
-    dict(streams=2, guidance_scale=2.0, top_p=0.7, allowed_mask="vector"),
-    dict(streams=1, guidance_scale=None, top_k=4, top_p=0.95, allowed_mask="rows"),
-    dict(streams=2, guidance_scale=2.0, top_k=8, dtype=torch.bfloat16),
-    dict(streams=3, guidance_scale=(1.5, 7.5), top_p=0.85, dtype=torch.float16),
-    dict(streams=1, guidance_scale=None, top_k=3, top_p=0.6, integer_logits=True),  # ties at both thresholds
-]
-
-
-def _mix_gain(streams: int, guidance_scale) -> float:
-    """Standard deviation of the mixed logits for i.i.d. unit-variance streams."""
-    if streams == 1:
-        return 1.0
-    if streams == 2:
-        return math.hypot(1 - guidance_scale, guidance_scale)
-    s_img, s_txt = guidance_scale
-    return math.sqrt((1 - s_img) ** 2 + (s_img - s_txt) ** 2 + s_txt ** 2)
-
-
-def _case_inputs(case: dict, batch: int):
-    case = dict(case)
-    streams = case.pop("streams")
-    dtype = case.pop("dtype", torch.float32)
-    # Mixed logits with standard deviation 1.2 whatever the guidance, so the filters keep several tokens.
-    scale = 1.2 / _mix_gain(streams, case["guidance_scale"])
-    if case.pop("integer_logits", False):
-        base = torch.randint(-3, 3, (1, streams, V), generator=torch.Generator().manual_seed(2)).float().to(dtype)
-    else:
-        base = _logits(streams, scale=scale, dtype=dtype)
-    mask = case.pop("allowed_mask", None)
-    if mask is not None:
-        vec = torch.rand(V, generator=torch.Generator().manual_seed(3)) < 0.6
-        case["allowed_mask"] = vec if mask == "vector" else vec.expand(batch, V).contiguous()
-    return base, case
+from sampling_checks import (CFG_CASES, N, V, assert_distribution, cfg_case_inputs, check_empty_row_raises,
+                             check_every_output_written, inverse_cdf_draw, random_logits)
 
 
 @pytest.mark.parametrize("case", CFG_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_cfg_distribution(case):
-    base, opts = _case_inputs(case, N)
+    base, opts = cfg_case_inputs(case, N)
     tokens, logprobs = cfg_sample(base.expand(N, -1, -1), seed=1234, step=7, return_logprobs=True, **opts)
     ref_opts = dict(opts)
     if "allowed_mask" in ref_opts and ref_opts["allowed_mask"].dim() == 2:
         ref_opts["allowed_mask"] = ref_opts["allowed_mask"][:1]
     probs = reference.cfg_probs(base, **ref_opts)[0]
     assert (probs > 0).sum() >= 3 and probs.max() < 0.8, "test case must leave a real choice"
-    _assert_distribution(tokens, probs)
+    assert_distribution(tokens, probs)
     # logprobs: the log-probability of each drawn token under the exact final distribution
     torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=2e-4, rtol=0)
 
@@ -108,21 +38,21 @@ def test_cfg_distribution(case):
 def test_contrastive_distribution(case):
     case = dict(case)
     dtype = case.pop("dtype", torch.float32)
-    x = _logits(2, scale=1.2, seed=5, dtype=dtype)
+    x = random_logits(2, scale=1.2, seed=5, dtype=dtype)
     amateur, expert = x[:, 0], x[:, 1]
     seeds = torch.arange(N, dtype=torch.int64) * 7919 + 11  # per-row seeds this time
     tokens, logprobs = contrastive_sample(expert.expand(N, -1), amateur.expand(N, -1), seed=seeds, step=0,
                                           return_logprobs=True, **case)
     probs = reference.contrastive_probs(expert, amateur, **case)[0]
     assert (probs > 0).sum() >= 2, "test case must leave a choice"
-    _assert_distribution(tokens, probs)
+    assert_distribution(tokens, probs)
     torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=2e-4, rtol=0)
 
 
 def test_contrastive_expert_temperature_equivalence():
     """The documented reparametrisation: CD-K with an expert temperature t (p_exp = softmax(expert / t), scores
     sampled at temperature 1) equals alpha ** t, temperature = t, amateur_temperature / t here."""
-    x = _logits(2, batch=3, seed=8).double()
+    x = random_logits(2, batch=3, seed=8).double()
     expert, amateur = x[:, 1], x[:, 0]
     alpha, k, t, t_ama = 0.1, 2, 0.7, 0.8
     log_p_exp = torch.log_softmax(expert / t, -1)
@@ -132,14 +62,6 @@ def test_contrastive_expert_temperature_equivalence():
     ours = reference.contrastive_probs(expert, amateur, alpha=alpha ** t, k=k, temperature=t,
                                        amateur_temperature=t_ama / t)
     torch.testing.assert_close(ours, torch.softmax(score, -1), atol=1e-12, rtol=0)
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference draw in token order, and whether u is safely away (1e-6) from a CDF step."""
-    cdf = probs.cumsum(-1)
-    pick = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).squeeze(1).clamp(max=probs.shape[-1] - 1)
-    margin = (cdf - u[:, None] * cdf[:, -1:]).abs().min(dim=-1).values
-    return pick, margin > 1e-6
 
 
 @pytest.mark.parametrize("opts", [
@@ -164,7 +86,7 @@ def test_cfg_exact_draw_large_vocab(opts):
     tokens = cfg_sample(logits, guidance_scale=2.5, seed=seed, step=step, **opts)
     probs = reference.cfg_probs(logits, guidance_scale=2.5, **opts)
     u = torch.tensor([_C.philox_uniform(seed, r, step) for r in range(batch)], dtype=torch.float64)
-    expected, safe = _inverse_cdf(probs, u)
+    expected, safe = inverse_cdf_draw(probs, u)
     assert safe.all()
     assert torch.equal(tokens, expected)
 
@@ -180,7 +102,7 @@ def test_contrastive_exact_draw_large_vocab(opts):
     tokens = contrastive_sample(expert, amateur, seed=seeds, step=step, **opts)
     probs = reference.contrastive_probs(expert, amateur, **opts)
     u = torch.tensor([_C.philox_uniform(1000 + r, 0, step) for r in range(batch)], dtype=torch.float64)
-    expected, safe = _inverse_cdf(probs, u)
+    expected, safe = inverse_cdf_draw(probs, u)
     assert safe.all()
     assert torch.equal(tokens, expected)
 
@@ -209,7 +131,7 @@ def test_cfg_matches_reference_draw_property(batch, streams, vocab, dtype, tempe
         assert torch.equal(tokens, probs.argmax(-1))
         return
     u = torch.tensor([_C.philox_uniform(77, r, 5) for r in range(batch)], dtype=torch.float64)
-    expected, safe = _inverse_cdf(probs, u)
+    expected, safe = inverse_cdf_draw(probs, u)
     if top_p < 1:  # the kept set must not hinge on float rounding of the nucleus mass
         for near in (top_p - 1e-5, min(top_p + 1e-5, 1.0)):
             other = reference.cfg_probs(x, guidance_scale=scales, **{**opts, "top_p": near})
@@ -236,7 +158,7 @@ def test_contrastive_matches_reference_draw_property(batch, vocab, k, alpha, tem
         assert torch.equal(tokens, probs.argmax(-1))
         return
     u = torch.tensor([_C.philox_uniform(3, r, 1) for r in range(batch)], dtype=torch.float64)
-    expected, safe = _inverse_cdf(probs, u)
+    expected, safe = inverse_cdf_draw(probs, u)
     assert torch.equal(tokens[safe], expected[safe])
 
 
@@ -250,7 +172,7 @@ def test_philox_known_answers():
 
 
 def test_determinism_and_step():
-    x = _logits(2, batch=64, vocab=500)
+    x = random_logits(2, batch=64, vocab=500)
     a = cfg_sample(x, guidance_scale=2.0, seed=5, step=1)
     assert torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=1))
     assert torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=torch.tensor(1)))
@@ -265,7 +187,7 @@ def test_determinism_and_step():
 
 
 def test_per_row_seed_batch_invariance():
-    x = _logits(2, batch=16, vocab=3001, seed=9)
+    x = random_logits(2, batch=16, vocab=3001, seed=9)
     seeds = torch.randint(0, 2**62, (16,), dtype=torch.int64)
     opts = dict(guidance_scale=3.0, top_k=40, top_p=0.9, seed=seeds, step=11)
     full = cfg_sample(x, **opts)
@@ -283,7 +205,7 @@ def test_per_row_seed_batch_invariance():
 def test_thread_count_invariance(opts):
     """Same tokens with 1 or 2 threads, and for a row alone (B = 1 splits the row over threads) or in a batch
     (rows over threads)."""
-    x = _logits(2, batch=5, vocab=40000, seed=3)
+    x = random_logits(2, batch=5, vocab=40000, seed=3)
     seeds = torch.arange(5, dtype=torch.int64) * 3 + 1
     prev = torch.get_num_threads()
     results = []
@@ -318,25 +240,13 @@ def test_greedy_is_argmax(dtype):
     assert torch.equal(cd, reference.contrastive_probs(e, a, alpha=0.5, k=2, temperature=0.0).argmax(-1))
 
 
-def check_every_output_written(temperature, device):
-    """Poisoned outputs: every token and logprob of both samplers is written and valid. Shared with CUDA."""
-    x = _logits(3, batch=7, vocab=5000).to(device)
-    with poisoned_outputs():
-        tokens, logprobs = cfg_sample(x, guidance_scale=(1.5, 3.0), temperature=temperature, top_k=20, seed=1,
-                                      step=0, return_logprobs=True)
-        cd_tokens, cd_logprobs = contrastive_sample(x[:, 2], x[:, 0], temperature=temperature, seed=1, step=0,
-                                                    return_logprobs=True)
-    for t, lp in ((tokens, logprobs), (cd_tokens, cd_logprobs)):
-        assert torch.all((t >= 0) & (t < 5000)) and torch.all(torch.isfinite(lp)) and torch.all(lp <= 0)
-
-
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_every_output_written(temperature):
     check_every_output_written(temperature, "cpu")
 
 
 def test_neg_inf_excludes_and_strided_input():
-    x = _logits(2, batch=4000, vocab=V)
+    x = random_logits(2, batch=4000, vocab=V)
     x[:, 0, :10] = -math.inf  # unconditional -inf excludes, whatever the conditional says
     x[:, 1, 20] = -math.inf
     wide = torch.zeros(4000, 3, V + 5)
@@ -348,7 +258,7 @@ def test_neg_inf_excludes_and_strided_input():
 
 def test_integer_like_allowed_range():
     """numpy integers (e.g. from a numpy-built vocabulary) work as allowed_range bounds, like top_k and k."""
-    x = _logits(2, batch=64)
+    x = random_logits(2, batch=64)
     expected = cfg_sample(x, guidance_scale=2.0, allowed_range=(5, 9), seed=0, step=0)
     assert torch.equal(cfg_sample(x, guidance_scale=2.0, allowed_range=(np.int64(5), np.int32(9)), seed=0, step=0),
                        expected)
@@ -358,7 +268,7 @@ def test_integer_like_allowed_range():
 @pytest.mark.parametrize("seed", [3, torch.zeros(0, dtype=torch.int64)], ids=["int", "tensor"])
 def test_empty_batch(seed):
     """B = 0 returns empty outputs (it used to divide by the batch size and kill the process with SIGFPE)."""
-    x = _logits(2, batch=1)[:0]
+    x = random_logits(2, batch=1)[:0]
     tokens, logprobs = cfg_sample(x, guidance_scale=2.0, seed=seed, step=0, return_logprobs=True)
     assert tokens.shape == (0,) and tokens.dtype == torch.int64 and logprobs.shape == (0,)
     tokens = contrastive_sample(x[:, 1], x[:, 0], seed=seed, step=0)
@@ -390,12 +300,12 @@ def test_empty_batch(seed):
 def test_cfg_bad_arguments(kwargs, exc, match):
     kwargs = {"seed": 0, "step": 0, **kwargs}
     with pytest.raises(exc, match=match):
-        cfg_sample(_logits(2, batch=4), **kwargs)
+        cfg_sample(random_logits(2, batch=4), **kwargs)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_logits_raise(bad):
-    x = _logits(2, batch=4)
+    x = random_logits(2, batch=4)
     x[2, 1, 7] = bad
     with pytest.raises(ValueError, match="row 2 holds NaN or \\+inf"):
         cfg_sample(x, guidance_scale=2.0, seed=0, step=0)
@@ -406,24 +316,10 @@ def test_non_finite_logits_raise(bad):
     with pytest.raises(ValueError, match="non-finite"):  # the mix overflows float32
         cfg_sample(big, guidance_scale=3.0, seed=0, step=0)
     with pytest.raises(ValueError, match="row 0 .*non-finite"):  # so does dividing by a tiny temperature
-        cfg_sample(_logits(1, batch=2, vocab=100) + 10, guidance_scale=None, temperature=1e-38, seed=0, step=0)
-    e = _logits(1, batch=2, vocab=100)[:, 0]
+        cfg_sample(random_logits(1, batch=2, vocab=100) + 10, guidance_scale=None, temperature=1e-38, seed=0, step=0)
+    e = random_logits(1, batch=2, vocab=100)[:, 0]
     with pytest.raises(ValueError, match="non-finite"):
         contrastive_sample(e + 10, e - 10, temperature=1e-38, seed=0, step=0)
-
-
-def check_empty_row_raises(device):
-    """Rows left without an allowed token raise, naming the row. Shared with the CUDA tests."""
-    x = _logits(2, batch=3).to(device)
-    mask = torch.ones(3, V, dtype=torch.bool, device=device)
-    mask[1] = False
-    with pytest.raises(ValueError, match="row 1 has no allowed token"):
-        cfg_sample(x, guidance_scale=2.0, allowed_mask=mask, seed=0, step=0)
-    x[0, 0, 3:] = -math.inf
-    with pytest.raises(ValueError, match="row 0 has no allowed token"):
-        cfg_sample(x, guidance_scale=2.0, allowed_range=(3, V), seed=0, step=0)
-    with pytest.raises(ValueError, match="row 0 has no allowed token"):
-        contrastive_sample(x[:, 1], x[:, 0], allowed_range=(3, V), seed=0, step=0)
 
 
 def test_empty_row_raises():
@@ -438,7 +334,7 @@ def test_empty_row_raises():
     (dict(amateur_temperature=0.0), ValueError, "amateur_temperature"),
 ])
 def test_contrastive_bad_arguments(kwargs, exc, match):
-    x = _logits(2, batch=4)
+    x = random_logits(2, batch=4)
     with pytest.raises(exc, match=match):
         contrastive_sample(x[:, 1], x[:, 0], seed=0, step=0, **kwargs)
     with pytest.raises(ValueError, match="amateur_logits"):
@@ -446,7 +342,7 @@ def test_contrastive_bad_arguments(kwargs, exc, match):
 
 
 def test_opcheck():
-    x = _logits(2, batch=5, vocab=97)
+    x = random_logits(2, batch=5, vocab=97)
     mask = torch.rand(97) < 0.5
     seeds = torch.arange(5, dtype=torch.int64)
     ops = torch.ops.cm3leon
@@ -460,14 +356,14 @@ def test_opcheck():
 
 
 def test_outputs_carry_no_gradient():
-    x = _logits(2, batch=3, vocab=50).requires_grad_()
+    x = random_logits(2, batch=3, vocab=50).requires_grad_()
     _, logprobs = cfg_sample(x, guidance_scale=2.0, seed=0, step=0, return_logprobs=True)
     _, cd_logprobs = contrastive_sample(x[:, 1], x[:, 0], seed=0, step=0, return_logprobs=True)
     assert not logprobs.requires_grad and not cd_logprobs.requires_grad
 
 
 def test_torch_compile_fullgraph():
-    x = _logits(2, batch=6, vocab=211)
+    x = random_logits(2, batch=6, vocab=211)
     seeds = torch.arange(6, dtype=torch.int64)
 
     def step_fn(logits, step):

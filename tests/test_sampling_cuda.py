@@ -16,8 +16,8 @@ import torch
 import cm3leon_kernels
 from cm3leon_kernels import _C, cfg_sample, contrastive_sample, reference
 
-from test_sampling import (CFG_CASES, N, V, _assert_distribution, _case_inputs, _inverse_cdf, _logits,
-                           check_empty_row_raises, check_every_output_written)
+from sampling_checks import (CFG_CASES, N, V, assert_distribution, cfg_case_inputs, check_empty_row_raises,
+                             check_every_output_written, inverse_cdf_draw, random_logits)
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and cm3leon_kernels.cuda_built()),
                                 reason="needs a CUDA GPU and a build with the CUDA kernels")
@@ -33,10 +33,10 @@ def _cuda(opts: dict) -> dict:
 def _stable_rows(x: torch.Tensor, opts: dict, u: torch.Tensor, probs_fn) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 reference draw, and the rows whose token cannot hinge on rounding: the uniform is 1e-6 away
     from every CDF step, and moving top_p by 1e-5 (far more than float rounding of the mass) draws the same."""
-    expected, safe = _inverse_cdf(probs_fn(x, **opts), u)
+    expected, safe = inverse_cdf_draw(probs_fn(x, **opts), u)
     if opts.get("top_p", 1.0) < 1.0:
         for near in (opts["top_p"] - 1e-5, min(opts["top_p"] + 1e-5, 1.0)):
-            other, other_safe = _inverse_cdf(probs_fn(x, **{**opts, "top_p": near}), u)
+            other, other_safe = inverse_cdf_draw(probs_fn(x, **{**opts, "top_p": near}), u)
             safe &= other_safe & (other == expected)
     return expected, safe
 
@@ -122,7 +122,7 @@ def test_contrastive_same_tokens_as_cpu():
             safe = torch.ones_like(cpu_tok, dtype=torch.bool)
         else:
             probs = reference.contrastive_probs(expert, amateur, **opts)
-            _, safe = _inverse_cdf(probs, _row_uniforms(seeds, batch, case))
+            _, safe = inverse_cdf_draw(probs, _row_uniforms(seeds, batch, case))
         ctx = f"case {case}: [{batch}, {vocab}] {dtype} {opts}"
         assert torch.equal(gpu_tok[safe], cpu_tok[safe]), ctx
         torch.testing.assert_close(gpu_lp[safe], cpu_lp[safe], atol=1e-5, rtol=0, msg=ctx)
@@ -151,7 +151,7 @@ def test_contrastive_subnormal_logits_same_tokens_as_cpu(dtype):
         safe = torch.ones_like(cpu_tok, dtype=torch.bool)
         if temperature > 0:  # skip rows whose uniform lies within rounding of a CDF step
             probs = reference.contrastive_probs(expert, amateur, **opts)
-            _, safe = _inverse_cdf(probs, _row_uniforms(seeds, batch, step))
+            _, safe = inverse_cdf_draw(probs, _row_uniforms(seeds, batch, step))
         assert safe.sum() >= batch // 2, opts
         assert torch.equal(gpu_tok.cpu()[safe], cpu_tok[safe]), opts
         torch.testing.assert_close(gpu_lp.cpu()[safe], cpu_lp[safe], atol=1e-5, rtol=0, msg=str(opts))
@@ -160,7 +160,7 @@ def test_contrastive_subnormal_logits_same_tokens_as_cpu(dtype):
 @pytest.mark.parametrize("case", CFG_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_cfg_distribution(case):
     """N draws on the GPU against the exact float64 distribution (total-variation bound of test_sampling)."""
-    base, opts = _case_inputs(case, N)
+    base, opts = cfg_case_inputs(case, N)
     tokens, logprobs = cfg_sample(base.to(DEV).expand(N, -1, -1), seed=4321, step=3, return_logprobs=True,
                                   **_cuda(opts))
     tokens, logprobs = tokens.cpu(), logprobs.cpu()
@@ -168,7 +168,7 @@ def test_cfg_distribution(case):
     if "allowed_mask" in ref_opts and ref_opts["allowed_mask"].dim() == 2:
         ref_opts["allowed_mask"] = ref_opts["allowed_mask"][:1]
     probs = reference.cfg_probs(base, **ref_opts)[0]
-    _assert_distribution(tokens, probs)
+    assert_distribution(tokens, probs)
     torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=2e-4, rtol=0)
 
 
@@ -178,14 +178,14 @@ def test_cfg_distribution(case):
 def test_contrastive_distribution(case):
     case = dict(case)
     dtype = case.pop("dtype", torch.float32)
-    x = _logits(2, scale=1.2, seed=5, dtype=dtype)
+    x = random_logits(2, scale=1.2, seed=5, dtype=dtype)
     amateur, expert = x[:, 0], x[:, 1]
     seeds = (torch.arange(N, dtype=torch.int64) * 7919 + 11).to(DEV)
     tokens, logprobs = contrastive_sample(expert.to(DEV).expand(N, -1), amateur.to(DEV).expand(N, -1), seed=seeds,
                                           step=0, return_logprobs=True, **case)
     tokens, logprobs = tokens.cpu(), logprobs.cpu()
     probs = reference.contrastive_probs(expert, amateur, **case)[0]
-    _assert_distribution(tokens, probs)
+    assert_distribution(tokens, probs)
     torch.testing.assert_close(logprobs.double(), probs.log()[tokens], atol=2e-4, rtol=0)
 
 
@@ -226,7 +226,7 @@ def test_every_output_written(temperature):
 
 
 def test_neg_inf_excludes_and_strided_input():
-    x = _logits(2, batch=4000, vocab=V)
+    x = random_logits(2, batch=4000, vocab=V)
     x[:, 0, :10] = -math.inf
     x[:, 1, 20] = -math.inf
     wide = torch.zeros(4000, 3, V + 5)
@@ -238,7 +238,7 @@ def test_neg_inf_excludes_and_strided_input():
 
 def test_step_forms_agree():
     """An int step, a CPU step tensor and a CUDA step tensor draw the same; other steps/seeds differ."""
-    x = _logits(2, batch=64, vocab=500).to(DEV)
+    x = random_logits(2, batch=64, vocab=500).to(DEV)
     a = cfg_sample(x, guidance_scale=2.0, seed=5, step=1)
     assert torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=torch.tensor(1)))
     assert torch.equal(a, cfg_sample(x, guidance_scale=2.0, seed=5, step=torch.tensor(1, device=DEV)))
@@ -248,7 +248,7 @@ def test_step_forms_agree():
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_logits_raise(bad):
-    x = _logits(2, batch=4)
+    x = random_logits(2, batch=4)
     x[2, 1, 7] = bad
     with pytest.raises(ValueError, match="row 2 holds NaN or \\+inf"):
         cfg_sample(x.to(DEV), guidance_scale=2.0, seed=0, step=0)
@@ -259,9 +259,9 @@ def test_non_finite_logits_raise(bad):
     with pytest.raises(ValueError, match="non-finite"):  # the mix overflows float32
         cfg_sample(big.to(DEV), guidance_scale=3.0, seed=0, step=0)
     with pytest.raises(ValueError, match="row 0 .*non-finite"):  # so does dividing by a tiny temperature
-        cfg_sample(_logits(1, batch=2, vocab=100).to(DEV) + 10, guidance_scale=None, temperature=1e-38, seed=0,
+        cfg_sample(random_logits(1, batch=2, vocab=100).to(DEV) + 10, guidance_scale=None, temperature=1e-38, seed=0,
                    step=0)
-    e = _logits(1, batch=2, vocab=100)[:, 0].to(DEV)
+    e = random_logits(1, batch=2, vocab=100)[:, 0].to(DEV)
     with pytest.raises(ValueError, match="non-finite"):
         contrastive_sample(e + 10, e - 10, temperature=1e-38, seed=0, step=0)
 
@@ -271,7 +271,7 @@ def test_empty_row_raises():
 
 
 def test_device_mismatch_raises():
-    x = _logits(2, batch=3).to(DEV)
+    x = random_logits(2, batch=3).to(DEV)
     with pytest.raises(ValueError, match="allowed_mask"):
         cfg_sample(x, guidance_scale=2.0, allowed_mask=torch.ones(V, dtype=torch.bool), seed=0, step=0)
     with pytest.raises(ValueError, match="seed"):
@@ -281,7 +281,7 @@ def test_device_mismatch_raises():
 
 
 def test_opcheck():
-    x = _logits(2, batch=5, vocab=97).to(DEV)
+    x = random_logits(2, batch=5, vocab=97).to(DEV)
     mask = (torch.rand(97) < 0.5).to(DEV)
     seeds = torch.arange(5, dtype=torch.int64, device=DEV)
     ops = torch.ops.cm3leon
@@ -295,7 +295,7 @@ def test_opcheck():
 def test_cuda_graph_decode_loop():
     """A captured step: the kernel reads the step from device memory, so each replay draws anew, exactly as
     eager calls with step = 0, 1, 2, ... do."""
-    x = _logits(2, batch=8, vocab=4099, seed=3).to(DEV)
+    x = random_logits(2, batch=8, vocab=4099, seed=3).to(DEV)
     seeds = torch.arange(8, dtype=torch.int64, device=DEV) + 100
     step = torch.zeros((), dtype=torch.int64, device=DEV)
     opts = dict(guidance_scale=2.0, top_k=40, top_p=0.9, seed=seeds)
@@ -323,7 +323,7 @@ def test_cuda_graph_decode_loop():
 
 def test_cuda_graph_bad_row_is_marked():
     """Under capture the status cannot be read back: a bad row yields token -1 and logprob NaN instead."""
-    x = _logits(2, batch=4, vocab=300).to(DEV)
+    x = random_logits(2, batch=4, vocab=300).to(DEV)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

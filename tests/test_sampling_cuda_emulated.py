@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cuda_compile import _cuda_include
+from cuda_build import cuda_include
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = Path(__file__).with_name("sampling_cuda_emulator.cpp")
@@ -31,7 +31,7 @@ def _samplers_flush_to_zero() -> bool:
     return ("--use_fast_math" in cmake or "--ftz=true" in cmake) and keep is None
 
 
-@pytest.mark.skipif(shutil.which("c++") is None or _cuda_include() is None,
+@pytest.mark.skipif(shutil.which("c++") is None or cuda_include() is None,
                     reason="needs a host C++ compiler and the CUDA toolkit headers")
 def test_cuda_kernel_bodies_match_cpu_kernel(tmp_path):
     exe = tmp_path / "sampling_cuda_emulator"
@@ -43,7 +43,7 @@ def test_cuda_kernel_bodies_match_cpu_kernel(tmp_path):
     csrc = ROOT / "csrc"
     for cmd in ([*flags, "-DCM3LEON_ISA_LEVEL=0", "-c", str(csrc / "sampling" / "sampling_cpu.cpp"), "-o",
                  str(kernel)],
-                [*flags, f"-I{_cuda_include()}", str(EMULATOR), str(csrc / "common" / "cpu_features.cpp"),
+                [*flags, f"-I{cuda_include()}", str(EMULATOR), str(csrc / "common" / "cpu_features.cpp"),
                  str(kernel), "-o", str(exe)]):
         build = subprocess.run(cmd, capture_output=True, text=True)
         assert build.returncode == 0, build.stderr[-3000:]

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import poisoned_outputs
-from test_vq import check_nearest, check_torch_compile_fullgraph, check_vector_quantize_matches_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 
+from helpers import FLOAT_DTYPES, poisoned_outputs
+from vq_checks import check_nearest, check_torch_compile_fullgraph, check_vector_quantize_matches_reference
+
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
                                 reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
 
 CUDA = "cuda"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = FLOAT_DTYPES
 # test_vq.py's shapes plus the GPU tiling edges: 128-row / 128-code tiles, depth chunks of 32 (fp32) and 64
 # (16-bit) values, D not a multiple of the 16-byte vector (padded copies), few rows (code splits).
 SHAPES = [(1, 1, 1), (1, 7, 3), (5, 1, 8), (6, 16, 16), (7, 17, 9), (95, 33, 31), (97, 300, 64),
