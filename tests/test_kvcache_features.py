@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+import cm3leon_kernels as ck
 from cm3leon_kernels._native import ops
 from tests.helpers import assert_fa_rule, poisoned_outputs
 
@@ -133,22 +134,27 @@ def make_case(rng: random.Random, *, dtype=torch.float32, d=64, hq=4, hkv=2, b=3
     return case
 
 
-def run_op(case):
-    return ops.flash_attn_kvcache(
-        case["q"], case["k_cache"], case["v_cache"], case["k"], case["v"], case["seqlens"], 0, case["scale"],
-        case["causal"], window_left=case["window"][0], window_right=case["window"][1], softcap=case["softcap"],
-        alibi_slopes=case["alibi"], rotary_cos=case["cos"], rotary_sin=case["sin"],
-        rotary_interleaved=case["interleaved"], cache_batch_idx=case["cache_batch_idx"],
-        cache_leftpad=case["leftpad"], block_table=case["block_table"], num_splits=case["num_splits"])
+def run_op(case, device="cpu"):
+    """The raw op on `device` (inputs copied there; the caches copied back into the case)."""
+    c = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in case.items()}
+    out, lse = ops.flash_attn_kvcache(
+        c["q"], c["k_cache"], c["v_cache"], c["k"], c["v"], c["seqlens"], 0, c["scale"],
+        c["causal"], window_left=c["window"][0], window_right=c["window"][1], softcap=c["softcap"],
+        alibi_slopes=c["alibi"], rotary_cos=c["cos"], rotary_sin=c["sin"],
+        rotary_interleaved=c["interleaved"], cache_batch_idx=c["cache_batch_idx"],
+        cache_leftpad=c["leftpad"], block_table=c["block_table"], num_splits=c["num_splits"])
+    case["k_cache"].copy_(c["k_cache"])
+    case["v_cache"].copy_(c["v_cache"])
+    return out.cpu(), lse.cpu()
 
 
-def check(case, name):
+def check(case, name, device="cpu"):
     dtype = case["q"].dtype
     before_k, before_v = case["k_cache"].clone(), case["v_cache"].clone()
     out64, lse64, k64, v64 = reference(case, torch.float64)
     outb, lseb, _, _ = reference(case, dtype)
     with poisoned_outputs():
-        out, lse = run_op(case)
+        out, lse = run_op(case, device)
     assert_fa_rule(out, out64, outb, name=f"{name} out", eps=EPS[dtype])
     finite = torch.isfinite(lse64)
     assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse is -inf exactly where no key is visible"
@@ -263,6 +269,36 @@ def test_random_feature_mix():
         if rng.random() < 0.5:
             kw.update(rotary=rng.choice(["interleaved", "half"]), rotary_dim=rng.choice([None, 16]))
         check(make_case(rng, **kw), f"trial {trial} {kw}")
+
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
+                                reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_decode_features(dtype):
+    """What the CUDA decode kernel reads and writes through: rotary, pages, batch indices, leftpad, splits."""
+    rng = random.Random(11)
+    for trial in range(12):
+        kw = dict(dtype=dtype, d=rng.choice([64, 128]), hq=4, hkv=rng.choice([1, 2, 4]), sq=rng.choice([1, 2]),
+                  new=rng.choice([0, 1, 2]), causal=rng.random() < 0.7, num_splits=rng.choice([0, 1, 3]),
+                  rotary=rng.choice([None, "interleaved", "half"]), leftpad=rng.random() < 0.5)
+        if rng.random() < 0.5:
+            kw["page"] = rng.choice([1, 16, 256])
+        else:
+            kw["batch_idx"] = rng.random() < 0.5
+        check(make_case(rng, **kw), f"cuda trial {trial} {kw}", device="cuda")
+
+
+@needs_cuda
+def test_cuda_refuses_what_it_lacks():
+    case = make_case(random.Random(0), sq=1, new=1, window=(4, 0))
+    with pytest.raises(NotImplementedError, match="window_size"):
+        run_op(case, "cuda")
+    case = make_case(random.Random(0), sq=12, new=1, page=16)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        run_op(case, "cuda")
 
 
 # ---- bad input through the raw op --------------------------------------------------------------------------
