@@ -262,9 +262,14 @@ def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, m
 
 
 @torch.library.register_fake("cm3leon::flash_attn_kvcache")
-def _kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_seqlen, softmax_scale, causal):
+def _kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_seqlen, softmax_scale, causal, window_left=-1,
+                  window_right=-1, softcap=0.0, alibi_slopes=None, rotary_cos=None, rotary_sin=None,
+                  rotary_interleaved=True, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                  num_splits=0):
     check_fake_devices("flash_attn_kvcache", q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
-                       cache_seqlens=cache_seqlens)
+                       cache_seqlens=cache_seqlens, alibi_slopes=alibi_slopes, rotary_cos=rotary_cos,
+                       rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                       block_table=block_table)
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 

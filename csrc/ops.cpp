@@ -45,8 +45,11 @@ TORCH_LIBRARY(cm3leon, m) {
         " bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Appends k/v into the caches in place (at cache_seqlens, or cache_seqlen for every row when it is None).
   m.def("flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v,"
-        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal)"
-        " -> (Tensor out, Tensor lse)");
+        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal,"
+        " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
+        " Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=True,"
+        " Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, Tensor? block_table=None,"
+        " int num_splits=0) -> (Tensor out, Tensor lse)");
 
   // ---- Sampling (cm3leon_kernels/sampling.py) -------------------------------------------------------
   // Both return (tokens int64 [B], logprobs float32 [B]). The vocabulary restriction is [range_lo, range_hi)

@@ -16,12 +16,6 @@ namespace cm3leon::attention {
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim, const char* kn = "k",
                const char* vn = "v");
 
-// The KV-cache op's tensors: q/k_cache/v_cache as check_qkv, optional new k/v matching the cache,
-// cache_seqlens int32 [batch] on the cache's device. Returns the number of new tokens (0 without k/v).
-int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
-                      const c10::optional<at::Tensor>& cache_seqlens);
-
 // softmax_scale must be finite as a float32 (the kernels' type): a NaN or infinite scale would silently give
 // NaN or zero rows.
 void check_softmax_scale(double softmax_scale);

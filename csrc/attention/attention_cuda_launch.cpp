@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <limits>
 #include <utility>
@@ -14,6 +15,7 @@
 #include "attention/attention_checks.h"
 #include "attention/attention_cuda.h"
 #include "attention/attention_cuda_params.cuh"
+#include "attention/attention_kvcache_checks.h"
 #include "common/tensor_checks.h"
 
 namespace cm3leon::attention {
@@ -138,9 +140,24 @@ OutLse varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, cons
 OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
                            const c10::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
-                           double softmax_scale, bool causal) {
-  const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
-  check_softmax_scale(softmax_scale);  // before the caches are written
+                           double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                           double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                           const c10::optional<at::Tensor>& rotary_cos, const c10::optional<at::Tensor>& rotary_sin,
+                           bool rotary_interleaved, const c10::optional<at::Tensor>& cache_batch_idx,
+                           const c10::optional<at::Tensor>& cache_leftpad,
+                           const c10::optional<at::Tensor>& block_table, int64_t num_splits) {
+  const KvcacheOptions o{window_left, window_right,       softcap,        alibi_slopes,  rotary_cos, rotary_sin,
+                         rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
+  const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o).new_len;
+  // The CUDA decode and append kernels do not have these yet (the CPU launcher does): refuse, never ignore.
+  for (const auto& [given, name] : {std::pair{window_left >= 0 || window_right >= 0, "window_size"},
+                                    std::pair{softcap > 0.0, "softcap"},
+                                    std::pair{alibi_slopes.has_value(), "alibi_slopes"},
+                                    std::pair{rotary_cos.has_value(), "rotary_cos/rotary_sin"},
+                                    std::pair{cache_batch_idx.has_value(), "cache_batch_idx"},
+                                    std::pair{cache_leftpad.has_value(), "cache_leftpad"},
+                                    std::pair{block_table.has_value(), "block_table"}})
+    TORCH_CHECK_NOT_IMPLEMENTED(!given, "flash_attn_kvcache: ", name, " is not implemented on CUDA yet (CPU only)");
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
   if (!cache_seqlens.has_value()) {
     TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= cache_len, "cache_seqlens = ", cache_seqlen,
@@ -182,7 +199,8 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
     int sm_count = 0;
     check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()),
                  "flash_attn_kvcache (device query)");
-    const int splits = cuda::decode_num_splits(p, sm_count);
+    const int auto_splits = cuda::decode_num_splits(p, sm_count);
+    const int splits = num_splits > 0 ? int(std::min<int64_t>(auto_splits, num_splits)) : auto_splits;
     // Workspace for the per-split partial results (only when the key range is split): the op's one
     // allocation beyond its outputs, from the caching allocator.
     const int64_t ws_floats = cuda::decode_workspace_floats(p, splits);

@@ -27,6 +27,15 @@ std::tuple<at::Tensor, at::Tensor> kvcache_cuda_launch(const at::Tensor& q, cons
                                                        const at::Tensor& v_cache, const c10::optional<at::Tensor>& k,
                                                        const c10::optional<at::Tensor>& v,
                                                        const c10::optional<at::Tensor>& cache_seqlens,
-                                                       int64_t cache_seqlen, double softmax_scale, bool causal);
+                                                       int64_t cache_seqlen, double softmax_scale, bool causal,
+                                                       int64_t window_left, int64_t window_right, double softcap,
+                                                       const c10::optional<at::Tensor>& alibi_slopes,
+                                                       const c10::optional<at::Tensor>& rotary_cos,
+                                                       const c10::optional<at::Tensor>& rotary_sin,
+                                                       bool rotary_interleaved,
+                                                       const c10::optional<at::Tensor>& cache_batch_idx,
+                                                       const c10::optional<at::Tensor>& cache_leftpad,
+                                                       const c10::optional<at::Tensor>& block_table,
+                                                       int64_t num_splits);
 
 }  // namespace cm3leon::attention

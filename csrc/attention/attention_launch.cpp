@@ -38,40 +38,6 @@ void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t ndim, 
   check_contiguous(v, vn);
 }
 
-int64_t check_kvcache(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                      const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
-                      const c10::optional<Tensor>& cache_seqlens) {
-  check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
-  const int64_t b = q.size(0);
-  TORCH_CHECK_VALUE(k_cache.size(0) == b, "k_cache's batch (", k_cache.size(0), ") must equal q's (", b, ")");
-  TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together");
-  int64_t new_len = 0;
-  if (k.has_value()) {
-    TORCH_CHECK_VALUE(k->dim() == 4 && k->size(0) == b && k->size(2) == k_cache.size(2) &&
-                          k->size(3) == k_cache.size(3) && v->sizes() == k->sizes(),
-                      "k and v must be [batch, new_tokens, heads_kv, head_dim] matching the cache, got ",
-                      k->sizes(), " and ", v->sizes());
-    TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
-                     "k and v must have the cache's dtype, got ", k->scalar_type(), " and ",
-                     v->scalar_type());
-    TORCH_CHECK_VALUE(k->device() == q.device() && v->device() == q.device(),
-                      "k and v must be on q's device");
-    check_contiguous(*k, "k");
-    check_contiguous(*v, "v");
-    new_len = k->size(1);
-  }
-  if (cache_seqlens.has_value()) {
-    const at::Tensor& cs = *cache_seqlens;
-    TORCH_CHECK_TYPE(cs.scalar_type() == at::kInt, "cache_seqlens must be int32, got ", cs.scalar_type());
-    TORCH_CHECK_VALUE(cs.dim() == 1 && cs.size(0) == b, "cache_seqlens must be [batch] = [", b, "], got ",
-                      cs.sizes());
-    TORCH_CHECK_VALUE(cs.device() == k_cache.device(), "cache_seqlens must be on the cache's device (",
-                      k_cache.device(), "), got ", cs.device());
-    check_contiguous(cs, "cache_seqlens");
-  }
-  return new_len;
-}
-
 void check_softmax_scale(double softmax_scale) {
   TORCH_CHECK_VALUE(std::isfinite(float(softmax_scale)), "softmax_scale must be a finite number (as float32), got ",
                     softmax_scale);
@@ -128,10 +94,9 @@ namespace {
 
 // The extras (checked by check_extras, which gives alibi_stride) become Problem fields.
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
-                     int64_t lse_head_stride, double softmax_scale, bool causal, int64_t window_left = -1,
-                     int64_t window_right = -1, double softcap = 0,
-                     const c10::optional<at::Tensor>& alibi_slopes = c10::nullopt, int64_t alibi_stride = 0,
-                     bool deterministic = false) {
+                     int64_t lse_head_stride, double softmax_scale, bool causal, int64_t window_left,
+                     int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                     int64_t alibi_stride, bool deterministic) {
   // Threads from torch's setting: OpenMP's own per-thread value lags in threads torch has not synced.
   Problem p{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.size(-2), k.size(-2),
             q.size(-1), lse_head_stride, float(softmax_scale), causal, at::get_num_threads()};
@@ -257,35 +222,6 @@ Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tens
   const Problem p = make_problem(q, k, segments, q.size(0), softmax_scale, causal, window_left, window_right,
                                  softcap, alibi_slopes, alibi_stride, deterministic);
   return run_backward(p, dout, q, k, v, out, lse);
-}
-
-OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                          const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
-                          const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen,
-                          double softmax_scale, bool causal) {
-  const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
-  check_softmax_scale(softmax_scale);  // before the caches are written
-  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
-  const int32_t* starts = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
-  std::vector<Segment> segments(static_cast<size_t>(b));
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t start = starts ? starts[i] : cache_seqlen;
-    TORCH_CHECK_VALUE(start >= 0 && start + new_len <= cache_len, "cache_seqlens[", i, "] = ", start,
-                      " plus ", new_len, " new tokens overflows the cache of ", cache_len, " positions");
-    segments[size_t(i)] = {i * sq, sq, i * cache_len, start + new_len, i * hq * sq};
-  }
-  if (new_len > 0) {
-    const int64_t row = k_cache.size(2) * k_cache.size(3);
-    append_cpu(k_cache.element_size(), k->data_ptr(), k_cache.data_ptr(), b, new_len, cache_len, row, starts,
-               int32_t(cache_seqlen));
-    append_cpu(v_cache.element_size(), v->data_ptr(), v_cache.data_ptr(), b, new_len, cache_len, row, starts,
-               int32_t(cache_seqlen));
-  }
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
-  forward_cpu(make_problem(q, k_cache, segments, sq, softmax_scale, causal), q.data_ptr(), k_cache.data_ptr(),
-              v_cache.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
-  return {out, lse};
 }
 
 }  // namespace cm3leon::attention
