@@ -21,7 +21,7 @@ struct Problem {
   DType dtype;
   const Segment* segments;
   int64_t num_segments;
-  int64_t heads_q, heads_kv, head_dim;  // head_dim: multiple of 8, at most 256
+  int64_t heads_q, heads_kv, head_dim;  // head_dim in [1, 256]
   int64_t lse_head_stride;
   float scale;  // softmax scale applied to q.k
   bool causal;  // bottom-right aligned: query i sees keys j <= i + k_len - q_len

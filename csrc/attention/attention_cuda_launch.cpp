@@ -78,9 +78,12 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& 
 }  // namespace
 
 OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale,
-                           bool causal) {
+                           bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
   check_qkv(q, k, v, 4);
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
+  check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
+  // The forward only carries `deterministic` for autograd.
+  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, false);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -102,13 +105,16 @@ OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::T
 
 OutLse varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal) {
+                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                  CM3LEON_ATTN_EXTRA_PARAMS) {
   check_qkv(q, k, v, 3);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
                     cu_seqlens_k.size(0));
+  check_extras(q, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
+  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, false);
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);

@@ -4,6 +4,8 @@
 #include <c10/util/Optional.h>
 #include <tuple>
 
+#include "attention/attention_checks.h"
+
 namespace cm3leon::attention {
 
 using Tensor = at::Tensor;
@@ -12,18 +14,20 @@ using Grads = std::tuple<Tensor, Tensor, Tensor>;   // (dq, dk, dv)
 
 // q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, Hq, D], lse [B, Hq, Sq]).
 OutLse forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale,
-                          bool causal);
+                          bool causal, CM3LEON_ATTN_EXTRA_PARAMS);
 Grads backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                          const Tensor& out, const Tensor& lse, double softmax_scale, bool causal);
+                          const Tensor& out, const Tensor& lse, double softmax_scale, bool causal,
+                          CM3LEON_ATTN_EXTRA_PARAMS);
 
 // Packed documents: q [Tq, Hq, D], k/v [Tk, Hkv, D], int32 cu_seqlens -> (out, lse [Hq, Tq]).
 OutLse varlen_forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, double softmax_scale, bool causal);
+                                 int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                 CM3LEON_ATTN_EXTRA_PARAMS);
 Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
                                  const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                 double softmax_scale, bool causal);
+                                 double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS);
 
 // KV cache (attention_kvcache_launch.cpp): appends k/v [B, Sn, Hkv, D] (k rotated when rotary_cos/sin are
 // given) into k_cache/v_cache at cache_seqlens (int32 [B], or the scalar cache_seqlen for every row when absent),
