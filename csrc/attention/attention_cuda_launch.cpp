@@ -151,11 +151,7 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
                          rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
   const KvcacheShape s = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o);
   const int64_t new_len = s.new_len;
-  // The CUDA kernels do not have these yet (the CPU launcher does): refuse, never ignore.
-  for (const auto& [given, name] : {std::pair{window_left >= 0 || window_right >= 0, "window_size"},
-                                    std::pair{softcap > 0.0, "softcap"},
-                                    std::pair{alibi_slopes.has_value(), "alibi_slopes"}})
-    TORCH_CHECK_NOT_IMPLEMENTED(!given, "flash_attn_kvcache: ", name, " is not implemented on CUDA yet (CPU only)");
+  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, false);
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), hkv = k_cache.size(2), d = q.size(3);
   if (!cache_seqlens.has_value()) {  // host-known positions are checked; device ones are clamped by the kernels
     TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= s.capacity, "cache_seqlens = ", cache_seqlen,

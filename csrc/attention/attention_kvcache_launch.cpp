@@ -5,7 +5,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -40,7 +39,7 @@ KvcacheShape check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const
                            const KvcacheOptions& o) {
   check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
   check_softmax_scale(softmax_scale);
-  const int64_t b = q.size(0), hq = q.size(2), hkv = k_cache.size(2), d = q.size(3);
+  const int64_t b = q.size(0), hkv = k_cache.size(2), d = q.size(3);
   const at::Device dev = k_cache.device();
   KvcacheShape s;
   if (o.block_table.has_value()) {
@@ -92,20 +91,7 @@ KvcacheShape check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const
     check_contiguous(sin, "rotary_sin");
     s.rotary_dim = 2 * cos.size(1);
   }
-  if (o.alibi_slopes.has_value()) {
-    const at::Tensor& a = *o.alibi_slopes;
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == hq) || (a.dim() == 2 && a.size(0) == b && a.size(1) == hq),
-                      "alibi_slopes must be [nheads] = [", hq, "] or [batch, nheads] = [", b, ", ", hq, "], got ",
-                      a.sizes());
-    TORCH_CHECK_VALUE(a.device() == q.device(), "alibi_slopes must be on q's device (", q.device(), "), got ",
-                      a.device());
-    check_contiguous(a, "alibi_slopes");
-  }
-  TORCH_CHECK_VALUE(o.window_left >= -1, "window_left must be -1 (unbounded) or >= 0, got ", o.window_left);
-  TORCH_CHECK_VALUE(o.window_right >= -1, "window_right must be -1 (unbounded) or >= 0, got ", o.window_right);
-  TORCH_CHECK_VALUE(std::isfinite(o.softcap) && o.softcap >= 0.0, "softcap must be a finite number >= 0, got ",
-                    o.softcap);
+  s.alibi_stride = check_extras(q, b, o.window_left, o.window_right, o.softcap, o.alibi_slopes);
   TORCH_CHECK_VALUE(o.num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", o.num_splits);
   return s;
 }
@@ -256,10 +242,8 @@ OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& 
   p.window_left = window_left;
   p.window_right = window_right;
   p.softcap = float(softcap);
-  if (alibi_slopes.has_value()) {
-    p.alibi_slopes = alibi_slopes->data_ptr<float>();
-    p.alibi_segment_stride = alibi_slopes->dim() == 2 ? hq : 0;
-  }
+  p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  p.alibi_segment_stride = s.alibi_stride;
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
   const DecodeLayout layout{table, table_stride, s.page, num_splits};
