@@ -140,9 +140,14 @@ void decode(const Problem& pr, const DecodeLayout& lay, const T* q, const T* k, 
     int64_t off[kChunk];  // element offset of each key's row in k and v
     for (int64_t n0 = k_begin; n0 < k_end; n0 += kChunk) {
       const int64_t cnt = std::min(kChunk, k_end - n0);
-      for (int64_t j = 0; j < cnt; ++j) {
-        const int64_t pos = sg.k_start + n0 + j;
-        off[j] = (table ? int64_t(table[pos / lay.page]) * lay.page + pos % lay.page : pos) * stride;
+      if (table) {  // walk the pages: one division per chunk, not per key
+        int64_t blk = (sg.k_start + n0) / lay.page, slot = (sg.k_start + n0) % lay.page;
+        for (int64_t j = 0; j < cnt; ++j) {
+          off[j] = (int64_t(table[blk]) * lay.page + slot) * stride;
+          if (++slot == lay.page) slot = 0, ++blk;
+        }
+      } else {
+        for (int64_t j = 0; j < cnt; ++j) off[j] = (sg.k_start + n0 + j) * stride;
       }
       // Scores, key-major: sc[j][pair].
       for (int64_t j = 0; j < cnt; ++j) {
