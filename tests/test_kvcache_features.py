@@ -253,6 +253,15 @@ def test_num_splits_changes_only_rounding(num_splits):
     assert (out - out_n).abs().max() <= 1e-5 and (lse - lse_n).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("page", [None, 16])
+def test_prefill_appends_and_rotates_many_rows(page):
+    """A prompt's worth of new tokens (the append and q's rotation then run in parallel; a paged cache is
+    gathered for the tiled forward)."""
+    case = make_case(random.Random(9), dtype=torch.bfloat16, d=32, hq=4, hkv=2, b=2, sq=90, new=90,
+                     capacity=200, page=page, rotary="half", leftpad=True, window=(40, -1))
+    check(case, f"prefill page={page}")
+
+
 def test_random_feature_mix():
     rng = random.Random(2026)
     for trial in range(30):

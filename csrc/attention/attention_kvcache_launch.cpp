@@ -202,12 +202,14 @@ OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& 
     const T* cos = s.rotary_dim ? static_cast<const T*>(rotary_cos->data_ptr()) : nullptr;
     const T* sin = s.rotary_dim ? static_cast<const T*>(rotary_sin->data_ptr()) : nullptr;
     const int64_t half = s.rotary_dim / 2;
+    // Token rows in parallel only when there are many (a prefill): decode's few rows stay on this thread.
+    constexpr int64_t kRowsPerTask = 64;
     if (n > 0) {
       const T *ks = static_cast<const T*>(k->data_ptr()), *vs = static_cast<const T*>(v->data_ptr());
       T *kc = static_cast<T*>(k_cache.data_ptr()), *vc = static_cast<T*>(v_cache.data_ptr());
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t t = 0; t < n; ++t) {
-          const int64_t pos = rows[size_t(i)].seqlen + t, src = (i * n + t) * row_elems;
+      at::parallel_for(0, b * n, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {  // r = i * n + t; distinct rows write distinct slots (checked)
+          const int64_t i = r / n, pos = rows[size_t(i)].seqlen + r % n, src = r * row_elems;
           const int64_t dst = token(i, pos) * row_elems;
           if (cos)
             rotary_token(ks + src, kc + dst, hkv, d, s.rotary_dim, cos + pos * half, sin + pos * half,
@@ -216,17 +218,19 @@ OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& 
             std::memcpy(kc + dst, ks + src, size_t(row_elems) * sizeof(T));
           std::memcpy(vc + dst, vs + src, size_t(row_elems) * sizeof(T));
         }
+      });
     }
     if (cos) {  // q is rotated into a copy: the caller's q stays as given
       q_in = at::empty_like(q);
       const T* qs = static_cast<const T*>(q.data_ptr());
       T* qr = static_cast<T*>(q_in.data_ptr());
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t t = 0; t < sq; ++t) {
-          const int64_t pos = rows[size_t(i)].seqlen + (per_token ? t : 0), at = (i * sq + t) * hq * d;
+      at::parallel_for(0, b * sq, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {  // r = i * sq + t
+          const int64_t pos = rows[size_t(r / sq)].seqlen + (per_token ? r % sq : 0), at = r * hq * d;
           rotary_token(qs + at, qr + at, hq, d, s.rotary_dim, cos + pos * half, sin + pos * half,
                        rotary_interleaved);
         }
+      });
     }
   });
 
