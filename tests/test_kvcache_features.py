@@ -287,12 +287,15 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_decode_features(dtype):
-    """What the CUDA decode kernel reads and writes through: rotary, pages, batch indices, leftpad, splits."""
+    """The CUDA decode kernel with every feature: rotary, pages, batch indices, leftpad, splits, windows,
+    softcap, ALiBi."""
     rng = random.Random(11)
-    for trial in range(12):
+    for trial in range(16):
         kw = dict(dtype=dtype, d=rng.choice([64, 128]), hq=4, hkv=rng.choice([1, 2, 4]), sq=rng.choice([1, 2]),
                   new=rng.choice([0, 1, 2]), causal=rng.random() < 0.7, num_splits=rng.choice([0, 1, 3]),
-                  rotary=rng.choice([None, "interleaved", "half"]), leftpad=rng.random() < 0.5)
+                  rotary=rng.choice([None, "interleaved", "half"]), leftpad=rng.random() < 0.5,
+                  window=rng.choice([(-1, -1), (rng.randint(0, 40), rng.randint(-1, 3))]),
+                  softcap=rng.choice([0.0, 6.0]), alibi=rng.choice([None, "heads", "batch"]))
         if rng.random() < 0.5:
             kw["page"] = rng.choice([1, 16, 256])
         else:
@@ -302,11 +305,13 @@ def test_cuda_decode_features(dtype):
 
 @needs_cuda
 def test_cuda_refuses_what_it_lacks():
-    case = make_case(random.Random(0), sq=1, new=1, window=(4, 0))
-    with pytest.raises(NotImplementedError, match="window_left"):
-        run_op(case, "cuda")
     case = make_case(random.Random(0), sq=12, new=1, page=16)
+    before = case["k_cache"].clone()
     with pytest.raises(NotImplementedError, match="block_table"):
+        run_op(case, "cuda")
+    assert torch.equal(case["k_cache"].view(torch.int32), before.view(torch.int32))  # refused before writing
+    case = make_case(random.Random(0), d=59, sq=1, new=1)
+    with pytest.raises(NotImplementedError, match="multiple of 8"):
         run_op(case, "cuda")
 
 
