@@ -304,10 +304,19 @@ def test_cuda_decode_features(dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("page", [None, 16, 256])
+def test_cuda_long_queries_gather_the_rows(page):
+    """More than 8 query rows per kv head take the tiled forward over gathered cache rows."""
+    case = make_case(random.Random(page or 0), dtype=torch.bfloat16, sq=40, new=40, capacity=300, page=page,
+                     batch_idx=page is None, rotary="interleaved", causal=True, window=(64, -1))
+    check(case, f"cuda long queries page={page}", device="cuda")
+
+
+@needs_cuda
 def test_cuda_refuses_what_it_lacks():
-    case = make_case(random.Random(0), sq=12, new=1, page=16)
+    case = make_case(random.Random(0), sq=12, new=1, leftpad=True)
     before = case["k_cache"].clone()
-    with pytest.raises(NotImplementedError, match="block_table"):
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):
         run_op(case, "cuda")
     assert torch.equal(case["k_cache"].view(torch.int32), before.view(torch.int32))  # refused before writing
     case = make_case(random.Random(0), d=59, sq=1, new=1)

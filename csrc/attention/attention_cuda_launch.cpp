@@ -4,6 +4,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -207,12 +208,12 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
     layout.cache_rows = k_cache.size(0);
   }
   if (cache_leftpad.has_value()) layout.cache_leftpad = cache_leftpad->data_ptr<int32_t>();
-  // Only the decode kernel reads through the layout; refuse before the caches are written.
+  // Only the decode kernel reads through the layout (the tiled forward gets gathered rows, below, but has no
+  // per-row key start); refuse before the caches are written.
   const bool decode = cuda::decode_applies(p);
-  TORCH_CHECK_NOT_IMPLEMENTED(decode || sq == 0 || !(block_table || cache_batch_idx || cache_leftpad),
-                              "flash_attn_kvcache on CUDA: block_table, cache_batch_idx and cache_leftpad need at most ",
-                              cuda::kDecodeMaxRows, " query rows per kv head (the decode kernel); got ", hq / hkv * sq,
-                              " (CPU only for now)");
+  TORCH_CHECK_NOT_IMPLEMENTED(decode || sq == 0 || !cache_leftpad.has_value(),
+                              "flash_attn_kvcache on CUDA: cache_leftpad needs at most ", cuda::kDecodeMaxRows,
+                              " query rows per kv head (the decode kernel); got ", hq / hkv * sq, " (CPU only for now)");
 
   const DType dtype = float_dtype(q, "q");
   auto rotate = [&](const at::Tensor& src, void* dst, bool per_token, bool into_cache, const char* what) {
@@ -254,6 +255,18 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
     check_launch(cuda::decode_cuda(dtype, p, layout, splits, ws_floats > 0 ? ws.data_ptr<float>() : nullptr, stream),
                  "flash_attn_kvcache");
   } else {
+    // Long queries on a paged cache or through cache_batch_idx: each q row's cache row is gathered into a
+    // contiguous [batch, capacity] copy first (device ops, no host sync; ids clamped as in the decode kernel).
+    // The copy is O(capacity * head_dim) per row against the attention's O(queries * keys * head_dim).
+    at::Tensor k_rows, v_rows;
+    if (block_table.has_value() || cache_batch_idx.has_value()) {
+      const at::Tensor ids = block_table.has_value() ? block_table->flatten().clamp(0, k_cache.size(0) - 1)
+                                                     : cache_batch_idx->clamp(0, k_cache.size(0) - 1);
+      k_rows = k_cache.index_select(0, ids).view({b, s.capacity, hkv, d});
+      v_rows = v_cache.index_select(0, ids).view({b, s.capacity, hkv, d});
+      p.k = k_rows.data_ptr();
+      p.v = v_rows.data_ptr();
+    }
     check_launch(cuda::forward_cuda(dtype, p, stream), "flash_attn_kvcache");
   }
   return {out, lse};
