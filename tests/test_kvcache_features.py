@@ -339,7 +339,9 @@ def _base():
     (lambda c: c.update(seqlens=torch.tensor([20, 20], dtype=torch.int32),
                         block_table=torch.tensor([[0, 1], [2, 1]], dtype=torch.int32)),
      ValueError, "both append into block 1"),
-    (lambda c: c.update(seqlens=torch.tensor([32, 0], dtype=torch.int32)), ValueError, "overflows the cache"),
+    # FlashAttention raises RuntimeError naming block_table here (and its test checks the type).
+    (lambda c: c.update(seqlens=torch.tensor([32, 0], dtype=torch.int32)), RuntimeError,
+     "block_table: row 0 has 2 blocks of 16 positions"),
     (lambda c: c.update(seqlens=torch.tensor([-1, 0], dtype=torch.int32)), ValueError, r"cache_seqlens\[0\]"),
     (lambda c: c.update(leftpad=torch.tensor([40, 0], dtype=torch.int32)), ValueError, r"cache_leftpad\[0\]"),
     (lambda c: c.update(leftpad=torch.tensor([0.0, 0.0])), TypeError, "cache_leftpad must be int32"),
@@ -372,6 +374,7 @@ def test_bad_paged_inputs_raise_naming_the_argument(mutate, exc, match):
     (lambda c: c["cache_batch_idx"].__setitem__(1, int(c["cache_batch_idx"][0])), ValueError, "twice"),
     (lambda c: c.update(cache_batch_idx=c["cache_batch_idx"][:1]), ValueError, "cache_batch_idx must have shape"),
     (lambda c: c.update(cache_batch_idx=None), ValueError, "unless cache_batch_idx or block_table"),
+    (lambda c: c.update(seqlens=torch.tensor([32, 0], dtype=torch.int32)), ValueError, "overflows the cache"),
 ])
 def test_bad_batch_idx_raises(mutate, exc, match):
     case = make_case(random.Random(0), b=2, sq=1, new=1, capacity=32, batch_idx=True)

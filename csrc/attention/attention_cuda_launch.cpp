@@ -164,8 +164,13 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
   check_cuda_support(q, false);
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), hkv = k_cache.size(2), d = q.size(3);
   if (!cache_seqlens.has_value()) {  // host-known positions are checked; device ones are clamped by the kernels
-    TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= s.capacity, "cache_seqlens = ", cache_seqlen,
-                      " plus ", new_len, " new tokens overflows the cache of ", s.capacity, " positions");
+    TORCH_CHECK_VALUE(cache_seqlen >= 0, "cache_seqlens = ", cache_seqlen, " must be >= 0");
+    // A paged row too short is a RuntimeError naming block_table, as on the CPU (and in FlashAttention).
+    TORCH_CHECK(s.page == 0 || cache_seqlen + new_len <= s.capacity, "block_table: rows have ", s.capacity,
+                " positions, but cache_seqlens = ", cache_seqlen, " plus ", new_len, " new tokens need ",
+                cache_seqlen + new_len);
+    TORCH_CHECK_VALUE(cache_seqlen + new_len <= s.capacity, "cache_seqlens = ", cache_seqlen, " plus ", new_len,
+                      " new tokens overflows the cache of ", s.capacity, " positions");
     if (s.rotary_dim > 0) {
       const int64_t need = cache_seqlen + std::max(new_len, per_token ? sq : 1);
       TORCH_CHECK_VALUE(need <= rotary_cos->size(0), "rotary_cos/rotary_sin have ", rotary_cos->size(0),

@@ -120,8 +120,13 @@ std::vector<CacheRow> cache_rows(const at::Tensor& q, const at::Tensor& k_cache,
   for (int64_t i = 0; i < b; ++i) {
     CacheRow& r = rows[size_t(i)];
     r.seqlen = seqlens ? seqlens[i] : cache_seqlen;
-    TORCH_CHECK_VALUE(r.seqlen >= 0 && r.seqlen + n <= s.capacity, "cache_seqlens[", i, "] = ", r.seqlen,
-                      " plus ", n, " new tokens overflows the cache of ", s.capacity, " positions");
+    TORCH_CHECK_VALUE(r.seqlen >= 0, "cache_seqlens[", i, "] = ", r.seqlen, " must be >= 0");
+    // A paged row too short is a RuntimeError naming block_table, as FlashAttention raises (and tests) it.
+    TORCH_CHECK(s.page == 0 || r.seqlen + n <= s.capacity, "block_table: row ", i, " has ", s.capacity / s.page,
+                " blocks of ", s.page, " positions, but cache_seqlens[", i, "] = ", r.seqlen, " plus ", n,
+                " new tokens need ", r.seqlen + n);
+    TORCH_CHECK_VALUE(r.seqlen + n <= s.capacity, "cache_seqlens[", i, "] = ", r.seqlen, " plus ", n,
+                      " new tokens overflows the cache of ", s.capacity, " positions");
     r.leftpad = leftpad ? leftpad[i] : 0;
     TORCH_CHECK_VALUE(r.leftpad >= 0 && r.leftpad <= r.seqlen, "cache_leftpad[", i, "] = ", r.leftpad,
                       " must be in [0, cache_seqlens[", i, "] = ", r.seqlen, "]");
