@@ -4,9 +4,11 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <limits>
 #include <utility>
@@ -14,6 +16,8 @@
 #include "attention/attention_checks.h"
 #include "attention/attention_cuda.h"
 #include "attention/attention_cuda_params.cuh"
+#include "attention/attention_kvcache_checks.h"
+#include "attention/attention_kvcache_cuda.h"
 #include "common/tensor_checks.h"
 
 namespace cm3leon::attention {
@@ -22,7 +26,8 @@ namespace {
 
 using OutLse = std::tuple<at::Tensor, at::Tensor>;
 
-// The kernels move 16-byte chunks: rows are (head dim % 8 == 0), base pointers must be too.
+// The kernels move 16-byte chunks: rows are (head dim % 8 == 0), base pointers must be too (the forward
+// launchers pass aligned16 copies of what they only read).
 void check_aligned(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
                     " must start on a 16-byte boundary on CUDA (a view at an odd offset? use .clone())");
@@ -63,25 +68,31 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got ",
-                    cu.sizes());
-  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " must be on q's device (", q.device(), "), got ",
-                    cu.device());
-  check_contiguous(cu, name);
-}
-
 }  // namespace
 
-OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale,
-                           bool causal) {
-  check_qkv(q, k, v, 4);
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
-  const c10::cuda::CUDAGuard guard(q.device());
+void set_extras(cuda::AttnParams& p, int64_t window_left, int64_t window_right, double softcap,
+                const c10::optional<at::Tensor>& alibi_slopes, int64_t alibi_stride) {
+  // A window wider than any sequence is the same as an unbounded one.
+  p.window_left = int(std::clamp<int64_t>(window_left, -1, std::numeric_limits<int32_t>::max()));
+  p.window_right = int(std::clamp<int64_t>(window_right, -1, std::numeric_limits<int32_t>::max()));
+  p.softcap = float(softcap);
+  p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  p.alibi_batch_stride = int(alibi_stride);
+}
+
+OutLse forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                           double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
+  check_qkv(q_in, k_in, v_in, 4);
+  TORCH_CHECK_VALUE(k_in.size(0) == q_in.size(0), "k's batch (", k_in.size(0), ") must equal q's (", q_in.size(0),
+                    ")");
+  const int64_t alibi_stride = check_extras(q_in, q_in.size(0), window_left, window_right, softcap, alibi_slopes);
+  check_cuda_support(q_in, false);  // the forward only carries `deterministic` for autograd
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   cuda::AttnParams p = base_params(q, k, v, out, lse, softmax_scale, causal);
+  set_extras(p, window_left, window_right, softcap, alibi_slopes, alibi_stride);
   check_fits_grid(q.size(0), "batch rows");
   check_fits_int(q.size(1), "seqlen_q");
   check_fits_int(k.size(1), "seqlen_k");
@@ -97,20 +108,26 @@ OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::T
   return {out, lse};
 }
 
-OutLse varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+OutLse varlen_forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal) {
-  check_qkv(q, k, v, 3);
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                  CM3LEON_ATTN_EXTRA_PARAMS) {
+  check_qkv(q_in, k_in, v_in, 3);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_in);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_in);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
                     cu_seqlens_k.size(0));
+  const int64_t alibi_stride =
+      check_extras(q_in, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
+  check_cuda_support(q_in, false);
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   cuda::AttnParams p = base_params(q, k, v, out, lse, softmax_scale, causal);
+  set_extras(p, window_left, window_right, softcap, alibi_slopes, alibi_stride);
   check_fits_grid(cu_seqlens_q.size(0) - 1, "documents");
   check_fits_int(max_seqlen_q, "max_seqlen_q");
   check_fits_int(max_seqlen_k, "max_seqlen_k");
@@ -132,58 +149,129 @@ OutLse varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, cons
 OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
                            const c10::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
-                           double softmax_scale, bool causal) {
-  const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
-  check_softmax_scale(softmax_scale);  // before the caches are written
-  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
-  if (!cache_seqlens.has_value()) {
-    TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= cache_len, "cache_seqlens = ", cache_seqlen,
-                      " plus ", new_len, " new tokens overflows the cache of ", cache_len, " positions");
+                           double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                           double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                           const c10::optional<at::Tensor>& rotary_cos, const c10::optional<at::Tensor>& rotary_sin,
+                           bool rotary_interleaved, const c10::optional<at::Tensor>& cache_batch_idx,
+                           const c10::optional<at::Tensor>& cache_leftpad,
+                           const c10::optional<at::Tensor>& block_table, int64_t num_splits) {
+  const KvcacheOptions o{window_left, window_right,       softcap,        alibi_slopes,  rotary_cos, rotary_sin,
+                         rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
+  const KvcacheShape s = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o);
+  const int64_t new_len = s.new_len;
+  // q's rotary positions advance per token when causal or local (FlashAttention's rule).
+  const bool per_token = causal || window_left >= 0 || window_right >= 0;
+  check_cuda_support(q, false);
+  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), hkv = k_cache.size(2), d = q.size(3);
+  if (!cache_seqlens.has_value()) {  // host-known positions are checked; device ones are clamped by the kernels
+    TORCH_CHECK_VALUE(cache_seqlen >= 0, "cache_seqlens = ", cache_seqlen, " must be >= 0");
+    // A paged row too short is a RuntimeError naming block_table, as on the CPU (and in FlashAttention).
+    TORCH_CHECK(s.page == 0 || cache_seqlen + new_len <= s.capacity, "block_table: rows have ", s.capacity,
+                " positions, but cache_seqlens = ", cache_seqlen, " plus ", new_len, " new tokens need ",
+                cache_seqlen + new_len);
+    TORCH_CHECK_VALUE(cache_seqlen + new_len <= s.capacity, "cache_seqlens = ", cache_seqlen, " plus ", new_len,
+                      " new tokens overflows the cache of ", s.capacity, " positions");
+    if (s.rotary_dim > 0) {
+      const int64_t need = cache_seqlen + std::max(new_len, per_token ? sq : 1);
+      TORCH_CHECK_VALUE(need <= rotary_cos->size(0), "rotary_cos/rotary_sin have ", rotary_cos->size(0),
+                        " positions but the rows need ", need);
+    }
   }
   check_fits_grid(b, "batch rows");
-  check_fits_grid(k_cache.size(2), "kv heads");
+  check_fits_grid(hkv, "kv heads");
   check_fits_int(sq, "seqlen_q");
-  check_fits_int(cache_len, "the cache length");
+  check_fits_int(s.capacity, "the cache length");
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int32_t* seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
   check_aligned(k_cache, "k_cache");  // before the append's 16-byte stores, not only in base_params
   check_aligned(v_cache, "v_cache");
-  if (new_len > 0) {
-    check_aligned(*k, "k");
-    check_aligned(*v, "v");
-    const int64_t row = k_cache.size(2) * k_cache.size(3);
-    for (const auto& [src, cache] : {std::pair{&*k, &k_cache}, std::pair{&*v, &v_cache}}) {
-      check_launch(cuda::append_kv_cuda(cache->element_size(), src->data_ptr(), cache->data_ptr(), b, new_len,
-                                        cache_len, row, seqlens, int32_t(cache_seqlen), stream),
-                   "flash_attn_kvcache (append)");
-    }
-  }
+
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
   cuda::AttnParams p = base_params(q, k_cache, v_cache, out, lse, softmax_scale, causal);
+  set_extras(p, window_left, window_right, softcap, alibi_slopes, s.alibi_stride);
   p.batch = int(b);
   p.seqlen_q = int(sq);
   p.seqlen_k = int(cache_seqlen + new_len);
-  p.k_batch_tokens = cache_len;
+  p.k_batch_tokens = s.capacity;
   p.cache_seqlens = seqlens;
   p.cache_extra = int(new_len);
   p.total_q = b * sq;
-  p.total_k = b * cache_len;
+  p.total_k = b * s.capacity;
   p.lse_head_stride = sq;
+  cuda::KvLayout layout;
+  layout.capacity = s.capacity;
+  if (block_table.has_value()) {
+    layout.block_table = block_table->data_ptr<int32_t>();
+    layout.table_stride = block_table->size(1);
+    layout.page = s.page;
+    layout.num_blocks = k_cache.size(0);
+  }
+  if (cache_batch_idx.has_value()) {
+    layout.cache_batch_idx = cache_batch_idx->data_ptr<int32_t>();
+    layout.cache_rows = k_cache.size(0);
+  }
+  if (cache_leftpad.has_value()) layout.cache_leftpad = cache_leftpad->data_ptr<int32_t>();
+  // Only the decode kernel reads through the layout (the tiled forward gets gathered rows, below, but has no
+  // per-row key start); refuse before the caches are written.
+  const bool decode = cuda::decode_applies(p);
+  TORCH_CHECK_NOT_IMPLEMENTED(decode || sq == 0 || !cache_leftpad.has_value(),
+                              "flash_attn_kvcache on CUDA: cache_leftpad needs at most ", cuda::kDecodeMaxRows,
+                              " query rows per kv head (the decode kernel); got ", hq / hkv * sq, " (CPU only for now)");
+
   const DType dtype = float_dtype(q, "q");
-  if (cuda::decode_applies(p)) {
+  auto rotate = [&](const at::Tensor& src, void* dst, bool per_token, bool into_cache, const char* what) {
+    const cuda::RotaryCall call{src.data_ptr(), dst, src.size(0), src.size(1), src.size(2), d,
+                                rotary_cos->data_ptr(), rotary_sin->data_ptr(), s.rotary_dim, rotary_cos->size(0),
+                                rotary_interleaved, per_token, into_cache, seqlens, int32_t(cache_seqlen), layout};
+    check_launch(cuda::rotary_cuda(dtype, call, stream), what);
+  };
+  if (new_len > 0) {
+    check_aligned(*k, "k");
+    check_aligned(*v, "v");
+    const int64_t row = hkv * d;
+    if (s.rotary_dim > 0)
+      rotate(*k, k_cache.data_ptr(), true, true, "flash_attn_kvcache (rotary k)");
+    else
+      check_launch(cuda::append_kv_cuda(k_cache.element_size(), k->data_ptr(), k_cache.data_ptr(), b, new_len, row,
+                                        seqlens, int32_t(cache_seqlen), layout, stream),
+                   "flash_attn_kvcache (append k)");
+    check_launch(cuda::append_kv_cuda(v_cache.element_size(), v->data_ptr(), v_cache.data_ptr(), b, new_len, row,
+                                      seqlens, int32_t(cache_seqlen), layout, stream),
+                 "flash_attn_kvcache (append v)");
+  }
+  at::Tensor q_rotated;
+  if (s.rotary_dim > 0) {  // q is rotated into a copy: the caller's q stays as given
+    q_rotated = at::empty_like(q);
+    rotate(q, q_rotated.data_ptr(), per_token, false, "flash_attn_kvcache (rotary q)");
+    p.q = q_rotated.data_ptr();
+  }
+  if (decode) {
     int sm_count = 0;
     check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()),
                  "flash_attn_kvcache (device query)");
-    const int splits = cuda::decode_num_splits(p, sm_count);
+    const int auto_splits = cuda::decode_num_splits(p, sm_count);
+    const int splits = num_splits > 0 ? int(std::min<int64_t>(auto_splits, num_splits)) : auto_splits;
     // Workspace for the per-split partial results (only when the key range is split): the op's one
     // allocation beyond its outputs, from the caching allocator.
     const int64_t ws_floats = cuda::decode_workspace_floats(p, splits);
     at::Tensor ws = at::empty({ws_floats}, q.options().dtype(at::kFloat));
-    check_launch(cuda::decode_cuda(dtype, p, splits, ws_floats > 0 ? ws.data_ptr<float>() : nullptr, stream),
+    check_launch(cuda::decode_cuda(dtype, p, layout, splits, ws_floats > 0 ? ws.data_ptr<float>() : nullptr, stream),
                  "flash_attn_kvcache");
   } else {
+    // Long queries on a paged cache or through cache_batch_idx: each q row's cache row is gathered into a
+    // contiguous [batch, capacity] copy first (device ops, no host sync; ids clamped as in the decode kernel).
+    // The copy is O(capacity * head_dim) per row against the attention's O(queries * keys * head_dim).
+    at::Tensor k_rows, v_rows;
+    if (block_table.has_value() || cache_batch_idx.has_value()) {
+      const at::Tensor ids = block_table.has_value() ? block_table->flatten().clamp(0, k_cache.size(0) - 1)
+                                                     : cache_batch_idx->clamp(0, k_cache.size(0) - 1);
+      k_rows = k_cache.index_select(0, ids).view({b, s.capacity, hkv, d});
+      v_rows = v_cache.index_select(0, ids).view({b, s.capacity, hkv, d});
+      p.k = k_rows.data_ptr();
+      p.v = v_rows.data_ptr();
+    }
     check_launch(cuda::forward_cuda(dtype, p, stream), "flash_attn_kvcache");
   }
   return {out, lse};
