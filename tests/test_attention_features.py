@@ -233,3 +233,21 @@ def test_head_dim_out_of_range_raises(d):
     q, k = torch.randn(1, 4, 2, d), torch.randn(1, 4, 2, d)
     with pytest.raises(ValueError, match="head dim"):
         ops.flash_attn_forward(q, k, k, 0.5, False)
+
+
+def test_opcheck_with_extras():
+    """Schemas, fake kernels and autograd registration agree with the kernels when every extra is given."""
+    q, k, v = (torch.randn(2, 9, 4, 24, requires_grad=True) for _ in range(3))
+    extras = (3, 1, 2.5, torch.rand(2, 4), True)
+    torch.library.opcheck(ops.flash_attn_forward, (q, k, v, 0.3, False, *extras))
+    out, lse = ops.flash_attn_forward(q, k, v, 0.3, False, *extras)
+    torch.library.opcheck(ops.flash_attn_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
+                                                    out.detach(), lse, 0.3, False, *extras))
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    q3, k3, v3 = (torch.randn(9, 4, 24, requires_grad=True) for _ in range(3))
+    extras3 = (-1, 2, 0.0, torch.rand(4), False)
+    torch.library.opcheck(ops.flash_attn_varlen_forward, (q3, k3, v3, cu, cu, 6, 6, 0.3, True, *extras3))
+    o3, l3 = ops.flash_attn_varlen_forward(q3, k3, v3, cu, cu, 6, 6, 0.3, True, *extras3)
+    torch.library.opcheck(ops.flash_attn_varlen_backward,
+                          (torch.randn_like(o3), q3.detach(), k3.detach(), v3.detach(), o3.detach(), l3, cu, cu,
+                           6, 6, 0.3, True, *extras3))
