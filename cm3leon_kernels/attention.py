@@ -103,38 +103,51 @@ def _contiguous(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 # ---- torch.library registration: fake (meta) kernels for tracing, autograd -------------------------------
 
+# The trailing arguments of the four forward/backward ops (window_left, window_right, softcap, alibi_slopes,
+# deterministic) do not change output shapes; alibi_slopes joins the device check.
+
 @torch.library.register_fake("cm3leon::flash_attn_forward")
-def _forward_fake(q, k, v, softmax_scale, causal):
-    check_fake_devices("flash_attn_forward", q=q, k=k, v=v)
+def _forward_fake(q, k, v, softmax_scale, causal, window_left=-1, window_right=-1, softcap=0.0,
+                  alibi_slopes=None, deterministic=False):
+    check_fake_devices("flash_attn_forward", q=q, k=k, v=v, alibi_slopes=alibi_slopes)
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_backward")
-def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal):
-    check_fake_devices("flash_attn_backward", dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, window_left=-1, window_right=-1,
+                   softcap=0.0, alibi_slopes=None, deterministic=False):
+    check_fake_devices("flash_attn_backward", dout=dout, q=q, k=k, v=v, out=out, lse=lse,
+                       alibi_slopes=alibi_slopes)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_varlen_forward")
 def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                         causal):
+                         causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
+                         deterministic=False):
     check_fake_devices("flash_attn_varlen_forward", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
-                       cu_seqlens_k=cu_seqlens_k)
+                       cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_varlen_backward")
 def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          softmax_scale, causal):
+                          softmax_scale, causal, window_left=-1, window_right=-1, softcap=0.0,
+                          alibi_slopes=None, deterministic=False):
     check_fake_devices("flash_attn_varlen_backward", dout=dout, q=q, k=k, v=v, out=out, lse=lse,
-                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_kvcache")
-def _kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_seqlen, softmax_scale, causal):
+def _kvcache_fake(q, k_cache, v_cache, k, v, cache_seqlens, cache_seqlen, softmax_scale, causal, window_left=-1,
+                  window_right=-1, softcap=0.0, alibi_slopes=None, rotary_cos=None, rotary_sin=None,
+                  rotary_interleaved=True, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                  num_splits=0):
     check_fake_devices("flash_attn_kvcache", q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v,
-                       cache_seqlens=cache_seqlens)
+                       cache_seqlens=cache_seqlens, alibi_slopes=alibi_slopes, rotary_cos=rotary_cos,
+                       rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+                       block_table=block_table)
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
@@ -142,20 +155,23 @@ def _setup(ctx, inputs, output):
     q, k, v = inputs[:3]
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = inputs[3:]  # (softmax_scale, causal) or (cu_q, cu_k, max_q, max_k, softmax_scale, causal)
+    # Everything after q, k, v maps 1:1 onto the backward op's trailing arguments: (softmax_scale, causal,
+    # window_left, window_right, softcap, alibi_slopes, deterministic), varlen with cu_seqlens and max_seqlens
+    # first.
+    ctx.args = inputs[3:]
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = ops.flash_attn_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None
+    return (dq, dk, dv) + (None,) * len(ctx.args)
 
 
 def _varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = ops.flash_attn_varlen_backward(dout.contiguous(), q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * len(ctx.args)
 
 
 torch.library.register_autograd("cm3leon::flash_attn_forward", _backward, setup_context=_setup)

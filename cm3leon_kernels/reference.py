@@ -42,24 +42,40 @@ def vq_embed(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 # ---- Attention ---------------------------------------------------------------------------------------------
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-              causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention on ``(batch, seqlen, nheads, headdim)`` tensors, in the inputs' dtype.
 
     Materialises the full score matrix with an explicit mask. GQA/MQA: k/v heads are repeated
-    (``repeat_interleave``) to q's head count. The causal mask is bottom-right aligned (query ``i`` sees keys
-    ``j <= i + Sk - Sq``). Returns ``(out, lse)`` with ``lse [batch, nheads, seqlen_q]`` (natural log; rows
+    (``repeat_interleave``) to q's head count. Query ``i``'s diagonal is ``d = i + Sk - Sq`` (bottom-right
+    alignment); it sees key ``j`` when ``d - window_size[0] <= j <= d + window_size[1]`` (-1: that side
+    unbounded) and, if causal, ``j <= d``. Scores are ``softmax_scale * q.k``, then ``softcap * tanh(s /
+    softcap)`` when ``softcap > 0``, then minus ``alibi_slopes[b, h] * |d - j|`` (slopes ``(nheads,)`` or
+    ``(batch, nheads)``). Returns ``(out, lse)`` with ``lse [batch, nheads, seqlen_q]`` (natural log; rows
     that see no key get ``out = 0`` and ``lse = -inf``). Differentiable (for gradient references).
     """
-    sq, hq, d = q.shape[1], q.shape[2], q.shape[3]
+    b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     k = k.repeat_interleave(hq // hkv, dim=2)
     v = v.repeat_interleave(hq // hkv, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(sq, device=q.device)[:, None]
+    j = torch.arange(sk, device=q.device)[None, :]
+    diag = i + sk - sq
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(scores.dtype).reshape(-1, hq)[:, :, None, None]  # (1 or batch, heads, 1, 1)
+        scores = scores - slopes * (diag - j).abs().to(scores.dtype)
+    hidden = torch.zeros(sq, sk, dtype=torch.bool, device=q.device)
+    if window_size[0] >= 0:
+        hidden |= j < diag - window_size[0]
+    if window_size[1] >= 0:
+        hidden |= j > diag + window_size[1]
     if causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + sk - sq, float("-inf"))
+        hidden |= j > diag
+    scores = scores.masked_fill(hidden, float("-inf"))
     # Softmax that gives 0 (not NaN) for fully masked rows, with finite gradients everywhere.
     row_max = scores.amax(dim=-1, keepdim=True).detach() if sk else scores.new_zeros(scores.shape[:-1] + (1,))
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
@@ -72,15 +88,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, softmax_scale: float | None = None, causal: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference packed-document attention: :func:`attention` per document on ``(tokens, nheads, headdim)``.
-    Returns ``(out, lse [nheads, total_q])``."""
+                     cu_seqlens_k: torch.Tensor, softmax_scale: float | None = None, causal: bool = False,
+                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference packed-document attention: :func:`attention` per document on ``(tokens, nheads, headdim)``
+    (``alibi_slopes`` ``(nheads,)`` or ``(documents, nheads)``). Returns ``(out, lse [nheads, total_q])``."""
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
         o, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                           softmax_scale, causal)
+                           softmax_scale, causal, window_size, softcap, slopes)
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1)

@@ -27,19 +27,29 @@ TORCH_LIBRARY(cm3leon, m) {
 
   // ---- Attention (cm3leon_kernels/attention.py) -------------------------------------------------------
   // FlashAttention-compatible fused attention; lse is float32 [B, Hq, Sq] (varlen: [Hq, total_q]).
-  m.def("flash_attn_forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal)"
-        " -> (Tensor out, Tensor lse)");
+  // The trailing arguments (FlashAttention 2.8): local window (-1 = unbounded side), tanh softcap (0 = off),
+  // ALiBi slopes float32 [Hq] or [B, Hq], and `deterministic`, which the forward ops only carry for autograd.
+  m.def("flash_attn_forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal,"
+        " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
+        " bool deterministic=False) -> (Tensor out, Tensor lse)");
   m.def("flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
-        " float softmax_scale, bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " float softmax_scale, bool causal, int window_left=-1, int window_right=-1, float softcap=0.0,"
+        " Tensor? alibi_slopes=None, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("flash_attn_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
-        " int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal) -> (Tensor out, Tensor lse)");
+        " int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1,"
+        " int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, bool deterministic=False)"
+        " -> (Tensor out, Tensor lse)");
   m.def("flash_attn_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale,"
-        " bool causal) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " bool causal, int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
+        " bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Appends k/v into the caches in place (at cache_seqlens, or cache_seqlen for every row when it is None).
   m.def("flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v,"
-        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal)"
-        " -> (Tensor out, Tensor lse)");
+        " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal,"
+        " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
+        " Tensor? rotary_cos=None, Tensor? rotary_sin=None, bool rotary_interleaved=True,"
+        " Tensor? cache_batch_idx=None, Tensor? cache_leftpad=None, Tensor? block_table=None,"
+        " int num_splits=0) -> (Tensor out, Tensor lse)");
 
   // ---- Sampling (cm3leon_kernels/sampling.py) -------------------------------------------------------
   // Both return (tokens int64 [B], logprobs float32 [B]). The vocabulary restriction is [range_lo, range_hi)

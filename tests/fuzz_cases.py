@@ -58,16 +58,40 @@ def _attn_shapes(rng: random.Random) -> tuple[int, int, int, int, int, int]:
         rng.choice((8, 16, 32))
 
 
-def _dense_build(rng, gen) -> Args:
+# The trailing arguments of the forward/backward ops (local window, softcap, ALiBi); the "[extras]" specs draw
+# them, the others leave them at their defaults.
+_EXTRAS = ("window_left", "window_right", "softcap", "alibi_slopes")
+
+
+def _draw_extras(rng, gen, batch: int, heads: int) -> Args:
+    slopes = rng.choice((None, (heads,), (batch, heads)))
+    return {"window_left": rng.choice((-1, 0, rng.randint(1, 12))),
+            "window_right": rng.choice((-1, 0, rng.randint(1, 12))),
+            "softcap": rng.choice((0.0, rng.uniform(0.5, 5.0))),
+            "alibi_slopes": None if slopes is None else torch.rand(slopes, generator=gen)}
+
+
+def _extras(a: Args) -> tuple:
+    return tuple(a[n] for n in _EXTRAS if n in a)
+
+
+def _ref_extras(a: Args) -> dict:
+    """reference.attention's keywords for the drawn extras (defaults when the spec draws none)."""
+    return {"window_size": (a.get("window_left", -1), a.get("window_right", -1)),
+            "softcap": a.get("softcap", 0.0), "alibi_slopes": a.get("alibi_slopes")}
+
+
+def _dense_build(rng, gen, extras: bool = False) -> Args:
     b, sq, sk, hq, hkv, d = _attn_shapes(rng)
-    return {"q": torch.randn(b, sq, hq, d, generator=gen), "k": torch.randn(b, sk, hkv, d, generator=gen),
-            "v": torch.randn(b, sk, hkv, d, generator=gen), "softmax_scale": rng.uniform(0.05, 0.5),
-            "causal": rng.random() < 0.5}
+    a = {"q": torch.randn(b, sq, hq, d, generator=gen), "k": torch.randn(b, sk, hkv, d, generator=gen),
+         "v": torch.randn(b, sk, hkv, d, generator=gen), "softmax_scale": rng.uniform(0.05, 0.5),
+         "causal": rng.random() < 0.5}
+    return a | _draw_extras(rng, gen, b, hq) if extras else a
 
 
-def _dense_backward_build(rng, gen) -> Args:
-    a = _dense_build(rng, gen)
-    out, lse = ops.flash_attn_forward(a["q"], a["k"], a["v"], a["softmax_scale"], a["causal"])
+def _dense_backward_build(rng, gen, extras: bool = False) -> Args:
+    a = _dense_build(rng, gen, extras)
+    out, lse = ops.flash_attn_forward(a["q"], a["k"], a["v"], a["softmax_scale"], a["causal"], *_extras(a))
     return a | {"dout": torch.randn(out.shape, generator=gen), "out": out, "lse": lse}
 
 
@@ -79,40 +103,42 @@ def _grads(fn, a: Args, inputs=("q", "k", "v")) -> tuple:
 
 def _dense_ref(a):
     q, k, v = _f64(a["q"], a["k"], a["v"])
-    return reference.attention(q, k, v, a["softmax_scale"], a["causal"])
+    return reference.attention(q, k, v, a["softmax_scale"], a["causal"], **_ref_extras(a))
 
 
 def _dense_backward_ref(a):
     ref = a | {"dout": a["dout"].double()}
-    return _grads(lambda q, k, v: reference.attention(q, k, v, a["softmax_scale"], a["causal"])[0],
+    return _grads(lambda q, k, v: reference.attention(q, k, v, a["softmax_scale"], a["causal"],
+                                                      **_ref_extras(a))[0],
                   ref | dict(zip("qkv", _f64(a["q"], a["k"], a["v"]))))
 
 
-def _varlen_build(rng, gen) -> Args:
+def _varlen_build(rng, gen, extras: bool = False) -> Args:
     _, _, _, hq, hkv, d = _attn_shapes(rng)
     docs = rng.randint(1, 3)
     lq = [rng.randint(0, 20) for _ in range(docs)]
     lk = [rng.randint(0, 20) for _ in range(docs)]
     cum = lambda ls: torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
-    return {"q": torch.randn(sum(lq), hq, d, generator=gen), "k": torch.randn(sum(lk), hkv, d, generator=gen),
-            "v": torch.randn(sum(lk), hkv, d, generator=gen),
-            "cu_seqlens_q": cum(lq), "cu_seqlens_k": cum(lk),
-            "max_seqlen_q": max(lq), "max_seqlen_k": max(lk), "softmax_scale": rng.uniform(0.05, 0.5),
-            "causal": rng.random() < 0.5}
+    a = {"q": torch.randn(sum(lq), hq, d, generator=gen), "k": torch.randn(sum(lk), hkv, d, generator=gen),
+         "v": torch.randn(sum(lk), hkv, d, generator=gen),
+         "cu_seqlens_q": cum(lq), "cu_seqlens_k": cum(lk),
+         "max_seqlen_q": max(lq), "max_seqlen_k": max(lk), "softmax_scale": rng.uniform(0.05, 0.5),
+         "causal": rng.random() < 0.5}
+    return a | _draw_extras(rng, gen, docs, hq) if extras else a
 
 
 _VARLEN_SIDE = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal")
 
 
-def _varlen_backward_build(rng, gen) -> Args:
-    a = _varlen_build(rng, gen)
-    out, lse = ops.flash_attn_varlen_forward(a["q"], a["k"], a["v"], *(a[n] for n in _VARLEN_SIDE))
+def _varlen_backward_build(rng, gen, extras: bool = False) -> Args:
+    a = _varlen_build(rng, gen, extras)
+    out, lse = ops.flash_attn_varlen_forward(a["q"], a["k"], a["v"], *(a[n] for n in _VARLEN_SIDE), *_extras(a))
     return a | {"dout": torch.randn(out.shape, generator=gen), "out": out, "lse": lse}
 
 
 def _varlen_ref_fn(a):
     return lambda q, k, v: reference.attention_varlen(q, k, v, a["cu_seqlens_q"], a["cu_seqlens_k"],
-                                                      a["softmax_scale"], a["causal"])
+                                                      a["softmax_scale"], a["causal"], **_ref_extras(a))
 
 
 def _varlen_python(a, q, k, v):
@@ -349,6 +375,31 @@ SPECS: dict[str, OpSpec] = {
                          a | {"dout": a["dout"].double()} | dict(zip("qkv", _f64(a["q"], a["k"], a["v"])))),
         ("dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k"),
         ("max_seqlen_q", "max_seqlen_k") + _ATTN, ignores=("out", "lse")),
+    "flash_attn_forward[extras]": OpSpec(
+        lambda rng, gen: _dense_build(rng, gen, extras=True),
+        {"raw": lambda a: ops.flash_attn_forward(a["q"], a["k"], a["v"], a["softmax_scale"], a["causal"],
+                                                 *_extras(a))},
+        _dense_ref, ("q", "k", "v", "alibi_slopes"), _ATTN + _EXTRAS[:3]),
+    "flash_attn_backward[extras]": OpSpec(
+        lambda rng, gen: _dense_backward_build(rng, gen, extras=True),
+        {"raw": lambda a: ops.flash_attn_backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"],
+                                                  a["softmax_scale"], a["causal"], *_extras(a))},
+        _dense_backward_ref, ("dout", "q", "k", "v", "out", "lse", "alibi_slopes"), _ATTN + _EXTRAS[:3]),
+    "flash_attn_varlen_forward[extras]": OpSpec(
+        lambda rng, gen: _varlen_build(rng, gen, extras=True),
+        {"raw": lambda a: ops.flash_attn_varlen_forward(a["q"], a["k"], a["v"], *(a[n] for n in _VARLEN_SIDE),
+                                                        *_extras(a))},
+        lambda a: _varlen_ref_fn(a)(*_f64(a["q"], a["k"], a["v"])),
+        ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"),
+        ("max_seqlen_q", "max_seqlen_k") + _ATTN + _EXTRAS[:3]),
+    "flash_attn_varlen_backward[extras]": OpSpec(
+        lambda rng, gen: _varlen_backward_build(rng, gen, extras=True),
+        {"raw": lambda a: ops.flash_attn_varlen_backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"],
+                                                         *(a[n] for n in _VARLEN_SIDE), *_extras(a))},
+        lambda a: _grads(lambda q, k, v: _varlen_ref_fn(a)(q, k, v)[0],
+                         a | {"dout": a["dout"].double()} | dict(zip("qkv", _f64(a["q"], a["k"], a["v"])))),
+        ("dout", "q", "k", "v", "out", "lse", "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes"),
+        ("max_seqlen_q", "max_seqlen_k") + _ATTN + _EXTRAS[:3]),
     "flash_attn_kvcache": OpSpec(
         _kvcache_build, {"python": _kvcache_python, "raw": _kvcache_raw}, _kvcache_ref,
         ("q", "k_cache", "v_cache", "k", "v", "cache_seqlens"), _ATTN),

@@ -10,7 +10,10 @@
 // S^T = K Q^T, dP^T = V dO^T, P^T = 2^(S^T - lse), dS^T = P^T (dP^T - D) with vertical (per-query) vectors,
 // then dV += P^T dO, dK += dS^T Q (six key rows per micro-kernel step) and dQ += dS K (six query columns
 // of dS^T per step): no tile is ever transposed. dQ rows are shared between items, so each thread
-// accumulates into its own fp32 dQ buffer and the buffers are summed at the end (no atomics).
+// accumulates into its own fp32 dQ buffer and the buffers are summed at the end (no atomics); that sum's
+// order depends on the schedule, so the deterministic mode computes dQ in a second pass instead, one owner
+// per query block. Local windows restrict both passes to the blocks that see each other; softcap and ALiBi
+// modify the recomputed scores as in the forward (modify_scores).
 #include <omp.h>
 
 #include <algorithm>
@@ -38,31 +41,40 @@ struct Item {
 };
 
 struct Scratch {
-  std::vector<float> kr, vr, dk, dv, s, dp, limit;
+  std::vector<float> dk, dv, s, dp, t, lo, hi, diag, dq;
 };
 
 // P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D) on [BN keys][BM queries] tiles, in place; key r of the
-// block is visible to query c when r < limit[c] (limit <= valid keys of the block; 0 for padding queries).
-inline void softmax_grad_block(float* s, float* dp, const float* lse2, const float* dsum,
-                               const float* limit) {
+// block is visible to query c when lo[c] <= r < hi[c] (lo = hi = 0 for padding queries). With softcap, t
+// holds tanh of the pre-cap scores and dS^T is taken through the cap: times 1 - t^2.
+inline void softmax_grad_block(float* s, float* dp, const float* t, const float* lse2, const float* dsum,
+                               const float* lo, const float* hi) {
 #if CM3LEON_AVX2
+  const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t c = 0; c < BM; c += 8) {
     const __m256 lv = _mm256_loadu_ps(lse2 + c), dv = _mm256_loadu_ps(dsum + c);
-    const __m256 lim = _mm256_loadu_ps(limit + c);
+    const __m256 lov = _mm256_loadu_ps(lo + c), hiv = _mm256_loadu_ps(hi + c);
     for (int64_t r = 0; r < BN; ++r) {
-      const __m256 keep = _mm256_cmp_ps(_mm256_set1_ps(float(r)), lim, _CMP_LT_OQ);
+      const __m256 rv = _mm256_set1_ps(float(r));
+      const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(rv, hiv, _CMP_LT_OQ), _mm256_cmp_ps(rv, lov, _CMP_GE_OQ));
       const __m256 p = _mm256_and_ps(exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + r * BM + c), lv)), keep);
       _mm256_storeu_ps(s + r * BM + c, p);
-      const __m256 dpv = _mm256_loadu_ps(dp + r * BM + c);
-      _mm256_storeu_ps(dp + r * BM + c, _mm256_mul_ps(p, _mm256_sub_ps(dpv, dv)));
+      __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + r * BM + c), dv));
+      if (t) {
+        const __m256 th = _mm256_loadu_ps(t + r * BM + c);
+        ds = _mm256_mul_ps(ds, _mm256_fnmadd_ps(th, th, one));
+      }
+      _mm256_storeu_ps(dp + r * BM + c, ds);
     }
   }
 #else
   for (int64_t r = 0; r < BN; ++r)
     for (int64_t c = 0; c < BM; ++c) {
-      const float p = float(r) < limit[c] ? std::exp2(s[r * BM + c] - lse2[c]) : 0.f;
+      const bool keep = float(r) >= lo[c] && float(r) < hi[c];
+      const float p = keep ? std::exp2(s[r * BM + c] - lse2[c]) : 0.f;
       s[r * BM + c] = p;
-      dp[r * BM + c] = p * (dp[r * BM + c] - dsum[c]);
+      const float ds = p * (dp[r * BM + c] - dsum[c]);
+      dp[r * BM + c] = t ? ds * (1.f - t[r * BM + c] * t[r * BM + c]) : ds;
     }
 #endif
 }
@@ -72,7 +84,9 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
               const T* dout, T* dq, T* dk, T* dv) {
   const int64_t d = pr.head_dim, dp = round_up(d, NR), hq = pr.heads_q, hkv = pr.heads_kv;
   const int64_t group = hq / hkv;
-  const float qscale = pr.scale * kLog2e;
+  // Scores in log2 units; with softcap, Q carries scale / softcap (the tanh argument, see modify_scores).
+  const float qscale = pr.softcap > 0.f ? pr.scale / pr.softcap : pr.scale * kLog2e;
+  const float cap2 = pr.softcap * kLog2e;
 
   // Query-side operands, packed once: row q0 of segment s, head h at (h * q_total + q_off[s] + q0) * dp.
   std::vector<int64_t> q_off(size_t(pr.num_segments) + 1, 0);
@@ -110,70 +124,123 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     }
   });
 
-  std::vector<Item> items;
+  // Key-side operands, packed once as rows of dp floats: block n0 of segment s, kv head h at
+  // (h * k_total + k_off[s] + n0) * dp, zero rows up to the block's end.
+  std::vector<int64_t> k_off(size_t(pr.num_segments) + 1, 0);
+  std::vector<Item> items;  // (segment, kv head, key block): the dK/dV work items
   for (int64_t s = 0; s < pr.num_segments; ++s) {
     const Segment& sg = pr.segments[s];
+    const KeyWindow win(pr, sg);
+    k_off[s + 1] = k_off[s] + round_up(sg.k_len, BN);
     for (int64_t n0 = 0; n0 < sg.k_len; n0 += BN) {
-      const int64_t first_q = pr.causal ? std::clamp<int64_t>(n0 - (sg.k_len - sg.q_len), 0, sg.q_len) : 0;
-      for (int64_t h = 0; h < hkv; ++h) items.push_back({s, h, n0, (sg.q_len - first_q + BM) * group});
+      const int64_t cols = std::min(BN, sg.k_len - n0);
+      const int64_t queries = std::max<int64_t>(win.end_query(n0 + cols) - win.first_query(n0), 0);
+      for (int64_t h = 0; h < hkv; ++h) items.push_back({s, h, n0, (queries + BM) * group});
     }
   }
+  const int64_t k_total = k_off.back();
+  const ScratchBuffer<float> k_rows(size_t(hkv * k_total * dp)), v_rows(size_t(hkv * k_total * dp));
+  parallel_items(pr.threads, int64_t(items.size()), [&](int64_t i) {
+    const Item& it = items[size_t(i)];
+    const Segment& sg = pr.segments[it.segment];
+    const int64_t cols = std::min(BN, sg.k_len - it.n0), src = ((sg.k_start + it.n0) * hkv + it.head_kv) * d;
+    const int64_t dst = (it.head_kv * k_total + k_off[it.segment] + it.n0) * dp;
+    pack_rows(k + src, hkv * d, cols, d, 1.f, BN, dp, k_rows.data() + dst);
+    pack_rows(v + src, hkv * d, cols, d, 1.f, BN, dp, v_rows.data() + dst);
+  });
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  const int nt = usable_threads(pr.threads);
+  // One (query block of head h, key block n0) step: leaves P^T in sc.s and dS^T (natural units, before the
+  // final scale) in sc.dp, both [BN keys][BM queries]. Returns the query-side row and the key block's data.
+  auto grad_tile = [&](Scratch& sc, int64_t seg, int64_t h, int64_t q0, int64_t n0) {
+    const Segment& sg = pr.segments[seg];
+    const KeyWindow win(pr, sg);
+    const int64_t rows = std::min(BM, sg.q_len - q0), rows16 = round_up(rows, NR);
+    const int64_t cols = std::min(BN, sg.k_len - n0);
+    for (int64_t c = 0; c < BM; ++c) {
+      sc.lo[size_t(c)] = c < rows ? float(std::clamp<int64_t>(win.lo(q0 + c) - n0, 0, cols)) : 0.f;
+      sc.hi[size_t(c)] = c < rows ? float(std::clamp<int64_t>(win.hi(q0 + c) - n0, 0, cols)) : 0.f;
+      sc.diag[size_t(c)] = float(q0 + c + win.shift - n0);
+    }
+    const int64_t row = h * q_total + q_off[seg] + q0, blk = ((h / group) * k_total + k_off[seg] + n0) * dp;
+    const float *qt = q_t.data() + row * dp, *dot = do_t.data() + row * dp;
+    const float *kr = k_rows.data() + blk, *vr = v_rows.data() + blk;
+    float *s = sc.s.data(), *dpt = sc.dp.data();
+    for (int64_t r0 = 0; r0 < BN; r0 += MR)  // S^T = K Q^T, dP^T = V dO^T
+      for (int64_t c = 0; c < rows16; c += NR) {
+        micro_tile(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
+        micro_tile(vr + r0 * dp, 1, dp, dot + c, BM, dp, dpt + r0 * BM + c, BM, false);
+      }
+    const float slope2 = pr.alibi_slopes ? pr.alibi_slopes[seg * pr.alibi_segment_stride + h] * kLog2e : 0.f;
+    float* t = cap2 > 0.f ? sc.t.data() : nullptr;
+    if (cap2 > 0.f || slope2 != 0.f) modify_scores(s, BM, BN, BM, cap2, slope2, sc.diag.data(), t);
+    softmax_grad_block(s, dpt, t, lse2.data() + row, dsum.data() + row, sc.lo.data(), sc.hi.data());
+    return std::pair<int64_t, const float*>{row, kr};
+  };
+  auto new_scratch = [&] {  // dk/dv/dq are sized by their users
+    Scratch sc;
+    sc.s.resize(size_t(BN * BM)); sc.dp.resize(size_t(BN * BM));
+    sc.t.resize(cap2 > 0.f ? size_t(BN * BM) : 0);
+    sc.lo.resize(size_t(BM)); sc.hi.resize(size_t(BM)); sc.diag.resize(size_t(BM));
+    return sc;
+  };
+  // dQ += dS K for one tile, into a [dp / NR][BM][NR] strip buffer (six query columns of dS^T per step).
+  auto add_dq = [&](const Scratch& sc, const float* kr, int64_t rows, float* dq_strips) {
+    for (int64_t c = 0; c < dp; c += NR)
+      for (int64_t qr = 0; qr < round_up(rows, MR); qr += MR)
+        micro_tile(sc.dp.data() + qr, BM, 1, kr + c, dp, BN, dq_strips + c * BM + qr * NR, NR, true);
+  };
+  // dQ = scale * (the sum of `n` strip buffers `stride` floats apart), query block `row`, written in q's layout.
+  auto write_dq = [&](const Item& it, const float* acc_strips, int nbuf, size_t stride) {
+    const Segment& sg = pr.segments[it.segment];
+    const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* dst = dq + ((sg.q_start + q0 + r) * hq + h) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        float acc = 0.f;
+        const size_t at = size_t((c / NR) * BM * NR + r * NR + c % NR);
+        for (int b = 0; b < nbuf; ++b) acc += acc_strips[size_t(b) * stride + at];
+        from_float(acc * pr.scale, dst + c);
+      }
+    }
+  };
+
+  // Deterministic: dQ gets its own pass below (one owner per query block, key blocks in order), so no
+  // per-thread buffers are needed here.
+  const int team = usable_threads(pr.threads), nt = pr.deterministic ? 0 : team;
   // Per-thread dQ / scale in fp32, laid out like q_rows (NR-column strips per query block) so that every
   // micro-kernel tile of dQ is contiguous.
   const ScratchBuffer<float> dq_acc(size_t(nt) * qsize);
 
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(team)
   {
     // Zeroed by the team (each buffer's pages then start on its thread), all nt even if the team is smaller.
 #pragma omp for schedule(static)
     for (int t = 0; t < nt; ++t) std::fill_n(dq_acc.data() + size_t(t) * qsize, qsize, 0.f);
-    float* my_dq = dq_acc.data() + size_t(omp_get_thread_num()) * qsize;
-    Scratch sc;
-    sc.kr.resize(size_t(BN * dp)); sc.vr.resize(size_t(BN * dp));
+    float* my_dq = nt ? dq_acc.data() + size_t(omp_get_thread_num()) * qsize : nullptr;
+    Scratch sc = new_scratch();
     sc.dk.resize(size_t(BN * dp)); sc.dv.resize(size_t(BN * dp));
-    sc.s.resize(size_t(BN * BM)); sc.dp.resize(size_t(BN * BM)); sc.limit.resize(size_t(BM));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t idx = 0; idx < int64_t(items.size()); ++idx) {
       const Item& it = items[size_t(idx)];
       const Segment& sg = pr.segments[it.segment];
+      const KeyWindow win(pr, sg);
       const int64_t hk = it.head_kv, n0 = it.n0, cols = std::min(BN, sg.k_len - n0);
-      const int64_t ksrc = ((sg.k_start + n0) * hkv + hk) * d;
-      pack_rows(k + ksrc, hkv * d, cols, d, 1.f, BN, dp, sc.kr.data());
-      pack_rows(v + ksrc, hkv * d, cols, d, 1.f, BN, dp, sc.vr.data());
       std::fill(sc.dk.begin(), sc.dk.end(), 0.f);
       std::fill(sc.dv.begin(), sc.dv.end(), 0.f);
-      const int64_t first_q = pr.causal ? std::clamp<int64_t>(n0 - (sg.k_len - sg.q_len), 0, sg.q_len) : 0;
-      float *s = sc.s.data(), *dpt = sc.dp.data(), *kr = sc.kr.data(), *vr = sc.vr.data();
-
-      for (int64_t q0 = first_q / BM * BM; q0 < sg.q_len; q0 += BM) {
-        const int64_t rows = std::min(BM, sg.q_len - q0), rows16 = round_up(rows, NR);
-        const int64_t rows6 = round_up(rows, MR);
-        for (int64_t c = 0; c < BM; ++c) {
-          const int64_t seen = c < rows ? visible_keys(q0 + c, sg.q_len, sg.k_len, pr.causal) - n0 : 0;
-          sc.limit[size_t(c)] = float(std::clamp<int64_t>(seen, 0, cols));
-        }
+      const int64_t q_end = win.end_query(n0 + cols);
+      for (int64_t q0 = win.first_query(n0) / BM * BM; q0 < q_end; q0 += BM) {
+        const int64_t rows = std::min(BM, sg.q_len - q0);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const int64_t row = h * q_total + q_off[it.segment] + q0;
-          const float *qt = q_t.data() + row * dp, *dot = do_t.data() + row * dp;
-          for (int64_t r0 = 0; r0 < BN; r0 += MR)  // S^T = K Q^T, dP^T = V dO^T
-            for (int64_t c = 0; c < rows16; c += NR) {
-              micro_tile(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
-              micro_tile(vr + r0 * dp, 1, dp, dot + c, BM, dp, dpt + r0 * BM + c, BM, false);
-            }
-          softmax_grad_block(s, dpt, lse2.data() + row, dsum.data() + row, sc.limit.data());
+          const auto [row, kr] = grad_tile(sc, it.segment, h, q0, n0);
           for (int64_t r0 = 0; r0 < BN; r0 += MR)  // dV += P^T dO, dK += dS^T Q
             for (int64_t c = 0; c < dp; c += NR) {
-              micro_tile(s + r0 * BM, 1, BM, do_rows.data() + row * dp + c * BM, NR, rows,
+              micro_tile(sc.s.data() + r0 * BM, 1, BM, do_rows.data() + row * dp + c * BM, NR, rows,
                          sc.dv.data() + r0 * dp + c, dp, true);
-              micro_tile(dpt + r0 * BM, 1, BM, q_rows.data() + row * dp + c * BM, NR, rows,
+              micro_tile(sc.dp.data() + r0 * BM, 1, BM, q_rows.data() + row * dp + c * BM, NR, rows,
                          sc.dk.data() + r0 * dp + c, dp, true);
             }
-          for (int64_t c = 0; c < dp; c += NR)  // dQ += dS K (six query columns of dS^T per step)
-            for (int64_t qr = 0; qr < rows6; qr += MR)
-              micro_tile(dpt + qr, BM, 1, kr + c, dp, BN, my_dq + row * dp + c * BM + qr * NR, NR, true);
+          if (my_dq) add_dq(sc, kr, rows, my_dq + row * dp);
         }
       }
       for (int64_t j = 0; j < cols; ++j) {
@@ -186,21 +253,28 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     }
   }
 
-  // dQ = scale * (sum of the per-thread buffers), written in q's layout and dtype.
+  if (!pr.deterministic) {  // dQ = scale * (sum of the per-thread buffers)
+    parallel_items(pr.threads, int64_t(pre.size()), [&](int64_t i) {
+      const Item& it = pre[size_t(i)];
+      const int64_t row = it.head_kv * q_total + q_off[it.segment] + it.n0;
+      write_dq(it, dq_acc.data() + row * dp, nt, qsize);
+    });
+    return;
+  }
+  // Deterministic dQ: each query block sums its key blocks in key order, recomputing P and dS (two more
+  // tile products per step than the shared pass, the price of a fixed reduction order).
   parallel_items(pr.threads, int64_t(pre.size()), [&](int64_t i) {
     const Item& it = pre[size_t(i)];
     const Segment& sg = pr.segments[it.segment];
-    const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
-    const int64_t row = h * q_total + q_off[it.segment] + q0;
-    for (int64_t r = 0; r < rows; ++r) {
-      T* dst = dq + ((sg.q_start + q0 + r) * hq + h) * d;
-      for (int64_t c = 0; c < d; ++c) {
-        float acc = 0.f;
-        const size_t at = size_t(row * dp + (c / NR) * BM * NR + r * NR + c % NR);
-        for (int t = 0; t < nt; ++t) acc += dq_acc[size_t(t) * qsize + at];
-        from_float(acc * pr.scale, dst + c);
-      }
+    const KeyWindow win(pr, sg);
+    const int64_t q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
+    Scratch sc = new_scratch();
+    sc.dq.assign(size_t(BM * dp), 0.f);
+    for (int64_t n0 = win.lo(q0) / BN * BN; n0 < win.hi(q0 + rows - 1); n0 += BN) {
+      const float* kr = grad_tile(sc, it.segment, it.head_kv, q0, n0).second;
+      add_dq(sc, kr, rows, sc.dq.data());
     }
+    write_dq(it, sc.dq.data(), 1, 0);
   });
 }
 

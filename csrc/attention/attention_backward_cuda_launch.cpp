@@ -82,9 +82,11 @@ BackwardParams base_params(const at::Tensor& q, const at::Tensor& k, double soft
 
 Grads backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                           double softmax_scale, bool causal) {
+                           double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
   check_inputs(dout, q, k, v, out, lse, 4, {q.size(0), q.size(2), q.size(1)});
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
+  check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
+  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, deterministic);
   TORCH_CHECK_VALUE(q.size(1) <= INT_MAX && k.size(1) <= INT_MAX, "sequence lengths must fit in int32");
   BackwardParams p = base_params(q, k, softmax_scale, causal);
   p.batch = q.size(0);
@@ -99,13 +101,15 @@ Grads varlen_backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, c
                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                   int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
-                                  bool causal) {
+                                  bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
   check_inputs(dout, q, k, v, out, lse, 3, {q.size(1), q.size(0)});
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0),
                     " and ", cu_seqlens_k.size(0));
+  check_extras(q, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
+  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, deterministic);
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT_MAX &&
                         max_seqlen_k <= INT_MAX,
                     "max_seqlen_q and max_seqlen_k must be in [0, 2^31), got ", max_seqlen_q, " and ",

@@ -5,16 +5,16 @@
 
 namespace cm3leon::attention {
 
-// Matching dtypes (float32/bf16/fp16) and devices, head counts (GQA), head dim (multiple of 8 in [8, 256]),
+// The trailing arguments of every forward/backward launcher, CPU and CUDA (schemas in ops.cpp, semantics in
+// docs/attention.md).
+#define CM3LEON_ATTN_EXTRA_PARAMS                                                                     \
+  int64_t window_left, int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes, \
+      bool deterministic
+
+// Matching dtypes (float32/bf16/fp16) and devices, head counts (GQA), head dim (in [1, 256]),
 // k/v shapes, contiguity; messages name the arguments kn / vn as the caller knows them.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t ndim, const char* kn = "k",
                const char* vn = "v");
-
-// The KV-cache op's tensors: q/k_cache/v_cache as check_qkv, optional new k/v matching the cache,
-// cache_seqlens int32 [batch] on the cache's device. Returns the number of new tokens (0 without k/v).
-int64_t check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                      const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
-                      const c10::optional<at::Tensor>& cache_seqlens);
 
 // softmax_scale must be finite as a float32 (the kernels' type): a NaN or infinite scale would silently give
 // NaN or zero rows.
@@ -24,5 +24,16 @@ void check_softmax_scale(double softmax_scale);
 // q's device; all contiguous. (q/k/v are check_qkv's.)
 void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
                     at::IntArrayRef lse_shape);
+
+// The FlashAttention extras: window_left/window_right >= -1, softcap finite (as float32) and >= 0,
+// alibi_slopes float32, contiguous, on q's device, shaped [heads_q] or [batch, heads_q] (varlen: batch =
+// documents). Returns the slopes' per-batch stride (0 when one row serves every batch row).
+int64_t check_extras(const at::Tensor& q, int64_t batch, int64_t window_left, int64_t window_right,
+                     double softcap, const c10::optional<at::Tensor>& alibi_slopes);
+
+// What the CUDA kernels lack: a head dim that is not a multiple of 8, local windows, softcap, ALiBi and (for
+// the backward, `deterministic_backward`) a fixed reduction order raise NotImplementedError naming the argument.
+void check_cuda_extras(const at::Tensor& q, int64_t window_left, int64_t window_right, double softcap,
+                       const c10::optional<at::Tensor>& alibi_slopes, bool deterministic_backward);
 
 }  // namespace cm3leon::attention

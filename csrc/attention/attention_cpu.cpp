@@ -38,23 +38,25 @@ struct Item {
 
 // Per-thread scratch, reused across items and calls.
 struct Scratch {
-  std::vector<float> qt, st, o, m, l, alpha, limit;
+  std::vector<float> qt, st, o, m, l, alpha, lo, hi, diag;
 };
 
 #if CM3LEON_AVX2
 // Online-softmax step on a transposed score tile st[keys][BM], eight queries per vector (vertical
-// reductions only). Masks keys at or beyond each query's limit (relative to this block) when `masked`;
+// reductions only). When `masked`, key r of the block is visible to query c iff lo[c] <= r < hi[c];
 // rows [keys, keys_pad) are padding and get P = 0. Leaves P in st, updates m and l, writes alpha.
 inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t queries, bool masked,
-                          const float* limit, float* m, float* l, float* alpha) {
+                          const float* lo, const float* hi, float* m, float* l, float* alpha) {
   const __m256 neg_inf = _mm256_set1_ps(kNegInf);
   for (int64_t c = 0; c < queries; c += 8) {
-    const __m256 lim = _mm256_loadu_ps(limit + c);
+    const __m256 lov = _mm256_loadu_ps(lo + c), hiv = _mm256_loadu_ps(hi + c);
     __m256 mx = neg_inf;
     for (int64_t r = 0; r < keys; ++r) {
       __m256 x = _mm256_loadu_ps(st + r * BM + c);
       if (masked) {
-        x = _mm256_blendv_ps(neg_inf, x, _mm256_cmp_ps(_mm256_set1_ps(float(r)), lim, _CMP_LT_OQ));
+        const __m256 rv = _mm256_set1_ps(float(r));
+        const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(rv, hiv, _CMP_LT_OQ), _mm256_cmp_ps(rv, lov, _CMP_GE_OQ));
+        x = _mm256_blendv_ps(neg_inf, x, keep);
         _mm256_storeu_ps(st + r * BM + c, x);
       }
       mx = _mm256_max_ps(mx, x);
@@ -88,11 +90,11 @@ inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t que
 }
 #else
 inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t queries, bool masked,
-                          const float* limit, float* m, float* l, float* alpha) {
+                          const float* lo, const float* hi, float* m, float* l, float* alpha) {
   for (int64_t c = 0; c < queries; ++c) {
     float mx = kNegInf;
     for (int64_t r = 0; r < keys; ++r) {
-      if (masked && float(r) >= limit[c]) st[r * BM + c] = kNegInf;
+      if (masked && (float(r) < lo[c] || float(r) >= hi[c])) st[r * BM + c] = kNegInf;
       mx = std::max(mx, st[r * BM + c]);
     }
     const float m_new = std::max(m[c], mx), m_use = m_new == kNegInf ? 0.f : m_new;
@@ -149,58 +151,71 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
   std::vector<Item> items;
   for (int64_t s = 0; s < pr.num_segments; ++s) {
     const Segment& sg = pr.segments[s];
+    const KeyWindow win(pr, sg);
     for (int64_t q0 = 0; q0 < sg.q_len; q0 += BM) {
       const int64_t rows = std::min(BM, sg.q_len - q0);
-      const int64_t keys = visible_keys(q0 + rows - 1, sg.q_len, sg.k_len, pr.causal);
+      const int64_t keys = std::max<int64_t>(win.hi(q0 + rows - 1) - win.lo(q0), 0);
       for (int64_t h = 0; h < hq; ++h) items.push_back({s, h, q0, rows * (keys + BN)});
     }
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  const float qscale = pr.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
+  // Scores in log2 units (exp2 instead of exp). With softcap, Q carries scale / softcap: the tile holds the
+  // tanh argument and modify_scores rescales it.
+  const float qscale = pr.softcap > 0.f ? pr.scale / pr.softcap : pr.scale * kLog2e;
+  const float cap2 = pr.softcap * kLog2e;
   parallel_items(pr.threads, int64_t(items.size()), [&](int64_t idx) {
     const Item& it = items[size_t(idx)];
     const Segment& sg = pr.segments[it.segment];
-    const int64_t h = it.head, q0 = it.q0, hk = h / group;
-    const int64_t rows = std::min(BM, sg.q_len - q0), rows16 = round_up(rows, NR), rows6 = round_up(rows, MR);
-    const int64_t keys = visible_keys(q0 + rows - 1, sg.q_len, sg.k_len, pr.causal);
-    auto seen_by = [&](int64_t i) { return visible_keys(i, sg.q_len, sg.k_len, pr.causal); };
-    // Queries whose limit reaches at least this far need no mask in a block.
-    const int64_t unmasked_until = visible_keys(q0, sg.q_len, sg.k_len, pr.causal);
+    const KeyWindow win(pr, sg);
+    const int64_t h = it.head, q0 = it.q0, hk = h / group, last = q0 + std::min(BM, sg.q_len - q0) - 1;
+    const int64_t rows = last - q0 + 1, rows16 = round_up(rows, NR), rows6 = round_up(rows, MR);
+    const float slope2 = pr.alibi_slopes ? pr.alibi_slopes[it.segment * pr.alibi_segment_stride + h] * kLog2e : 0.f;
+    // Key blocks (aligned to BN, as packed) from the first query's first key to the last query's last one;
+    // a block needs the mask unless every query sees all of it.
+    const int64_t k_begin = win.lo(q0) / BN * BN, k_end = win.hi(last);
 
     thread_local Scratch sc;
     sc.qt.resize(size_t(dp * BM)); sc.st.resize(size_t(BN * BM)); sc.o.assign(size_t(BM * dp), 0.f);
     sc.m.assign(size_t(BM), kNegInf); sc.l.assign(size_t(BM), 0.f); sc.alpha.resize(size_t(BM));
-    sc.limit.resize(size_t(BM));
+    sc.lo.resize(size_t(BM)); sc.hi.resize(size_t(BM)); sc.diag.resize(size_t(BM));
     float *qt = sc.qt.data(), *st = sc.st.data(), *o = sc.o.data();
     pack_panels(q + ((sg.q_start + q0) * hq + h) * d, hq * d, rows, d, qscale, BM, BM, dp, qt);  // Q^T
 
-    for (int64_t n0 = 0; n0 < keys; n0 += BN) {
-      const int64_t cols = std::min(BN, keys - n0), cols6 = round_up(cols, MR);
+    for (int64_t n0 = k_begin; n0 < k_end; n0 += BN) {
+      const int64_t cols = std::min(BN, k_end - n0), cols6 = round_up(cols, MR);
       const int64_t blk = (hk * k_total + k_off[it.segment] + n0) * dp;
-      const bool masked = n0 + cols > unmasked_until;
+      const bool masked = win.lo(last) > n0 || win.hi(q0) < n0 + cols;
       ensure_packed(it.segment, hk, n0);
-      if (masked)
-        for (int64_t r = 0; r < BM; ++r)
-          sc.limit[size_t(r)] =
-              r < rows ? float(visible_keys(q0 + r, sg.q_len, sg.k_len, pr.causal) - n0) : 0.f;
-      // Six K rows (padding rows are zero) x 16 queries; on the causal diagonal, tiles that every one of
-      // their queries masks out are skipped (the softmax masks their stale scores).
+      for (int64_t r = 0; r < BM; ++r) {  // padding queries see nothing
+        sc.lo[size_t(r)] = r < rows ? float(win.lo(q0 + r) - n0) : 0.f;
+        sc.hi[size_t(r)] = r < rows ? float(win.hi(q0 + r) - n0) : 0.f;
+        sc.diag[size_t(r)] = float(q0 + r + win.shift - n0);
+      }
+      // Six K rows (padding rows are zero) x NR queries; tiles that every one of their queries masks out are
+      // skipped (the softmax masks their stale scores).
       for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
-        for (int64_t qc = 0; qc < rows16; qc += NR)
-          if (!masked || n0 + kr0 < seen_by(q0 + std::min(qc + NR, rows) - 1))
+        for (int64_t qc = 0; qc < rows16; qc += NR) {
+          const int64_t qe = std::min(qc + NR, rows) - 1;
+          if (!masked || (n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc)))
             micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
-      softmax_block(st, cols, cols6, rows16, masked, sc.limit.data(), sc.m.data(), sc.l.data(),
+        }
+      if (cap2 > 0.f || slope2 != 0.f) modify_scores(st, BM, cols, rows16, cap2, slope2, sc.diag.data(), nullptr);
+      softmax_block(st, cols, cols6, rows16, masked, sc.lo.data(), sc.hi.data(), sc.m.data(), sc.l.data(),
                     sc.alpha.data());
       for (int64_t r = 0; r < rows; ++r)
         if (sc.alpha[size_t(r)] != 1.f) scale_row(o + r * dp, dp, sc.alpha[size_t(r)]);
       for (int64_t dc = 0; dc < dp; dc += NR)  // an NR-column strip of V stays in L1 across query panels
         for (int64_t qr = 0; qr < rows6; qr += MR) {
-          // Keys past the last one these six queries see have P = 0: stop the depth there.
-          const int64_t depth =
-              masked ? std::clamp<int64_t>(seen_by(q0 + std::min(qr + MR, rows) - 1) - n0, 0, cols) : cols;
-          if (depth > 0)
-            micro_tile(st + qr, BM, 1, vr.data() + blk + dc * BN, NR, depth, o + qr * dp + dc, dp, true);
+          // Keys outside what these six queries see have P = 0: the depth covers only their union.
+          int64_t k0 = 0, k1 = cols;
+          if (masked) {
+            k0 = std::clamp<int64_t>(win.lo(q0 + qr) - n0, 0, cols);
+            k1 = std::clamp<int64_t>(win.hi(q0 + std::min(qr + MR, rows) - 1) - n0, k0, cols);
+          }
+          if (k1 > k0)
+            micro_tile(st + k0 * BM + qr, BM, 1, vr.data() + blk + dc * BN + k0 * NR, NR, k1 - k0,
+                       o + qr * dp + dc, dp, true);
         }
     }
 

@@ -5,7 +5,6 @@
 // dense, packed (varlen) and KV-cache layouts share one kernel.
 #pragma once
 #include <cstdint>
-#include <cstring>
 
 #include "common/cpu_features.h"
 #include "common/dtype.h"
@@ -22,7 +21,7 @@ struct Problem {
   DType dtype;
   const Segment* segments;
   int64_t num_segments;
-  int64_t heads_q, heads_kv, head_dim;  // head_dim: multiple of 8, at most 256
+  int64_t heads_q, heads_kv, head_dim;  // head_dim in [1, 256]
   int64_t lse_head_stride;
   float scale;  // softmax scale applied to q.k
   bool causal;  // bottom-right aligned: query i sees keys j <= i + k_len - q_len
@@ -65,18 +64,6 @@ inline void backward_cpu(const Problem& p, const void* q, const void* k, const v
   dispatch_isa<kAttentionMaxIsa>([&](auto isa) {
     backward_kernel<decltype(isa)::value>(p, q, k, v, out, lse, dout, dq, dk, dv);
   });
-}
-
-// Copies new rows [batch][new_len][heads_kv * head_dim] into cache rows [batch][cache_len][...] starting at
-// position starts[b] of each batch row (the caller has checked starts[b] + new_len <= cache_len).
-inline void append_cpu(int64_t elem_size, const void* src, void* cache, int64_t batch, int64_t new_len,
-                       int64_t cache_len, int64_t row_elems, const int32_t* starts, int32_t start_if_null) {
-  const int64_t row_bytes = row_elems * elem_size;
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t start = starts ? starts[b] : start_if_null;
-    std::memcpy(static_cast<char*>(cache) + (b * cache_len + start) * row_bytes,
-                static_cast<const char*>(src) + b * new_len * row_bytes, size_t(new_len * row_bytes));
-  }
 }
 
 CM3LEON_ISA_END

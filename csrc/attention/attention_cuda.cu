@@ -30,19 +30,19 @@ cudaError_t forward_simt(const AttnParams& p, cudaStream_t stream) {
 // Threads per key: the head dim's 16-byte vectors rounded up to a power of two (at least 8, at most 32);
 // NV vectors per thread when one warp is not enough (float32 beyond 128 dims).
 template <typename T, int ROWS>
-cudaError_t decode_launch(const AttnParams& p, int splits, float* ws, cudaStream_t stream) {
+cudaError_t decode_launch(const AttnParams& p, const KvLayout& lay, int splits, float* ws, cudaStream_t stream) {
   const dim3 grid(unsigned(splits), unsigned(p.heads_kv), unsigned(p.batch));
   float* ws_out = ws;
   float* ws_lse = ws == nullptr ? nullptr : ws + int64_t(splits) * p.batch * p.heads_q * p.seqlen_q * p.head_dim;
   const int vectors = p.head_dim * int(sizeof(T)) / 16;
   if (vectors <= 8) {
-    decode_split_kernel<T, 8, 1, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p, splits, ws_out, ws_lse);
+    decode_split_kernel<T, 8, 1, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p, lay, splits, ws_out, ws_lse);
   } else if (vectors <= 16) {
-    decode_split_kernel<T, 16, 1, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p, splits, ws_out, ws_lse);
+    decode_split_kernel<T, 16, 1, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p, lay, splits, ws_out, ws_lse);
   } else if (vectors <= 32) {
-    decode_split_kernel<T, 32, 1, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p, splits, ws_out, ws_lse);
+    decode_split_kernel<T, 32, 1, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p, lay, splits, ws_out, ws_lse);
   } else if constexpr (sizeof(T) == 4) {
-    decode_split_kernel<T, 32, 2, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p, splits, ws_out, ws_lse);
+    decode_split_kernel<T, 32, 2, ROWS><<<grid, kDecodeThreads, 0, stream>>>(p, lay, splits, ws_out, ws_lse);
   } else {
     return cudaErrorInvalidValue;  // unreachable: head dims are at most 256
   }
@@ -54,10 +54,15 @@ cudaError_t decode_launch(const AttnParams& p, int splits, float* ws, cudaStream
 }
 
 template <typename T>
-cudaError_t decode_typed(const AttnParams& p, int splits, float* ws, cudaStream_t stream) {
+cudaError_t decode_typed(const AttnParams& p, const KvLayout& lay, int splits, float* ws, cudaStream_t stream) {
   const int rows = p.heads_q / p.heads_kv * p.seqlen_q;
-  return rows == 1 ? decode_launch<T, 1>(p, splits, ws, stream)
-                   : decode_launch<T, kDecodeMaxRows>(p, splits, ws, stream);
+  return rows == 1 ? decode_launch<T, 1>(p, lay, splits, ws, stream)
+                   : decode_launch<T, kDecodeMaxRows>(p, lay, splits, ws, stream);
+}
+
+unsigned grid_stride_blocks(int64_t total, int threads) {
+  const int64_t blocks = (total + threads - 1) / threads;
+  return unsigned(blocks < 65536 ? blocks : 65536);
 }
 
 }  // namespace
@@ -72,15 +77,27 @@ cudaError_t forward_cuda(DType dtype, const AttnParams& p, cudaStream_t stream) 
 }
 
 cudaError_t append_kv_cuda(int64_t elem_size, const void* src, void* cache, int64_t batch, int64_t new_len,
-                           int64_t cache_len, int64_t row_elems, const int32_t* cache_seqlens, int32_t start_if_null,
-                           cudaStream_t stream) {
+                           int64_t row_elems, const int32_t* cache_seqlens, int32_t start_if_null,
+                           const KvLayout& layout, cudaStream_t stream) {
   const int64_t chunks = row_elems * elem_size / 16, total = batch * new_len * chunks;
   if (total == 0) return cudaSuccess;
   constexpr int threads = 256;
-  const int64_t blocks = (total + threads - 1) / threads;
-  append_kv_kernel<<<unsigned(blocks < 65536 ? blocks : 65536), threads, 0, stream>>>(
-      static_cast<const uint4*>(src), static_cast<uint4*>(cache), batch, new_len, cache_len, chunks, cache_seqlens,
-      start_if_null);
+  append_kv_kernel<<<grid_stride_blocks(total, threads), threads, 0, stream>>>(
+      static_cast<const uint4*>(src), static_cast<uint4*>(cache), batch, new_len, chunks, cache_seqlens,
+      start_if_null, layout);
+  return cudaGetLastError();
+}
+
+cudaError_t rotary_cuda(DType dtype, const RotaryCall& call, cudaStream_t stream) {
+  const int64_t total = call.batch * call.len * call.heads * call.head_dim;
+  if (total == 0) return cudaSuccess;
+  constexpr int threads = 256;
+  const unsigned blocks = grid_stride_blocks(total, threads);
+  switch (dtype) {
+    case DType::BFloat16: rotary_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(call); break;
+    case DType::Float16: rotary_kernel<__half><<<blocks, threads, 0, stream>>>(call); break;
+    case DType::Float32: rotary_kernel<float><<<blocks, threads, 0, stream>>>(call); break;
+  }
   return cudaGetLastError();
 }
 
@@ -101,12 +118,13 @@ int64_t decode_workspace_floats(const AttnParams& p, int num_splits) {
   return num_splits <= 1 ? 0 : int64_t(num_splits) * p.batch * p.heads_q * p.seqlen_q * (p.head_dim + 1);
 }
 
-cudaError_t decode_cuda(DType dtype, const AttnParams& p, int num_splits, float* workspace, cudaStream_t stream) {
+cudaError_t decode_cuda(DType dtype, const AttnParams& p, const KvLayout& layout, int num_splits, float* workspace,
+                        cudaStream_t stream) {
   if (p.batch == 0 || p.seqlen_q == 0) return cudaSuccess;
   switch (dtype) {
-    case DType::BFloat16: return decode_typed<__nv_bfloat16>(p, num_splits, workspace, stream);
-    case DType::Float16: return decode_typed<__half>(p, num_splits, workspace, stream);
-    case DType::Float32: return decode_typed<float>(p, num_splits, workspace, stream);
+    case DType::BFloat16: return decode_typed<__nv_bfloat16>(p, layout, num_splits, workspace, stream);
+    case DType::Float16: return decode_typed<__half>(p, layout, num_splits, workspace, stream);
+    case DType::Float32: return decode_typed<float>(p, layout, num_splits, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <limits>
 #include <utility>
@@ -14,6 +15,8 @@
 #include "attention/attention_checks.h"
 #include "attention/attention_cuda.h"
 #include "attention/attention_cuda_params.cuh"
+#include "attention/attention_kvcache_checks.h"
+#include "attention/attention_kvcache_cuda.h"
 #include "common/tensor_checks.h"
 
 namespace cm3leon::attention {
@@ -75,9 +78,12 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& 
 }  // namespace
 
 OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale,
-                           bool causal) {
+                           bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
   check_qkv(q, k, v, 4);
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
+  check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
+  // The forward only carries `deterministic` for autograd.
+  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, false);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
@@ -99,13 +105,16 @@ OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::T
 
 OutLse varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal) {
+                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                  CM3LEON_ATTN_EXTRA_PARAMS) {
   check_qkv(q, k, v, 3);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
                     cu_seqlens_k.size(0));
+  check_extras(q, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
+  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, false);
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty_like(q);
@@ -132,56 +141,111 @@ OutLse varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, cons
 OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
                            const c10::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
-                           double softmax_scale, bool causal) {
-  const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
-  check_softmax_scale(softmax_scale);  // before the caches are written
-  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
-  if (!cache_seqlens.has_value()) {
-    TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= cache_len, "cache_seqlens = ", cache_seqlen,
-                      " plus ", new_len, " new tokens overflows the cache of ", cache_len, " positions");
+                           double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                           double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                           const c10::optional<at::Tensor>& rotary_cos, const c10::optional<at::Tensor>& rotary_sin,
+                           bool rotary_interleaved, const c10::optional<at::Tensor>& cache_batch_idx,
+                           const c10::optional<at::Tensor>& cache_leftpad,
+                           const c10::optional<at::Tensor>& block_table, int64_t num_splits) {
+  const KvcacheOptions o{window_left, window_right,       softcap,        alibi_slopes,  rotary_cos, rotary_sin,
+                         rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
+  const KvcacheShape s = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o);
+  const int64_t new_len = s.new_len;
+  // The CUDA kernels do not have these yet (the CPU launcher does): refuse, never ignore.
+  for (const auto& [given, name] : {std::pair{window_left >= 0 || window_right >= 0, "window_size"},
+                                    std::pair{softcap > 0.0, "softcap"},
+                                    std::pair{alibi_slopes.has_value(), "alibi_slopes"}})
+    TORCH_CHECK_NOT_IMPLEMENTED(!given, "flash_attn_kvcache: ", name, " is not implemented on CUDA yet (CPU only)");
+  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), hkv = k_cache.size(2), d = q.size(3);
+  if (!cache_seqlens.has_value()) {  // host-known positions are checked; device ones are clamped by the kernels
+    TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= s.capacity, "cache_seqlens = ", cache_seqlen,
+                      " plus ", new_len, " new tokens overflows the cache of ", s.capacity, " positions");
+    if (s.rotary_dim > 0) {
+      const int64_t need = cache_seqlen + std::max(new_len, causal ? sq : 1);
+      TORCH_CHECK_VALUE(need <= rotary_cos->size(0), "rotary_cos/rotary_sin have ", rotary_cos->size(0),
+                        " positions but the rows need ", need);
+    }
   }
   check_fits_grid(b, "batch rows");
-  check_fits_grid(k_cache.size(2), "kv heads");
+  check_fits_grid(hkv, "kv heads");
   check_fits_int(sq, "seqlen_q");
-  check_fits_int(cache_len, "the cache length");
+  check_fits_int(s.capacity, "the cache length");
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int32_t* seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
   check_aligned(k_cache, "k_cache");  // before the append's 16-byte stores, not only in base_params
   check_aligned(v_cache, "v_cache");
-  if (new_len > 0) {
-    check_aligned(*k, "k");
-    check_aligned(*v, "v");
-    const int64_t row = k_cache.size(2) * k_cache.size(3);
-    for (const auto& [src, cache] : {std::pair{&*k, &k_cache}, std::pair{&*v, &v_cache}}) {
-      check_launch(cuda::append_kv_cuda(cache->element_size(), src->data_ptr(), cache->data_ptr(), b, new_len,
-                                        cache_len, row, seqlens, int32_t(cache_seqlen), stream),
-                   "flash_attn_kvcache (append)");
-    }
-  }
+
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
   cuda::AttnParams p = base_params(q, k_cache, v_cache, out, lse, softmax_scale, causal);
   p.batch = int(b);
   p.seqlen_q = int(sq);
   p.seqlen_k = int(cache_seqlen + new_len);
-  p.k_batch_tokens = cache_len;
+  p.k_batch_tokens = s.capacity;
   p.cache_seqlens = seqlens;
   p.cache_extra = int(new_len);
   p.total_q = b * sq;
-  p.total_k = b * cache_len;
+  p.total_k = b * s.capacity;
   p.lse_head_stride = sq;
+  cuda::KvLayout layout;
+  layout.capacity = s.capacity;
+  if (block_table.has_value()) {
+    layout.block_table = block_table->data_ptr<int32_t>();
+    layout.table_stride = block_table->size(1);
+    layout.page = s.page;
+    layout.num_blocks = k_cache.size(0);
+  }
+  if (cache_batch_idx.has_value()) {
+    layout.cache_batch_idx = cache_batch_idx->data_ptr<int32_t>();
+    layout.cache_rows = k_cache.size(0);
+  }
+  if (cache_leftpad.has_value()) layout.cache_leftpad = cache_leftpad->data_ptr<int32_t>();
+  // Only the decode kernel reads through the layout; refuse before the caches are written.
+  const bool decode = cuda::decode_applies(p);
+  TORCH_CHECK_NOT_IMPLEMENTED(decode || sq == 0 || !(block_table || cache_batch_idx || cache_leftpad),
+                              "flash_attn_kvcache on CUDA: block_table, cache_batch_idx and cache_leftpad need at most ",
+                              cuda::kDecodeMaxRows, " query rows per kv head (the decode kernel); got ", hq / hkv * sq,
+                              " (CPU only for now)");
+
   const DType dtype = float_dtype(q, "q");
-  if (cuda::decode_applies(p)) {
+  auto rotate = [&](const at::Tensor& src, void* dst, bool per_token, bool into_cache, const char* what) {
+    const cuda::RotaryCall call{src.data_ptr(), dst, src.size(0), src.size(1), src.size(2), d,
+                                rotary_cos->data_ptr(), rotary_sin->data_ptr(), s.rotary_dim, rotary_cos->size(0),
+                                rotary_interleaved, per_token, into_cache, seqlens, int32_t(cache_seqlen), layout};
+    check_launch(cuda::rotary_cuda(dtype, call, stream), what);
+  };
+  if (new_len > 0) {
+    check_aligned(*k, "k");
+    check_aligned(*v, "v");
+    const int64_t row = hkv * d;
+    if (s.rotary_dim > 0)
+      rotate(*k, k_cache.data_ptr(), true, true, "flash_attn_kvcache (rotary k)");
+    else
+      check_launch(cuda::append_kv_cuda(k_cache.element_size(), k->data_ptr(), k_cache.data_ptr(), b, new_len, row,
+                                        seqlens, int32_t(cache_seqlen), layout, stream),
+                   "flash_attn_kvcache (append k)");
+    check_launch(cuda::append_kv_cuda(v_cache.element_size(), v->data_ptr(), v_cache.data_ptr(), b, new_len, row,
+                                      seqlens, int32_t(cache_seqlen), layout, stream),
+                 "flash_attn_kvcache (append v)");
+  }
+  at::Tensor q_rotated;
+  if (s.rotary_dim > 0) {  // q is rotated into a copy: the caller's q stays as given
+    q_rotated = at::empty_like(q);
+    rotate(q, q_rotated.data_ptr(), causal, false, "flash_attn_kvcache (rotary q)");
+    p.q = q_rotated.data_ptr();
+  }
+  if (decode) {
     int sm_count = 0;
     check_launch(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.get_device()),
                  "flash_attn_kvcache (device query)");
-    const int splits = cuda::decode_num_splits(p, sm_count);
+    const int auto_splits = cuda::decode_num_splits(p, sm_count);
+    const int splits = num_splits > 0 ? int(std::min<int64_t>(auto_splits, num_splits)) : auto_splits;
     // Workspace for the per-split partial results (only when the key range is split): the op's one
     // allocation beyond its outputs, from the caching allocator.
     const int64_t ws_floats = cuda::decode_workspace_floats(p, splits);
     at::Tensor ws = at::empty({ws_floats}, q.options().dtype(at::kFloat));
-    check_launch(cuda::decode_cuda(dtype, p, splits, ws_floats > 0 ? ws.data_ptr<float>() : nullptr, stream),
+    check_launch(cuda::decode_cuda(dtype, p, layout, splits, ws_floats > 0 ? ws.data_ptr<float>() : nullptr, stream),
                  "flash_attn_kvcache");
   } else {
     check_launch(cuda::forward_cuda(dtype, p, stream), "flash_attn_kvcache");

@@ -4,7 +4,8 @@
 // (tokens outer, heads inner) and each K/V element is widened from bf16/fp16 once. Eight dot products are
 // computed together and reduced with one transpose-add; the softmax is online; the key range of each row is
 // split into slices when there are fewer rows than cores can use, and the slices' partial (max, sum,
-// output) are merged by their log-sum-exp.
+// output) are merged by their log-sum-exp. Keys are read in place, from a contiguous or a paged cache
+// (DecodeLayout), at any head dim: rows are never padded or copied.
 #include "attention/attention_decode.h"
 
 #include <algorithm>
@@ -23,11 +24,13 @@ constexpr int64_t kMaxRows = 8;     // query rows per kv head that the decode pa
 constexpr int64_t kChunk = 32;      // keys per online-softmax step
 constexpr int64_t kMinSlice = 512;  // keys per split slice at least (merging costs a pass over the output)
 
-// Eight dot products q_i . k_i (fp32 queries, keys widened on load).
+// Eight dot products q_i . k_i of d elements (fp32 queries, keys widened on load). The last d % 8 elements
+// are summed one by one: a cached row is the caller's memory and may end right after element d - 1.
 template <typename T>
 inline __m256 dot8(const float* const* q, const T* const* k, int64_t d) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t i = 0; i < d; i += 8) {
+  const int64_t d8 = d / 8 * 8;
+  for (int64_t i = 0; i < d8; i += 8) {
     a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), load8(k[0] + i), a0);
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), load8(k[1] + i), a1);
     a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), load8(k[2] + i), a2);
@@ -41,25 +44,53 @@ inline __m256 dot8(const float* const* q, const T* const* k, int64_t d) {
   const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
   const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+  if (d8 == d) return sum;
+  alignas(32) float tail[8];
+  for (int u = 0; u < 8; ++u) {
+    float t = 0.f;
+    for (int64_t i = d8; i < d; ++i) t += q[u][i] * to_float(k[u][i]);
+    tail[u] = t;
+  }
+  return _mm256_add_ps(sum, _mm256_load_ps(tail));
 }
 
-// o[0:d] += p * v[0:d]
+// o[0:d] += p * v[0:d] (the tail as in dot8)
 template <typename T>
 inline void axpy(float* o, float p, const T* v, int64_t d) {
   const __m256 pv = _mm256_set1_ps(p);
-  for (int64_t i = 0; i < d; i += 8)
-    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(o + i)));
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(o + i)));
+  for (; i < d; ++i) o[i] += p * to_float(v[i]);
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|), which is exp2_neg's domain (x <= 0).
+inline __m256 tanh8(__m256 x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  const __m256 e = exp2_neg(_mm256_mul_ps(_mm256_andnot_ps(sign_bit, x), _mm256_set1_ps(-2.f * kLog2e)));
+  return _mm256_or_ps(_mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)), _mm256_and_ps(x, sign_bit));
+}
+
+// Visible keys [lo, hi) of query i of a segment (the diagonal is diag = i + k_len - q_len).
+struct KeyRange {
+  int64_t lo, hi;
+};
+inline KeyRange key_range(const Problem& pr, int64_t diag, int64_t k_len) {
+  int64_t hi = k_len, lo = 0;
+  if (pr.causal) hi = std::min(hi, diag + 1);
+  if (pr.window_right >= 0) hi = std::min(hi, diag + pr.window_right + 1);
+  if (pr.window_left >= 0) lo = std::max(lo, diag - pr.window_left);
+  return {lo, std::max(lo, std::clamp<int64_t>(hi, 0, k_len))};
 }
 
 // A work item is (segment, slice of its keys) and covers every query row of the segment ("pairs" of query
 // head and position; pair = h * q_len + i). Cached rows are [token][heads_kv][d], so walking keys in token
 // order with all heads inside reads K and V sequentially (per-head walks would stride by heads_kv * d bytes
-// and defeat the prefetchers). Per chunk of keys: scores of all pairs, the online softmax vectorised over
-// eight pairs at a time, then O += P V.
+// and defeat the prefetchers). Per chunk of keys: scores of all pairs, the softcap / ALiBi / mask and the
+// online softmax vectorised over eight pairs at a time, then O += P V.
 template <typename T>
-void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float* lse) {
-  const int64_t d = pr.head_dim, hq = pr.heads_q, hkv = pr.heads_kv, group = hq / hkv;
+void decode(const Problem& pr, const DecodeLayout& lay, const T* q, const T* k, const T* v, T* out, float* lse) {
+  const int64_t d = pr.head_dim, dq = round_up(d, 8), hq = pr.heads_q, hkv = pr.heads_kv, group = hq / hkv;
   int64_t max_k = 0, max_q = 0;
   for (int64_t s = 0; s < pr.num_segments; ++s) {
     max_k = std::max(max_k, pr.segments[s].k_len);
@@ -67,69 +98,101 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
   }
   const int64_t pairs_max = round_up(hq * max_q, 8);
   const int64_t want = 8 * int64_t(usable_threads(pr.threads));  // enough items for dynamic balance on busy cores
-  const int64_t splits = std::max<int64_t>(
-      1, std::min(ceil_div(want, std::max<int64_t>(pr.num_segments, 1)), max_k / kMinSlice));
+  // Slices are whole multiples of 8 keys, so more than ceil(max_k / 8) of them would be empty.
+  const int64_t splits =
+      lay.num_splits > 0
+          ? std::clamp<int64_t>(ceil_div(max_k, 8), 1, lay.num_splits)
+          : std::max<int64_t>(
+                1, std::min(ceil_div(want, std::max<int64_t>(pr.num_segments, 1)), max_k / kMinSlice));
   const int64_t items = pr.num_segments * splits;
-  std::vector<float> part_o(size_t(items * pairs_max * d)), part_m(size_t(items * pairs_max)),
+  std::vector<float> part_o(size_t(items * pairs_max * dq)), part_m(size_t(items * pairs_max)),
       part_l(size_t(items * pairs_max));
-  const float qscale = pr.scale * kLog2e;
+  const bool capped = pr.softcap > 0.f;
+  // Scores in log2 units: the scale (and log2 e) is folded into q, or applied after the cap.
+  const float qscale = capped ? pr.scale / pr.softcap : pr.scale * kLog2e;
+  const __m256 cap = _mm256_set1_ps(pr.softcap * kLog2e);
   const int64_t stride = hkv * d;  // elements between consecutive cached tokens
 
   parallel_items(pr.threads, items, [&](int64_t item) {
-    const Segment& sg = pr.segments[item / splits];
-    const int64_t split = item % splits, pairs = hq * sg.q_len, pairs8 = round_up(pairs, 8);
+    const int64_t seg = item / splits, split = item % splits;
+    const Segment& sg = pr.segments[seg];
+    const int64_t pairs = hq * sg.q_len, pairs8 = round_up(pairs, 8);
     const int64_t slice = round_up(ceil_div(sg.k_len, splits), 8);
     const int64_t k0 = std::min(sg.k_len, split * slice), k1 = std::min(sg.k_len, k0 + slice);
-    float* o = part_o.data() + item * pairs_max * d;
+    float* o = part_o.data() + item * pairs_max * dq;
     float* m = part_m.data() + item * pairs_max;
     float* l = part_l.data() + item * pairs_max;
+    const float* slopes = pr.alibi_slopes ? pr.alibi_slopes + seg * pr.alibi_segment_stride : nullptr;
 
-    thread_local std::vector<float> qs, sc;
+    // Per pair: q (scaled, zero-padded to dq), kv head offset, visible range, ALiBi slope and diagonal.
+    thread_local std::vector<float> qs, sc, lower, upper, slope, diag;
     thread_local std::vector<int64_t> koff;
-    thread_local std::vector<float> limit;
-    qs.resize(size_t(pairs8 * d)); sc.resize(size_t(kChunk * pairs8));
-    koff.resize(size_t(pairs8)); limit.resize(size_t(pairs8));
-    int64_t k_end = k0;
+    qs.resize(size_t(pairs8 * dq)); sc.resize(size_t(kChunk * pairs8));
+    koff.resize(size_t(pairs8)); lower.resize(size_t(pairs8)); upper.resize(size_t(pairs8));
+    slope.resize(size_t(pairs8)); diag.resize(size_t(pairs8));
+    int64_t k_begin = k1, k_end = k0;
     for (int64_t pi = 0; pi < pairs8; ++pi) {
       const int64_t pc = std::min(pi, pairs - 1);  // padding lanes repeat the last pair
-      const int64_t h = pc / sg.q_len, i = pc % sg.q_len;
+      const int64_t h = pc / sg.q_len, i = pc % sg.q_len, dg = i + sg.k_len - sg.q_len;
       const T* src = q + ((sg.q_start + i) * hq + h) * d;
-      for (int64_t c = 0; c < d; ++c) qs[size_t(pi * d + c)] = to_float(src[c]) * qscale;
+      float* dst = qs.data() + pi * dq;
+      for (int64_t c = 0; c < d; ++c) dst[c] = to_float(src[c]) * qscale;
+      std::fill(dst + d, dst + dq, 0.f);
       koff[size_t(pi)] = (h / group) * d;
-      const int64_t lim = std::min(k1, visible_keys(i, sg.q_len, sg.k_len, pr.causal));
-      limit[size_t(pi)] = float(lim);
-      k_end = std::max(k_end, lim);
+      const KeyRange r = key_range(pr, dg, sg.k_len);
+      const int64_t lo = std::max(k0, r.lo), hi = std::min(k1, r.hi);
+      lower[size_t(pi)] = float(lo);
+      upper[size_t(pi)] = float(hi);
+      if (lo < hi) {
+        k_begin = std::min(k_begin, lo);
+        k_end = std::max(k_end, hi);
+      }
+      slope[size_t(pi)] = slopes ? slopes[h] * kLog2e : 0.f;
+      diag[size_t(pi)] = float(dg);
       m[pi] = kNegInf;
       l[pi] = 0.f;
     }
-    std::fill(o, o + pairs8 * d, 0.f);
+    std::fill(o, o + pairs8 * dq, 0.f);
     if (pairs == 0) return;
 
-    const T* kbase = k + sg.k_start * stride;
-    const T* vbase = v + sg.k_start * stride;
-    for (int64_t n0 = k0; n0 < k_end; n0 += kChunk) {
+    const int32_t* table = lay.block_table ? lay.block_table + seg * lay.table_stride : nullptr;
+    int64_t off[kChunk];  // element offset of each key's row in k and v
+    for (int64_t n0 = k_begin; n0 < k_end; n0 += kChunk) {
       const int64_t cnt = std::min(kChunk, k_end - n0);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const int64_t pos = sg.k_start + n0 + j;
+        off[j] = (table ? int64_t(table[pos / lay.page]) * lay.page + pos % lay.page : pos) * stride;
+      }
       // Scores, key-major: sc[j][pair].
       for (int64_t j = 0; j < cnt; ++j) {
-        const T* krow = kbase + (n0 + j) * stride;
+        const T* krow = k + off[j];
         for (int64_t p0 = 0; p0 < pairs8; p0 += 8) {
           const float* qp[8];
           const T* kp[8];
           for (int64_t u = 0; u < 8; ++u) {
-            qp[u] = qs.data() + (p0 + u) * d;
+            qp[u] = qs.data() + (p0 + u) * dq;
             kp[u] = krow + koff[size_t(p0 + u)];
           }
           _mm256_storeu_ps(sc.data() + j * pairs8 + p0, dot8(qp, kp, d));
         }
       }
-      // Online softmax over this chunk for eight pairs at a time; P overwrites the scores.
+      // Cap, bias, mask and the online softmax over this chunk for eight pairs at a time; P overwrites the
+      // scores.
       for (int64_t p0 = 0; p0 < pairs8; p0 += 8) {
-        const __m256 lim = _mm256_loadu_ps(limit.data() + p0);
+        const __m256 lo = _mm256_loadu_ps(lower.data() + p0), hi = _mm256_loadu_ps(upper.data() + p0);
+        const __m256 sl = _mm256_loadu_ps(slope.data() + p0), dg = _mm256_loadu_ps(diag.data() + p0);
         __m256 mx = _mm256_set1_ps(kNegInf);
         for (int64_t j = 0; j < cnt; ++j) {
           float* sj = sc.data() + j * pairs8 + p0;
-          const __m256 keep = _mm256_cmp_ps(_mm256_set1_ps(float(n0 + j)), lim, _CMP_LT_OQ);
-          const __m256 x = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), _mm256_loadu_ps(sj), keep);
+          const __m256 n = _mm256_set1_ps(float(n0 + j));
+          __m256 x = _mm256_loadu_ps(sj);
+          if (capped) x = _mm256_mul_ps(cap, tanh8(x));
+          if (slopes) {  // -slope * |diag - n|
+            const __m256 dist = _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_sub_ps(dg, n));
+            x = _mm256_fnmadd_ps(sl, dist, x);
+          }
+          const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(n, lo, _CMP_GE_OQ), _mm256_cmp_ps(n, hi, _CMP_LT_OQ));
+          x = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), x, keep);
           _mm256_storeu_ps(sj, x);
           mx = _mm256_max_ps(mx, x);
         }
@@ -151,14 +214,14 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
         alignas(32) float a[8];
         _mm256_store_ps(a, alpha);
         for (int64_t u = 0; u < 8; ++u)
-          if (a[u] != 1.f) scale_row(o + (p0 + u) * d, d, a[u]);
+          if (a[u] != 1.f) scale_row(o + (p0 + u) * dq, d, a[u]);
       }
       // O += P V, reading V rows in token order.
       for (int64_t j = 0; j < cnt; ++j) {
-        const T* vrow = vbase + (n0 + j) * stride;
+        const T* vrow = v + off[j];
         const float* pj = sc.data() + j * pairs8;
         for (int64_t pi = 0; pi < pairs; ++pi)
-          if (pj[pi] != 0.f) axpy(o + pi * d, pj[pi], vrow + koff[size_t(pi)], d);
+          if (pj[pi] != 0.f) axpy(o + pi * dq, pj[pi], vrow + koff[size_t(pi)], d);
       }
     }
   });
@@ -181,7 +244,7 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
         if (part_l[at] == 0.f) continue;
         const float w = exp2f(part_m[at] - mm);
         ll += part_l[at] * w;
-        const float* po = part_o.data() + at * size_t(d);
+        const float* po = part_o.data() + at * size_t(dq);
         for (int64_t c = 0; c < d; ++c) acc[c] += po[c] * w;
       }
       const float inv = ll == 0.f ? 0.f : 1.f / ll;
@@ -197,20 +260,30 @@ void decode(const Problem& pr, const T* q, const T* k, const T* v, T* out, float
 bool decode_applies(const Problem& p) {
   int64_t max_q = 0;
   for (int64_t s = 0; s < p.num_segments; ++s) max_q = std::max(max_q, p.segments[s].q_len);
-  return max_q * (p.heads_q / p.heads_kv) <= kMaxRows && p.head_dim % 8 == 0 && p.head_dim <= 256;
+  return max_q * (p.heads_q / p.heads_kv) <= kMaxRows && p.head_dim >= 1 && p.head_dim <= 256;
 }
 
-void decode_forward(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
+void decode_forward(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse,
+                    const DecodeLayout& layout) {
   dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    decode(p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+    decode(p, layout, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
            static_cast<T*>(out), lse);
   });
 }
 #else
 bool decode_applies(const Problem&) { return false; }
-void decode_forward(const Problem&, const void*, const void*, const void*, void*, float*) {}
+void decode_forward(const Problem&, const void*, const void*, const void*, void*, float*, const DecodeLayout&) {}
 #endif
 
 CM3LEON_ISA_END
+
+template <>
+bool decode_kernel<kIsa>(const Problem& p, const DecodeLayout& layout, const void* q, const void* k,
+                         const void* v, void* out, float* lse) {
+  if (!decode_applies(p)) return false;
+  decode_forward(p, q, k, v, out, lse, layout);
+  return true;
+}
+
 }  // namespace cm3leon::attention

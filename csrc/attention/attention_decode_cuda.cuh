@@ -8,12 +8,14 @@
 // holds 16-byte slices of the head dim) and the 128 / TPK key slots keep their own online softmax, merged at
 // the end through shared memory in a fixed order (deterministic). With one split the result is final;
 // otherwise each split writes a partial (out normalised by its own sum, lse in base 2) to the workspace and
-// decode_merge_kernel combines them by lse.
+// decode_merge_kernel combines them by lse. Keys are read through a KvLayout (contiguous rows picked by
+// cache_batch_idx, or pages through a block table), from position cache_leftpad[b] on.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "attention/attention_cuda_params.cuh"
+#include "attention/attention_kvcache_cuda.h"
 
 namespace cm3leon::attention::cuda {
 
@@ -60,8 +62,8 @@ __device__ __forceinline__ int64_t partial_row(const AttnParams& p, int split, i
 }
 
 template <typename T, int TPK, int NV, int ROWS>
-__global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const AttnParams p, int num_splits,
-                                                                      float* ws_out, float* ws_lse) {
+__global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const AttnParams p, const KvLayout lay,
+                                                                      int num_splits, float* ws_out, float* ws_lse) {
   constexpr int VE = 16 / int(sizeof(T)), kDims = NV * VE, kSlots = kDecodeThreads / TPK;
   static_assert(TPK <= 32 && kDecodeThreads % TPK == 0);
   __shared__ __align__(16) float q_smem[ROWS][kDecodeMaxDim];
@@ -73,6 +75,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
   const int slot = tid / TPK, sub = tid % TPK;
   const SeqInfo s(p, b);
   const int group = p.heads_q / p.heads_kv, sq = s.q_len, rows = group * sq, d = p.head_dim;
+  const int lp = lay.leftpad(b, s.k_len), k_len = s.k_len - lp;  // key j is cache position lp + j
 
   // Query rows r = g * sq + i (q head hk * group + g, position i) to smem in the log2 domain; clear the merge
   // buffers.
@@ -90,21 +93,22 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
   if (tid < ROWS) sum_smem[tid] = 0.f;
   __syncthreads();
 
-  const int chunk = (s.k_len + num_splits - 1) / num_splits;
-  const int k_begin = min(s.k_len, split * chunk), k_end = min(s.k_len, k_begin + chunk);
+  const int chunk = (k_len + num_splits - 1) / num_splits;
+  const int k_begin = min(k_len, split * chunk), k_end = min(k_len, k_begin + chunk);
   int limit[ROWS];
   float m[ROWS], l[ROWS], acc[ROWS][kDims];
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    limit[r] = r < rows ? min(k_end, s.visible_keys(r % sq, p.causal)) : 0;
+    // Causal: query i sees keys j <= i + k_len - sq (bottom-right aligned over the visible keys).
+    const int visible = p.causal ? max(0, min(k_len, r % sq + k_len - sq + 1)) : k_len;
+    limit[r] = r < rows ? min(k_end, visible) : 0;
     m[r] = -INFINITY;
     l[r] = 0.f;
 #pragma unroll
     for (int x = 0; x < kDims; ++x) acc[r][x] = 0.f;
   }
-  const int64_t kv_offset = s.k_start * p.k_row_stride + int64_t(hk) * d;
-  const T* kb = static_cast<const T*>(p.k) + kv_offset;
-  const T* vb = static_cast<const T*>(p.v) + kv_offset;
+  const T* kb = static_cast<const T*>(p.k) + int64_t(hk) * d;
+  const T* vb = static_cast<const T*>(p.v) + int64_t(hk) * d;
 
   // Trip count is uniform over the block (the shuffles below need every lane of a warp).
   for (int base = k_begin; base < k_end; base += kSlots * kDecodeUnroll) {
@@ -112,12 +116,13 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
 #pragma unroll
     for (int u = 0; u < kDecodeUnroll; ++u) {
       const int j = base + u * kSlots + slot;
+      const int64_t row = j < k_end ? lay.token(b, lp + j) * p.k_row_stride : 0;
 #pragma unroll
       for (int n = 0; n < NV; ++n) {
         const int e0 = (sub + n * TPK) * VE;
         if (j < k_end && e0 < d) {
-          load16(kb + int64_t(j) * p.k_row_stride + e0, &kf[u][n * VE]);
-          load16(vb + int64_t(j) * p.k_row_stride + e0, &vf[u][n * VE]);
+          load16(kb + row + e0, &kf[u][n * VE]);
+          load16(vb + row + e0, &vf[u][n * VE]);
         } else {
 #pragma unroll
           for (int x = 0; x < VE; ++x) kf[u][n * VE + x] = vf[u][n * VE + x] = 0.f;
@@ -253,18 +258,53 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_merge_kernel(const Attn
   }
 }
 
-// Copies 16-byte chunks of new rows into the cache at each row's cache_seqlens (grid-stride).
+// Copies 16-byte chunks of new rows into the cache at positions cache_seqlens[b] + t of each row, through the
+// layout (grid-stride).
 __global__ void append_kv_kernel(const uint4* __restrict__ src, uint4* __restrict__ cache, int64_t batch,
-                                 int64_t new_len, int64_t cache_len, int64_t chunks_per_row,
-                                 const int32_t* __restrict__ cache_seqlens, int32_t start_if_null) {
+                                 int64_t new_len, int64_t chunks_per_row, const int32_t* __restrict__ cache_seqlens,
+                                 int32_t start_if_null, const KvLayout lay) {
   const int64_t total = batch * new_len * chunks_per_row;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = idx % chunks_per_row, t = (idx / chunks_per_row) % new_len;
-    const int64_t b = idx / (chunks_per_row * new_len);
+    const int b = int(idx / (chunks_per_row * new_len));
     const int64_t pos = (cache_seqlens != nullptr ? int64_t(cache_seqlens[b]) : int64_t(start_if_null)) + t;
-    if (pos < 0 || pos >= cache_len) continue;  // the launcher checks host-known positions; device ones are clamped
-    cache[(b * cache_len + pos) * chunks_per_row + c] = src[idx];
+    if (pos < 0 || pos >= lay.capacity) continue;  // the launcher checks host-known positions; device ones are skipped
+    cache[lay.token(b, pos) * chunks_per_row + c] = src[idx];
+  }
+}
+
+// One element per thread (grid-stride): reads its rotation partner from src, so dst never aliases a value
+// another thread still needs. See RotaryCall.
+template <typename T>
+__global__ void rotary_kernel(const RotaryCall r) {
+  const T* src = static_cast<const T*>(r.src);
+  const T* cos = static_cast<const T*>(r.cos);
+  const T* sin = static_cast<const T*>(r.sin);
+  const int64_t d = r.head_dim, half = r.rotary_dim / 2, total = r.batch * r.len * r.heads * d;
+  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = idx % d, h = (idx / d) % r.heads, t = (idx / (d * r.heads)) % r.len;
+    const int b = int(idx / (d * r.heads * r.len));
+    const int64_t start = r.cache_seqlens != nullptr ? int64_t(r.cache_seqlens[b]) : int64_t(r.start_if_null);
+    float y = to_float(src[idx]);
+    if (e < r.rotary_dim) {
+      int64_t pos = start + (r.per_token ? t : 0);
+      pos = pos < 0 ? 0 : (pos >= r.seqlen_ro ? r.seqlen_ro - 1 : pos);
+      const bool first = r.interleaved ? e % 2 == 0 : e < half;
+      const int64_t i = r.interleaved ? e / 2 : e % half;
+      const int64_t partner = r.interleaved ? (e ^ 1) : (first ? e + half : e - half);
+      const float c = to_float(cos[pos * half + i]), s = to_float(sin[pos * half + i]);
+      const float xp = to_float(src[idx - e + partner]);
+      y = first ? y * c - xp * s : xp * s + y * c;
+    }
+    int64_t at = idx;
+    if (r.into_cache) {
+      const int64_t pos = start + t;
+      if (pos < 0 || pos >= r.cache.capacity) continue;
+      at = (r.cache.token(b, pos) * r.heads + h) * d + e;
+    }
+    static_cast<T*>(r.dst)[at] = from_float<T>(y);
   }
 }
 

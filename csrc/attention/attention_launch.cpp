@@ -32,45 +32,10 @@ void check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, int64_t ndim, 
   TORCH_CHECK_VALUE(k.size(-1) == d, kn, "'s head dim (", k.size(-1), ") must equal q's (", d, ")");
   TORCH_CHECK_VALUE(hkv > 0 && hq % hkv == 0, "q's head count (", hq, ") must be a multiple of ", kn, "'s (",
                     hkv, ")");
-  TORCH_CHECK_VALUE(d % 8 == 0 && d >= 8 && d <= 256, "head dim must be a multiple of 8 in [8, 256], got ",
-                    d);
+  TORCH_CHECK_VALUE(d >= 1 && d <= 256, "head dim must be in [1, 256], got ", d);
   check_contiguous(q, "q");
   check_contiguous(k, kn);
   check_contiguous(v, vn);
-}
-
-int64_t check_kvcache(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                      const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
-                      const c10::optional<Tensor>& cache_seqlens) {
-  check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
-  const int64_t b = q.size(0);
-  TORCH_CHECK_VALUE(k_cache.size(0) == b, "k_cache's batch (", k_cache.size(0), ") must equal q's (", b, ")");
-  TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together");
-  int64_t new_len = 0;
-  if (k.has_value()) {
-    TORCH_CHECK_VALUE(k->dim() == 4 && k->size(0) == b && k->size(2) == k_cache.size(2) &&
-                          k->size(3) == k_cache.size(3) && v->sizes() == k->sizes(),
-                      "k and v must be [batch, new_tokens, heads_kv, head_dim] matching the cache, got ",
-                      k->sizes(), " and ", v->sizes());
-    TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
-                     "k and v must have the cache's dtype, got ", k->scalar_type(), " and ",
-                     v->scalar_type());
-    TORCH_CHECK_VALUE(k->device() == q.device() && v->device() == q.device(),
-                      "k and v must be on q's device");
-    check_contiguous(*k, "k");
-    check_contiguous(*v, "v");
-    new_len = k->size(1);
-  }
-  if (cache_seqlens.has_value()) {
-    const at::Tensor& cs = *cache_seqlens;
-    TORCH_CHECK_TYPE(cs.scalar_type() == at::kInt, "cache_seqlens must be int32, got ", cs.scalar_type());
-    TORCH_CHECK_VALUE(cs.dim() == 1 && cs.size(0) == b, "cache_seqlens must be [batch] = [", b, "], got ",
-                      cs.sizes());
-    TORCH_CHECK_VALUE(cs.device() == k_cache.device(), "cache_seqlens must be on the cache's device (",
-                      k_cache.device(), "), got ", cs.device());
-    check_contiguous(cs, "cache_seqlens");
-  }
-  return new_len;
 }
 
 void check_softmax_scale(double softmax_scale) {
@@ -95,13 +60,53 @@ void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   check_contiguous(lse, "lse");
 }
 
+int64_t check_extras(const at::Tensor& q, int64_t batch, int64_t window_left, int64_t window_right,
+                     double softcap, const c10::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK_VALUE(window_left >= -1, "window_left must be >= -1 (-1: unbounded), got ", window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, "window_right must be >= -1 (-1: unbounded), got ", window_right);
+  TORCH_CHECK_VALUE(std::isfinite(float(softcap)) && softcap >= 0,
+                    "softcap must be a finite number >= 0 (as float32; 0: off), got ", softcap);
+  if (!alibi_slopes.has_value()) return 0;
+  const at::Tensor& a = *alibi_slopes;
+  const int64_t hq = q.size(-2);
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+  TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == hq) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == hq),
+                    "alibi_slopes must be [nheads] = [", hq, "] or [batch, nheads] = [", batch, ", ", hq,
+                    "], got ", a.sizes());
+  TORCH_CHECK_VALUE(a.device() == q.device(), "alibi_slopes must be on q's device (", q.device(), "), got ",
+                    a.device());
+  check_contiguous(a, "alibi_slopes");
+  return a.dim() == 2 ? hq : 0;
+}
+
+void check_cuda_extras(const at::Tensor& q, int64_t window_left, int64_t window_right, double softcap,
+                       const c10::optional<at::Tensor>& alibi_slopes, bool deterministic_backward) {
+  TORCH_CHECK_NOT_IMPLEMENTED(q.size(-1) % 8 == 0, "head dim ", q.size(-1),
+                              ": the CUDA attention kernels need a multiple of 8");
+  TORCH_CHECK_NOT_IMPLEMENTED(window_left == -1 && window_right == -1,
+                              "window_left/window_right (local attention) are not implemented on CUDA");
+  TORCH_CHECK_NOT_IMPLEMENTED(softcap == 0, "softcap is not implemented on CUDA");
+  TORCH_CHECK_NOT_IMPLEMENTED(!alibi_slopes.has_value(), "alibi_slopes is not implemented on CUDA");
+  TORCH_CHECK_NOT_IMPLEMENTED(!deterministic_backward, "deterministic=True is not implemented on CUDA");
+}
+
 namespace {
 
+// The extras (checked by check_extras, which gives alibi_stride) become Problem fields.
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
-                     int64_t lse_head_stride, double softmax_scale, bool causal) {
+                     int64_t lse_head_stride, double softmax_scale, bool causal, int64_t window_left,
+                     int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                     int64_t alibi_stride, bool deterministic) {
   // Threads from torch's setting: OpenMP's own per-thread value lags in threads torch has not synced.
-  return Problem{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.size(-2), k.size(-2),
-                 q.size(-1), lse_head_stride, float(softmax_scale), causal, at::get_num_threads()};
+  Problem p{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.size(-2), k.size(-2),
+            q.size(-1), lse_head_stride, float(softmax_scale), causal, at::get_num_threads()};
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.softcap = float(softcap);
+  p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  p.alibi_segment_stride = alibi_stride;
+  p.deterministic = deterministic;
+  return p;
 }
 
 std::vector<Segment> dense_segments(const at::Tensor& q, const at::Tensor& k) {
@@ -156,84 +161,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const Problem& p, co
 }  // namespace
 
 OutLse forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale,
-                          bool causal) {
+                          bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
   check_qkv(q, k, v, 4);
   check_softmax_scale(softmax_scale);
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
+  const int64_t alibi_stride = check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
   const std::vector<Segment> segments = dense_segments(q, k);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  forward_cpu(make_problem(q, k, segments, q.size(1), softmax_scale, causal), q.data_ptr(), k.data_ptr(),
-              v.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
+  forward_cpu(make_problem(q, k, segments, q.size(1), softmax_scale, causal, window_left, window_right, softcap,
+                           alibi_slopes, alibi_stride, deterministic),
+              q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
   return {out, lse};
 }
 
 Grads backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                          const Tensor& out, const Tensor& lse, double softmax_scale, bool causal) {
+                          const Tensor& out, const Tensor& lse, double softmax_scale, bool causal,
+                          CM3LEON_ATTN_EXTRA_PARAMS) {
   check_qkv(q, k, v, 4);
   check_softmax_scale(softmax_scale);
   // The segments index k/v by q's batch: a shorter k/v would be read (and dk/dv written) out of bounds.
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
   check_backward(dout, q, out, lse, {q.size(0), q.size(2), q.size(1)});
+  const int64_t alibi_stride = check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
   const std::vector<Segment> segments = dense_segments(q, k);
-  const Problem p = make_problem(q, k, segments, q.size(1), softmax_scale, causal);
+  const Problem p = make_problem(q, k, segments, q.size(1), softmax_scale, causal, window_left, window_right,
+                                 softcap, alibi_slopes, alibi_stride, deterministic);
   return run_backward(p, dout, q, k, v, out, lse);
 }
 
 OutLse varlen_forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, double softmax_scale, bool causal) {
+                                 int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                 CM3LEON_ATTN_EXTRA_PARAMS) {
   check_qkv(q, k, v, 3);
   check_softmax_scale(softmax_scale);
   const std::vector<Segment> segments =
       varlen_segments(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const int64_t alibi_stride =
+      check_extras(q, int64_t(segments.size()), window_left, window_right, softcap, alibi_slopes);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
-  forward_cpu(make_problem(q, k, segments, q.size(0), softmax_scale, causal), q.data_ptr(), k.data_ptr(),
-              v.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
+  forward_cpu(make_problem(q, k, segments, q.size(0), softmax_scale, causal, window_left, window_right, softcap,
+                           alibi_slopes, alibi_stride, deterministic),
+              q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
   return {out, lse};
 }
 
 Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
                                  const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                 double softmax_scale, bool causal) {
+                                 double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
   check_qkv(q, k, v, 3);
   check_softmax_scale(softmax_scale);
   check_backward(dout, q, out, lse, {q.size(1), q.size(0)});
   const std::vector<Segment> segments =
       varlen_segments(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  const Problem p = make_problem(q, k, segments, q.size(0), softmax_scale, causal);
+  const int64_t alibi_stride =
+      check_extras(q, int64_t(segments.size()), window_left, window_right, softcap, alibi_slopes);
+  const Problem p = make_problem(q, k, segments, q.size(0), softmax_scale, causal, window_left, window_right,
+                                 softcap, alibi_slopes, alibi_stride, deterministic);
   return run_backward(p, dout, q, k, v, out, lse);
-}
-
-OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                          const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
-                          const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen,
-                          double softmax_scale, bool causal) {
-  const int64_t new_len = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens);
-  check_softmax_scale(softmax_scale);  // before the caches are written
-  const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), cache_len = k_cache.size(1);
-  const int32_t* starts = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
-  std::vector<Segment> segments(static_cast<size_t>(b));
-  for (int64_t i = 0; i < b; ++i) {
-    const int64_t start = starts ? starts[i] : cache_seqlen;
-    TORCH_CHECK_VALUE(start >= 0 && start + new_len <= cache_len, "cache_seqlens[", i, "] = ", start,
-                      " plus ", new_len, " new tokens overflows the cache of ", cache_len, " positions");
-    segments[size_t(i)] = {i * sq, sq, i * cache_len, start + new_len, i * hq * sq};
-  }
-  if (new_len > 0) {
-    const int64_t row = k_cache.size(2) * k_cache.size(3);
-    append_cpu(k_cache.element_size(), k->data_ptr(), k_cache.data_ptr(), b, new_len, cache_len, row, starts,
-               int32_t(cache_seqlen));
-    append_cpu(v_cache.element_size(), v->data_ptr(), v_cache.data_ptr(), b, new_len, cache_len, row, starts,
-               int32_t(cache_seqlen));
-  }
-  at::Tensor out = at::empty_like(q);
-  at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
-  forward_cpu(make_problem(q, k_cache, segments, sq, softmax_scale, causal), q.data_ptr(), k_cache.data_ptr(),
-              v_cache.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
-  return {out, lse};
 }
 
 }  // namespace cm3leon::attention

@@ -4,6 +4,8 @@
 #include <c10/util/Optional.h>
 #include <tuple>
 
+#include "attention/attention_checks.h"
+
 namespace cm3leon::attention {
 
 using Tensor = at::Tensor;
@@ -12,24 +14,33 @@ using Grads = std::tuple<Tensor, Tensor, Tensor>;   // (dq, dk, dv)
 
 // q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D] -> (out [B, Sq, Hq, D], lse [B, Hq, Sq]).
 OutLse forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale,
-                          bool causal);
+                          bool causal, CM3LEON_ATTN_EXTRA_PARAMS);
 Grads backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                          const Tensor& out, const Tensor& lse, double softmax_scale, bool causal);
+                          const Tensor& out, const Tensor& lse, double softmax_scale, bool causal,
+                          CM3LEON_ATTN_EXTRA_PARAMS);
 
 // Packed documents: q [Tq, Hq, D], k/v [Tk, Hkv, D], int32 cu_seqlens -> (out, lse [Hq, Tq]).
 OutLse varlen_forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, double softmax_scale, bool causal);
+                                 int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                 CM3LEON_ATTN_EXTRA_PARAMS);
 Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                  const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
                                  const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                 double softmax_scale, bool causal);
+                                 double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS);
 
-// KV cache: appends k/v [B, Sn, Hkv, D] into k_cache/v_cache [B, L, Hkv, D] at cache_seqlens (int32 [B], or
-// the scalar cache_seqlen for every row when absent), then attends q [B, Sq, Hq, D] to the valid prefix.
+// KV cache (attention_kvcache_launch.cpp): appends k/v [B, Sn, Hkv, D] (k rotated when rotary_cos/sin are
+// given) into k_cache/v_cache at cache_seqlens (int32 [B], or the scalar cache_seqlen for every row when absent),
+// then attends q [B, Sq, Hq, D] (rotated into a copy) to positions [cache_leftpad, cache_seqlens + Sn) of each
+// row. The cache is [B_cache, L, Hkv, D] with row cache_batch_idx[b] (default b) serving q row b, or paged:
+// [num_blocks, page, Hkv, D] read through block_table [B, blocks_per_row]. docs/attention.md.
 OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                           const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
-                          const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen,
-                          double softmax_scale, bool causal);
+                          const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
+                          bool causal, int64_t window_left, int64_t window_right, double softcap,
+                          const c10::optional<Tensor>& alibi_slopes, const c10::optional<Tensor>& rotary_cos,
+                          const c10::optional<Tensor>& rotary_sin, bool rotary_interleaved,
+                          const c10::optional<Tensor>& cache_batch_idx, const c10::optional<Tensor>& cache_leftpad,
+                          const c10::optional<Tensor>& block_table, int64_t num_splits);
 
 }  // namespace cm3leon::attention

@@ -1,5 +1,6 @@
-// Building blocks shared by the attention kernels (internal, torch-free): a vectorised exp2 and packing of
-// bf16/fp16/fp32 rows into fp32 operands (the micro-kernel lives in common/micro_kernel.h).
+// Building blocks shared by the attention kernels (internal, torch-free): a vectorised exp2 and tanh, packing
+// of bf16/fp16/fp32 rows into fp32 operands (the micro-kernel lives in common/micro_kernel.h), the visible key
+// range of a query and the softcap / ALiBi score modifiers.
 #pragma once
 #include "common/isa.h"
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "attention/attention_cpu.h"
 #include "common/half.h"
 #include "common/micro_kernel.h"
 #include "common/simd.h"
@@ -46,6 +48,23 @@ inline __m256 exp2_neg(__m256 x) {
   return _mm256_or_ps(_mm256_and_ps(scaled, underflow), nan);
 }
 
+// tanh(x), relative error < 1e-7: an odd Taylor polynomial below |x| = 1/4 (where (1 - e) / (1 + e) would
+// cancel), (1 - e) / (1 + e) with e = e^(-2|x|) above it; NaN stays NaN.
+inline __m256 tanh8(__m256 x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
+  const __m256 ax = _mm256_andnot_ps(sign_bit, x), x2 = _mm256_mul_ps(ax, ax);
+  const __m256 e = exp2_neg(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f * kLog2e)));
+  const __m256 large = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  __m256 poly = _mm256_set1_ps(-1382.f / 155925.f);  // tanh x = x - x^3/3 + 2x^5/15 - ...; next term < 1e-8
+  poly = _mm256_fmadd_ps(poly, x2, _mm256_set1_ps(62.f / 2835.f));
+  poly = _mm256_fmadd_ps(poly, x2, _mm256_set1_ps(-17.f / 315.f));
+  poly = _mm256_fmadd_ps(poly, x2, _mm256_set1_ps(2.f / 15.f));
+  poly = _mm256_fmadd_ps(poly, x2, _mm256_set1_ps(-1.f / 3.f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(poly, x2), ax, ax);
+  const __m256 t = _mm256_blendv_ps(large, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
+  return _mm256_or_ps(t, _mm256_and_ps(x, sign_bit));
+}
+
 #endif
 
 inline void scale_row(float* x, int64_t n, float a) {
@@ -83,12 +102,14 @@ void pack_strips(const T* src, int64_t stride, int64_t rows, int64_t d, int64_t 
     const T* in = src + r * stride;
     for (int64_t c = 0; c < dp; c += 8) {
       float* o = out + (c / NR) * block * NR + c % NR;
-      const bool data = r < rows && c < d;  // d is a multiple of 8
+      const int64_t n = r < rows ? std::clamp<int64_t>(d - c, 0, 8) : 0;  // data columns of these eight
 #if CM3LEON_AVX2
-      _mm256_storeu_ps(o, data ? load8(in + c) : _mm256_setzero_ps());
-#else
-      for (int64_t j = 0; j < 8; ++j) o[j] = data ? to_float(in[c + j]) : 0.f;
+      if (n == 8) {
+        _mm256_storeu_ps(o, load8(in + c));
+        continue;
+      }
 #endif
+      for (int64_t j = 0; j < 8; ++j) o[j] = j < n ? to_float(in[c + j]) : 0.f;
     }
   }
 }
@@ -148,6 +169,64 @@ void pack_panels(const T* src, int64_t stride, int64_t rows, int64_t d, float sc
 inline int64_t visible_keys(int64_t i, int64_t q_len, int64_t k_len, bool causal) {
   if (!causal) return k_len;
   return std::clamp<int64_t>(i + k_len - q_len + 1, 0, k_len);
+}
+
+// The keys query i of a segment sees, [lo(i), hi(i)) (empty when hi <= lo), and its converse: the queries
+// that see some key of [j0, j1) are [first_query(j0), end_query(j1)). Both bounds grow with i. The
+// diagonal of query i is i + shift; causal tightens window_right to 0.
+struct KeyWindow {
+  int64_t shift, q_len, k_len, left, right;  // left/right < 0: that side unbounded
+  KeyWindow(const Problem& p, const Segment& s)
+      : shift(s.k_len - s.q_len), q_len(s.q_len), k_len(s.k_len), left(p.window_left),
+        right(p.causal ? 0 : p.window_right) {}
+  int64_t lo(int64_t i) const { return left < 0 ? 0 : std::clamp<int64_t>(i + shift - left, 0, k_len); }
+  int64_t hi(int64_t i) const {
+    return right < 0 ? k_len : std::clamp<int64_t>(i + shift + right + 1, 0, k_len);
+  }
+  int64_t first_query(int64_t j0) const {
+    return right < 0 ? 0 : std::clamp<int64_t>(j0 - shift - right, 0, q_len);
+  }
+  int64_t end_query(int64_t j1) const {
+    return left < 0 ? q_len : std::clamp<int64_t>(j1 - shift + left, 0, q_len);
+  }
+};
+
+// Softcap and ALiBi on a transposed tile of scores st[r * ld + c] (keys r < keys, queries c < queries, a
+// multiple of 8), in log2 units. With cap2 = softcap * log2(e) > 0 the tile arrives as x = scale q.k / softcap
+// and becomes cap2 * tanh(x) (tanh(x) is also stored in t[r * ld + c] when t is given: the backward's
+// derivative 1 - t^2); with slope2 = slope * log2(e) (0: no ALiBi), slope2 * |diag[c] - r| is subtracted, diag[c] being
+// query c's diagonal relative to the tile's first key.
+inline void modify_scores(float* st, int64_t ld, int64_t keys, int64_t queries, float cap2, float slope2,
+                          const float* diag, float* t) {
+#if CM3LEON_AVX2
+  const __m256 cap = _mm256_set1_ps(cap2), slope = _mm256_set1_ps(-slope2), sign_bit = _mm256_set1_ps(-0.f);
+  for (int64_t c = 0; c < queries; c += 8)
+    for (int64_t r = 0; r < keys; ++r) {
+      float* x = st + r * ld + c;
+      __m256 s = _mm256_loadu_ps(x);
+      if (cap2 > 0.f) {
+        const __m256 th = tanh8(s);
+        if (t) _mm256_storeu_ps(t + r * ld + c, th);
+        s = _mm256_mul_ps(cap, th);
+      }
+      if (slope2 != 0.f) {
+        const __m256 dist = _mm256_sub_ps(_mm256_loadu_ps(diag + c), _mm256_set1_ps(float(r)));
+        s = _mm256_fmadd_ps(slope, _mm256_andnot_ps(sign_bit, dist), s);
+      }
+      _mm256_storeu_ps(x, s);
+    }
+#else
+  for (int64_t r = 0; r < keys; ++r)
+    for (int64_t c = 0; c < queries; ++c) {
+      float& s = st[r * ld + c];
+      if (cap2 > 0.f) {
+        const float th = std::tanh(s);
+        if (t) t[r * ld + c] = th;
+        s = cap2 * th;
+      }
+      if (slope2 != 0.f) s -= slope2 * std::fabs(diag[c] - float(r));
+    }
+#endif
 }
 
 CM3LEON_ISA_END
