@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]  # the checkout under test comes first on sys.path (not an installed cm3leon_kernels)
 TEST_PATH = "tests/test_flash_attn.py"
 
 REWRITES = [  # (old, new): every one must occur in the file
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.workdir / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
     test_file = args.workdir / "test_flash_attn.py"
     test_file.write_text(rewrite(read_source(args.source)))
-    sys.path[:0] = [str(HERE)]
+    sys.path[:0] = [str(HERE), str(REPO)]
 
     import pytest
     recorder = Recorder()
