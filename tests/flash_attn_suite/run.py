@@ -132,7 +132,7 @@ def category(message: str) -> str:
     first = message.strip().splitlines()[0] if message.strip() else "?"
     first = re.sub(r"assert .*", "assert (FA error bound: error <= 2x PyTorch's)", first) \
         if first.startswith("assert ") and "<=" in first else first
-    return re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", first)[:140]
+    return re.sub(r"(?<![\w.])-?\d+(\.\d+)?(e-?\d+)?", "N", first)[:140]
 
 
 def summarise(results: dict[str, dict]) -> str:
