@@ -31,10 +31,12 @@ bench: build
 	$(PY) bench/report.py .benchmarks/latest.json
 
 # FlashAttention's own tests/test_flash_attn.py against cm3leon_kernels on the CPU (a covering subset of its
-# grid, ~30 min on 2 cores; not part of `make test`). FA_SOURCE: a flash-attn checkout, bare mirror or sdist.
-FA_SOURCE ?= flash-attn-src
+# grid, ~30 min on 2 cores; not part of `make test`). FA_SOURCE: a flash-attn checkout, bare mirror or sdist
+# (docs/attention.md, "FlashAttention's test suite").
+FA_SOURCE ?=
 FA_SUITE_ARGS ?=
 fa-suite: build
+	@test -n "$(FA_SOURCE)" || { echo "set FA_SOURCE=<flash-attn checkout or sdist>"; exit 2; }
 	$(PIP) install einops
 	$(PY) tests/flash_attn_suite/run.py --source $(FA_SOURCE) $(FA_SUITE_ARGS)
 
