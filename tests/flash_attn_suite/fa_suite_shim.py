@@ -1,4 +1,5 @@
-"""The three non-API names FlashAttention's tests/test_flash_attn.py imports from flash_attn, for the CPU run.
+"""The non-API names FlashAttention's tests/test_flash_attn.py imports from flash_attn, for the CPU run, and
+the host-memory stand-in for its GPU-memory check.
 
 ``run.py`` points those imports here; the flash_attn API itself comes from cm3leon_kernels. Written from the
 documented semantics, in plain PyTorch.
