@@ -1,5 +1,6 @@
 """Attention kernels' FlashAttention 2.8 features through the raw torch.ops entry points: local windows,
-softcap, ALiBi, deterministic backward and any head dim, dense and varlen, against the float64 reference."""
+softcap, ALiBi, deterministic backward and any head dim, dense and varlen, against the float64 reference
+(CPU; the CUDA kernels too when a GPU is present)."""
 from __future__ import annotations
 
 import math
@@ -7,11 +8,14 @@ import math
 import pytest
 import torch
 
+import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 from cm3leon_kernels._native import ops
 from tests.helpers import assert_fa_rule, poisoned_outputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HAS_CUDA = torch.cuda.is_available() and ck.cuda_built()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
 # float32: plain PyTorch's error can be ~0 where the kernel's fp32 accumulation order differs, so a small
 # absolute floor; bf16/fp16: the FA rule's eps.
 EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
@@ -63,7 +67,7 @@ def _check(run, run_ref, inputs, dtype, name):
     empty = (~finite).transpose(-1, -2)  # lse is [.., heads, queries], out [.., queries, heads, dim]
     assert (out.detach()[empty] == 0).all(), f"{name}: rows without keys must be 0"
     assert_fa_rule(lse[finite], lse64[finite], lseb.float()[finite], name=f"{name} lse", eps=1e-5)
-    dout = torch.randn(out.shape).to(dtype)
+    dout = torch.randn(out.shape).to(dtype).to(out.device)
     with poisoned_outputs():
         out.backward(dout)
     out64.backward(dout.double())
@@ -72,19 +76,24 @@ def _check(run, run_ref, inputs, dtype, name):
         assert_fa_rule(a.grad, b64.grad, bb.grad, name=f"{name} d{label}", eps=GRAD_EPS[dtype])
 
 
-def _dense_inputs(case, dtype):
+def _dense_inputs(case, dtype, device="cpu"):
     b, sq, sk, hq, hkv, d, causal, window, softcap, alibi = case
     q = torch.randn(b, sq, hq, d).to(dtype)
     k, v = torch.randn(b, sk, hkv, d).to(dtype), torch.randn(b, sk, hkv, d).to(dtype)
-    return (q, k, v), dict(causal=causal, window=window, softcap=softcap, alibi=_slopes(alibi, b, hq))
+    slopes = _slopes(alibi, b, hq)
+    return [t.to(device) for t in (q, k, v)], dict(causal=causal, window=window, softcap=softcap,
+                                                   alibi=None if slopes is None else slopes.to(device))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("case", DENSE_CASES, ids=_case_id)
-def test_dense_features_match_reference(case, dtype):
+def test_dense_features_match_reference(case, dtype, device):
     if dtype != torch.float32 and case[5] in (1, 3, 256):
         pytest.skip("half-precision runs cover the common head dims; odd ones run in float32")
-    (q, k, v), a = _dense_inputs(case, dtype)
+    if device == "cuda" and case[5] % 8:
+        pytest.skip("CUDA refuses head dims that are not a multiple of 8 (test_cuda_refuses_what_it_lacks)")
+    (q, k, v), a = _dense_inputs(case, dtype, device)
     scale = 0.7 / math.sqrt(q.shape[-1])
     _check(lambda q, k, v: ops.flash_attn_forward(q, k, v, scale, a["causal"], *a["window"], a["softcap"],
                                                   a["alibi"]),
@@ -100,16 +109,21 @@ VARLEN_CASES = [  # docs, heads_q, heads_kv, head_dim, causal, window, softcap, 
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=_case_id)
-def test_varlen_features_match_reference(case, dtype):
+def test_varlen_features_match_reference(case, dtype, device):
     docs, hq, hkv, d, causal, window, softcap, alibi = case
+    if device == "cuda" and d % 8:
+        pytest.skip("CUDA refuses head dims that are not a multiple of 8 (test_cuda_refuses_what_it_lacks)")
     lq, lk = [x for x, _ in docs], [x for _, x in docs]
     cu_q = torch.tensor([0] + lq, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     cu_k = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    q = torch.randn(sum(lq), hq, d).to(dtype)
-    k, v = torch.randn(sum(lk), hkv, d).to(dtype), torch.randn(sum(lk), hkv, d).to(dtype)
+    q = torch.randn(sum(lq), hq, d).to(dtype).to(device)
+    k, v = torch.randn(sum(lk), hkv, d).to(dtype).to(device), torch.randn(sum(lk), hkv, d).to(dtype).to(device)
     slopes = _slopes(alibi, len(docs), hq)
+    slopes = None if slopes is None else slopes.to(device)
+    cu_q, cu_k = cu_q.to(device), cu_k.to(device)
     scale = d ** -0.5
     _check(lambda q, k, v: ops.flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal,
                                                          *window, softcap, slopes),
@@ -203,8 +217,37 @@ def test_bad_extras_raise_naming_the_argument(op, bad):
         _raw_calls(extras)[op]()
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_refuses_what_it_lacks():
+    q = torch.randn(1, 8, 2, 12, device="cuda")
+    with pytest.raises(NotImplementedError, match="head dim"):
+        ops.flash_attn_forward(q, q, q, 0.3, False)
+    q = torch.randn(1, 8, 2, 16, device="cuda")
+    out, lse = ops.flash_attn_forward(q, q, q, 0.3, False)
+    with pytest.raises(NotImplementedError, match="deterministic"):
+        ops.flash_attn_backward(out, q, q, q, out, lse, 0.3, False, -1, -1, 0.0, None, True)
+
+
 @pytest.mark.parametrize("d", [0, 257])
 def test_head_dim_out_of_range_raises(d):
     q, k = torch.randn(1, 4, 2, d), torch.randn(1, 4, 2, d)
     with pytest.raises(ValueError, match="head dim"):
         ops.flash_attn_forward(q, k, k, 0.5, False)
+
+
+def test_opcheck_with_extras():
+    """Schemas, fake kernels and autograd registration agree with the kernels when every extra is given."""
+    q, k, v = (torch.randn(2, 9, 4, 24, requires_grad=True) for _ in range(3))
+    extras = (3, 1, 2.5, torch.rand(2, 4), True)
+    torch.library.opcheck(ops.flash_attn_forward, (q, k, v, 0.3, False, *extras))
+    out, lse = ops.flash_attn_forward(q, k, v, 0.3, False, *extras)
+    torch.library.opcheck(ops.flash_attn_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
+                                                    out.detach(), lse, 0.3, False, *extras))
+    cu = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    q3, k3, v3 = (torch.randn(9, 4, 24, requires_grad=True) for _ in range(3))
+    extras3 = (-1, 2, 0.0, torch.rand(4), False)
+    torch.library.opcheck(ops.flash_attn_varlen_forward, (q3, k3, v3, cu, cu, 6, 6, 0.3, True, *extras3))
+    o3, l3 = ops.flash_attn_varlen_forward(q3, k3, v3, cu, cu, 6, 6, 0.3, True, *extras3)
+    torch.library.opcheck(ops.flash_attn_varlen_backward,
+                          (torch.randn_like(o3), q3.detach(), k3.detach(), v3.detach(), o3.detach(), l3, cu, cu,
+                           6, 6, 0.3, True, *extras3))

@@ -1,5 +1,6 @@
-// Device helpers shared by the attention backward kernels: which batch row / document a block works on, the
-// (bottom-right aligned) causal visibility rule, and where a query row's lse and D = rowsum(dO * O) live.
+// Device helpers shared by the attention backward kernels: which batch row / document and key blocks a block
+// works on, and where a query row's lse and D = rowsum(dO * O) live (SeqInfo and the visibility rule are the
+// forward's, attention_cuda_params.cuh).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -8,29 +9,10 @@
 
 namespace cm3leon::attention::bwd {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
-// One batch row (dense) or packed document: token offsets into q / k and the lengths.
-struct Seg {
-  int64_t q_start, k_start;
-  int q_len, k_len;
-};
-
-__device__ inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
-  return x < lo ? lo : (x > hi ? hi : x);
-}
-
-__device__ inline Seg segment(const BackwardParams& p, int64_t b) {
-  if (p.cu_seqlens_q == nullptr)
-    return {b * p.seqlen_q, b * p.seqlen_k, int(p.seqlen_q), int(p.seqlen_k)};
-  // Clamped so inconsistent cu_seqlens cannot address memory outside q/k (the values are not re-validated
-  // here: that would need a host sync).
-  const int64_t q0 = clamp64(p.cu_seqlens_q[b], 0, p.total_q);
-  const int64_t q1 = clamp64(p.cu_seqlens_q[b + 1], q0, p.total_q);
-  const int64_t k0 = clamp64(p.cu_seqlens_k[b], 0, p.total_k);
-  const int64_t k1 = clamp64(p.cu_seqlens_k[b + 1], k0, p.total_k);
-  return {q0, k0, int(q1 - q0), int(k1 - k0)};
-}
+using cuda::clamp64;
+using cuda::kLog2e;
+using cuda::ScoreMod;
+using cuda::SeqInfo;
 
 // Key blocks per (batch row / document, kv head) in the main kernels' grid: those of seqlen_k (varlen: the
 // max_seqlen_k argument), at least one when there are keys. A block strides over the key blocks of its
@@ -65,26 +47,14 @@ __device__ __forceinline__ int opaque(int x) {
   return x;
 }
 
-// Query qi sees key kj (both segment-relative); padding rows/columns see nothing.
-__device__ inline bool visible(int qi, int kj, const Seg& s, bool causal) {
-  return qi < s.q_len && kj < s.k_len && (!causal || kj <= qi + s.k_len - s.q_len);
-}
-
-// The first query of the segment that sees key n0 (every later query sees it too); q_len or more: none.
-__device__ inline int first_query(const Seg& s, int n0, bool causal) {
-  const int first = n0 - (s.k_len - s.q_len);
-  return causal ? (first > 0 ? first : 0) : 0;
-}
-
 // lse of (head h, query qi) in base 2. A row that saw no key has lse = -inf: +inf keeps 2^(s - lse) at 0.
-__device__ inline float lse_log2(const BackwardParams& p, int64_t b, const Seg& s, int h, int qi) {
-  const int64_t i = p.cu_seqlens_q ? h * p.total_q + s.q_start + qi : (b * p.heads_q + h) * p.seqlen_q + qi;
-  const float lse = p.lse[i];
+__device__ inline float lse_log2(const BackwardParams& p, const SeqInfo& s, int h, int qi) {
+  const float lse = p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + qi];
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
 // D of (head h, query qi): dsum is [heads_q, total_q] in both layouts.
-__device__ inline float dsum_at(const BackwardParams& p, const Seg& s, int h, int qi) {
+__device__ inline float dsum_at(const BackwardParams& p, const SeqInfo& s, int h, int qi) {
   return p.dsum[h * p.total_q + s.q_start + qi];
 }
 

@@ -190,7 +190,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
       for (int64_t qr = 0; qr < round_up(rows, MR); qr += MR)
         micro_tile(sc.dp.data() + qr, BM, 1, kr + c, dp, BN, dq_strips + c * BM + qr * NR, NR, true);
   };
-  // dQ = scale * (the sum of `n` strip buffers `stride` floats apart), query block `row`, written in q's layout.
+  // dQ = scale * (the sum of `nbuf` strip buffers `stride` floats apart) of one query block, in q's layout.
   auto write_dq = [&](const Item& it, const float* acc_strips, int nbuf, size_t stride) {
     const Segment& sg = pr.segments[it.segment];
     const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);

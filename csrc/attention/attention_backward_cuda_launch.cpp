@@ -10,6 +10,7 @@
 
 #include "attention/attention_backward_cuda.h"
 #include "attention/attention_checks.h"
+#include "attention/attention_cuda_launch.h"
 #include "common/tensor_checks.h"
 
 namespace cm3leon::attention {
@@ -26,26 +27,12 @@ void check_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor&
   check_backward(dout, q, out, lse, lse_shape);
 }
 
-void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got ",
-                    cu.sizes());
-  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " is on ", cu.device(), " but q is on ", q.device());
-  check_contiguous(cu, name);
-}
-
-// The tensor-core kernels load with 16-byte cp.async: a view whose data does not start on a 16-byte boundary
-// (an odd storage offset) is copied once into a fresh (aligned) allocation.
-at::Tensor aligned(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
-}
-
 // Allocates the gradients and the fp32 workspaces (dQ accumulator, D = rowsum(dO * O)) and runs the kernels.
 Grads run(BackwardParams p, const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
           const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse, const char* op) {
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor dout = aligned(dout_in), q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
-  const at::Tensor out = aligned(out_in);
+  const at::Tensor dout = aligned16(dout_in), q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
+  const at::Tensor out = aligned16(out_in);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   const at::TensorOptions f32 = q.options().dtype(at::kFloat);
   at::Tensor dq_accum = at::empty({p.total_q, p.heads_q, p.head_dim}, f32);
@@ -69,11 +56,13 @@ Grads run(BackwardParams p, const at::Tensor& dout_in, const at::Tensor& q_in, c
 
 BackwardParams base_params(const at::Tensor& q, const at::Tensor& k, double softmax_scale, bool causal) {
   BackwardParams p{};
-  p.heads_q = q.size(-2);
-  p.heads_kv = k.size(-2);
-  p.head_dim = q.size(-1);
+  p.heads_q = int(q.size(-2));
+  p.heads_kv = int(k.size(-2));
+  p.head_dim = int(q.size(-1));
+  p.q_row_stride = q.size(-2) * q.size(-1);
+  p.k_row_stride = k.size(-2) * k.size(-1);
   check_softmax_scale(softmax_scale);
-  p.scale = float(softmax_scale);
+  p.scale_log2 = float(softmax_scale) * cuda::kLog2e;
   p.causal = causal;
   return p;
 }
@@ -85,15 +74,19 @@ Grads backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at
                            double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
   check_inputs(dout, q, k, v, out, lse, 4, {q.size(0), q.size(2), q.size(1)});
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
-  check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
-  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, deterministic);
-  TORCH_CHECK_VALUE(q.size(1) <= INT_MAX && k.size(1) <= INT_MAX, "sequence lengths must fit in int32");
+  const int64_t alibi_stride = check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
+  check_cuda_support(q, deterministic);
+  TORCH_CHECK_VALUE(q.size(0) <= INT_MAX && q.size(1) <= INT_MAX && k.size(1) <= INT_MAX,
+                    "batch and sequence lengths must fit in int32");
   BackwardParams p = base_params(q, k, softmax_scale, causal);
-  p.batch = q.size(0);
-  p.seqlen_q = q.size(1);
-  p.seqlen_k = k.size(1);
-  p.total_q = p.batch * p.seqlen_q;
-  p.total_k = p.batch * p.seqlen_k;
+  set_extras(p, window_left, window_right, softcap, alibi_slopes, alibi_stride);
+  p.batch = int(q.size(0));
+  p.seqlen_q = int(q.size(1));
+  p.seqlen_k = int(k.size(1));
+  p.k_batch_tokens = k.size(1);
+  p.total_q = q.size(0) * q.size(1);
+  p.total_k = k.size(0) * k.size(1);
+  p.lse_head_stride = q.size(1);
   return run(p, dout, q, k, v, out, lse, "flash_attn_backward");
 }
 
@@ -108,8 +101,9 @@ Grads varlen_backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, c
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0),
                     " and ", cu_seqlens_k.size(0));
-  check_extras(q, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
-  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, deterministic);
+  const int64_t alibi_stride =
+      check_extras(q, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
+  check_cuda_support(q, deterministic);
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT_MAX &&
                         max_seqlen_k <= INT_MAX,
                     "max_seqlen_q and max_seqlen_k must be in [0, 2^31), got ", max_seqlen_q, " and ",
@@ -120,14 +114,17 @@ Grads varlen_backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, c
   // cu_seqlens live on the GPU: their values are not re-checked here (that would need a host sync); the
   // kernels clamp them to the token counts, so inconsistent values give wrong gradients, never bad accesses.
   // max_seqlen_q / max_seqlen_k only size the grid: blocks stride over the key blocks of longer documents.
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) - 1 <= INT_MAX, "the number of documents must fit in int32");
   BackwardParams p = base_params(q, k, softmax_scale, causal);
+  set_extras(p, window_left, window_right, softcap, alibi_slopes, alibi_stride);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  p.batch = cu_seqlens_q.size(0) - 1;
-  p.seqlen_q = max_seqlen_q;
-  p.seqlen_k = max_seqlen_k;
+  p.batch = int(cu_seqlens_q.size(0) - 1);
+  p.seqlen_q = int(max_seqlen_q);
+  p.seqlen_k = int(max_seqlen_k);
   p.total_q = q.size(0);
   p.total_k = k.size(0);
+  p.lse_head_stride = q.size(0);
   return run(p, dout, q, k, v, out, lse, "flash_attn_varlen_backward");
 }
 

@@ -29,12 +29,11 @@ __device__ inline void load_rows_f32(const float* src, int64_t stride, int rows,
 }
 
 // dK, dV of keys [n0, n0 + 16) (n0 < s.k_len) of kv head item.head_kv, and their dQ contributions.
-__device__ inline void backward_tile_simt(const BackwardParams& p, const Item& item, const Seg& s, int n0,
+__device__ inline void backward_tile_simt(const BackwardParams& p, const Item& item, const SeqInfo& s, int n0,
                                           float* smem_f32) {
   constexpr int B = kSimtBlock, LP = B + 1;  // P / dS rows are padded too
   const int d = int(p.head_dim), ld = d + 1, group = int(p.heads_q / p.heads_kv);
   const int64_t q_row = p.heads_q * p.head_dim, k_row = p.heads_kv * p.head_dim;
-  const float scale_log2 = p.scale * kLog2e;
   float *sK = smem_f32, *sV = sK + B * ld, *sQ = sV + B * ld, *sdO = sQ + B * ld;
   float *sP = sdO + B * ld, *sdS = sP + B * LP, *s_lse2 = sdS + B * LP, *s_dsum = s_lse2 + B;
 
@@ -45,8 +44,8 @@ __device__ inline void backward_tile_simt(const BackwardParams& p, const Item& i
   load_rows_f32(static_cast<const float*>(p.v) + koff, k_row, s.k_len - n0, d, sV);
   float dk[kSimtCols] = {}, dv[kSimtCols] = {};
 
-  const int m_begin = first_query(s, n0, p.causal) / B;
-  const int m_count = max(0, (s.q_len + B - 1) / B - m_begin);
+  const int m_begin = s.first_query(n0, p) / B;
+  const int m_count = max(0, (s.end_query(n0 + B, p) + B - 1) / B - m_begin);
   for (int t = 0; t < m_count * group; ++t) {
     const int h = item.head_kv * group + t / m_count, m0 = (m_begin + t % m_count) * B;
     __syncthreads();  // the previous step is done with sQ, sdO, sP, sdS, lse2, D
@@ -55,7 +54,7 @@ __device__ inline void backward_tile_simt(const BackwardParams& p, const Item& i
     load_rows_f32(static_cast<const float*>(p.dout) + qoff, q_row, s.q_len - m0, d, sdO);
     if (tid < B) {
       const int qi = m0 + tid;
-      s_lse2[tid] = qi < s.q_len ? lse_log2(p, item.b, s, h, qi) : INFINITY;
+      s_lse2[tid] = qi < s.q_len ? lse_log2(p, s, h, qi) : INFINITY;
       s_dsum[tid] = qi < s.q_len ? dsum_at(p, s, h, qi) : 0.f;
     }
     __syncthreads();
@@ -66,10 +65,14 @@ __device__ inline void backward_tile_simt(const BackwardParams& p, const Item& i
         sc += sK[row * ld + c] * sQ[lane * ld + c];
         dp += sV[row * ld + c] * sdO[lane * ld + c];
       }
-      const bool keep = visible(m0 + lane, n0 + row, s, p.causal);
-      const float pr = keep ? exp2f(sc * scale_log2 - s_lse2[lane]) : 0.f;
+      const int qi = m0 + lane, kj = n0 + row;
+      float grad = 0.f;  // through the softcap: dS with respect to scale q.k
+      const float pr = s.visible(qi, kj, p)
+                           ? exp2f(ScoreMod(p, item.b, h)(sc, int64_t(qi) + s.k_len - s.q_len - kj, &grad) -
+                                   s_lse2[lane])
+                           : 0.f;
       sP[row * LP + lane] = pr;
-      sdS[row * LP + lane] = pr * (dp - s_dsum[lane]);
+      sdS[row * LP + lane] = pr * (dp - s_dsum[lane]) * grad;
     }
     __syncthreads();
 
@@ -90,13 +93,14 @@ __device__ inline void backward_tile_simt(const BackwardParams& p, const Item& i
   }
 
   if (n0 + row < s.k_len) {
+    const float scale = p.scale_log2 * cuda::kLn2;
     float* dk_row = static_cast<float*>(p.dk) + koff + int64_t(row) * k_row;
     float* dv_row = static_cast<float*>(p.dv) + koff + int64_t(row) * k_row;
 #pragma unroll
     for (int j = 0; j < kSimtCols; ++j) {
       const int c = lane + 16 * j;
       if (c >= d) break;
-      dk_row[c] = dk[j] * p.scale;
+      dk_row[c] = dk[j] * scale;
       dv_row[c] = dv[j];
     }
   }
@@ -106,7 +110,7 @@ __device__ inline void backward_tile_simt(const BackwardParams& p, const Item& i
 __global__ void __launch_bounds__(kSimtThreads) backward_simt_kernel(const BackwardParams p) {
   extern __shared__ float smem_f32[];
   const Item item = work_item(p, kSimtBlock);
-  const Seg s = segment(p, item.b);
+  const SeqInfo s(p, item.b);
   // n_block + n_stride < 2^31: both are below ceil(2^31 / 16); n_block * 16 < k_len fits an int.
   for (int n_block = item.first_n_block; int64_t(n_block) * kSimtBlock < s.k_len; n_block += item.n_stride) {
     backward_tile_simt(p, item, s, n_block * kSimtBlock, smem_f32);

@@ -111,14 +111,13 @@ __device__ __forceinline__ void gemm_smem(Acc& acc, RegA& ra, RegB& rb, const Sm
 
 // dK, dV of keys [n0, n0 + kBlockN) (n0 < s.k_len) of kv head item.head_kv, and their dQ contributions.
 template <typename Traits>
-__device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, const Seg& s, int n0,
+__device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, const SeqInfo& s, int n0,
                                    char* smem_raw) {
   using Element = typename Traits::Element;
   constexpr int kM = Traits::kBlockM, kN = Traits::kBlockN, kD = Traits::kHeadDim;
 
   const int tid = opaque(int(threadIdx.x)), d = int(p.head_dim), group = int(p.heads_q / p.heads_kv);
   const int64_t q_row = p.heads_q * p.head_dim, k_row = p.heads_kv * p.head_dim;  // token strides
-  const float scale_log2 = p.scale * kLog2e;
 
   Element* smem = reinterpret_cast<Element*>(smem_raw);
   Tensor sQ = make_tensor(make_smem_ptr(smem), typename Traits::LayoutQ{});
@@ -147,9 +146,10 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
   const Element* q = static_cast<const Element*>(p.q);
   const Element* dout = static_cast<const Element*>(p.dout);
 
-  // Step t: query head hk * group + t / m_count, query block m_begin + t % m_count (that can see key n0).
-  const int m_begin = first_query(s, n0, p.causal) / kM;
-  const int m_count = max(0, (s.q_len + kM - 1) / kM - m_begin);
+  // Step t: query head hk * group + t / m_count, query block m_begin + t % m_count (those that can see some
+  // key of this block).
+  const int m_begin = s.first_query(n0, p) / kM;
+  const int m_count = max(0, (s.end_query(n0 + kN, p) + kM - 1) / kM - m_begin);
   const int steps = m_count * group;
   auto step_head = [&](int t) { return item.head_kv * group + t / m_count; };
   auto step_m0 = [&](int t) { return (m_begin + t % m_count) * kM; };
@@ -167,7 +167,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
     cp_async_fence();
     if (tid < kM) {
       const bool row = m0 + tid < s.q_len;
-      s_lse2[tid] = row ? lse_log2(p, item.b, s, h, m0 + tid) : INFINITY;
+      s_lse2[tid] = row ? lse_log2(p, s, h, m0 + tid) : INFINITY;
       s_dsum[tid] = row ? dsum_at(p, s, h, m0 + tid) : 0.f;
     }
   };
@@ -237,6 +237,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
 
   for (int t = 0; t < steps; ++t) {
     const int h = step_head(t), m0 = step_m0(t);
+    const ScoreMod mod(p, item.b, h);
     cp_async_wait<0>();
     __syncthreads();  // Q, dO (and K, V), lse2, D in place; last step's dQ product done reading sdS
 
@@ -249,10 +250,13 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
 
     CUTE_UNROLL
     for (int i = 0; i < size(acc_s); ++i) {
-      const int r = get<0>(tScS(i)), c = get<1>(tScS(i));
-      const float pr = visible(m0 + r, n0 + c, s, p.causal) ? exp2f(acc_s(i) * scale_log2 - s_lse2[r]) : 0.f;
+      const int r = get<0>(tScS(i)), c = get<1>(tScS(i)), qi = m0 + r, kj = n0 + c;
+      float grad = 0.f;  // through the softcap: dS with respect to scale q.k
+      const float pr = s.visible(qi, kj, p)
+                           ? exp2f(mod(acc_s(i), int64_t(qi) + s.k_len - s.q_len - kj, &grad) - s_lse2[r])
+                           : 0.f;
       tPsP(i) = static_cast<Element>(pr);
-      tPsdS(i) = static_cast<Element>(pr * (acc_dp(i) - s_dsum[r]));
+      tPsdS(i) = static_cast<Element>(pr * (acc_dp(i) - s_dsum[r]) * grad);
     }
     __syncthreads();  // P, dS in shared memory
 
@@ -273,6 +277,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
   }
 
   // dK = scale dS^T Q and dV (zero when no query sees these keys), rows past the document's keys skipped.
+  const float scale = p.scale_log2 * cuda::kLn2;
   const int64_t koff = (s.k_start + n0) * k_row + int64_t(item.head_kv) * d;
   Element* dk = static_cast<Element*>(p.dk) + koff;
   Element* dv = static_cast<Element*>(p.dv) + koff;
@@ -280,7 +285,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
   for (int i = 0; i < size(acc_dk); ++i) {
     const int r = get<0>(tdKVc(i)), c = get<1>(tdKVc(i));
     if (n0 + r < s.k_len && c < d) {
-      dk[r * k_row + c] = static_cast<Element>(acc_dk(i) * p.scale);
+      dk[r * k_row + c] = static_cast<Element>(acc_dk(i) * scale);
       dv[r * k_row + c] = static_cast<Element>(acc_dv(i));
     }
   }
@@ -292,7 +297,7 @@ template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1) backward_sm80_kernel(const BackwardParams p) {
   extern __shared__ __align__(128) char smem_raw[];
   const Item item = work_item(p, Traits::kBlockN);
-  const Seg s = segment(p, item.b);
+  const SeqInfo s(p, item.b);
   // n_block + n_stride < 2^31: both are below ceil(2^31 / kBlockN); n_block * kBlockN < k_len fits an int.
   for (int n_block = item.first_n_block; int64_t(n_block) * Traits::kBlockN < s.k_len; n_block += item.n_stride) {
     backward_tile_sm80<Traits>(p, item, s, n_block * Traits::kBlockN, smem_raw);

@@ -31,9 +31,16 @@ void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
 int64_t check_extras(const at::Tensor& q, int64_t batch, int64_t window_left, int64_t window_right,
                      double softcap, const c10::optional<at::Tensor>& alibi_slopes);
 
-// What the CUDA kernels lack: a head dim that is not a multiple of 8, local windows, softcap, ALiBi and (for
-// the backward, `deterministic_backward`) a fixed reduction order raise NotImplementedError naming the argument.
-void check_cuda_extras(const at::Tensor& q, int64_t window_left, int64_t window_right, double softcap,
-                       const c10::optional<at::Tensor>& alibi_slopes, bool deterministic_backward);
+// cu_seqlens (either side): int32, 1-D with batch + 1 entries, on q's device, contiguous. Their values are
+// the CPU launcher's to check (on CUDA that would need a host sync; the kernels clamp them instead).
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q);
+
+// A tensor the CUDA kernels only read, on a 16-byte boundary (their vector loads): itself, or a copy when its
+// data starts elsewhere (a view at an odd offset). Tensors written in place (the KV cache) must be aligned.
+at::Tensor aligned16(const at::Tensor& t);
+
+// What the CUDA forward/backward kernels lack: a head dim that is not a multiple of 8 and (for the backward,
+// `deterministic_backward`) a fixed reduction order raise NotImplementedError naming the argument.
+void check_cuda_support(const at::Tensor& q, bool deterministic_backward);
 
 }  // namespace cm3leon::attention

@@ -25,7 +25,8 @@ namespace {
 
 using OutLse = std::tuple<at::Tensor, at::Tensor>;
 
-// The kernels move 16-byte chunks: rows are (head dim % 8 == 0), base pointers must be too.
+// The kernels move 16-byte chunks: rows are (head dim % 8 == 0), base pointers must be too (the forward
+// launchers pass aligned16 copies of what they only read).
 void check_aligned(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name,
                     " must start on a 16-byte boundary on CUDA (a view at an odd offset? use .clone())");
@@ -66,28 +67,31 @@ void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got ",
-                    cu.sizes());
-  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " must be on q's device (", q.device(), "), got ",
-                    cu.device());
-  check_contiguous(cu, name);
-}
-
 }  // namespace
 
-OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale,
-                           bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
-  check_qkv(q, k, v, 4);
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
-  check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
-  // The forward only carries `deterministic` for autograd.
-  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, false);
-  const c10::cuda::CUDAGuard guard(q.device());
+void set_extras(cuda::AttnParams& p, int64_t window_left, int64_t window_right, double softcap,
+                const c10::optional<at::Tensor>& alibi_slopes, int64_t alibi_stride) {
+  // A window wider than any sequence is the same as an unbounded one.
+  p.window_left = int(std::clamp<int64_t>(window_left, -1, std::numeric_limits<int32_t>::max()));
+  p.window_right = int(std::clamp<int64_t>(window_right, -1, std::numeric_limits<int32_t>::max()));
+  p.softcap = float(softcap);
+  p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  p.alibi_batch_stride = int(alibi_stride);
+}
+
+OutLse forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                           double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS) {
+  check_qkv(q_in, k_in, v_in, 4);
+  TORCH_CHECK_VALUE(k_in.size(0) == q_in.size(0), "k's batch (", k_in.size(0), ") must equal q's (", q_in.size(0),
+                    ")");
+  const int64_t alibi_stride = check_extras(q_in, q_in.size(0), window_left, window_right, softcap, alibi_slopes);
+  check_cuda_support(q_in, false);  // the forward only carries `deterministic` for autograd
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   cuda::AttnParams p = base_params(q, k, v, out, lse, softmax_scale, causal);
+  set_extras(p, window_left, window_right, softcap, alibi_slopes, alibi_stride);
   check_fits_grid(q.size(0), "batch rows");
   check_fits_int(q.size(1), "seqlen_q");
   check_fits_int(k.size(1), "seqlen_k");
@@ -103,23 +107,26 @@ OutLse forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::T
   return {out, lse};
 }
 
-OutLse varlen_forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+OutLse varlen_forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                   int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale, bool causal,
                                   CM3LEON_ATTN_EXTRA_PARAMS) {
-  check_qkv(q, k, v, 3);
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+  check_qkv(q_in, k_in, v_in, 3);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_in);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_in);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
                     cu_seqlens_k.size(0));
-  check_extras(q, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
-  check_cuda_extras(q, window_left, window_right, softcap, alibi_slopes, false);
+  const int64_t alibi_stride =
+      check_extras(q_in, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
+  check_cuda_support(q_in, false);
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   cuda::AttnParams p = base_params(q, k, v, out, lse, softmax_scale, causal);
+  set_extras(p, window_left, window_right, softcap, alibi_slopes, alibi_stride);
   check_fits_grid(cu_seqlens_q.size(0) - 1, "documents");
   check_fits_int(max_seqlen_q, "max_seqlen_q");
   check_fits_int(max_seqlen_k, "max_seqlen_k");

@@ -9,6 +9,14 @@
 
 namespace cm3leon::attention {
 
+namespace cuda {
+struct AttnParams;
+}
+
+// The extras (checked by check_extras, which gives alibi_stride) as AttnParams fields (forward and backward).
+void set_extras(cuda::AttnParams& p, int64_t window_left, int64_t window_right, double softcap,
+                const c10::optional<at::Tensor>& alibi_slopes, int64_t alibi_stride);
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                        double softmax_scale, bool causal,
                                                        CM3LEON_ATTN_EXTRA_PARAMS);

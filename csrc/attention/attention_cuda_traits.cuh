@@ -1,10 +1,13 @@
-// Shared, torch-free building blocks of the CUDA attention kernels (forward, decode; reusable by a backward).
+// Shared, torch-free building blocks of the CUDA attention kernels (forward, decode, backward).
 //
-//   AttnParams         one call: raw pointers, token strides, lengths, scale, mask. Dense, varlen (device
-//                      cu_seqlens) and KV-cache (device cache_seqlens) calls all fill this one struct.
-//                      Lives in attention_cuda_params.cuh (CuTe-free, for the SIMT and decode kernels).
+//   AttnParams         one call: raw pointers, token strides, lengths, scale, mask (causal, local window,
+//                      softcap, ALiBi). Dense, varlen (device cu_seqlens) and KV-cache (device cache_seqlens)
+//                      calls all fill this one struct; BackwardParams extends it with the backward's tensors.
+//                      Both live in attention_cuda_params.cuh (CuTe-free, for the SIMT and decode kernels).
 //   SeqInfo            where batch row / document b lives in q/k/out/lse, resolved on the device and clamped
-//                      to the tensors' token counts, so bad device-side lengths can never index out of bounds.
+//                      to the tensors' token counts, so bad device-side lengths can never index out of bounds;
+//                      which keys each query sees. ScoreMod: a raw score to the log2 domain (scale, softcap,
+//                      ALiBi).
 //   Sm80Traits<...>    CuTe tile configuration of the sm80 tensor-core kernels: mma.sync m16n8k16 TiledMMA
 //                      (warps stacked along M), swizzled smem layouts for Q/K/V and V^T, cp.async gmem->smem
 //                      copies of 16-byte chunks, ldmatrix smem->register atoms, 16-byte gmem stores for O.

@@ -2,7 +2,7 @@
 // cores, no K/V reuse through shared memory). Torch-free.
 //
 // One warp per query row. Scores go 32 keys at a time, one key per lane (a full dot product against q held
-// in shared memory, pre-scaled to the log2 domain); the online softmax works on the warp's 32 scores; P V
+// in shared memory, then ScoreMod to the log2 domain); the online softmax works on the warp's 32 scores; P V
 // runs over the head dim, lane e accumulating output columns e, e + 32, ... (coalesced V reads).
 #pragma once
 #include "attention/attention_cuda_params.cuh"
@@ -27,6 +27,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) forward_simt_kernel(const Att
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SeqInfo s(p, blockIdx.y);
   const int h = blockIdx.z, d = p.head_dim;
+  const ScoreMod mod(p, blockIdx.y, h);
   const int64_t kv_offset = s.k_start * p.k_row_stride + int64_t(h / (p.heads_q / p.heads_kv)) * d;
   const float* kb = static_cast<const float*>(p.k) + kv_offset;
   const float* vb = static_cast<const float*>(p.v) + kv_offset;
@@ -36,17 +37,18 @@ __global__ void __launch_bounds__(kSimtWarps * 32) forward_simt_kernel(const Att
     const int64_t row_offset = (s.q_start + i) * p.q_row_stride + int64_t(h) * d;
     const float* qrow = static_cast<const float*>(p.q) + row_offset;
     __syncwarp();  // the previous row's reads of qs are done
-    for (int e = lane; e < d; e += 32) qs[e] = qrow[e] * p.scale_log2;
+    for (int e = lane; e < d; e += 32) qs[e] = qrow[e];
     __syncwarp();
 
-    const int n = s.visible_keys(i, p.causal);
+    const int lo = s.key_lo(i, p), hi = s.key_hi(i, p);
+    const int64_t diag = int64_t(i) + s.k_len - s.q_len;
     float m = -INFINITY, l = 0.f, acc[kCols];
 #pragma unroll
     for (int t = 0; t < kCols; ++t) acc[t] = 0.f;
-    for (int j0 = 0; j0 < n; j0 += 32) {  // j0 < n: lane 0's key is visible, so the chunk max is finite
+    for (int j0 = lo; j0 < hi; j0 += 32) {  // j0 < hi: lane 0's key is visible, so the chunk max is finite
       const int j = j0 + lane;
       float score = -INFINITY;
-      if (j < n) {
+      if (j < hi) {
         const float4* kr = reinterpret_cast<const float4*>(kb + int64_t(j) * p.k_row_stride);
         const float4* q4 = reinterpret_cast<const float4*>(qs);
         float dot = 0.f;
@@ -54,7 +56,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) forward_simt_kernel(const Att
           const float4 a = kr[e], b = q4[e];
           dot += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
         }
-        score = dot;
+        score = mod(dot, diag - j);
       }
       const float m_new = fmaxf(m, warp_max(score));
       const float rescale = exp2f(m - m_new);
@@ -63,7 +65,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) forward_simt_kernel(const Att
       m = m_new;
 #pragma unroll
       for (int t = 0; t < kCols; ++t) acc[t] *= rescale;
-      const int count = min(32, n - j0);
+      const int count = min(32, hi - j0);
       for (int jj = 0; jj < count; ++jj) {
         const float pj = __shfl_sync(0xffffffffu, prob, jj);
         const float* vr = vb + int64_t(j0 + jj) * p.k_row_stride;

@@ -50,7 +50,7 @@ __device__ __forceinline__ void gemm_reg_smem(const TiledMma& mma, Acc& acc, con
 }
 
 template <typename Traits>
-__device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int h, int m_block, char* smem) {
+__device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int64_t b, int h, int m_block, char* smem) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
@@ -60,12 +60,11 @@ __device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int h, int m
   const int hk = h / (p.heads_q / p.heads_kv);
   const int rows_left = s.q_len - m_block * kBlockM;  // > 0
 
-  // Key blocks this tile needs: up to the last key visible to its last row.
-  int n_block_max = (s.k_len + kBlockN - 1) / kBlockN;
-  if (p.causal) {
-    const int64_t last_key = int64_t(m_block + 1) * kBlockM - 1 + s.k_len - s.q_len;
-    n_block_max = last_key < 0 ? 0 : min(n_block_max, int(last_key / kBlockN) + 1);
-  }
+  // Key blocks this tile needs: from the first key its first row sees to the last one its last row sees.
+  const int first_row = m_block * kBlockM, last_row = first_row + min(rows_left, kBlockM) - 1;
+  const int n_block_min = s.key_lo(first_row, p) / kBlockN;
+  const int n_block_max = (s.key_hi(last_row, p) + kBlockN - 1) / kBlockN;
+  const ScoreMod mod(p, b, h);
 
   // Gmem views of this tile: token rows of one head; the head dim is padded to kHeadDim (predicated).
   const Element* q_ptr = static_cast<const Element*>(p.q) + (s.q_start + int64_t(m_block) * kBlockM) * p.q_row_stride +
@@ -131,13 +130,13 @@ __device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int h, int m
     row_sum[r] = 0.f;
   }
 
-  if (n_block_max > 0) {
+  if (n_block_max > n_block_min) {
     copy_rows_predicated(gmem_copy, tQgQ, tQsQ, tQcQ, rows_left, d);
     int n_block = n_block_max - 1;
     copy_rows_predicated(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, s.k_len - n_block * kBlockN, d);
     cute::cp_async_fence();
 
-    for (; n_block >= 0; --n_block) {
+    for (; n_block >= n_block_min; --n_block) {
       Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
       clear(acc_s);
       cute::cp_async_wait<0>();
@@ -147,25 +146,25 @@ __device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int h, int m
 
       gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_q, smem_copy_k, smem_thr_q, smem_thr_k);
 
-      // Scores to the log2 domain; mask keys past the end or above the causal diagonal.
+      // Scores to the log2 domain (scale, softcap, ALiBi); mask keys outside each row's window or past the end.
       Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
       const int key0 = n_block * kBlockN;
-      const bool need_mask =
-          key0 + kBlockN > s.k_len ||
-          (p.causal && int64_t(key0) + kBlockN - 1 > int64_t(m_block) * kBlockM + s.k_len - s.q_len);
+      const bool need_mask = key0 + kBlockN > s.key_hi(first_row, p) || key0 < s.key_lo(last_row, p);
       CUTE_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        const int limit = need_mask ? s.visible_keys(m_block * kBlockM + tile_row(r), p.causal) : s.k_len;
+        const int row = first_row + tile_row(r);
+        const int lo = need_mask ? s.key_lo(row, p) : 0, hi = need_mask ? s.key_hi(row, p) : s.k_len;
+        const int64_t diag = int64_t(row) + s.k_len - s.q_len;
         CUTE_UNROLL
         for (int c = 0; c < size<1>(s_rc); ++c) {
           const int key = key0 + col0 + (c % 2) + (c / 2) * 8;
-          s_rc(r, c) = (need_mask && key >= limit) ? -INFINITY : s_rc(r, c) * p.scale_log2;
+          s_rc(r, c) = (need_mask && (key < lo || key >= hi)) ? -INFINITY : mod(s_rc(r, c), diag - key);
         }
       }
 
       cute::cp_async_wait<0>();
       __syncthreads();  // V[n_block] landed; every warp finished reading K[n_block]
-      if (n_block > 0) {
+      if (n_block > n_block_min) {
         copy_rows_predicated(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK, tKVcKV,
                              s.k_len - (n_block - 1) * kBlockN, d);
         cute::cp_async_fence();
@@ -239,7 +238,7 @@ __global__ void __launch_bounds__(Traits::kNThreads, 1) forward_sm80_kernel(cons
   const SeqInfo s(p, blockIdx.y);
   const int num_m_blocks = (s.q_len + Traits::kBlockM - 1) / Traits::kBlockM;
   for (int m_block = int(gridDim.x) - 1 - int(blockIdx.x); m_block < num_m_blocks; m_block += gridDim.x) {
-    forward_tile<Traits>(p, s, blockIdx.z, m_block, smem);
+    forward_tile<Traits>(p, s, blockIdx.y, blockIdx.z, m_block, smem);
     __syncthreads();  // smem is reused by the next tile
   }
 }

@@ -5,6 +5,7 @@
 #include <ATen/ops/empty_like.h>
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "attention/attention_checks.h"
@@ -79,15 +80,23 @@ int64_t check_extras(const at::Tensor& q, int64_t batch, int64_t window_left, in
   return a.dim() == 2 ? hq : 0;
 }
 
-void check_cuda_extras(const at::Tensor& q, int64_t window_left, int64_t window_right, double softcap,
-                       const c10::optional<at::Tensor>& alibi_slopes, bool deterministic_backward) {
+void check_cuda_support(const at::Tensor& q, bool deterministic_backward) {
   TORCH_CHECK_NOT_IMPLEMENTED(q.size(-1) % 8 == 0, "head dim ", q.size(-1),
                               ": the CUDA attention kernels need a multiple of 8");
-  TORCH_CHECK_NOT_IMPLEMENTED(window_left == -1 && window_right == -1,
-                              "window_left/window_right (local attention) are not implemented on CUDA");
-  TORCH_CHECK_NOT_IMPLEMENTED(softcap == 0, "softcap is not implemented on CUDA");
-  TORCH_CHECK_NOT_IMPLEMENTED(!alibi_slopes.has_value(), "alibi_slopes is not implemented on CUDA");
-  TORCH_CHECK_NOT_IMPLEMENTED(!deterministic_backward, "deterministic=True is not implemented on CUDA");
+  TORCH_CHECK_NOT_IMPLEMENTED(!deterministic_backward, "deterministic=True is not implemented on CUDA "
+                              "(the backward accumulates dQ with atomics)");
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got ",
+                    cu.sizes());
+  TORCH_CHECK_VALUE(cu.device() == q.device(), name, " is on ", cu.device(), " but q is on ", q.device());
+  check_contiguous(cu, name);
+}
+
+at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
 }
 
 namespace {
@@ -116,12 +125,9 @@ std::vector<Segment> dense_segments(const at::Tensor& q, const at::Tensor& k) {
   return segments;
 }
 
-void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got ",
-                    cu.sizes());
-  TORCH_CHECK_VALUE(cu.device().is_cpu(), name, " must be on the CPU with the other inputs");
-  check_contiguous(cu, name);
+// The values, read on the host: starting at 0, non-decreasing, documents within max_seqlen, ending at the
+// token count.
+void check_cu_seqlens_values(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
   const int32_t* c = cu.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(c[0] == 0, name, "[0] must be 0, got ", c[0]);
   for (int64_t i = 1; i < cu.size(0); ++i) {
@@ -136,8 +142,10 @@ void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int
 
 std::vector<Segment> varlen_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
                                      const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
-  check_cu_seqlens(cu_q, "cu_seqlens_q", q.size(0), max_q);
-  check_cu_seqlens(cu_k, "cu_seqlens_k", k.size(0), max_k);
+  check_cu_seqlens(cu_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_k, "cu_seqlens_k", q);
+  check_cu_seqlens_values(cu_q, "cu_seqlens_q", q.size(0), max_q);
+  check_cu_seqlens_values(cu_k, "cu_seqlens_k", k.size(0), max_k);
   TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_q.size(0), " and ",
                     cu_k.size(0));

@@ -165,12 +165,6 @@ void pack_panels(const T* src, int64_t stride, int64_t rows, int64_t d, float sc
   }
 }
 
-// Visible keys of query row i: causal masks align to the bottom-right corner.
-inline int64_t visible_keys(int64_t i, int64_t q_len, int64_t k_len, bool causal) {
-  if (!causal) return k_len;
-  return std::clamp<int64_t>(i + k_len - q_len + 1, 0, k_len);
-}
-
 // The keys query i of a segment sees, [lo(i), hi(i)) (empty when hi <= lo), and its converse: the queries
 // that see some key of [j0, j1) are [first_query(j0), end_query(j1)). Both bounds grow with i. The
 // diagonal of query i is i + shift; causal tightens window_right to 0.
