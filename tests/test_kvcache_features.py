@@ -253,6 +253,15 @@ def test_num_splits_changes_only_rounding(num_splits):
     assert (out - out_n).abs().max() <= 1e-5 and (lse - lse_n).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("page", [None, 16])
+def test_prefill_appends_and_rotates_many_rows(page):
+    """A prompt's worth of new tokens (the append and q's rotation then run in parallel; a paged cache is
+    gathered for the tiled forward)."""
+    case = make_case(random.Random(9), dtype=torch.bfloat16, d=32, hq=4, hkv=2, b=2, sq=90, new=90,
+                     capacity=200, page=page, rotary="half", leftpad=True, window=(40, -1))
+    check(case, f"prefill page={page}")
+
+
 def test_random_feature_mix():
     rng = random.Random(2026)
     for trial in range(30):
@@ -278,12 +287,15 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_decode_features(dtype):
-    """What the CUDA decode kernel reads and writes through: rotary, pages, batch indices, leftpad, splits."""
+    """The CUDA decode kernel with every feature: rotary, pages, batch indices, leftpad, splits, windows,
+    softcap, ALiBi."""
     rng = random.Random(11)
-    for trial in range(12):
+    for trial in range(16):
         kw = dict(dtype=dtype, d=rng.choice([64, 128]), hq=4, hkv=rng.choice([1, 2, 4]), sq=rng.choice([1, 2]),
                   new=rng.choice([0, 1, 2]), causal=rng.random() < 0.7, num_splits=rng.choice([0, 1, 3]),
-                  rotary=rng.choice([None, "interleaved", "half"]), leftpad=rng.random() < 0.5)
+                  rotary=rng.choice([None, "interleaved", "half"]), leftpad=rng.random() < 0.5,
+                  window=rng.choice([(-1, -1), (rng.randint(0, 40), rng.randint(-1, 3))]),
+                  softcap=rng.choice([0.0, 6.0]), alibi=rng.choice([None, "heads", "batch"]))
         if rng.random() < 0.5:
             kw["page"] = rng.choice([1, 16, 256])
         else:
@@ -292,12 +304,23 @@ def test_cuda_decode_features(dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("page", [None, 16, 256])
+def test_cuda_long_queries_gather_the_rows(page):
+    """More than 8 query rows per kv head take the tiled forward over gathered cache rows."""
+    case = make_case(random.Random(page or 0), dtype=torch.bfloat16, sq=40, new=40, capacity=300, page=page,
+                     batch_idx=page is None, rotary="interleaved", causal=True, window=(64, -1))
+    check(case, f"cuda long queries page={page}", device="cuda")
+
+
+@needs_cuda
 def test_cuda_refuses_what_it_lacks():
-    case = make_case(random.Random(0), sq=1, new=1, window=(4, 0))
-    with pytest.raises(NotImplementedError, match="window_size"):
+    case = make_case(random.Random(0), sq=12, new=1, leftpad=True)
+    before = case["k_cache"].clone()
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):
         run_op(case, "cuda")
-    case = make_case(random.Random(0), sq=12, new=1, page=16)
-    with pytest.raises(NotImplementedError, match="block_table"):
+    assert torch.equal(case["k_cache"].view(torch.int32), before.view(torch.int32))  # refused before writing
+    case = make_case(random.Random(0), d=59, sq=1, new=1)
+    with pytest.raises(NotImplementedError, match="multiple of 8"):
         run_op(case, "cuda")
 
 
@@ -316,7 +339,9 @@ def _base():
     (lambda c: c.update(seqlens=torch.tensor([20, 20], dtype=torch.int32),
                         block_table=torch.tensor([[0, 1], [2, 1]], dtype=torch.int32)),
      ValueError, "both append into block 1"),
-    (lambda c: c.update(seqlens=torch.tensor([32, 0], dtype=torch.int32)), ValueError, "overflows the cache"),
+    # FlashAttention raises RuntimeError naming block_table here (and its test checks the type).
+    (lambda c: c.update(seqlens=torch.tensor([32, 0], dtype=torch.int32)), RuntimeError,
+     "block_table: row 0 has 2 blocks of 16 positions"),
     (lambda c: c.update(seqlens=torch.tensor([-1, 0], dtype=torch.int32)), ValueError, r"cache_seqlens\[0\]"),
     (lambda c: c.update(leftpad=torch.tensor([40, 0], dtype=torch.int32)), ValueError, r"cache_leftpad\[0\]"),
     (lambda c: c.update(leftpad=torch.tensor([0.0, 0.0])), TypeError, "cache_leftpad must be int32"),
@@ -349,6 +374,7 @@ def test_bad_paged_inputs_raise_naming_the_argument(mutate, exc, match):
     (lambda c: c["cache_batch_idx"].__setitem__(1, int(c["cache_batch_idx"][0])), ValueError, "twice"),
     (lambda c: c.update(cache_batch_idx=c["cache_batch_idx"][:1]), ValueError, "cache_batch_idx must have shape"),
     (lambda c: c.update(cache_batch_idx=None), ValueError, "unless cache_batch_idx or block_table"),
+    (lambda c: c.update(seqlens=torch.tensor([32, 0], dtype=torch.int32)), ValueError, "overflows the cache"),
 ])
 def test_bad_batch_idx_raises(mutate, exc, match):
     case = make_case(random.Random(0), b=2, sq=1, new=1, capacity=32, batch_idx=True)

@@ -4,6 +4,7 @@
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/index_select.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -158,17 +159,20 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
                          rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
   const KvcacheShape s = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o);
   const int64_t new_len = s.new_len;
-  // The CUDA kernels do not have these yet (the CPU launcher does): refuse, never ignore.
-  for (const auto& [given, name] : {std::pair{window_left >= 0 || window_right >= 0, "window_size"},
-                                    std::pair{softcap > 0.0, "softcap"},
-                                    std::pair{alibi_slopes.has_value(), "alibi_slopes"}})
-    TORCH_CHECK_NOT_IMPLEMENTED(!given, "flash_attn_kvcache: ", name, " is not implemented on CUDA yet (CPU only)");
+  // q's rotary positions advance per token when causal or local (FlashAttention's rule).
+  const bool per_token = causal || window_left >= 0 || window_right >= 0;
+  check_cuda_support(q, false);
   const int64_t b = q.size(0), sq = q.size(1), hq = q.size(2), hkv = k_cache.size(2), d = q.size(3);
   if (!cache_seqlens.has_value()) {  // host-known positions are checked; device ones are clamped by the kernels
-    TORCH_CHECK_VALUE(cache_seqlen >= 0 && cache_seqlen + new_len <= s.capacity, "cache_seqlens = ", cache_seqlen,
-                      " plus ", new_len, " new tokens overflows the cache of ", s.capacity, " positions");
+    TORCH_CHECK_VALUE(cache_seqlen >= 0, "cache_seqlens = ", cache_seqlen, " must be >= 0");
+    // A paged row too short is a RuntimeError naming block_table, as on the CPU (and in FlashAttention).
+    TORCH_CHECK(s.page == 0 || cache_seqlen + new_len <= s.capacity, "block_table: rows have ", s.capacity,
+                " positions, but cache_seqlens = ", cache_seqlen, " plus ", new_len, " new tokens need ",
+                cache_seqlen + new_len);
+    TORCH_CHECK_VALUE(cache_seqlen + new_len <= s.capacity, "cache_seqlens = ", cache_seqlen, " plus ", new_len,
+                      " new tokens overflows the cache of ", s.capacity, " positions");
     if (s.rotary_dim > 0) {
-      const int64_t need = cache_seqlen + std::max(new_len, causal ? sq : 1);
+      const int64_t need = cache_seqlen + std::max(new_len, per_token ? sq : 1);
       TORCH_CHECK_VALUE(need <= rotary_cos->size(0), "rotary_cos/rotary_sin have ", rotary_cos->size(0),
                         " positions but the rows need ", need);
     }
@@ -186,6 +190,7 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
   cuda::AttnParams p = base_params(q, k_cache, v_cache, out, lse, softmax_scale, causal);
+  set_extras(p, window_left, window_right, softcap, alibi_slopes, s.alibi_stride);
   p.batch = int(b);
   p.seqlen_q = int(sq);
   p.seqlen_k = int(cache_seqlen + new_len);
@@ -208,12 +213,12 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
     layout.cache_rows = k_cache.size(0);
   }
   if (cache_leftpad.has_value()) layout.cache_leftpad = cache_leftpad->data_ptr<int32_t>();
-  // Only the decode kernel reads through the layout; refuse before the caches are written.
+  // Only the decode kernel reads through the layout (the tiled forward gets gathered rows, below, but has no
+  // per-row key start); refuse before the caches are written.
   const bool decode = cuda::decode_applies(p);
-  TORCH_CHECK_NOT_IMPLEMENTED(decode || sq == 0 || !(block_table || cache_batch_idx || cache_leftpad),
-                              "flash_attn_kvcache on CUDA: block_table, cache_batch_idx and cache_leftpad need at most ",
-                              cuda::kDecodeMaxRows, " query rows per kv head (the decode kernel); got ", hq / hkv * sq,
-                              " (CPU only for now)");
+  TORCH_CHECK_NOT_IMPLEMENTED(decode || sq == 0 || !cache_leftpad.has_value(),
+                              "flash_attn_kvcache on CUDA: cache_leftpad needs at most ", cuda::kDecodeMaxRows,
+                              " query rows per kv head (the decode kernel); got ", hq / hkv * sq, " (CPU only for now)");
 
   const DType dtype = float_dtype(q, "q");
   auto rotate = [&](const at::Tensor& src, void* dst, bool per_token, bool into_cache, const char* what) {
@@ -239,7 +244,7 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
   at::Tensor q_rotated;
   if (s.rotary_dim > 0) {  // q is rotated into a copy: the caller's q stays as given
     q_rotated = at::empty_like(q);
-    rotate(q, q_rotated.data_ptr(), causal, false, "flash_attn_kvcache (rotary q)");
+    rotate(q, q_rotated.data_ptr(), per_token, false, "flash_attn_kvcache (rotary q)");
     p.q = q_rotated.data_ptr();
   }
   if (decode) {
@@ -255,6 +260,18 @@ OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const
     check_launch(cuda::decode_cuda(dtype, p, layout, splits, ws_floats > 0 ? ws.data_ptr<float>() : nullptr, stream),
                  "flash_attn_kvcache");
   } else {
+    // Long queries on a paged cache or through cache_batch_idx: each q row's cache row is gathered into a
+    // contiguous [batch, capacity] copy first (device ops, no host sync; ids clamped as in the decode kernel).
+    // The copy is O(capacity * head_dim) per row against the attention's O(queries * keys * head_dim).
+    at::Tensor k_rows, v_rows;
+    if (block_table.has_value() || cache_batch_idx.has_value()) {
+      const at::Tensor ids = block_table.has_value() ? block_table->flatten().clamp(0, k_cache.size(0) - 1)
+                                                     : cache_batch_idx->clamp(0, k_cache.size(0) - 1);
+      k_rows = k_cache.index_select(0, ids).view({b, s.capacity, hkv, d});
+      v_rows = v_cache.index_select(0, ids).view({b, s.capacity, hkv, d});
+      p.k = k_rows.data_ptr();
+      p.v = v_rows.data_ptr();
+    }
     check_launch(cuda::forward_cuda(dtype, p, stream), "flash_attn_kvcache");
   }
   return {out, lse};

@@ -64,25 +64,6 @@ inline void axpy(float* o, float p, const T* v, int64_t d) {
   for (; i < d; ++i) o[i] += p * to_float(v[i]);
 }
 
-// tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|), which is exp2_neg's domain (x <= 0).
-inline __m256 tanh8(__m256 x) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
-  const __m256 e = exp2_neg(_mm256_mul_ps(_mm256_andnot_ps(sign_bit, x), _mm256_set1_ps(-2.f * kLog2e)));
-  return _mm256_or_ps(_mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e)), _mm256_and_ps(x, sign_bit));
-}
-
-// Visible keys [lo, hi) of query i of a segment (the diagonal is diag = i + k_len - q_len).
-struct KeyRange {
-  int64_t lo, hi;
-};
-inline KeyRange key_range(const Problem& pr, int64_t diag, int64_t k_len) {
-  int64_t hi = k_len, lo = 0;
-  if (pr.causal) hi = std::min(hi, diag + 1);
-  if (pr.window_right >= 0) hi = std::min(hi, diag + pr.window_right + 1);
-  if (pr.window_left >= 0) lo = std::max(lo, diag - pr.window_left);
-  return {lo, std::max(lo, std::clamp<int64_t>(hi, 0, k_len))};
-}
-
 // A work item is (segment, slice of its keys) and covers every query row of the segment ("pairs" of query
 // head and position; pair = h * q_len + i). Cached rows are [token][heads_kv][d], so walking keys in token
 // order with all heads inside reads K and V sequentially (per-head walks would stride by heads_kv * d bytes
@@ -130,6 +111,7 @@ void decode(const Problem& pr, const DecodeLayout& lay, const T* q, const T* k, 
     qs.resize(size_t(pairs8 * dq)); sc.resize(size_t(kChunk * pairs8));
     koff.resize(size_t(pairs8)); lower.resize(size_t(pairs8)); upper.resize(size_t(pairs8));
     slope.resize(size_t(pairs8)); diag.resize(size_t(pairs8));
+    const KeyWindow window(pr, sg);
     int64_t k_begin = k1, k_end = k0;
     for (int64_t pi = 0; pi < pairs8; ++pi) {
       const int64_t pc = std::min(pi, pairs - 1);  // padding lanes repeat the last pair
@@ -139,8 +121,7 @@ void decode(const Problem& pr, const DecodeLayout& lay, const T* q, const T* k, 
       for (int64_t c = 0; c < d; ++c) dst[c] = to_float(src[c]) * qscale;
       std::fill(dst + d, dst + dq, 0.f);
       koff[size_t(pi)] = (h / group) * d;
-      const KeyRange r = key_range(pr, dg, sg.k_len);
-      const int64_t lo = std::max(k0, r.lo), hi = std::min(k1, r.hi);
+      const int64_t lo = std::max(k0, window.lo(i)), hi = std::min(k1, window.hi(i));
       lower[size_t(pi)] = float(lo);
       upper[size_t(pi)] = float(hi);
       if (lo < hi) {
@@ -159,9 +140,14 @@ void decode(const Problem& pr, const DecodeLayout& lay, const T* q, const T* k, 
     int64_t off[kChunk];  // element offset of each key's row in k and v
     for (int64_t n0 = k_begin; n0 < k_end; n0 += kChunk) {
       const int64_t cnt = std::min(kChunk, k_end - n0);
-      for (int64_t j = 0; j < cnt; ++j) {
-        const int64_t pos = sg.k_start + n0 + j;
-        off[j] = (table ? int64_t(table[pos / lay.page]) * lay.page + pos % lay.page : pos) * stride;
+      if (table) {  // walk the pages: one division per chunk, not per key
+        int64_t blk = (sg.k_start + n0) / lay.page, slot = (sg.k_start + n0) % lay.page;
+        for (int64_t j = 0; j < cnt; ++j) {
+          off[j] = (int64_t(table[blk]) * lay.page + slot) * stride;
+          if (++slot == lay.page) slot = 0, ++blk;
+        }
+      } else {
+        for (int64_t j = 0; j < cnt; ++j) off[j] = (sg.k_start + n0 + j) * stride;
       }
       // Scores, key-major: sc[j][pair].
       for (int64_t j = 0; j < cnt; ++j) {

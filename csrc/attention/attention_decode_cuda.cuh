@@ -73,19 +73,21 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
 
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
   const int slot = tid / TPK, sub = tid % TPK;
-  const SeqInfo s(p, b);
-  const int group = p.heads_q / p.heads_kv, sq = s.q_len, rows = group * sq, d = p.head_dim;
-  const int lp = lay.leftpad(b, s.k_len), k_len = s.k_len - lp;  // key j is cache position lp + j
+  // The row's visible keys are cache positions [lp, cache_seqlens[b] + new): key j is position lp + j, and the
+  // diagonal, window and ALiBi distances count over them.
+  SeqInfo s(p, b);
+  const int lp = lay.leftpad(b, s.k_len);
+  s.k_len -= lp;
+  const int group = p.heads_q / p.heads_kv, sq = s.q_len, rows = group * sq, d = p.head_dim, k_len = s.k_len;
 
-  // Query rows r = g * sq + i (q head hk * group + g, position i) to smem in the log2 domain; clear the merge
-  // buffers.
+  // Query rows r = g * sq + i (q head hk * group + g, position i) to smem (raw: ScoreMod scales the dots);
+  // clear the merge buffers.
   for (int idx = tid; idx < ROWS * kDecodeMaxDim; idx += kDecodeThreads) {
     const int r = idx / kDecodeMaxDim, e = idx % kDecodeMaxDim;
     float qv = 0.f;
     if (r < rows && e < d) {
       const int g = r / sq, i = r % sq;
-      qv = to_float(static_cast<const T*>(p.q)[(s.q_start + i) * p.q_row_stride + int64_t(hk * group + g) * d + e]) *
-           p.scale_log2;
+      qv = to_float(static_cast<const T*>(p.q)[(s.q_start + i) * p.q_row_stride + int64_t(hk * group + g) * d + e]);
     }
     q_smem[r][e] = qv;
     acc_smem[r][e] = 0.f;
@@ -94,19 +96,22 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
   __syncthreads();
 
   const int chunk = (k_len + num_splits - 1) / num_splits;
-  const int k_begin = min(k_len, split * chunk), k_end = min(k_len, k_begin + chunk);
-  int limit[ROWS];
+  int k_begin = min(k_len, split * chunk), k_end = min(k_len, k_begin + chunk);
+  int lo[ROWS], hi[ROWS];
   float m[ROWS], l[ROWS], acc[ROWS][kDims];
+  int lo_all = k_end, hi_all = k_begin;  // the keys some row sees (uniform over the block)
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    // Causal: query i sees keys j <= i + k_len - sq (bottom-right aligned over the visible keys).
-    const int visible = p.causal ? max(0, min(k_len, r % sq + k_len - sq + 1)) : k_len;
-    limit[r] = r < rows ? min(k_end, visible) : 0;
+    lo[r] = r < rows ? max(k_begin, s.key_lo(r % sq, p)) : 0;
+    hi[r] = r < rows ? min(k_end, s.key_hi(r % sq, p)) : 0;
+    if (lo[r] < hi[r]) lo_all = min(lo_all, lo[r]), hi_all = max(hi_all, hi[r]);
     m[r] = -INFINITY;
     l[r] = 0.f;
 #pragma unroll
     for (int x = 0; x < kDims; ++x) acc[r][x] = 0.f;
   }
+  k_begin = lo_all;  // a window's keys only: the rest of the slice is not read
+  k_end = hi_all;
   const T* kb = static_cast<const T*>(p.k) + int64_t(hk) * d;
   const T* vb = static_cast<const T*>(p.v) + int64_t(hk) * d;
 
@@ -132,6 +137,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       if (r >= rows) break;
+      const ScoreMod mod(p, b, hk * group + r / sq);  // loop-invariant: the compiler keeps it in registers
       float score[kDecodeUnroll];
 #pragma unroll
       for (int u = 0; u < kDecodeUnroll; ++u) {
@@ -146,7 +152,8 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
         }
 #pragma unroll
         for (int off = TPK / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        score[u] = base + u * kSlots + slot < limit[r] ? dot : -INFINITY;
+        const int j = base + u * kSlots + slot;
+        score[u] = j >= lo[r] && j < hi[r] ? mod(dot, r % sq + k_len - sq - j) : -INFINITY;
       }
       float mx = m[r];
 #pragma unroll

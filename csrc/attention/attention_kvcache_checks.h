@@ -25,12 +25,13 @@ struct KvcacheShape {
   int64_t capacity = 0;    // positions per cache row: seqlen_cache, or max_blocks_per_seq * page_block_size
   int64_t page = 0;        // page_block_size of a paged cache (block_table given), else 0
   int64_t rotary_dim = 0;  // 0 without rotary
+  int64_t alibi_stride = 0;  // alibi_slopes' per-row stride (check_extras)
 };
 
 // Types, shapes and devices of every argument (q/k_cache/v_cache as check_qkv; k/v matching the cache;
 // cache_seqlens, cache_batch_idx, cache_leftpad int32 [batch]; block_table int32 [batch, blocks]; rotary
-// tables (seqlen_ro, rotary_dim / 2) of q's dtype; alibi_slopes float32 (heads) or (batch, heads)), plus the
-// scalars (softmax_scale, windows, softcap, num_splits). Reads no tensor data, so CUDA inputs cost no sync;
+// tables (seqlen_ro, rotary_dim / 2) of q's dtype; windows, softcap and alibi_slopes as check_extras), plus
+// softmax_scale and num_splits. Reads no tensor data, so CUDA inputs cost no sync;
 // the values are the device launcher's to check.
 KvcacheShape check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,

@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "attention/attention_cuda_params.cuh"
+
 namespace cm3leon::attention::cuda {
 
 // Device values (block ids, batch indices, leftpads) are not read back on the host (no sync): the kernels
@@ -18,19 +20,16 @@ struct KvLayout {
   // Token index in k_cache/v_cache (as [tokens][heads_kv][head_dim]) of logical position pos of batch row b.
   __device__ int64_t token(int b, int64_t pos) const {
     if (block_table != nullptr) {
-      const int64_t blk = clamp(block_table[int64_t(b) * table_stride + pos / page], 0, num_blocks - 1);
+      const int64_t blk = clamp64(block_table[int64_t(b) * table_stride + pos / page], 0, num_blocks - 1);
       return blk * page + pos % page;
     }
-    const int64_t row = cache_batch_idx != nullptr ? clamp(cache_batch_idx[b], 0, cache_rows - 1) : b;
+    const int64_t row = cache_batch_idx != nullptr ? clamp64(cache_batch_idx[b], 0, cache_rows - 1) : b;
     return row * capacity + pos;
   }
   // First visible position of row b, whose keys end at k_len.
   __device__ int leftpad(int b, int k_len) const {
-    return cache_leftpad != nullptr ? int(clamp(cache_leftpad[b], 0, k_len)) : 0;
+    return cache_leftpad != nullptr ? int(clamp64(cache_leftpad[b], 0, k_len)) : 0;
   }
-
- private:
-  __device__ static int64_t clamp(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
 #endif
 };
 

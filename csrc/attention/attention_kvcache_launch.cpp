@@ -5,7 +5,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
@@ -40,7 +39,7 @@ KvcacheShape check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const
                            const KvcacheOptions& o) {
   check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
   check_softmax_scale(softmax_scale);
-  const int64_t b = q.size(0), hq = q.size(2), hkv = k_cache.size(2), d = q.size(3);
+  const int64_t b = q.size(0), hkv = k_cache.size(2), d = q.size(3);
   const at::Device dev = k_cache.device();
   KvcacheShape s;
   if (o.block_table.has_value()) {
@@ -92,20 +91,7 @@ KvcacheShape check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const
     check_contiguous(sin, "rotary_sin");
     s.rotary_dim = 2 * cos.size(1);
   }
-  if (o.alibi_slopes.has_value()) {
-    const at::Tensor& a = *o.alibi_slopes;
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == hq) || (a.dim() == 2 && a.size(0) == b && a.size(1) == hq),
-                      "alibi_slopes must be [nheads] = [", hq, "] or [batch, nheads] = [", b, ", ", hq, "], got ",
-                      a.sizes());
-    TORCH_CHECK_VALUE(a.device() == q.device(), "alibi_slopes must be on q's device (", q.device(), "), got ",
-                      a.device());
-    check_contiguous(a, "alibi_slopes");
-  }
-  TORCH_CHECK_VALUE(o.window_left >= -1, "window_left must be -1 (unbounded) or >= 0, got ", o.window_left);
-  TORCH_CHECK_VALUE(o.window_right >= -1, "window_right must be -1 (unbounded) or >= 0, got ", o.window_right);
-  TORCH_CHECK_VALUE(std::isfinite(o.softcap) && o.softcap >= 0.0, "softcap must be a finite number >= 0, got ",
-                    o.softcap);
+  s.alibi_stride = check_extras(q, b, o.window_left, o.window_right, o.softcap, o.alibi_slopes);
   TORCH_CHECK_VALUE(o.num_splits >= 0, "num_splits must be >= 0 (0: automatic), got ", o.num_splits);
   return s;
 }
@@ -134,8 +120,13 @@ std::vector<CacheRow> cache_rows(const at::Tensor& q, const at::Tensor& k_cache,
   for (int64_t i = 0; i < b; ++i) {
     CacheRow& r = rows[size_t(i)];
     r.seqlen = seqlens ? seqlens[i] : cache_seqlen;
-    TORCH_CHECK_VALUE(r.seqlen >= 0 && r.seqlen + n <= s.capacity, "cache_seqlens[", i, "] = ", r.seqlen,
-                      " plus ", n, " new tokens overflows the cache of ", s.capacity, " positions");
+    TORCH_CHECK_VALUE(r.seqlen >= 0, "cache_seqlens[", i, "] = ", r.seqlen, " must be >= 0");
+    // A paged row too short is a RuntimeError naming block_table, as FlashAttention raises (and tests) it.
+    TORCH_CHECK(s.page == 0 || r.seqlen + n <= s.capacity, "block_table: row ", i, " has ", s.capacity / s.page,
+                " blocks of ", s.page, " positions, but cache_seqlens[", i, "] = ", r.seqlen, " plus ", n,
+                " new tokens need ", r.seqlen + n);
+    TORCH_CHECK_VALUE(r.seqlen + n <= s.capacity, "cache_seqlens[", i, "] = ", r.seqlen, " plus ", n,
+                      " new tokens overflows the cache of ", s.capacity, " positions");
     r.leftpad = leftpad ? leftpad[i] : 0;
     TORCH_CHECK_VALUE(r.leftpad >= 0 && r.leftpad <= r.seqlen, "cache_leftpad[", i, "] = ", r.leftpad,
                       " must be in [0, cache_seqlens[", i, "] = ", r.seqlen, "]");
@@ -216,12 +207,14 @@ OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& 
     const T* cos = s.rotary_dim ? static_cast<const T*>(rotary_cos->data_ptr()) : nullptr;
     const T* sin = s.rotary_dim ? static_cast<const T*>(rotary_sin->data_ptr()) : nullptr;
     const int64_t half = s.rotary_dim / 2;
+    // Token rows in parallel only when there are many (a prefill): decode's few rows stay on this thread.
+    constexpr int64_t kRowsPerTask = 64;
     if (n > 0) {
       const T *ks = static_cast<const T*>(k->data_ptr()), *vs = static_cast<const T*>(v->data_ptr());
       T *kc = static_cast<T*>(k_cache.data_ptr()), *vc = static_cast<T*>(v_cache.data_ptr());
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t t = 0; t < n; ++t) {
-          const int64_t pos = rows[size_t(i)].seqlen + t, src = (i * n + t) * row_elems;
+      at::parallel_for(0, b * n, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {  // r = i * n + t; distinct rows write distinct slots (checked)
+          const int64_t i = r / n, pos = rows[size_t(i)].seqlen + r % n, src = r * row_elems;
           const int64_t dst = token(i, pos) * row_elems;
           if (cos)
             rotary_token(ks + src, kc + dst, hkv, d, s.rotary_dim, cos + pos * half, sin + pos * half,
@@ -230,17 +223,19 @@ OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& 
             std::memcpy(kc + dst, ks + src, size_t(row_elems) * sizeof(T));
           std::memcpy(vc + dst, vs + src, size_t(row_elems) * sizeof(T));
         }
+      });
     }
     if (cos) {  // q is rotated into a copy: the caller's q stays as given
       q_in = at::empty_like(q);
       const T* qs = static_cast<const T*>(q.data_ptr());
       T* qr = static_cast<T*>(q_in.data_ptr());
-      for (int64_t i = 0; i < b; ++i)
-        for (int64_t t = 0; t < sq; ++t) {
-          const int64_t pos = rows[size_t(i)].seqlen + (per_token ? t : 0), at = (i * sq + t) * hq * d;
+      at::parallel_for(0, b * sq, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {  // r = i * sq + t
+          const int64_t pos = rows[size_t(r / sq)].seqlen + (per_token ? r % sq : 0), at = r * hq * d;
           rotary_token(qs + at, qr + at, hq, d, s.rotary_dim, cos + pos * half, sin + pos * half,
                        rotary_interleaved);
         }
+      });
     }
   });
 
@@ -256,10 +251,8 @@ OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& 
   p.window_left = window_left;
   p.window_right = window_right;
   p.softcap = float(softcap);
-  if (alibi_slopes.has_value()) {
-    p.alibi_slopes = alibi_slopes->data_ptr<float>();
-    p.alibi_segment_stride = alibi_slopes->dim() == 2 ? hq : 0;
-  }
+  p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
+  p.alibi_segment_stride = s.alibi_stride;
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({b, hq, sq}, q.options().dtype(at::kFloat));
   const DecodeLayout layout{table, table_stride, s.page, num_splits};
