@@ -3,10 +3,11 @@
 model without a windowed kernel runs, e.g. transformers' "sdpa" for Mistral).
 
 Case: fp32 and bf16, B=1 H=16 S=4096 D=64, each query sees itself and the 511 keys before it
-(``window_size=(511, 0)``, transformers' ``sliding_window=512``). Work is the FLOPs over the visible pairs only
-(GFLOP/s), so the report's ratio is the time ratio; the kernel skips key tiles outside the window while SDPA
-computes the full masked matrix (aim: well above 1x, growing with S / window).
+(``window_size=(511, 0)``, transformers' ``sliding_window=512``). Work is the FLOPs over the visible pairs
+only (GFLOP/s), so the report's ratio is the time ratio; the kernel skips key tiles outside the window while
+SDPA computes the full masked matrix (aim: well above 1x, growing with S / window).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -33,8 +34,13 @@ def test_sliding_window_forward(benchmark, bench_record, impl, dtype):
         qs, ks, vs = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         fn = lambda: F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)  # noqa: E731
     name = "fp32" if dtype == torch.float32 else "bf16"
-    bench_record(benchmark, case=f"attn fwd sliding window {name} B={B} H={H} S={S} D={D} window={WINDOW}",
-                 impl=impl, work=FLOPS, unit="GFLOP/s")
+    bench_record(
+        benchmark,
+        case=f"attn fwd sliding window {name} B={B} H={H} S={S} D={D} window={WINDOW}",
+        impl=impl,
+        work=FLOPS,
+        unit="GFLOP/s",
+    )
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
 
 

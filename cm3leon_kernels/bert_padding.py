@@ -1,24 +1,35 @@
-"""Padding helpers with flash-attn 2.8's ``flash_attn.bert_padding`` API: turn a padded ``(batch, seqlen, ...)``
-batch into the packed ``(total, ...)`` layout of the varlen attention functions and back.
+"""Padding helpers with flash-attn 2.8's ``flash_attn.bert_padding`` API: turn a padded
+``(batch, seqlen, ...)`` batch into the packed ``(total, ...)`` layout of the varlen attention functions and
+back.
 
-Every function is differentiable in its tensor input (plain PyTorch indexing ops, so autograd, ``torch.compile``
-and any device work). ``indices`` are int64 positions in the flattened ``batch * seqlen`` axis, ``cu_seqlens``
-int32 ``(batch + 1,)`` cumulative lengths, as :func:`cm3leon_kernels.flash_attn_varlen_func` takes them.
+Every function is differentiable in its tensor input (plain PyTorch indexing ops, so autograd,
+``torch.compile`` and any device work). ``indices`` are int64 positions in the flattened ``batch * seqlen``
+axis, ``cu_seqlens`` int32 ``(batch + 1,)`` cumulative lengths, as
+:func:`cm3leon_kernels.flash_attn_varlen_func` takes them.
 """
+
 from __future__ import annotations
 
 import torch
 
 from ._checks import as_int
 
-__all__ = ["index_first_axis", "index_first_axis_residual", "index_put_first_axis", "pad_input", "unpad_input",
-           "unpad_input_for_concatenated_sequences"]
+__all__ = [
+    "index_first_axis",
+    "index_first_axis_residual",
+    "index_put_first_axis",
+    "pad_input",
+    "unpad_input",
+    "unpad_input_for_concatenated_sequences",
+]
 
 
 def _check_indices(indices: object) -> torch.Tensor:
     if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype.is_floating_point:
-        raise TypeError(f"indices must be a 1-D integer tensor, got "
-                        f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}")
+        raise TypeError(
+            f"indices must be a 1-D integer tensor, got "
+            f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}"
+        )
     return indices
 
 
@@ -58,7 +69,9 @@ class _IndexWithResidual(torch.autograd.Function):
         return grad_residual.index_add(0, indices, grad_rows), None
 
 
-def index_first_axis_residual(input: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def index_first_axis_residual(
+    input: torch.Tensor, indices: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input[indices], input)``: the selected rows plus ``input`` as a residual for a fused block."""
     return _IndexWithResidual.apply(_check_rows("input", input), _check_indices(indices))
 
@@ -67,8 +80,10 @@ def _check_mask(name: str, mask: object, hidden_states: torch.Tensor) -> torch.T
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         raise ValueError(f"{name} must be a (batch, seqlen) tensor, got {getattr(mask, 'shape', type(mask))}")
     if mask.shape != hidden_states.shape[:2]:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but hidden_states starts with "
-                         f"{tuple(hidden_states.shape[:2])}")
+        raise ValueError(
+            f"{name} has shape {tuple(mask.shape)} but hidden_states starts with "
+            f"{tuple(hidden_states.shape[:2])}"
+        )
     return mask
 
 
@@ -78,7 +93,9 @@ def _packed(hidden_states: torch.Tensor, indices: torch.Tensor, seqlens: torch.T
     return index_first_axis(hidden_states.flatten(0, 1), indices), indices, cu_seqlens, max_seqlen
 
 
-def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, unused_mask: torch.Tensor | None = None):
+def unpad_input(
+    hidden_states: torch.Tensor, attention_mask: torch.Tensor, unused_mask: torch.Tensor | None = None
+):
     """Packs the valid tokens of a padded batch.
 
     Args:
@@ -100,7 +117,9 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, unuse
     return *_packed(hidden_states, indices, valid.sum(-1, dtype=torch.int32)), used
 
 
-def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attention_mask_in_length: torch.Tensor):
+def unpad_input_for_concatenated_sequences(
+    hidden_states: torch.Tensor, attention_mask_in_length: torch.Tensor
+):
     """Packs rows that each hold several documents back to back (left-aligned, then padding).
 
     ``attention_mask_in_length`` ``(batch, seqlen)`` int lists each row's document lengths in its first
@@ -117,7 +136,9 @@ def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attentio
     seqlen = hidden_states.shape[1]
     row_len = lengths.sum(-1)
     if bool((lengths < 0).any()) or bool((row_len > seqlen).any()):
-        raise ValueError(f"attention_mask_in_length: each row's lengths must be >= 0 and sum to at most {seqlen}")
+        raise ValueError(
+            f"attention_mask_in_length: each row's lengths must be >= 0 and sum to at most {seqlen}"
+        )
     valid = torch.arange(seqlen, device=lengths.device) < row_len[:, None]
     indices = valid.flatten().nonzero().flatten()
     docs = lengths.flatten()
@@ -125,7 +146,8 @@ def unpad_input_for_concatenated_sequences(hidden_states: torch.Tensor, attentio
 
 
 def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-    """The inverse of :func:`unpad_input`: ``(total, ...)`` back to ``(batch, seqlen, ...)``, zeros at padding."""
+    """The inverse of :func:`unpad_input`: ``(total, ...)`` back to ``(batch, seqlen, ...)``, zeros at
+    padding."""
     batch, seqlen = as_int("batch", batch), as_int("seqlen", seqlen)
     out = index_put_first_axis(hidden_states, indices, batch * seqlen)
     return out.view(batch, seqlen, *out.shape[1:])

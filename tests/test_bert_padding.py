@@ -1,4 +1,5 @@
 """cm3leon_kernels.bert_padding: flash-attn 2.8's padding helpers (return tuples, inverses, gradients)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,9 @@ def _mask(lengths, seqlen):
     return torch.arange(seqlen)[None, :] < torch.tensor(lengths)[:, None]
 
 
-@pytest.mark.parametrize("lengths,seqlen,tail", [([5, 0, 3], 5, (2, 3)), ([7], 7, (4,)), ([1, 6, 2, 6], 6, ())])
+@pytest.mark.parametrize(
+    "lengths,seqlen,tail", [([5, 0, 3], 5, (2, 3)), ([7], 7, (4,)), ([1, 6, 2, 6], 6, ())]
+)
 def test_unpad_pad_roundtrip_and_tuple(lengths, seqlen, tail):
     x = torch.randn(len(lengths), seqlen, *tail, dtype=torch.float64)
     mask = _mask(lengths, seqlen)
@@ -43,7 +46,9 @@ def test_gradients_flow_through_unpad_and_pad():
     torch.autograd.gradcheck(lambda t: bp.pad_input(t, indices, 3, 5), (packed,))
     rows = torch.tensor([4, 0, 7])
     torch.autograd.gradcheck(lambda t: bp.index_first_axis(t.flatten(0, 1), rows), (x,))
-    torch.autograd.gradcheck(lambda t: bp.index_put_first_axis(t, rows, 9), (packed[:3].detach().requires_grad_(),))
+    torch.autograd.gradcheck(
+        lambda t: bp.index_put_first_axis(t, rows, 9), (packed[:3].detach().requires_grad_(),)
+    )
 
 
 def test_index_first_axis_residual_gradient_reaches_input_twice():
@@ -65,14 +70,22 @@ def test_concatenated_sequences_become_separate_documents():
     assert torch.equal(bp.pad_input(packed, indices, 3, 6)[:, :5], x[:, :5])
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda: bp.unpad_input(torch.randn(2, 4, 3), torch.ones(2, 5)), ValueError, "attention_mask"),
-    (lambda: bp.index_first_axis(torch.randn(4, 2), torch.tensor([0.5])), TypeError, "indices"),
-    (lambda: bp.index_first_axis(torch.tensor(4.0), torch.tensor([0])), ValueError, "input"),
-    (lambda: bp.pad_input(torch.randn(2, 3), torch.tensor([0, 1]), 2.0, 2), TypeError, "batch"),
-    (lambda: bp.unpad_input_for_concatenated_sequences(torch.randn(1, 3, 2), torch.tensor([[2, 2, 0]])),
-     ValueError, "attention_mask_in_length"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: bp.unpad_input(torch.randn(2, 4, 3), torch.ones(2, 5)), ValueError, "attention_mask"),
+        (lambda: bp.index_first_axis(torch.randn(4, 2), torch.tensor([0.5])), TypeError, "indices"),
+        (lambda: bp.index_first_axis(torch.tensor(4.0), torch.tensor([0])), ValueError, "input"),
+        (lambda: bp.pad_input(torch.randn(2, 3), torch.tensor([0, 1]), 2.0, 2), TypeError, "batch"),
+        (
+            lambda: bp.unpad_input_for_concatenated_sequences(
+                torch.randn(1, 3, 2), torch.tensor([[2, 2, 0]])
+            ),
+            ValueError,
+            "attention_mask_in_length",
+        ),
+    ],
+)
 def test_errors_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()

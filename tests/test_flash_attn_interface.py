@@ -1,5 +1,6 @@
 """cm3leon_kernels.flash_attn_interface: FlashAttention 2.8's signatures and argument handling (the kernels'
 features themselves are tested in test_attention_features.py / test_kvcache_features.py)."""
+
 from __future__ import annotations
 
 import inspect
@@ -11,26 +12,64 @@ import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 from tests.helpers import poisoned_outputs
 
-_COMMON = [("dropout_p", 0.0), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
-           ("softcap", 0.0), ("alibi_slopes", None), ("deterministic", False), ("return_attn_probs", False)]
+_COMMON = [
+    ("dropout_p", 0.0),
+    ("softmax_scale", None),
+    ("causal", False),
+    ("window_size", (-1, -1)),
+    ("softcap", 0.0),
+    ("alibi_slopes", None),
+    ("deterministic", False),
+    ("return_attn_probs", False),
+]
 _REQ = inspect.Parameter.empty
 # flash-attn 2.8's positional parameters and defaults, in order (our keyword-only return_lse comes after).
 FA_SIGNATURES = {
     "flash_attn_func": [("q", _REQ), ("k", _REQ), ("v", _REQ), *_COMMON],
     "flash_attn_qkvpacked_func": [("qkv", _REQ), *_COMMON],
     "flash_attn_kvpacked_func": [("q", _REQ), ("kv", _REQ), *_COMMON],
-    "flash_attn_varlen_func": [("q", _REQ), ("k", _REQ), ("v", _REQ), ("cu_seqlens_q", _REQ),
-                               ("cu_seqlens_k", _REQ), ("max_seqlen_q", _REQ), ("max_seqlen_k", _REQ), *_COMMON,
-                               ("block_table", None)],
+    "flash_attn_varlen_func": [
+        ("q", _REQ),
+        ("k", _REQ),
+        ("v", _REQ),
+        ("cu_seqlens_q", _REQ),
+        ("cu_seqlens_k", _REQ),
+        ("max_seqlen_q", _REQ),
+        ("max_seqlen_k", _REQ),
+        *_COMMON,
+        ("block_table", None),
+    ],
     "flash_attn_varlen_qkvpacked_func": [("qkv", _REQ), ("cu_seqlens", _REQ), ("max_seqlen", _REQ), *_COMMON],
-    "flash_attn_varlen_kvpacked_func": [("q", _REQ), ("kv", _REQ), ("cu_seqlens_q", _REQ), ("cu_seqlens_k", _REQ),
-                                        ("max_seqlen_q", _REQ), ("max_seqlen_k", _REQ), *_COMMON],
-    "flash_attn_with_kvcache": [("q", _REQ), ("k_cache", _REQ), ("v_cache", _REQ), ("k", None), ("v", None),
-                                ("rotary_cos", None), ("rotary_sin", None), ("cache_seqlens", None),
-                                ("cache_batch_idx", None), ("cache_leftpad", None), ("block_table", None),
-                                ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
-                                ("softcap", 0.0), ("rotary_interleaved", True), ("alibi_slopes", None),
-                                ("num_splits", 0), ("return_softmax_lse", False)],
+    "flash_attn_varlen_kvpacked_func": [
+        ("q", _REQ),
+        ("kv", _REQ),
+        ("cu_seqlens_q", _REQ),
+        ("cu_seqlens_k", _REQ),
+        ("max_seqlen_q", _REQ),
+        ("max_seqlen_k", _REQ),
+        *_COMMON,
+    ],
+    "flash_attn_with_kvcache": [
+        ("q", _REQ),
+        ("k_cache", _REQ),
+        ("v_cache", _REQ),
+        ("k", None),
+        ("v", None),
+        ("rotary_cos", None),
+        ("rotary_sin", None),
+        ("cache_seqlens", None),
+        ("cache_batch_idx", None),
+        ("cache_leftpad", None),
+        ("block_table", None),
+        ("softmax_scale", None),
+        ("causal", False),
+        ("window_size", (-1, -1)),
+        ("softcap", 0.0),
+        ("rotary_interleaved", True),
+        ("alibi_slopes", None),
+        ("num_splits", 0),
+        ("return_softmax_lse", False),
+    ],
 }
 
 
@@ -45,8 +84,11 @@ def test_signatures_are_flash_attn_28s(name):
 
 def _qkv(b=2, sq=9, sk=11, hq=4, hkv=2, d=24, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, sq, hq, d, generator=g).to(dtype), torch.randn(b, sk, hkv, d, generator=g).to(dtype),
-            torch.randn(b, sk, hkv, d, generator=g).to(dtype))
+    return (
+        torch.randn(b, sq, hq, d, generator=g).to(dtype),
+        torch.randn(b, sk, hkv, d, generator=g).to(dtype),
+        torch.randn(b, sk, hkv, d, generator=g).to(dtype),
+    )
 
 
 def test_return_forms():
@@ -117,8 +159,9 @@ def test_varlen_block_table_gathers_pages():
     got = ck.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 5, 12, causal=True, block_table=table)
     k = torch.cat([kc[table[b].long()].flatten(0, 1)[:n] for b, n in enumerate(lens_k)])
     v = torch.cat([vc[table[b].long()].flatten(0, 1)[:n] for b, n in enumerate(lens_k)])
-    torch.testing.assert_close(got, ck.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 12, causal=True),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        got, ck.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 12, causal=True), atol=0, rtol=0
+    )
     with pytest.raises(ValueError, match="block_table"):
         ck.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 5, 12, block_table=table[:, :2])
     with pytest.raises(TypeError, match="block_table"):
@@ -130,22 +173,28 @@ def test_kvcache_defaults_and_positional_order_are_flash_attn_28s():
     q = torch.randn(1, 4, 2, 16, generator=g)
     kc, vc = torch.randn(1, 8, 2, 16, generator=g), torch.randn(1, 8, 2, 16, generator=g)
     # causal defaults to False (FlashAttention's default): all 4 queries see all 8 keys
-    torch.testing.assert_close(ck.flash_attn_with_kvcache(q, kc, vc), ck.flash_attn_func(q, kc, vc), atol=1e-6,
-                               rtol=1e-6)
+    torch.testing.assert_close(
+        ck.flash_attn_with_kvcache(q, kc, vc), ck.flash_attn_func(q, kc, vc), atol=1e-6, rtol=1e-6
+    )
     with pytest.raises(TypeError, match="rotary_cos"):
-        ck.flash_attn_with_kvcache(q, kc, vc, None, None, 3)  # 6th positional is rotary_cos, not cache_seqlens
+        ck.flash_attn_with_kvcache(
+            q, kc, vc, None, None, 3
+        )  # 6th positional is rotary_cos, not cache_seqlens
     with pytest.raises(ValueError, match="one device"):
         ck.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, alibi_slopes=torch.ones(2, device="meta"))
 
 
-@pytest.mark.parametrize("call,exc,match", [
-    (lambda q, k, v: ck.flash_attn_func(q, k, v, dropout_p=0.1), ValueError, "dropout_p"),
-    (lambda q, k, v: ck.flash_attn_func(q, k, v, softcap=float("inf")), ValueError, "softcap"),
-    (lambda q, k, v: ck.flash_attn_func(q, k, v, softcap="1"), TypeError, "softcap"),
-    (lambda q, k, v: ck.flash_attn_qkvpacked_func(q), ValueError, "qkv must be"),
-    (lambda q, k, v: ck.flash_attn_kvpacked_func(q, k), ValueError, "kv must be"),
-    (lambda q, k, v: ck.flash_attn_kvpacked_func(q, torch.stack([k, v], 2).half()), TypeError, "kv"),
-])
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda q, k, v: ck.flash_attn_func(q, k, v, dropout_p=0.1), ValueError, "dropout_p"),
+        (lambda q, k, v: ck.flash_attn_func(q, k, v, softcap=float("inf")), ValueError, "softcap"),
+        (lambda q, k, v: ck.flash_attn_func(q, k, v, softcap="1"), TypeError, "softcap"),
+        (lambda q, k, v: ck.flash_attn_qkvpacked_func(q), ValueError, "qkv must be"),
+        (lambda q, k, v: ck.flash_attn_kvpacked_func(q, k), ValueError, "kv must be"),
+        (lambda q, k, v: ck.flash_attn_kvpacked_func(q, torch.stack([k, v], 2).half()), TypeError, "kv"),
+    ],
+)
 def test_errors_name_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call(*_qkv())

@@ -1,5 +1,6 @@
-"""attn_implementation="cm3leon" in transformers: the same logits, gradients and generate() outputs as "sdpa" on
-tiny random Llama, Mistral (sliding window) and Chameleon models, padded batches included."""
+"""attn_implementation="cm3leon" in transformers: the same logits, gradients and generate() outputs as "sdpa"
+on tiny random Llama, Mistral (sliding window) and Chameleon models, padded batches included."""
+
 from __future__ import annotations
 
 import copy
@@ -15,23 +16,42 @@ from cm3leon_kernels.integrations.transformers import NAME, attention_forward, r
 register()
 
 VOCAB = 96
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _llama():
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL))
 
 
-def _mistral():  # windows of 5 keys over sequences of up to 14: the window changes every logit after position 4
+def _mistral():  # windows of 5 keys over sequences of up to 14: the window changes logits after position 4
     return transformers.MistralForCausalLM(transformers.MistralConfig(**SMALL, sliding_window=5))
 
 
 def _chameleon():
-    config = transformers.ChameleonConfig(**SMALL, vocabulary_map={"<image>": 3},
-                                          vq_config={"embed_dim": 8, "num_embeddings": 16, "base_channels": 32,
-                                                     "channel_multiplier": [1], "resolution": 16,
-                                                     "latent_channels": 32, "num_res_blocks": 1})
+    config = transformers.ChameleonConfig(
+        **SMALL,
+        vocabulary_map={"<image>": 3},
+        vq_config={
+            "embed_dim": 8,
+            "num_embeddings": 16,
+            "base_channels": 32,
+            "channel_multiplier": [1],
+            "resolution": 16,
+            "latent_channels": 32,
+            "num_res_blocks": 1,
+        },
+    )
     return transformers.ChameleonForConditionalGeneration(config)
 
 
@@ -57,7 +77,7 @@ def _padded_batch(side: str):
     ids = torch.randint(4, VOCAB, (len(lengths), width), generator=g)
     mask = torch.zeros(len(lengths), width, dtype=torch.long)
     for row, n in enumerate(lengths):
-        (mask[row, width - n:] if side == "left" else mask[row, :n]).fill_(1)
+        (mask[row, width - n :] if side == "left" else mask[row, :n]).fill_(1)
     return ids.masked_fill(mask == 0, 0), mask
 
 
@@ -92,7 +112,7 @@ def test_generate_matches_sdpa_with_left_padding(arch):
 
 
 def test_packed_rows_from_position_ids_stay_separate_documents():
-    """Padding-free packing (positions restart inside one row) attends per document, as sdpa does separately."""
+    """Padding-free packing (positions restart inside one row) attends per document, as sdpa on each."""
     ref, ours = _pair(_llama)
     g = torch.Generator().manual_seed(2)
     docs = [torch.randint(4, VOCAB, (n,), generator=g) for n in (5, 7, 2)]

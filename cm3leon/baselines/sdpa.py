@@ -23,8 +23,8 @@ def flash_attn_func(q, k, v, *, softmax_scale=None, causal=False):
     return _sdpa(q, k, v, causal=causal, scale=softmax_scale)
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None,
-                           causal=False):
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+                           softmax_scale=None, causal=False):
     doc = torch.repeat_interleave(torch.arange(len(cu_seqlens_q) - 1), cu_seqlens_q.diff().long())
     mask = doc[:, None] == doc[None, :]
     if causal:
