@@ -570,26 +570,12 @@ def flash_attn_with_kvcache(
         q = q.contiguous()
     causal = bool(causal)
     left, right = _window(window_size, causal, _capacity(k_cache, block_table))  # FA compares with capacity
+    # Positional in the schema's order (window_left, window_right, softcap, alibi_slopes, rotary_cos,
+    # rotary_sin, rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits): keywords cost
+    # several microseconds more per call in the dispatcher, and decode calls this per token per layer.
     out, lse = _kvcache_op(
-        q,
-        k_cache,
-        v_cache,
-        k,
-        v,
-        seqlens,
-        scalar,
-        _scale(softmax_scale, q),
-        causal,
-        window_left=left,
-        window_right=right,
-        softcap=_softcap(softcap),
-        alibi_slopes=alibi_slopes,
-        rotary_cos=rotary_cos,
-        rotary_sin=rotary_sin,
-        rotary_interleaved=bool(rotary_interleaved),
-        cache_batch_idx=cache_batch_idx,
-        cache_leftpad=cache_leftpad,
-        block_table=block_table,
-        num_splits=_window_side("num_splits", num_splits),
-    )
+        q, k_cache, v_cache, k, v, seqlens, scalar, _scale(softmax_scale, q), causal,
+        left, right, _softcap(softcap), alibi_slopes, rotary_cos, rotary_sin, bool(rotary_interleaved),
+        cache_batch_idx, cache_leftpad, block_table, _window_side("num_splits", num_splits),
+    )  # fmt: skip
     return (out, lse) if return_softmax_lse else out
