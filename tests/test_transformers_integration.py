@@ -145,3 +145,19 @@ def test_features_it_cannot_honour_raise():
         layer.self_attn.attention_dropout = 0.1
     with pytest.raises(NotImplementedError, match="dropout"):
         ours(input_ids=torch.randint(4, VOCAB, (1, 5)))
+
+
+def test_cu_seq_lens_arguments_are_honoured():
+    """transformers' padding-free kwargs (cu_seq_lens_q/k, max_length_q/k) give per-document attention."""
+    _, ours = _pair(_llama)
+    attn = ours.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 10, 16, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 6, 10], dtype=torch.int32)
+    out, _ = attention_forward(attn, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6,
+                               max_length_k=6)
+    for s, e in ((0, 6), (6, 10)):
+        want, _ = attention_forward(attn, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], None)
+        torch.testing.assert_close(out[:, s:e], want, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="together"):
+        attention_forward(attn, q, k, v, None, cu_seq_lens_q=cu)
