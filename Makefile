@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test demo study bench build gpu gpu-wheels clean
+.PHONY: test demo study bench build gpu gpu-wheels fa-suite clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ bench: build
 	mkdir -p .benchmarks
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-enable --benchmark-json=.benchmarks/latest.json -q
 	$(PY) bench/report.py .benchmarks/latest.json
+
+# FlashAttention's own tests/test_flash_attn.py against cm3leon_kernels on the CPU (a covering subset of its
+# grid, ~30 min on 2 cores; not part of `make test`). FA_SOURCE: a flash-attn checkout, bare mirror or sdist
+# (docs/attention.md, "FlashAttention's test suite").
+FA_SOURCE ?=
+FA_SUITE_ARGS ?=
+fa-suite: build
+	@test -n "$(FA_SOURCE)" || { echo "set FA_SOURCE=<flash-attn checkout or sdist>"; exit 2; }
+	$(PIP) install einops
+	$(PY) tests/flash_attn_suite/run.py --source $(FA_SOURCE) $(FA_SUITE_ARGS)
 
 # The recipe end to end on the built-in shapes world; writes out/demo/report.md (rerun to resume).
 demo: build

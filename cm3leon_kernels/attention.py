@@ -1,5 +1,6 @@
-"""Fused attention, FlashAttention-compatible: swap ``from flash_attn import ...`` for
-``from cm3leon_kernels import ...``.
+"""Fused attention ops (``torch.ops.cm3leon.flash_attn_*``): the argument checks shared by the public
+functions in :mod:`cm3leon_kernels.flash_attn_interface` (FlashAttention 2.8's API), and the ops' fake and
+autograd registration.
 
 Layout ``(batch, seqlen, nheads, headdim)``; k/v may have fewer heads than q (GQA/MQA). The CPU kernel is a
 tiled online softmax (it never builds the ``seqlen_q x seqlen_k`` score matrix) with fp32 accumulation for
@@ -14,14 +15,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 
 import torch
 
-from ._checks import as_int, check_fake_devices
+from ._checks import check_fake_devices
 from ._native import cuda_built, ops
-
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # CUDA: forward, varlen and KV-cache kernels when the extension was built with CUDA (csrc/attention/*cuda*).
@@ -101,126 +99,6 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device) -> None
 def _contiguous(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     # Only the last dim must be dense for users (as in FlashAttention); the kernel wants token-major rows.
     return tuple(t if t.is_contiguous() else t.contiguous() for t in ts)
-
-
-# ---- public API ------------------------------------------------------------------------------------------
-
-def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                    softmax_scale: float | None = None, causal: bool = False, return_lse: bool = False
-                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Fused scaled-dot-product attention; differentiable in q, k, v.
-
-    Args:
-        q: ``(batch, seqlen_q, nheads, headdim)``, float32 / bfloat16 / float16; headdim a multiple of 8,
-            at most 256.
-        k, v: ``(batch, seqlen_k, nheads_kv, headdim)``, same dtype and device; ``nheads % nheads_kv == 0``.
-        dropout_p: must be 0.0 (no attention dropout).
-        softmax_scale: scale of ``q·k`` before the softmax; default ``headdim ** -0.5``.
-        causal: bottom-right aligned causal mask.
-        return_lse: also return the log-sum-exp ``(batch, nheads, seqlen_q)`` float32 (not differentiable).
-
-    Returns:
-        ``out`` of q's shape and dtype, or ``(out, lse)`` when ``return_lse``.
-
-    Raises:
-        TypeError / ValueError naming the argument (dtype or shape mismatch, head counts, dropout_p > 0,
-        last dim not contiguous); NotImplementedError for devices without a kernel.
-    """
-    _check_qkv(q, k, v, 4)
-    _check_dropout(dropout_p)
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k's batch ({k.shape[0]}) must equal q's ({q.shape[0]})")
-    q, k, v = _contiguous(q, k, v)
-    out, lse = ops.flash_attn_forward(q, k, v, _scale(softmax_scale, q), bool(causal))
-    return (out, lse) if return_lse else out
-
-
-def flash_attn_varlen_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                           dropout_p: float = 0.0, softmax_scale: float | None = None, causal: bool = False,
-                           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention over packed documents; differentiable in q, k, v.
-
-    Args:
-        q: ``(total_q, nheads, headdim)``; k, v: ``(total_k, nheads_kv, headdim)``.
-        cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` cumulative document lengths starting at 0 and
-            ending at total_q / total_k; documents may be empty. Document ``b`` of q attends only to
-            document ``b`` of k (causal masks align per document).
-        max_seqlen_q, max_seqlen_k: upper bounds of the document lengths (checked).
-        dropout_p, softmax_scale, causal: as :func:`flash_attn_func`.
-        return_lse: also return the log-sum-exp ``(nheads, total_q)`` float32.
-
-    Raises:
-        As :func:`flash_attn_func`; ValueError naming ``cu_seqlens_q`` / ``cu_seqlens_k`` when they do not
-        start at 0, decrease, exceed max_seqlen or do not end at the token count.
-    """
-    _check_qkv(q, k, v, 3)
-    _check_dropout(dropout_p)
-    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
-    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
-    q, k, v, cu_seqlens_q, cu_seqlens_k = _contiguous(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    max_seqlen_q, max_seqlen_k = as_int("max_seqlen_q", max_seqlen_q), as_int("max_seqlen_k", max_seqlen_k)
-    out, lse = ops.flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                             _scale(softmax_scale, q), bool(causal))
-    return (out, lse) if return_lse else out
-
-
-def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                            cache_seqlens: torch.Tensor | int | None = None,
-                            softmax_scale: float | None = None, causal: bool = True,
-                            return_softmax_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention against a preallocated KV cache (generation); not differentiable.
-
-    If ``k``/``v`` ``(batch, seqlen_new, nheads_kv, headdim)`` are given they are written into ``k_cache``/
-    ``v_cache`` ``(batch, seqlen_cache, nheads_kv, headdim)`` **in place** at positions
-    ``cache_seqlens[b] ...`` of each row; then q ``(batch, seqlen_q, nheads, headdim)`` attends to the first
-    ``cache_seqlens[b] + seqlen_new`` positions. ``cache_seqlens`` (an int, or int32 ``(batch,)``) is not
-    modified: advance it yourself. ``None`` means the whole cache is valid. Decode (``seqlen_q == 1``) splits
-    the key range across cores and merges the partial results by their log-sum-exp.
-
-    With ``return_softmax_lse=True`` (FlashAttention's name) returns ``(out, lse)``, lse float32
-    ``(batch, nheads, seqlen_q)`` in natural log units (``-inf`` for a query that sees no key).
-
-    Raises:
-        TypeError / ValueError naming the argument, including ``cache_seqlens`` when new tokens would overflow
-        the cache.
-    """
-    # Decode calls this once per token per layer, so only what C++ cannot see is checked here (devices:
-    # mixed devices would dispatch elsewhere; the cache_seqlens form); shapes, dtypes, contiguity and
-    # overflow are checked by the C++ launcher, whose errors name the arguments.
-    try:
-        dev = q.device
-        mixed = k_cache.device != dev or v_cache.device != dev or (k is not None and k.device != dev) or \
-            (v is not None and v.device != dev)
-    except AttributeError:
-        raise _not_a_tensor({"q": q, "k_cache": k_cache, "v_cache": v_cache}, {"k": k, "v": v}) from None
-    if mixed:
-        raise ValueError(f"q, k_cache, v_cache, k, v must be on one device, got {dev}, {k_cache.device}, "
-                         f"{v_cache.device}, {None if k is None else k.device}, "
-                         f"{None if v is None else v.device}")
-    if dev.type not in _DEVICES:
-        raise NotImplementedError(f"q is on {dev}; attention has kernels for {', '.join(_DEVICES)} only")
-    if isinstance(cache_seqlens, torch.Tensor):
-        if cache_seqlens.device != dev:
-            raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {dev}: use one device")
-        seqlens, scalar = cache_seqlens, 0
-    elif cache_seqlens is None:
-        if k is not None:
-            raise ValueError("cache_seqlens is required when appending k/v (None means the cache is full)")
-        seqlens, scalar = None, k_cache.shape[1]
-    elif type(cache_seqlens) is int:
-        seqlens, scalar = None, cache_seqlens
-    elif hasattr(type(cache_seqlens), "__index__") and not isinstance(cache_seqlens, bool):
-        seqlens, scalar = None, operator.index(cache_seqlens)  # e.g. numpy.int64
-    else:
-        raise TypeError("cache_seqlens must be an int or an int32 tensor, "
-                        f"got {type(cache_seqlens).__name__}")
-    if not q.is_contiguous():
-        q = q.contiguous()
-    scale = _scale(softmax_scale, q)
-    out, lse = _kvcache_op(q, k_cache, v_cache, k, v, seqlens, scalar, scale, bool(causal))
-    return (out, lse) if return_softmax_lse else out
 
 
 # ---- torch.library registration: fake (meta) kernels for tracing, autograd -------------------------------

@@ -168,7 +168,7 @@ def _kvcache_ref(a):
 
 def _kvcache_python(a):
     out, lse = ck.flash_attn_with_kvcache(a["q"], a["k_cache"], a["v_cache"], a["k"], a["v"],
-                                          a["cache_seqlens"], softmax_scale=a["softmax_scale"],
+                                          cache_seqlens=a["cache_seqlens"], softmax_scale=a["softmax_scale"],
                                           causal=a["causal"], return_softmax_lse=True)
     return out, lse, a["k_cache"], a["v_cache"]
 

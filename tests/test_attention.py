@@ -220,7 +220,7 @@ def check_kvcache_case(case, dtype, device):
     seqlens_before = seqlens.clone() if isinstance(seqlens, torch.Tensor) else seqlens
     with poisoned_outputs():
         out, lse = ck.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
-                                              return_softmax_lse=True)
+                                              causal=True, return_softmax_lse=True)
     out64, lse64 = ref.attention_with_kvcache(q.double(), k64, v64, k_new.double(), v_new.double(), seqlens)
     outb, lseb = ref.attention_with_kvcache(q, kb, vb, k_new, v_new, seqlens)
     assert_fa_rule(out, out64, outb, name="kvcache out", eps=EPS[dtype])
@@ -238,7 +238,7 @@ def test_kvcache_matches_reference(case, dtype):
 
 def test_kvcache_without_new_tokens_and_full_cache():
     q, kc, vc = torch.randn(2, 1, 2, 32), torch.randn(2, 9, 2, 32), torch.randn(2, 9, 2, 32)
-    full = ck.flash_attn_with_kvcache(q, kc, vc)
+    full = ck.flash_attn_with_kvcache(q, kc, vc, causal=True)
     torch.testing.assert_close(full, ck.flash_attn_func(q, kc, vc, causal=True), atol=1e-6, rtol=1e-5)
     part = ck.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=torch.tensor([4, 9], dtype=torch.int32))
     torch.testing.assert_close(part[0], ck.flash_attn_func(q[:1], kc[:1, :4], vc[:1, :4])[0], atol=1e-6,
@@ -301,13 +301,13 @@ def _bad_calls():
         "cu count": (lambda: ck.flash_attn_varlen_func(q3, k3, v3, cu, _i32([0, 8]), 8, 8), ValueError,
                      "same length"),
         "cache overflow": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(),
-                                                              torch.tensor([3, 10], dtype=torch.int32)),
+                                                              cache_seqlens=_i32([3, 10])),
                            ValueError, "cache_seqlens[1] = 10"),
         "negative seqlen": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, cache_seqlens=-1), ValueError,
                             "cache_seqlens"),
         "seqlens dtype": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, kn.clone(),
-                                                             torch.tensor([3, 4])), TypeError, "int32"),
-        "k without v": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, None, 3), ValueError, "together"),
+                                                             cache_seqlens=torch.tensor([3, 4])), TypeError, "int32"),
+        "k without v": (lambda: ck.flash_attn_with_kvcache(qd, kc, vc, kn, None, cache_seqlens=3), ValueError, "together"),
         "cache strided": (lambda: ck.flash_attn_with_kvcache(qd, kc[:, ::2], vc[:, ::2], cache_seqlens=2),
                           ValueError, "contiguous"),
         "cache dtype": (lambda: ck.flash_attn_with_kvcache(qd, kc.half(), vc.half(), cache_seqlens=2),
@@ -414,4 +414,5 @@ def test_torch_compile_fullgraph_forward_backward_and_decode():
     lens = torch.tensor([0, 5], dtype=torch.int32)
     out = decode(qd, kc, vc, kn, vn, lens)
     assert torch.equal(kc[1, 5], kn[1, 0]), "compiled call must update the cache in place"
-    torch.testing.assert_close(out, ck.flash_attn_with_kvcache(qd, kc.clone(), vc.clone(), kn, vn, lens))
+    torch.testing.assert_close(out, ck.flash_attn_with_kvcache(qd, kc.clone(), vc.clone(), kn, vn,
+                                                               cache_seqlens=lens))
