@@ -12,52 +12,12 @@ from hypothesis import strategies as st
 
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
-from tests.helpers import assert_fa_rule, poisoned_outputs
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-EPS = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
-# Gradients cancel exactly in some cases (one visible key: dS = P (dO.v - dO.o) = 0) where plain PyTorch's
-# error happens to be 0 too; the kernel's fp32 rounding of the O(|dO| |v| sqrt(d)) terms needs a floor.
-GRAD_EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+from attention_checks import (KV_CASES, check_against_reference, check_kvcache_case, check_non_finite_propagation,
+                              cu_seqlens, leaves, random_tensor)
+from helpers import FLOAT_DTYPES, assert_fa_rule, poisoned_outputs
 
-
-def _rand(*shape, dtype):
-    return torch.randn(*shape, dtype=torch.float32).to(dtype)
-
-
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_() for t in ts]
-
-
-def _check_lse(lse, lse64, lseb, name):
-    """lse: -inf exactly where the float64 reference has no key, the FA rule elsewhere."""
-    finite = torch.isfinite(lse64)
-    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse finiteness differs from the reference"
-    assert (lse[~finite] == float("-inf")).all(), f"{name}: rows without keys must have lse = -inf"
-    assert_fa_rule(lse[finite], lse64[finite], lseb.float()[finite], name=f"{name} lse", eps=1e-5)
-
-
-def _check_against_reference(run, run_ref, inputs, dtype, name, grads=True):
-    """FA rule for the output and (optionally) the gradients of q, k, v: the kernel's error against the
-    float64 reference must be at most 2x plain PyTorch's error in the kernel's dtype (+ eps)."""
-    x = _leaves(*inputs)
-    with poisoned_outputs():
-        out, lse = run(*x)
-    x64 = _leaves(*[t.double() for t in inputs])
-    out64, lse64 = run_ref(*x64)
-    xb = _leaves(*inputs)
-    outb, lseb = run_ref(*xb)
-    assert_fa_rule(out, out64, outb, name=f"{name} out", eps=EPS[dtype])
-    _check_lse(lse, lse64, lseb, name)
-    if not grads:
-        return
-    dout = torch.randn_like(out64).to(dtype)
-    with poisoned_outputs():
-        out.backward(dout)
-    out64.backward(dout.double())
-    outb.backward(dout)
-    for label, a, b64, bb in zip("qkv", x, x64, xb):
-        assert_fa_rule(a.grad, b64.grad, bb.grad, name=f"{name} d{label}", eps=GRAD_EPS[dtype])
+DTYPES = FLOAT_DTYPES
 
 
 # ---- flash_attn_func ---------------------------------------------------------------------------------------
@@ -79,9 +39,9 @@ DENSE_CASES = [  # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causa
 @pytest.mark.parametrize("case", DENSE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_flash_attn_func_matches_reference(case, dtype):
     b, sq, sk, hq, hkv, d, causal = case
-    q = _rand(b, sq, hq, d, dtype=dtype)
-    k, v = _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
-    _check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=causal, return_lse=True),
+    q = random_tensor(b, sq, hq, d, dtype=dtype)
+    k, v = random_tensor(b, sk, hkv, d, dtype=dtype), random_tensor(b, sk, hkv, d, dtype=dtype)
+    check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=causal, return_lse=True),
                              lambda q, k, v: ref.attention(q, k, v, causal=causal), (q, k, v), dtype,
                              str(case))
 
@@ -90,43 +50,18 @@ def test_flash_attn_func_matches_reference(case, dtype):
 def test_head_dims_and_softmax_scale(head_dim):
     q = torch.randn(1, 29, 2, head_dim)
     k, v = torch.randn(1, 41, 1, head_dim), torch.randn(1, 41, 1, head_dim)
-    _check_against_reference(
+    check_against_reference(
         lambda q, k, v: ck.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, return_lse=True),
         lambda q, k, v: ref.attention(q, k, v, softmax_scale=0.3, causal=True), (q, k, v), torch.float32,
         f"d={head_dim}")
 
 
 def test_rows_without_keys_give_zero_and_zero_grad():
-    q, k, v = _leaves(torch.randn(1, 9, 2, 32), torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32))
+    q, k, v = leaves(torch.randn(1, 9, 2, 32), torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32))
     out, lse = ck.flash_attn_func(q, k, v, causal=True, return_lse=True)
     assert (out[:, :5] == 0).all() and (lse[:, :, :5] == float("-inf")).all()
     out.sum().backward()
     assert (q.grad[:, :5] == 0).all() and torch.isfinite(k.grad).all()
-
-
-def check_non_finite_propagation(sq, poison, device="cpu", dtype=torch.float32):
-    """As in PyTorch, a NaN (or an inf making scores inf - inf) yields NaN in exactly the rows that attend to
-    it: never a silently dropped key or a zero row. Also used by the CUDA tests."""
-    g = torch.Generator().manual_seed(3)
-    q, k, v = torch.randn(1, sq, 4, 32, generator=g), torch.randn(1, 150, 2, 32, generator=g), torch.randn(
-        1, 150, 2, 32, generator=g)
-    if poison == "nan_query":
-        q[0, sq // 2, 1, 5] = float("nan")
-    else:  # key 140 of kv head 0: with causal masks only the last query rows see it
-        k[0, 140, 0, 3] = float("nan") if poison == "nan_key" else float("inf")
-    q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
-    out, lse = ck.flash_attn_func(q, k, v, causal=True, return_lse=True)
-    out64, lse64 = ref.attention(q.double(), k.double(), v.double(), causal=True)
-    assert out64.isnan().any() and not out64.isnan().all()
-    assert torch.equal(out.isnan(), out64.isnan())
-    assert torch.equal(lse.isfinite(), lse64.isfinite())  # NaN here where PyTorch gives +inf for inf scores
-    finite = ~out64.isnan()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out[finite].float(), out64[finite].float(), atol=tol, rtol=tol)
-    if sq > 1:
-        q.requires_grad_()
-        ck.flash_attn_func(q, k, v, causal=True).sum().backward()
-        assert q.grad[out64.isnan().any(-1)].isnan().all(-1).all()
 
 
 @pytest.mark.parametrize("sq", [37, 1], ids=["tiled", "decode"])
@@ -141,7 +76,7 @@ def test_large_scores_are_stable():
     FlashAttention.)"""
     q = torch.randn(1, 64, 2, 64) * 30
     k, v = torch.randn(1, 64, 2, 64) * 30, torch.randn(1, 64, 2, 64)
-    _check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=True, return_lse=True),
+    check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=True, return_lse=True),
                              lambda q, k, v: ref.attention(q, k, v, causal=True), (q, k, v), torch.float32,
                              "large scores", grads=False)
 
@@ -167,19 +102,16 @@ def test_random_shapes_forward(b, sq, sk, group, hkv, d, causal):
 
 # ---- flash_attn_varlen_func --------------------------------------------------------------------------------
 
-def _cu(lengths):
-    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_matches_reference(dtype, causal):
     lq, lk = [13, 0, 60, 1, 7, 0], [13, 5, 75, 1, 0, 0]  # empty documents on either side
     hq, hkv, d = 4, 2, 64
-    q, k, v = _rand(sum(lq), hq, d, dtype=dtype), _rand(sum(lk), hkv, d, dtype=dtype), _rand(sum(lk), hkv, d,
+    q, k, v = random_tensor(sum(lq), hq, d, dtype=dtype), random_tensor(sum(lk), hkv, d, dtype=dtype), random_tensor(sum(lk), hkv, d,
                                                                                               dtype=dtype)
-    cq, ckk = _cu(lq), _cu(lk)
-    _check_against_reference(
+    cq, ckk = cu_seqlens(lq), cu_seqlens(lk)
+    check_against_reference(
         lambda q, k, v: ck.flash_attn_varlen_func(q, k, v, cq, ckk, max(lq), max(lk), causal=causal,
                                                   return_lse=True),
         lambda q, k, v: ref.attention_varlen(q, k, v, cq, ckk, causal=causal), (q, k, v), dtype, "varlen")
@@ -188,7 +120,7 @@ def test_varlen_matches_reference(dtype, causal):
 def test_varlen_equals_separate_calls():
     lengths = [5, 33, 1, 20]
     q, k, v = torch.randn(59, 2, 32), torch.randn(59, 2, 32), torch.randn(59, 2, 32)
-    packed = ck.flash_attn_varlen_func(q, k, v, _cu(lengths), _cu(lengths), 33, 33, causal=True)
+    packed = ck.flash_attn_varlen_func(q, k, v, cu_seqlens(lengths), cu_seqlens(lengths), 33, 33, causal=True)
     start = 0
     for n in lengths:
         s = slice(start, start + n)
@@ -198,36 +130,6 @@ def test_varlen_equals_separate_calls():
 
 
 # ---- flash_attn_with_kvcache -------------------------------------------------------------------------------
-
-KV_CASES = [  # batch, seqlen_q (= new tokens), cache_len, heads_q, heads_kv, head_dim, cache_seqlens
-    (3, 1, 64, 4, 2, 64, [0, 17, 63]),        # ragged decode, an empty row
-    (2, 1, 2100, 2, 1, 64, [2000, 1500]),     # long cache: the key range is split across cores
-    (2, 4, 40, 4, 4, 32, [3, 30]),            # several new tokens (causal among them)
-    (1, 20, 50, 2, 1, 128, [10]),             # prefill into a cache: tiled path
-    (2, 1, 16, 8, 1, 80, 5),                  # int cache_seqlens, MQA
-]
-
-
-def check_kvcache_case(case, dtype, device):
-    """One KV-cache call (append + attend) against the float64 reference: out and lse by the FA rule, the
-    new k/v written into the caches, cache_seqlens left alone. Shared with the CUDA tests."""
-    b, sn, cache_len, hq, hkv, d, lens = case
-    seqlens = lens if isinstance(lens, int) else torch.tensor(lens, dtype=torch.int32, device=device)
-    q, k_new, v_new = (_rand(b, sn, h, d, dtype=dtype).to(device) for h in (hq, hkv, hkv))
-    k_cache, v_cache = (_rand(b, cache_len, hkv, d, dtype=dtype).to(device) for _ in range(2))
-    k64, v64 = k_cache.double(), v_cache.double()
-    kb, vb = k_cache.clone(), v_cache.clone()
-    seqlens_before = seqlens.clone() if isinstance(seqlens, torch.Tensor) else seqlens
-    with poisoned_outputs():
-        out, lse = ck.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
-                                              causal=True, return_softmax_lse=True)
-    out64, lse64 = ref.attention_with_kvcache(q.double(), k64, v64, k_new.double(), v_new.double(), seqlens)
-    outb, lseb = ref.attention_with_kvcache(q, kb, vb, k_new, v_new, seqlens)
-    assert_fa_rule(out, out64, outb, name="kvcache out", eps=EPS[dtype])
-    _check_lse(lse, lse64, lseb, "kvcache")
-    assert torch.equal(k_cache, kb) and torch.equal(v_cache, vb), "new k/v must be written into the cache"
-    if isinstance(seqlens, torch.Tensor):
-        assert torch.equal(seqlens, seqlens_before), "cache_seqlens must not be modified"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
@@ -393,14 +295,14 @@ def test_opcheck_all_ops():
 
 
 def test_torch_compile_fullgraph_forward_backward_and_decode():
-    q, k, v = _leaves(*_qkv(s=16))
+    q, k, v = leaves(*_qkv(s=16))
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def train_step(q, k, v):
         return (ck.flash_attn_func(q, k, v, causal=True) ** 2).sum()
 
     train_step(q, k, v).backward()
-    q2, k2, v2 = _leaves(q, k, v)
+    q2, k2, v2 = leaves(q, k, v)
     (ck.flash_attn_func(q2, k2, v2, causal=True) ** 2).sum().backward()
     for a, b in ((q, q2), (k, k2), (v, v2)):
         torch.testing.assert_close(a.grad, b.grad)

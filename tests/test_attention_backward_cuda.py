@@ -8,38 +8,33 @@ Skipped without a GPU and a CUDA build.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
-from tests.helpers import assert_fa_rule, fa_rule_bound, poisoned_outputs
+
+from attention_checks import GRAD_EPS, cu_seqlens, leaves, random_tensor
+from helpers import assert_fa_rule, fa_rule_bound, poisoned_outputs
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
                                 reason="needs a GPU and a CUDA build of cm3leon_kernels")
 
 ops = torch.ops.cm3leon
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-# As tests/test_attention.py: a floor for gradients that cancel exactly (one visible key: dS = 0), where plain
-# PyTorch's error is 0 too.
-GRAD_EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-
-
-def _rand(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, device="cuda") * scale).to(dtype)
-
-
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_() for t in ts]
+_rand = functools.partial(random_tensor, device="cuda")
+_cu = functools.partial(cu_seqlens, device="cuda")
 
 
 def _reference_grads(run_ref, inputs, dout):
     """Reference gradients of q, k, v for `dout`: (out, lse, grads) in float64 and grads in the inputs' dtype
     (plain PyTorch, the FA rule's baseline)."""
-    x64 = _leaves(*[t.double() for t in inputs])
+    x64 = leaves(*[t.double() for t in inputs])
     out64, lse64 = run_ref(*x64)
     out64.backward(dout.double())
-    xb = _leaves(*inputs)
+    xb = leaves(*inputs)
     outb, _ = run_ref(*xb)
     outb.backward(dout)
     return out64, lse64, [t.grad for t in x64], [t.grad for t in xb]
@@ -140,10 +135,6 @@ def test_misaligned_inputs_are_accepted():
     torch.testing.assert_close(got[0], want[0], atol=1e-3, rtol=1e-2)
 
 
-def _cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
 @pytest.mark.parametrize("causal", [True, False])
 def test_varlen_backward_matches_float64_autograd(dtype, causal):
@@ -199,7 +190,7 @@ def test_public_api_backward():
     q = _rand(2, 91, 6, 64, dtype=dtype)
     k, v = _rand(2, 91, 2, 64, dtype=dtype), _rand(2, 91, 2, 64, dtype=dtype)
     dout = _rand(2, 91, 6, 64, dtype=dtype)
-    x = _leaves(q, k, v)
+    x = leaves(q, k, v)
     ck.flash_attn_func(*x, causal=True).backward(dout)
     _, _, g64, gb = _reference_grads(lambda q, k, v: ref.attention(q, k, v, causal=True), (q, k, v), dout)
     _check_grads([t.grad for t in x], g64, gb, dtype, "flash_attn_func")
@@ -210,7 +201,7 @@ def test_public_api_backward():
     _, _, g64, gb = _reference_grads(lambda q, k, v: ref.attention_varlen(q, k, v, cu, cu, causal=True),
                                      (qp, kp, vp), dp)
     for max_seqlen in (51, 7):  # 7: shorter than the documents, which CUDA does not check (grid size only)
-        x = _leaves(qp, kp, vp)
+        x = leaves(qp, kp, vp)
         ck.flash_attn_varlen_func(*x, cu, cu, max_seqlen, max_seqlen, causal=True).backward(dp)
         _check_grads([t.grad for t in x], g64, gb, dtype, f"flash_attn_varlen_func max_seqlen={max_seqlen}")
 

@@ -7,6 +7,7 @@ opcheck.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -16,27 +17,22 @@ from hypothesis import strategies as st
 
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
-from tests.helpers import assert_fa_rule, poisoned_outputs
-from tests.test_attention import check_kvcache_case, check_non_finite_propagation
+
+from attention_checks import (EPS, check_kvcache_case, check_lse, check_non_finite_propagation, cu_seqlens,
+                              random_tensor)
+from helpers import FLOAT_DTYPES, assert_fa_rule, poisoned_outputs
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ck.cuda_built()),
                                 reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
 
 DEV = "cuda"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-EPS = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
-
-
-def _rand(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, device=DEV) * scale).to(dtype)
+DTYPES = FLOAT_DTYPES
+_rand = functools.partial(random_tensor, device=DEV)
+_cu = functools.partial(cu_seqlens, device=DEV)
 
 
 def _i32(values):
     return torch.tensor(values, dtype=torch.int32, device=DEV)
-
-
-def _cu(lengths):
-    return _i32([0] + torch.tensor(lengths).cumsum(0).tolist())
 
 
 def _check(out, lse, run_ref, inputs, dtype, name):
@@ -45,10 +41,7 @@ def _check(out, lse, run_ref, inputs, dtype, name):
     outb, lseb = run_ref(*inputs)
     assert out.dtype == dtype and out.device.type == "cuda"
     assert_fa_rule(out, out64, outb, name=f"{name} out", eps=EPS[dtype])
-    finite = torch.isfinite(lse64)
-    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse finiteness differs from the reference"
-    assert (lse[~finite] == float("-inf")).all(), f"{name}: rows without keys must have lse = -inf"
-    assert_fa_rule(lse[finite], lse64[finite], lseb.float()[finite], name=f"{name} lse", eps=1e-5)
+    check_lse(lse, lse64, lseb, name)
 
 
 def _dense(b, sq, sk, hq, hkv, d, causal, dtype, scale=None, spread=1.0):

@@ -11,7 +11,8 @@ import torch
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 from cm3leon_kernels._native import ops
-from tests.helpers import assert_fa_rule, poisoned_outputs
+
+from helpers import assert_fa_rule, poisoned_outputs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HAS_CUDA = torch.cuda.is_available() and ck.cuda_built()

@@ -14,12 +14,14 @@ import sys
 
 import pytest
 import torch
-from test_attention import KV_CASES, _check_against_reference, _cu, _rand, check_kvcache_case
-from test_vq import check_nearest
 
 import cm3leon_kernels as ck
 from cm3leon_kernels import _C
 from cm3leon_kernels import reference as ref
+
+from attention_checks import KV_CASES, check_against_reference, check_kvcache_case, cu_seqlens, random_tensor
+from helpers import FLOAT_DTYPES
+from vq_checks import check_nearest
 
 LEVELS = ["baseline", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
 # The features each level needs (beyond the level below it), as cpu_features()["cpu"] names them.
@@ -76,7 +78,7 @@ ATTENTION_CASES = [  # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, c
     (1, 3, 300, 4, 1, 64, True),
     (1, 40, 40, 2, 1, 256, True),
 ]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = FLOAT_DTYPES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
@@ -84,9 +86,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def test_attention_forward_backward(isa, case, dtype):
     _needs_own_body(isa, "flash_attn_forward")
     b, sq, sk, hq, hkv, d, causal = case
-    q = _rand(b, sq, hq, d, dtype=dtype)
-    k, v = _rand(b, sk, hkv, d, dtype=dtype), _rand(b, sk, hkv, d, dtype=dtype)
-    _check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=causal, return_lse=True),
+    q = random_tensor(b, sq, hq, d, dtype=dtype)
+    k, v = random_tensor(b, sk, hkv, d, dtype=dtype), random_tensor(b, sk, hkv, d, dtype=dtype)
+    check_against_reference(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=causal, return_lse=True),
                              lambda q, k, v: ref.attention(q, k, v, causal=causal), (q, k, v), dtype,
                              f"{isa} {case}")
 
@@ -95,12 +97,12 @@ def test_attention_forward_backward(isa, case, dtype):
 def test_attention_varlen(isa, dtype):
     _needs_own_body(isa, "flash_attn_varlen_forward")
     lengths = [37, 1, 150]
-    cu = _cu(lengths)
-    q, k, v = (_rand(sum(lengths), h, 64, dtype=dtype) for h in (4, 2, 2))
+    cu = cu_seqlens(lengths)
+    q, k, v = (random_tensor(sum(lengths), h, 64, dtype=dtype) for h in (4, 2, 2))
     run = lambda q, k, v: ck.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths),  # noqa: E731
                                                     causal=True, return_lse=True)
     run_ref = lambda q, k, v: ref.attention_varlen(q, k, v, cu, cu, causal=True)  # noqa: E731
-    _check_against_reference(run, run_ref, (q, k, v), dtype, f"{isa} varlen")
+    check_against_reference(run, run_ref, (q, k, v), dtype, f"{isa} varlen")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])

@@ -10,7 +10,8 @@ import torch
 
 import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
-from tests.helpers import poisoned_outputs
+
+from helpers import poisoned_outputs
 
 _COMMON = [
     ("dropout_p", 0.0),

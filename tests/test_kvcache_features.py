@@ -10,7 +10,8 @@ import torch
 
 import cm3leon_kernels as ck
 from cm3leon_kernels._native import ops
-from tests.helpers import assert_fa_rule, poisoned_outputs
+
+from helpers import assert_fa_rule, poisoned_outputs
 
 EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 ULP = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
