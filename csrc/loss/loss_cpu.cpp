@@ -219,10 +219,12 @@ class Engine {
       if (y == cfg_.ignore_index || y < v0 || y >= v0 + nv) continue;
       z[(y - v0) * tp_ + k] -= st.b[k] * target_slope[k];
     }
-    // grad_weight rows [v0, v0 + nv) (+)= G^T H over the chunk's tokens.
-    for (int64_t dc = 0; dc < cfg_.dim; dc += NR) {
-      const float* hs = hstrips_.data() + dc * tp_;  // strip dc / NR: [tp][NR]
-      for (int64_t i = 0; i < nv; i += MR) {
+    // grad_weight rows [v0, v0 + nv) (+)= G^T H over the chunk's tokens. Row groups outermost: a group's six
+    // rows are swept left to right, streams the prefetcher follows (strips outermost jump 4 KiB between
+    // tiles; alone, that order ran this product ~20% slower on an AMD EPYC).
+    for (int64_t i = 0; i < nv; i += MR) {
+      for (int64_t dc = 0; dc < cfg_.dim; dc += NR) {
+        const float* hs = hstrips_.data() + dc * tp_;  // strip dc / NR: [tp][NR]
         const int64_t rows = std::min(MR, nv - i), cols = std::min(NR, cfg_.dim - dc);
         float* c = grad_weight + (v0 + i) * cfg_.dim + dc;
         if (rows == MR && cols == NR) {
@@ -241,8 +243,10 @@ class Engine {
     float* ws = wstrips_.data() + size_t(part) * kBlock * dp_;
     pack_column_strips(w_ + v0 * cfg_.dim, cfg_.dim, nv, cfg_.dim, nvp, dp_, ws);
     const int64_t tr = round_up(nt_, MR);
-    for (int64_t dc = 0; dc < dp_; dc += NR)
-      for (int64_t t = 0; t < tr; t += MR)
+    // Token groups outermost too: a group's G columns stay in L1 while its rows of the partial stream past
+    // (strips outermost: ~12% slower alone on the same host).
+    for (int64_t t = 0; t < tr; t += MR)
+      for (int64_t dc = 0; dc < dp_; dc += NR)
         micro_tile(z + t, tp_, 1, ws + dc * nvp, NR, nv, dh + t * dp_ + dc, dp_, true);
   }
 
