@@ -1,5 +1,5 @@
-"""Shared by the attention tests (CPU, CUDA, per-ISA): inputs, the tolerance floors, and the checks against the
-float64 reference that every device runs."""
+"""Shared by the attention tests (CPU, CUDA, per-ISA): inputs, the tolerance floors, and the checks against
+the float64 reference that every device runs."""
 from __future__ import annotations
 
 import torch
@@ -35,9 +35,10 @@ def check_lse(lse, lse64, lseb, name):
     assert_fa_rule(lse[finite], lse64[finite], lseb.float()[finite], name=f"{name} lse", eps=1e-5)
 
 
-def check_against_reference(run, run_ref, inputs, dtype, name, grads=True):
+def check_against_reference(run, run_ref, inputs, dtype, name, grads=True, eps=EPS, grad_eps=GRAD_EPS):
     """FA rule for the output and (optionally) the gradients of q, k, v: the kernel's error against the
-    float64 reference must be at most 2x plain PyTorch's error in the kernel's dtype (+ eps)."""
+    float64 reference must be at most 2x plain PyTorch's error in the kernel's dtype (+ the floors ``eps`` /
+    ``grad_eps`` per dtype). Rows that see no key must be 0 with lse -inf."""
     x = leaves(*inputs)
     with poisoned_outputs():
         out, lse = run(*x)
@@ -45,8 +46,11 @@ def check_against_reference(run, run_ref, inputs, dtype, name, grads=True):
     out64, lse64 = run_ref(*x64)
     xb = leaves(*inputs)
     outb, lseb = run_ref(*xb)
-    assert_fa_rule(out, out64, outb, name=f"{name} out", eps=EPS[dtype])
+    assert_fa_rule(out, out64, outb, name=f"{name} out", eps=eps[dtype])
     check_lse(lse, lse64, lseb, name)
+    # lse is [.., heads, queries], out [.., queries, heads, dim]
+    empty = (~torch.isfinite(lse64)).transpose(-1, -2)
+    assert (out.detach()[empty] == 0).all(), f"{name}: rows without keys must be 0"
     if not grads:
         return
     dout = torch.randn_like(out64).to(dtype)
@@ -55,7 +59,7 @@ def check_against_reference(run, run_ref, inputs, dtype, name, grads=True):
     out64.backward(dout.double())
     outb.backward(dout)
     for label, a, b64, bb in zip("qkv", x, x64, xb):
-        assert_fa_rule(a.grad, b64.grad, bb.grad, name=f"{name} d{label}", eps=GRAD_EPS[dtype])
+        assert_fa_rule(a.grad, b64.grad, bb.grad, name=f"{name} d{label}", eps=grad_eps[dtype])
 
 
 def check_non_finite_propagation(sq, poison, device="cpu", dtype=torch.float32):

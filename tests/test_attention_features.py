@@ -12,15 +12,16 @@ import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 from cm3leon_kernels._native import ops
 
-from helpers import assert_fa_rule, poisoned_outputs
+from attention_checks import check_against_reference
+from helpers import FLOAT_DTYPES
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPES = FLOAT_DTYPES
 HAS_CUDA = torch.cuda.is_available() and ck.cuda_built()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
 # float32: plain PyTorch's error can be ~0 where the kernel's fp32 accumulation order differs, so a small
 # absolute floor; bf16/fp16: the FA rule's eps.
-EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
-GRAD_EPS = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+FEATURE_EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+FEATURE_GRAD_EPS = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal, (window_left, window_right), softcap, alibi
 # (alibi: None, "heads" = slopes (nheads,), "batch" = (batch, nheads)).
@@ -49,34 +50,6 @@ def _slopes(kind, batch, heads):
     return torch.rand(heads if kind == "heads" else (batch, heads)) * 0.5 + 0.05
 
 
-def _leaves(*ts):
-    return [t.detach().clone().requires_grad_() for t in ts]
-
-
-def _check(run, run_ref, inputs, dtype, name):
-    """Out, lse and the q/k/v gradients: FA rule against float64, baseline = the reference in `dtype`."""
-    x = _leaves(*inputs)
-    with poisoned_outputs():
-        out, lse = run(*x)
-    x64, xb = _leaves(*[t.double() for t in inputs]), _leaves(*inputs)
-    out64, lse64 = run_ref(*x64)
-    outb, lseb = run_ref(*xb)
-    assert_fa_rule(out, out64, outb, name=f"{name} out", eps=EPS[dtype])
-    finite = torch.isfinite(lse64)
-    assert torch.equal(torch.isfinite(lse), finite), f"{name}: lse finiteness differs from the reference"
-    assert (lse[~finite] == -math.inf).all(), f"{name}: rows without keys must have lse = -inf"
-    empty = (~finite).transpose(-1, -2)  # lse is [.., heads, queries], out [.., queries, heads, dim]
-    assert (out.detach()[empty] == 0).all(), f"{name}: rows without keys must be 0"
-    assert_fa_rule(lse[finite], lse64[finite], lseb.float()[finite], name=f"{name} lse", eps=1e-5)
-    dout = torch.randn(out.shape).to(dtype).to(out.device)
-    with poisoned_outputs():
-        out.backward(dout)
-    out64.backward(dout.double())
-    outb.backward(dout)
-    for label, a, b64, bb in zip("qkv", x, x64, xb):
-        assert_fa_rule(a.grad, b64.grad, bb.grad, name=f"{name} d{label}", eps=GRAD_EPS[dtype])
-
-
 def _dense_inputs(case, dtype, device="cpu"):
     b, sq, sk, hq, hkv, d, causal, window, softcap, alibi = case
     q = torch.randn(b, sq, hq, d).to(dtype)
@@ -96,10 +69,11 @@ def test_dense_features_match_reference(case, dtype, device):
         pytest.skip("CUDA refuses head dims that are not a multiple of 8 (test_cuda_refuses_what_it_lacks)")
     (q, k, v), a = _dense_inputs(case, dtype, device)
     scale = 0.7 / math.sqrt(q.shape[-1])
-    _check(lambda q, k, v: ops.flash_attn_forward(q, k, v, scale, a["causal"], *a["window"], a["softcap"],
-                                                  a["alibi"]),
-           lambda q, k, v: ref.attention(q, k, v, scale, a["causal"], a["window"], a["softcap"], a["alibi"]),
-           (q, k, v), dtype, _case_id(case))
+    check_against_reference(
+        lambda q, k, v: ops.flash_attn_forward(q, k, v, scale, a["causal"], *a["window"], a["softcap"],
+                                               a["alibi"]),
+        lambda q, k, v: ref.attention(q, k, v, scale, a["causal"], a["window"], a["softcap"], a["alibi"]),
+        (q, k, v), dtype, _case_id(case), eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
 
 
 # Document lengths (queries, keys), including empty documents on either side.
@@ -126,10 +100,11 @@ def test_varlen_features_match_reference(case, dtype, device):
     slopes = None if slopes is None else slopes.to(device)
     cu_q, cu_k = cu_q.to(device), cu_k.to(device)
     scale = d ** -0.5
-    _check(lambda q, k, v: ops.flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal,
-                                                         *window, softcap, slopes),
-           lambda q, k, v: ref.attention_varlen(q, k, v, cu_q, cu_k, scale, causal, window, softcap, slopes),
-           (q, k, v), dtype, _case_id(case))
+    check_against_reference(
+        lambda q, k, v: ops.flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal,
+                                                      *window, softcap, slopes),
+        lambda q, k, v: ref.attention_varlen(q, k, v, cu_q, cu_k, scale, causal, window, softcap, slopes),
+        (q, k, v), dtype, _case_id(case), eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
 
 
 def test_causal_takes_the_tighter_right_bound():
