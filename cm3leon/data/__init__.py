@@ -2,11 +2,11 @@
 and task metrics, a fixed-network Fréchet distance), the real-data loader (image folder + captions), and
 packed CM3 training batches (:class:`PackedLoader`, docs/objective.md). See docs/data.md."""
 
-from cm3leon.data.datasets import ShapesCaptions
-from cm3leon.data.edits import EDIT_KINDS, Edit, make_edit
-from cm3leon.data.folder import ImageCaptionFolder, export_shapes_folder, load_image, read_captions
-from cm3leon.data.frechet import FixedFeatureNet, feature_stats, frechet_distance, frechet_from_stats
-from cm3leon.data.metrics import (
+from .datasets import ShapesCaptions
+from .edits import EDIT_KINDS, Edit, make_edit
+from .folder import ImageCaptionFolder, export_shapes_folder, load_image, read_captions
+from .frechet import FixedFeatureNet, feature_stats, frechet_distance, frechet_from_stats
+from .metrics import (
     answer_from_image,
     caption_match,
     grounding_iou,
@@ -14,9 +14,9 @@ from cm3leon.data.metrics import (
     parse_caption,
     prompt_alignment,
 )
-from cm3leon.data.packing import CM3Source, ExampleSource, PackedBatch, PackedLoader, derive_seed
-from cm3leon.data.scorer import read_scene, read_scenes
-from cm3leon.data.shapes import (
+from .packing import CM3Source, ExampleSource, PackedBatch, PackedLoader, derive_seed
+from .scorer import read_scene, read_scenes
+from .shapes import (
     BACKGROUND,
     PALETTE,
     POSITIONS,
@@ -31,9 +31,9 @@ from cm3leon.data.shapes import (
     render,
     to_tensor,
 )
-from cm3leon.data.structure import edge_map, render_edges, render_segmentation, segmentation_mask
-from cm3leon.data.tasks import TASKS, format_segments, make_example, sft_examples
-from cm3leon.data.vqa import QUESTION_KINDS, Question, answer_question, make_question, vqa_accuracy
+from .structure import edge_map, render_edges, render_segmentation, segmentation_mask
+from .tasks import TASKS, format_segments, make_example, sft_examples
+from .vqa import QUESTION_KINDS, Question, answer_question, make_question, vqa_accuracy
 
 __all__ = [
     "BACKGROUND", "CM3Source", "EDIT_KINDS", "ExampleSource", "PackedBatch", "PackedLoader", "derive_seed",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from cm3leon.data.shapes import ShapesWorld, caption, render, to_tensor
+from .shapes import ShapesWorld, caption, render, to_tensor
 
 
 class ShapesCaptions(Dataset):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cm3leon.data.shapes import (
+from .shapes import (
     MAX_OBJECTS,
     PALETTE,
     POSITION_PHRASE,

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cm3leon.data.shapes import ShapesWorld, caption, render
+from .shapes import ShapesWorld, caption, render
 
 CAPTIONS_JSONL = "captions.jsonl"
 

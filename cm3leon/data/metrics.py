@@ -17,9 +17,9 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 
-from cm3leon.data.scorer import ImageLike, read_scene
-from cm3leon.data.shapes import PALETTE, POSITION_PHRASE, SHAPES, SIZES, Scene, ShapeObject
-from cm3leon.data.vqa import answer_question
+from .scorer import ImageLike, read_scene
+from .shapes import PALETTE, POSITION_PHRASE, SHAPES, SIZES, Scene, ShapeObject
+from .vqa import answer_question
 
 Attributes = tuple[str | None, str, str, str]  # (size or None when unstated, colour, shape, position)
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cm3leon.objective import CM3Example, check_objective_args, check_probability, training_sequence
-from cm3leon.tokenizer.vocabulary import Vocabulary
+from ..objective import CM3Example, check_objective_args, check_probability, training_sequence
+from ..tokenizer.vocabulary import Vocabulary
 from cm3leon_kernels._checks import as_int
 
 __all__ = ["CM3Source", "ExampleSource", "PackedBatch", "PackedLoader", "derive_seed"]

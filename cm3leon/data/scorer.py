@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cm3leon.data.shapes import (
+from .shapes import (
     BACKGROUND,
     PALETTE,
     POSITIONS,

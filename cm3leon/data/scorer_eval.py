@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from cm3leon.data.metrics import attributes
-from cm3leon.data.scorer import read_scene
-from cm3leon.data.shapes import ShapesWorld
+from .metrics import attributes
+from .scorer import read_scene
+from .shapes import ShapesWorld
 
 
 def degrade(images: torch.Tensor, sigma: float = 0.0, noise: float = 0.0, seed: int = 0) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cm3leon.data.shapes import Scene, coverage
+from .shapes import Scene, coverage
 
 #: RGB of segmentation ids when rendered: 0 = background (white), then object ids 1, 2, 3 (greys, so a
 #: condition image never looks like a coloured scene).

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cm3leon.data.edits import Edit, make_edit
-from cm3leon.data.shapes import Scene, ShapesWorld, caption, render, to_tensor
-from cm3leon.data.structure import edge_map, render_edges, render_segmentation, segmentation_mask
-from cm3leon.data.vqa import Question, make_question
+from .edits import Edit, make_edit
+from .shapes import Scene, ShapesWorld, caption, render, to_tensor
+from .structure import edge_map, render_edges, render_segmentation, segmentation_mask
+from .vqa import Question, make_question
 
 TASKS: tuple[str, ...] = ("text_to_image", "caption", "edit", "vqa", "grounded", "segmentation", "edges")
 EDIT_PREFIX = "Edit first image following the instruction"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cm3leon.data.shapes import PALETTE, POSITION_PHRASE, SHAPES, Scene, ShapeObject
+from .shapes import PALETTE, POSITION_PHRASE, SHAPES, Scene, ShapeObject
 
 QUESTION_KINDS: tuple[str, ...] = ("color", "shape", "count", "count_shape", "exists", "position", "size")
 #: Answer given when a question names an object the scene does not contain.
