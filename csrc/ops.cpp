@@ -11,14 +11,10 @@
 #include "sampling/sampling_cpu.h"
 #include "vq/vq_cpu.h"
 #include "attention/attention_launch.h"
-#include "attention/attention_cuda_launch.h"
 #include "common/philox.h"
 #include "loss/loss_launch.h"
 #include "sampling/sampling_launch.h"
 #include "vq/vq_launch.h"
-#ifdef CM3LEON_WITH_CUDA
-#include "attention/attention_backward_cuda_launch.h"
-#endif
 
 TORCH_LIBRARY(cm3leon, m) {
   // VQ codebook lookup (cm3leon_kernels/vq.py). z is [N, D]; the Python wrapper flattens leading dims.

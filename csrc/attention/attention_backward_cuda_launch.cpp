@@ -1,4 +1,4 @@
-#include "attention/attention_backward_cuda_launch.h"
+#include "attention/attention_launch.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -10,7 +10,7 @@
 
 #include "attention/attention_backward_cuda.h"
 #include "attention/attention_checks.h"
-#include "attention/attention_cuda_launch.h"
+#include "attention/attention_cuda_extras.h"
 #include "common/tensor_checks.h"
 
 namespace cm3leon::attention {
@@ -80,13 +80,7 @@ Grads backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at
                     "batch and sequence lengths must fit in int32");
   BackwardParams p = base_params(q, k, softmax_scale, causal);
   set_extras(p, window_left, window_right, softcap, alibi_slopes, alibi_stride);
-  p.batch = int(q.size(0));
-  p.seqlen_q = int(q.size(1));
-  p.seqlen_k = int(k.size(1));
-  p.k_batch_tokens = k.size(1);
-  p.total_q = q.size(0) * q.size(1);
-  p.total_k = k.size(0) * k.size(1);
-  p.lse_head_stride = q.size(1);
+  set_dense_layout(p, q, k);
   return run(p, dout, q, k, v, out, lse, "flash_attn_backward");
 }
 

@@ -7,7 +7,7 @@
 namespace cm3leon::attention::bwd {
 
 // bf16 / fp16 tensor-core path for head dims up to kHeadDim (64, 128, 256); instantiated one bucket per
-// translation unit (attention_backward_hdim*.cu) so they compile in parallel.
+// translation unit (attention_backward_sm80_hdim*.cu) so they compile in parallel.
 template <int kHeadDim>
 cudaError_t backward_sm80(const BackwardParams& p, cudaStream_t stream);
 

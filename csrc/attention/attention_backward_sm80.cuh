@@ -320,7 +320,7 @@ cudaError_t launch_sm80(const BackwardParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The instantiation for one head-dim bucket (defined per bucket in attention_backward_hdim*.cu).
+// The instantiation for one head-dim bucket (defined per bucket in attention_backward_sm80_hdim*.cu).
 template <int kHeadDim>
 cudaError_t backward_sm80(const BackwardParams& p, cudaStream_t stream) {
   return p.dtype == DType::Float16 ? launch_sm80<Sm80Traits<kHeadDim, cutlass::half_t>>(p, stream)

@@ -1,14 +1,14 @@
 // Argument checks shared by the CPU and CUDA attention launchers (defined in attention_launch.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+#include <optional>
 
 namespace cm3leon::attention {
 
 // The trailing arguments of every forward/backward launcher, CPU and CUDA (schemas in ops.cpp, semantics in
 // docs/attention.md).
 #define CM3LEON_ATTN_EXTRA_PARAMS                                                                     \
-  int64_t window_left, int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes, \
+  int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, \
       bool deterministic
 
 // Matching dtypes (float32/bf16/fp16) and devices, head counts (GQA), head dim (in [1, 256]),
@@ -29,7 +29,7 @@ void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
 // alibi_slopes float32, contiguous, on q's device, shaped [heads_q] or [batch, heads_q] (varlen: batch =
 // documents). Returns the slopes' per-batch stride (0 when one row serves every batch row).
 int64_t check_extras(const at::Tensor& q, int64_t batch, int64_t window_left, int64_t window_right,
-                     double softcap, const c10::optional<at::Tensor>& alibi_slopes);
+                     double softcap, const std::optional<at::Tensor>& alibi_slopes);
 
 // cu_seqlens (either side): int32, 1-D with batch + 1 entries, on q's device, contiguous. Their values are
 // the CPU launcher's to check (on CUDA that would need a host sync; the kernels clamp them instead).

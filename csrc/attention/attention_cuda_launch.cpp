@@ -1,6 +1,6 @@
 // at::Tensor glue of the CUDA attention forward: validate, allocate out/lse, fill AttnParams, launch on the
 // current stream. No host sync.
-#include "attention/attention_cuda_launch.h"
+#include "attention/attention_launch.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -15,6 +15,7 @@
 
 #include "attention/attention_checks.h"
 #include "attention/attention_cuda.h"
+#include "attention/attention_cuda_extras.h"
 #include "attention/attention_cuda_params.cuh"
 #include "attention/attention_kvcache_checks.h"
 #include "attention/attention_kvcache_cuda.h"
@@ -71,13 +72,23 @@ void check_launch(cudaError_t err, const char* op) {
 }  // namespace
 
 void set_extras(cuda::AttnParams& p, int64_t window_left, int64_t window_right, double softcap,
-                const c10::optional<at::Tensor>& alibi_slopes, int64_t alibi_stride) {
+                const std::optional<at::Tensor>& alibi_slopes, int64_t alibi_stride) {
   // A window wider than any sequence is the same as an unbounded one.
   p.window_left = int(std::clamp<int64_t>(window_left, -1, std::numeric_limits<int32_t>::max()));
   p.window_right = int(std::clamp<int64_t>(window_right, -1, std::numeric_limits<int32_t>::max()));
   p.softcap = float(softcap);
   p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
   p.alibi_batch_stride = int(alibi_stride);
+}
+
+void set_dense_layout(cuda::AttnParams& p, const at::Tensor& q, const at::Tensor& k) {
+  p.batch = int(q.size(0));
+  p.seqlen_q = int(q.size(1));
+  p.seqlen_k = int(k.size(1));
+  p.k_batch_tokens = k.size(1);
+  p.total_q = q.size(0) * q.size(1);
+  p.total_k = k.size(0) * k.size(1);
+  p.lse_head_stride = q.size(1);
 }
 
 OutLse forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -96,13 +107,7 @@ OutLse forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in, const
   check_fits_grid(q.size(0), "batch rows");
   check_fits_int(q.size(1), "seqlen_q");
   check_fits_int(k.size(1), "seqlen_k");
-  p.batch = int(q.size(0));
-  p.seqlen_q = int(q.size(1));
-  p.seqlen_k = int(k.size(1));
-  p.k_batch_tokens = k.size(1);
-  p.total_q = q.size(0) * q.size(1);
-  p.total_k = k.size(0) * k.size(1);
-  p.lse_head_stride = q.size(1);
+  set_dense_layout(p, q, k);
   check_launch(cuda::forward_cuda(float_dtype(q, "q"), p, c10::cuda::getCurrentCUDAStream()),
                "flash_attn_forward");
   return {out, lse};
@@ -147,14 +152,14 @@ OutLse varlen_forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in
 }
 
 OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
-                           const c10::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
+                           const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+                           const std::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
                            double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-                           double softcap, const c10::optional<at::Tensor>& alibi_slopes,
-                           const c10::optional<at::Tensor>& rotary_cos, const c10::optional<at::Tensor>& rotary_sin,
-                           bool rotary_interleaved, const c10::optional<at::Tensor>& cache_batch_idx,
-                           const c10::optional<at::Tensor>& cache_leftpad,
-                           const c10::optional<at::Tensor>& block_table, int64_t num_splits) {
+                           double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                           const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
+                           bool rotary_interleaved, const std::optional<at::Tensor>& cache_batch_idx,
+                           const std::optional<at::Tensor>& cache_leftpad,
+                           const std::optional<at::Tensor>& block_table, int64_t num_splits) {
   const KvcacheOptions o{window_left, window_right,       softcap,        alibi_slopes,  rotary_cos, rotary_sin,
                          rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
   const KvcacheShape s = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o);

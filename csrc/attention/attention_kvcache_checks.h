@@ -1,7 +1,7 @@
 // Argument checks of the KV-cache op shared by its CPU and CUDA launchers (attention_kvcache_launch.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+#include <optional>
 
 namespace cm3leon::attention {
 
@@ -9,13 +9,13 @@ namespace cm3leon::attention {
 struct KvcacheOptions {
   int64_t window_left = -1, window_right = -1;
   double softcap = 0.0;
-  c10::optional<at::Tensor> alibi_slopes;
-  c10::optional<at::Tensor> rotary_cos;
-  c10::optional<at::Tensor> rotary_sin;
+  std::optional<at::Tensor> alibi_slopes;
+  std::optional<at::Tensor> rotary_cos;
+  std::optional<at::Tensor> rotary_sin;
   bool rotary_interleaved = true;
-  c10::optional<at::Tensor> cache_batch_idx;
-  c10::optional<at::Tensor> cache_leftpad;
-  c10::optional<at::Tensor> block_table;
+  std::optional<at::Tensor> cache_batch_idx;
+  std::optional<at::Tensor> cache_leftpad;
+  std::optional<at::Tensor> block_table;
   int64_t num_splits = 0;
 };
 
@@ -34,8 +34,8 @@ struct KvcacheShape {
 // softmax_scale and num_splits. Reads no tensor data, so CUDA inputs cost no sync;
 // the values are the device launcher's to check.
 KvcacheShape check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
-                           const c10::optional<at::Tensor>& cache_seqlens, double softmax_scale,
+                           const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+                           const std::optional<at::Tensor>& cache_seqlens, double softmax_scale,
                            const KvcacheOptions& o);
 
 }  // namespace cm3leon::attention

@@ -34,8 +34,8 @@ void check_int32(const at::Tensor& t, const char* name, at::IntArrayRef shape, c
 }  // namespace
 
 KvcacheShape check_kvcache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& v,
-                           const c10::optional<at::Tensor>& cache_seqlens, double softmax_scale,
+                           const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+                           const std::optional<at::Tensor>& cache_seqlens, double softmax_scale,
                            const KvcacheOptions& o) {
   check_qkv(q, k_cache, v_cache, 4, "k_cache", "v_cache");
   check_softmax_scale(softmax_scale);
@@ -110,7 +110,7 @@ struct CacheRow {
 // Reads and range-checks the int32 arguments (cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
 // and the rotary table length): after this, every position the op touches is inside the cache.
 std::vector<CacheRow> cache_rows(const at::Tensor& q, const at::Tensor& k_cache,
-                                 const c10::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
+                                 const std::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
                                  bool causal, const KvcacheOptions& o, const KvcacheShape& s) {
   const int64_t b = q.size(0), sq = q.size(1), n = s.new_len;
   const int32_t* seqlens = cache_seqlens.has_value() ? cache_seqlens->data_ptr<int32_t>() : nullptr;
@@ -179,13 +179,13 @@ std::vector<CacheRow> cache_rows(const at::Tensor& q, const at::Tensor& k_cache,
 }  // namespace
 
 OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                          const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
-                          const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
+                          const std::optional<Tensor>& k, const std::optional<Tensor>& v,
+                          const std::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
                           bool causal, int64_t window_left, int64_t window_right, double softcap,
-                          const c10::optional<Tensor>& alibi_slopes, const c10::optional<Tensor>& rotary_cos,
-                          const c10::optional<Tensor>& rotary_sin, bool rotary_interleaved,
-                          const c10::optional<Tensor>& cache_batch_idx, const c10::optional<Tensor>& cache_leftpad,
-                          const c10::optional<Tensor>& block_table, int64_t num_splits) {
+                          const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& rotary_cos,
+                          const std::optional<Tensor>& rotary_sin, bool rotary_interleaved,
+                          const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,
+                          const std::optional<Tensor>& block_table, int64_t num_splits) {
   const KvcacheOptions o{window_left, window_right,       softcap,        alibi_slopes,  rotary_cos, rotary_sin,
                          rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
   const KvcacheShape s = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o);

@@ -62,7 +62,7 @@ void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
 }
 
 int64_t check_extras(const at::Tensor& q, int64_t batch, int64_t window_left, int64_t window_right,
-                     double softcap, const c10::optional<at::Tensor>& alibi_slopes) {
+                     double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK_VALUE(window_left >= -1, "window_left must be >= -1 (-1: unbounded), got ", window_left);
   TORCH_CHECK_VALUE(window_right >= -1, "window_right must be >= -1 (-1: unbounded), got ", window_right);
   TORCH_CHECK_VALUE(std::isfinite(float(softcap)) && softcap >= 0,
@@ -104,7 +104,7 @@ namespace {
 // The extras (checked by check_extras, which gives alibi_stride) become Problem fields.
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
                      int64_t lse_head_stride, double softmax_scale, bool causal, int64_t window_left,
-                     int64_t window_right, double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
                      int64_t alibi_stride, bool deterministic) {
   // Threads from torch's setting: OpenMP's own per-thread value lags in threads torch has not synced.
   Problem p{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.size(-2), k.size(-2),

@@ -1,7 +1,7 @@
-// at::Tensor entry points of the attention ops (registered in ops.cpp).
+// at::Tensor entry points of the attention ops on both backends (registered in ops.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
+#include <optional>
 #include <tuple>
 
 #include "attention/attention_checks.h"
@@ -35,12 +35,39 @@ Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tens
 // row. The cache is [B_cache, L, Hkv, D] with row cache_batch_idx[b] (default b) serving q row b, or paged:
 // [num_blocks, page, Hkv, D] read through block_table [B, blocks_per_row]. docs/attention.md.
 OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                          const c10::optional<Tensor>& k, const c10::optional<Tensor>& v,
-                          const c10::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
+                          const std::optional<Tensor>& k, const std::optional<Tensor>& v,
+                          const std::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
                           bool causal, int64_t window_left, int64_t window_right, double softcap,
-                          const c10::optional<Tensor>& alibi_slopes, const c10::optional<Tensor>& rotary_cos,
-                          const c10::optional<Tensor>& rotary_sin, bool rotary_interleaved,
-                          const c10::optional<Tensor>& cache_batch_idx, const c10::optional<Tensor>& cache_leftpad,
-                          const c10::optional<Tensor>& block_table, int64_t num_splits);
+                          const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& rotary_cos,
+                          const std::optional<Tensor>& rotary_sin, bool rotary_interleaved,
+                          const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,
+                          const std::optional<Tensor>& block_table, int64_t num_splits);
+
+#ifdef CM3LEON_WITH_CUDA
+// The same ops on CUDA tensors: forward and KV cache in attention_cuda_launch.cpp, backward in
+// attention_backward_cuda_launch.cpp. cu_seqlens and cache_seqlens tensors live on the GPU and are not read
+// back (no host sync): out-of-range values are clamped by the kernels, never dereferenced out of bounds, but
+// not reported; an int cache_seqlen is checked on the host.
+OutLse forward_cuda_launch(const Tensor& q, const Tensor& k, const Tensor& v, double softmax_scale, bool causal,
+                           CM3LEON_ATTN_EXTRA_PARAMS);
+Grads backward_cuda_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Tensor& out, const Tensor& lse, double softmax_scale, bool causal,
+                           CM3LEON_ATTN_EXTRA_PARAMS);
+OutLse varlen_forward_cuda_launch(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+                                  const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                  double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS);
+Grads varlen_backward_cuda_launch(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
+                                  const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                  double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS);
+OutLse kvcache_cuda_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                           const std::optional<Tensor>& k, const std::optional<Tensor>& v,
+                           const std::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
+                           bool causal, int64_t window_left, int64_t window_right, double softcap,
+                           const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& rotary_cos,
+                           const std::optional<Tensor>& rotary_sin, bool rotary_interleaved,
+                           const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,
+                           const std::optional<Tensor>& block_table, int64_t num_splits);
+#endif
 
 }  // namespace cm3leon::attention

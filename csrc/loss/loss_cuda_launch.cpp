@@ -20,7 +20,7 @@ void check_cuda(cudaError_t err, const char* what) {
 }
 
 // Checks targets and weights on the device; returns the sum of the weights of non-ignored tokens.
-double check_data(const at::Tensor& targets, const c10::optional<at::Tensor>& loss_weights, const LossConfig& cfg) {
+double check_data(const at::Tensor& targets, const std::optional<at::Tensor>& loss_weights, const LossConfig& cfg) {
   at::Tensor bad = at::full({2}, LLONG_MAX, targets.options());
   at::Tensor total = at::zeros({1}, targets.options().dtype(at::kDouble));
   auto* flags = reinterpret_cast<long long*>(bad.data_ptr<int64_t>());
@@ -42,7 +42,7 @@ void check_finite(const at::Tensor& lse, const char* inputs) {
 
 // grad_hidden / grad_weight (inputs' dtypes) of sum_t scale[t] * w_t * l_t.
 std::tuple<at::Tensor, at::Tensor> gradients(const at::Tensor& hidden, const at::Tensor& weight,
-                                             const at::Tensor& targets, const c10::optional<at::Tensor>& loss_weights,
+                                             const at::Tensor& targets, const std::optional<at::Tensor>& loss_weights,
                                              const LossConfig& cfg, const at::Tensor& lse, const at::Tensor& scale) {
   at::Tensor c = scale.mul(targets.ne(cfg.ignore_index).to(at::kFloat));
   if (loss_weights) c = c.mul(*loss_weights);
@@ -63,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor> gradients(const at::Tensor& hidden, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const c10::optional<at::Tensor>& loss_weights, int64_t ignore_index, double label_smoothing, double z_loss,
+    const std::optional<at::Tensor>& loss_weights, int64_t ignore_index, double label_smoothing, double z_loss,
     double softcap, int64_t reduction, bool compute_grad) {
   const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
                                     softcap);
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda_launch(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const c10::optional<at::Tensor>& loss_weights, const at::Tensor& lse, int64_t ignore_index,
+    const std::optional<at::Tensor>& loss_weights, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap) {
   const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
                                     softcap);

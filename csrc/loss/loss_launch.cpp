@@ -26,7 +26,7 @@ void check_reduction(int64_t reduction, bool compute_grad) {
 }
 
 LossConfig check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-                      const c10::optional<at::Tensor>& loss_weights, int64_t ignore_index,
+                      const std::optional<at::Tensor>& loss_weights, int64_t ignore_index,
                       double label_smoothing, double z_loss, double softcap) {
   TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be 2-D [T, D], got ", hidden.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D [V, D], got ", weight.sizes());
@@ -64,7 +64,7 @@ LossConfig check_args(const at::Tensor& hidden, const at::Tensor& weight, const 
   return cfg;
 }
 
-void raise_status(const LossStatus& s, const at::Tensor& targets, const c10::optional<at::Tensor>& loss_weights,
+void raise_status(const LossStatus& s, const at::Tensor& targets, const std::optional<at::Tensor>& loss_weights,
                   int64_t vocab, const char* nonfinite_inputs) {
   switch (s.kind) {
     case LossStatus::Ok: return;
@@ -83,7 +83,7 @@ void raise_status(const LossStatus& s, const at::Tensor& targets, const c10::opt
 
 namespace {
 
-const float* optional_data(const c10::optional<at::Tensor>& t) {
+const float* optional_data(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<float>() : nullptr;
 }
 
@@ -96,7 +96,7 @@ at::Tensor grad_weight_accumulator(const at::Tensor& weight) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu_launch(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const c10::optional<at::Tensor>& loss_weights, int64_t ignore_index, double label_smoothing, double z_loss,
+    const std::optional<at::Tensor>& loss_weights, int64_t ignore_index, double label_smoothing, double z_loss,
     double softcap, int64_t reduction, bool compute_grad) {
   const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
                                     softcap);
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu_launch(
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu_launch(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const c10::optional<at::Tensor>& loss_weights, const at::Tensor& lse, int64_t ignore_index,
+    const std::optional<at::Tensor>& loss_weights, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap) {
   const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
                                     softcap);

@@ -3,7 +3,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
-#include <c10/util/Optional.h>
+#include <optional>
 #include <tuple>
 
 namespace cm3leon::sampling {
