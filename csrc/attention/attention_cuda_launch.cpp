@@ -151,15 +151,7 @@ OutLse varlen_forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in
   return {out, lse};
 }
 
-OutLse kvcache_cuda_launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
-                           const std::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen,
-                           double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-                           double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                           const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,
-                           bool rotary_interleaved, const std::optional<at::Tensor>& cache_batch_idx,
-                           const std::optional<at::Tensor>& cache_leftpad,
-                           const std::optional<at::Tensor>& block_table, int64_t num_splits) {
+OutLse kvcache_cuda_launch(CM3LEON_KVCACHE_PARAMS) {
   const KvcacheOptions o{window_left, window_right,       softcap,        alibi_slopes,  rotary_cos, rotary_sin,
                          rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
   const KvcacheShape s = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o);

@@ -178,14 +178,7 @@ std::vector<CacheRow> cache_rows(const at::Tensor& q, const at::Tensor& k_cache,
 
 }  // namespace
 
-OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                          const std::optional<Tensor>& k, const std::optional<Tensor>& v,
-                          const std::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
-                          bool causal, int64_t window_left, int64_t window_right, double softcap,
-                          const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& rotary_cos,
-                          const std::optional<Tensor>& rotary_sin, bool rotary_interleaved,
-                          const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,
-                          const std::optional<Tensor>& block_table, int64_t num_splits) {
+OutLse kvcache_cpu_launch(CM3LEON_KVCACHE_PARAMS) {
   const KvcacheOptions o{window_left, window_right,       softcap,        alibi_slopes,  rotary_cos, rotary_sin,
                          rotary_interleaved, cache_batch_idx, cache_leftpad, block_table, num_splits};
   const KvcacheShape s = check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale, o);

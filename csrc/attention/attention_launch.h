@@ -8,6 +8,17 @@
 
 namespace cm3leon::attention {
 
+// The flash_attn_kvcache schema's arguments, as every KV-cache launcher (CPU and CUDA) takes them.
+#define CM3LEON_KVCACHE_PARAMS                                                                              \
+  const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,                                 \
+      const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,                                \
+      const std::optional<at::Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale, bool causal, \
+      int64_t window_left, int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, \
+      const std::optional<at::Tensor>& rotary_cos, const std::optional<at::Tensor>& rotary_sin,              \
+      bool rotary_interleaved, const std::optional<at::Tensor>& cache_batch_idx,                             \
+      const std::optional<at::Tensor>& cache_leftpad, const std::optional<at::Tensor>& block_table,          \
+      int64_t num_splits
+
 using Tensor = at::Tensor;
 using OutLse = std::tuple<Tensor, Tensor>;          // (out, lse float32)
 using Grads = std::tuple<Tensor, Tensor, Tensor>;   // (dq, dk, dv)
@@ -34,14 +45,7 @@ Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tens
 // then attends q [B, Sq, Hq, D] (rotated into a copy) to positions [cache_leftpad, cache_seqlens + Sn) of each
 // row. The cache is [B_cache, L, Hkv, D] with row cache_batch_idx[b] (default b) serving q row b, or paged:
 // [num_blocks, page, Hkv, D] read through block_table [B, blocks_per_row]. docs/attention.md.
-OutLse kvcache_cpu_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                          const std::optional<Tensor>& k, const std::optional<Tensor>& v,
-                          const std::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
-                          bool causal, int64_t window_left, int64_t window_right, double softcap,
-                          const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& rotary_cos,
-                          const std::optional<Tensor>& rotary_sin, bool rotary_interleaved,
-                          const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,
-                          const std::optional<Tensor>& block_table, int64_t num_splits);
+OutLse kvcache_cpu_launch(CM3LEON_KVCACHE_PARAMS);
 
 #ifdef CM3LEON_WITH_CUDA
 // The same ops on CUDA tensors: forward and KV cache in attention_cuda_launch.cpp, backward in
@@ -60,14 +64,7 @@ Grads varlen_backward_cuda_launch(const Tensor& dout, const Tensor& q, const Ten
                                   const Tensor& out, const Tensor& lse, const Tensor& cu_seqlens_q,
                                   const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                   double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS);
-OutLse kvcache_cuda_launch(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                           const std::optional<Tensor>& k, const std::optional<Tensor>& v,
-                           const std::optional<Tensor>& cache_seqlens, int64_t cache_seqlen, double softmax_scale,
-                           bool causal, int64_t window_left, int64_t window_right, double softcap,
-                           const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& rotary_cos,
-                           const std::optional<Tensor>& rotary_sin, bool rotary_interleaved,
-                           const std::optional<Tensor>& cache_batch_idx, const std::optional<Tensor>& cache_leftpad,
-                           const std::optional<Tensor>& block_table, int64_t num_splits);
+OutLse kvcache_cuda_launch(CM3LEON_KVCACHE_PARAMS);
 #endif
 
 }  // namespace cm3leon::attention
