@@ -249,7 +249,7 @@ int run_case(const Case& c, std::mt19937_64& rng) {
                                       allowed, device_seeds, out);
     p.cached = std::min(p.cached, c.cache_limit);
     for (int64_t r = 0; r < c.batch; ++r)
-      run_block(p.cached, [&](float* cache, cuda::Shared& sh) { cuda::cfg_sample_row(p, r, cache, sh); });
+      run_block(p.cached, [&](float* cache, cuda::Shared& sh) { cuda::sample_row(p, r, cache, sh); });
   } else {
     const ContrastiveOptions o{c.alpha, c.k, c.temperature, 0.7f};
     cpu_error = contrastive_sample_cpu(dtype, x.data(), x.data() + c.vocab, c.batch, 2 * c.vocab, 2 * c.vocab, o,
@@ -258,7 +258,7 @@ int run_case(const Case& c, std::mt19937_64& rng) {
                                               c.alpha > 0 ? std::log(c.alpha) : 0.0, allowed, device_seeds, out);
     p.cached = std::min(p.cached, c.cache_limit);
     for (int64_t r = 0; r < c.batch; ++r)
-      run_block(p.cached, [&](float* cache, cuda::Shared& sh) { cuda::contrastive_sample_row(p, r, cache, sh); });
+      run_block(p.cached, [&](float* cache, cuda::Shared& sh) { cuda::sample_row(p, r, cache, sh); });
   }
   if (cpu_error.row >= 0 || status != LLONG_MAX) {
     std::printf("  error: cpu row %lld, emulated status %lld\n", (long long)cpu_error.row, status);

@@ -76,6 +76,15 @@ def _row_uniforms(seed: int | torch.Tensor, batch: int, step: int) -> torch.Tens
     return torch.tensor([_C.philox_uniform(seed, r, step) for r in range(batch)], dtype=torch.float64)
 
 
+def _count_same_draws(gpu, cpu, safe, ctx, compared, skipped):
+    """Asserts CUDA and CPU drew the same tokens and log-probabilities on the ``safe`` rows (those whose
+    uniform is not at a rounding edge of the CDF); returns the running (compared, skipped) row counts."""
+    (gpu_tok, gpu_lp), (cpu_tok, cpu_lp) = gpu, cpu
+    assert torch.equal(gpu_tok[safe], cpu_tok[safe]), ctx
+    torch.testing.assert_close(gpu_lp[safe], cpu_lp[safe], atol=1e-5, rtol=0, msg=ctx)
+    return compared + int(safe.sum()), skipped + int((~safe).sum())
+
+
 def test_cfg_same_tokens_as_cpu():
     """The strongest check: many random rows and settings, token for token against the CPU kernel."""
     rng = random.Random(1234)
@@ -92,10 +101,7 @@ def test_cfg_same_tokens_as_cpu():
         else:
             _, safe = _stable_rows(x, opts, _row_uniforms(seed, x.shape[0], step), reference.cfg_probs)
         ctx = f"case {case}: shape {tuple(x.shape)} {x.dtype} {opts}"
-        assert torch.equal(gpu_tok[safe], cpu_tok[safe]), ctx
-        torch.testing.assert_close(gpu_lp[safe], cpu_lp[safe], atol=1e-5, rtol=0, msg=ctx)
-        compared += int(safe.sum())
-        skipped += int((~safe).sum())
+        compared, skipped = _count_same_draws((gpu_tok, gpu_lp), (cpu_tok, cpu_lp), safe, ctx, compared, skipped)
     assert compared >= 10 * max(skipped, 1), f"too many rows skipped: {skipped} of {compared + skipped}"
 
 
@@ -124,10 +130,7 @@ def test_contrastive_same_tokens_as_cpu():
             probs = reference.contrastive_probs(expert, amateur, **opts)
             _, safe = inverse_cdf_draw(probs, _row_uniforms(seeds, batch, case))
         ctx = f"case {case}: [{batch}, {vocab}] {dtype} {opts}"
-        assert torch.equal(gpu_tok[safe], cpu_tok[safe]), ctx
-        torch.testing.assert_close(gpu_lp[safe], cpu_lp[safe], atol=1e-5, rtol=0, msg=ctx)
-        compared += int(safe.sum())
-        skipped += int((~safe).sum())
+        compared, skipped = _count_same_draws((gpu_tok, gpu_lp), (cpu_tok, cpu_lp), safe, ctx, compared, skipped)
     assert compared >= 10 * max(skipped, 1), f"too many rows skipped: {skipped} of {compared + skipped}"
 
 

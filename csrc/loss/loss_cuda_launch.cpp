@@ -61,10 +61,7 @@ std::tuple<at::Tensor, at::Tensor> gradients(const at::Tensor& hidden, const at:
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& loss_weights, int64_t ignore_index, double label_smoothing, double z_loss,
-    double softcap, int64_t reduction, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(CM3LEON_LOSS_FORWARD_PARAMS) {
   const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
                                     softcap);
   check_reduction(reduction, compute_grad);
@@ -86,14 +83,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(
   return {loss, lse, grad_hidden, grad_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cuda_launch(
-    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& loss_weights, const at::Tensor& lse, int64_t ignore_index,
-    double label_smoothing, double z_loss, double softcap) {
-  const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
-                                    softcap);
-  check_float32_vector(grad_loss, "grad_loss", cfg.tokens, hidden);
-  check_float32_vector(lse, "lse", cfg.tokens, hidden);
+std::tuple<at::Tensor, at::Tensor> backward_cuda_launch(CM3LEON_LOSS_BACKWARD_PARAMS) {
+  const LossConfig cfg = check_backward_args(grad_loss, hidden, weight, targets, loss_weights, lse, ignore_index,
+                                             label_smoothing, z_loss, softcap);
   const c10::cuda::CUDAGuard guard(hidden.device());
   check_data(targets, loss_weights, cfg);
   check_finite(lse, "hidden, weight or lse");

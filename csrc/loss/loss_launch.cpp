@@ -64,6 +64,14 @@ LossConfig check_args(const at::Tensor& hidden, const at::Tensor& weight, const 
   return cfg;
 }
 
+LossConfig check_backward_args(CM3LEON_LOSS_BACKWARD_PARAMS) {
+  const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
+                                    softcap);
+  check_float32_vector(grad_loss, "grad_loss", cfg.tokens, hidden);
+  check_float32_vector(lse, "lse", cfg.tokens, hidden);
+  return cfg;
+}
+
 void raise_status(const LossStatus& s, const at::Tensor& targets, const std::optional<at::Tensor>& loss_weights,
                   int64_t vocab, const char* nonfinite_inputs) {
   switch (s.kind) {
@@ -94,10 +102,7 @@ at::Tensor grad_weight_accumulator(const at::Tensor& weight) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu_launch(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& loss_weights, int64_t ignore_index, double label_smoothing, double z_loss,
-    double softcap, int64_t reduction, bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu_launch(CM3LEON_LOSS_FORWARD_PARAMS) {
   const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
                                     softcap);
   check_reduction(reduction, compute_grad);
@@ -116,14 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu_launch(
   return {loss, lse, grad_hidden, grad_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor> backward_cpu_launch(
-    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& loss_weights, const at::Tensor& lse, int64_t ignore_index,
-    double label_smoothing, double z_loss, double softcap) {
-  const LossConfig cfg = check_args(hidden, weight, targets, loss_weights, ignore_index, label_smoothing, z_loss,
-                                    softcap);
-  check_float32_vector(grad_loss, "grad_loss", cfg.tokens, hidden);
-  check_float32_vector(lse, "lse", cfg.tokens, hidden);
+std::tuple<at::Tensor, at::Tensor> backward_cpu_launch(CM3LEON_LOSS_BACKWARD_PARAMS) {
+  const LossConfig cfg = check_backward_args(grad_loss, hidden, weight, targets, loss_weights, lse, ignore_index,
+                                             label_smoothing, z_loss, softcap);
   at::Tensor grad_hidden = at::empty(hidden.sizes(), hidden.options());
   at::Tensor grad_weight = grad_weight_accumulator(weight);
   const LossStatus status =

@@ -91,7 +91,7 @@ CfgParams<T> make_cfg_params(const void* logits, int64_t row_stride, int64_t str
 
 // Samples row r (called by every thread of the row's block); `cache` holds p.cached floats.
 template <typename T>
-__device__ void cfg_sample_row(const CfgParams<T>& p, int64_t r, float* cache, Shared& sh) {
+__device__ void sample_row(const CfgParams<T>& p, int64_t r, float* cache, Shared& sh) {
   const int64_t lo = p.allowed.range_lo;
   CfgRow<T> row;
   const T* base = p.logits + r * p.row_stride + lo;

@@ -84,7 +84,7 @@ ContrastiveParams<T> make_contrastive_params(const void* expert, const void* ama
 
 // Samples row r (called by every thread of the row's block); `cache` holds p.cached floats.
 template <typename T>
-__device__ void contrastive_sample_row(const ContrastiveParams<T>& p, int64_t r, float* cache, Shared& sh) {
+__device__ void sample_row(const ContrastiveParams<T>& p, int64_t r, float* cache, Shared& sh) {
   const int64_t lo = p.allowed.range_lo;
   ContrastiveRow<T> row;
   row.in.src[0] = p.expert + r * p.expert_row_stride + lo;

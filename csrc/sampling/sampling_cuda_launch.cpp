@@ -47,14 +47,24 @@ DeviceSeeds device_seeds(int64_t batch, int64_t seed, const std::optional<at::Te
   return s;
 }
 
-struct Results {
+// What both samplers check and allocate on the logits' device before their launch.
+struct RowLaunch {
+  Vocab allowed;
+  DeviceSeeds seeds;
   at::Tensor tokens, logprobs, status;
 };
 
-Results allocate_results(int64_t batch, const at::Tensor& like) {
+RowLaunch prepare_rows(const at::Tensor& logits, int64_t batch, int64_t vocab, int64_t range_lo, int64_t range_hi,
+                       const std::optional<at::Tensor>& allowed_mask, int64_t seed,
+                       const std::optional<at::Tensor>& seeds, int64_t step,
+                       const std::optional<at::Tensor>& step_tensor) {
+  check_device(allowed_mask, logits.device(), "allowed_mask");
+  const Vocab allowed = check_vocab(batch, vocab, range_lo, range_hi, allowed_mask);
+  const DeviceSeeds seed_spec = device_seeds(batch, seed, seeds, step, step_tensor, logits.device());
   TORCH_CHECK_VALUE(batch < (int64_t(1) << 31), "batch must be < 2^31 rows, got ", batch);
-  return {at::empty({batch}, like.options().dtype(at::kLong)), at::empty({batch}, like.options().dtype(at::kFloat)),
-          at::full({1}, kNoError, like.options().dtype(at::kLong))};
+  const auto options = logits.options();
+  return {allowed, seed_spec, at::empty({batch}, options.dtype(at::kLong)),
+          at::empty({batch}, options.dtype(at::kFloat)), at::full({1}, kNoError, options.dtype(at::kLong))};
 }
 
 void check_launch(cudaError_t err, const char* op) {
@@ -62,7 +72,7 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 // Raises for the first bad row, unless the stream is being captured (see the top of this file).
-void raise_first_bad_row(const Results& r, cudaStream_t stream, const char* input) {
+void raise_first_bad_row(const RowLaunch& r, cudaStream_t stream, const char* input) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   check_launch(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
   if (capture != cudaStreamCaptureStatusNone) return;
@@ -73,22 +83,16 @@ void raise_first_bad_row(const Results& r, cudaStream_t stream, const char* inpu
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda_launch(
-    const at::Tensor& logits, c10::ArrayRef<double> guidance_scale, double temperature, int64_t top_k,
-    double top_p, double min_p, int64_t range_lo, int64_t range_hi, const std::optional<at::Tensor>& allowed_mask,
-    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
-    const std::optional<at::Tensor>& step_tensor) {
+std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda_launch(CM3LEON_CFG_SAMPLE_PARAMS) {
   const CfgOptions options = check_cfg_args(logits, guidance_scale, temperature, top_k, top_p, min_p);
   const int64_t batch = logits.size(0), vocab = logits.size(2);
   const DType dtype = float_dtype(logits, "logits");
   const c10::cuda::CUDAGuard guard(logits.device());
-  check_device(allowed_mask, logits.device(), "allowed_mask");
-  const Vocab allowed = check_vocab(batch, vocab, range_lo, range_hi, allowed_mask);
-  const DeviceSeeds seed_spec = device_seeds(batch, seed, seeds, step, step_tensor, logits.device());
-  const Results r = allocate_results(batch, logits);
+  const RowLaunch r =
+      prepare_rows(logits, batch, vocab, range_lo, range_hi, allowed_mask, seed, seeds, step, step_tensor);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   check_launch(cfg_sample_cuda(dtype, logits.data_ptr(), batch, logits.stride(0), logits.stride(1), options,
-                               min_p > 0 ? std::log(min_p) : 0.0, allowed, seed_spec, r.tokens.data_ptr<int64_t>(),
+                               min_p > 0 ? std::log(min_p) : 0.0, r.allowed, r.seeds, r.tokens.data_ptr<int64_t>(),
                                r.logprobs.data_ptr<float>(),
                                reinterpret_cast<long long*>(r.status.data_ptr<int64_t>()), stream),
                "cfg_sample");
@@ -96,11 +100,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cuda_launch(
   return {r.tokens, r.logprobs};
 }
 
-std::tuple<at::Tensor, at::Tensor> contrastive_sample_cuda_launch(
-    const at::Tensor& expert, const at::Tensor& amateur, double alpha, int64_t k, double temperature,
-    double amateur_temperature, int64_t range_lo, int64_t range_hi, const std::optional<at::Tensor>& allowed_mask,
-    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
-    const std::optional<at::Tensor>& step_tensor) {
+std::tuple<at::Tensor, at::Tensor> contrastive_sample_cuda_launch(CM3LEON_CONTRASTIVE_SAMPLE_PARAMS) {
   const ContrastiveOptions options =
       check_contrastive_args(expert, amateur, alpha, k, temperature, amateur_temperature);
   const int64_t batch = expert.size(0), vocab = expert.size(1);
@@ -108,14 +108,12 @@ std::tuple<at::Tensor, at::Tensor> contrastive_sample_cuda_launch(
   TORCH_CHECK_VALUE(amateur.device() == expert.device(), "amateur_logits must be on ", expert.device(), ", got ",
                     amateur.device());
   const c10::cuda::CUDAGuard guard(expert.device());
-  check_device(allowed_mask, expert.device(), "allowed_mask");
-  const Vocab allowed = check_vocab(batch, vocab, range_lo, range_hi, allowed_mask);
-  const DeviceSeeds seed_spec = device_seeds(batch, seed, seeds, step, step_tensor, expert.device());
-  const Results r = allocate_results(batch, expert);
+  const RowLaunch r =
+      prepare_rows(expert, batch, vocab, range_lo, range_hi, allowed_mask, seed, seeds, step, step_tensor);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   check_launch(contrastive_sample_cuda(dtype, expert.data_ptr(), amateur.data_ptr(), batch, expert.stride(0),
-                                       amateur.stride(0), options, alpha > 0 ? std::log(alpha) : 0.0, allowed,
-                                       seed_spec, r.tokens.data_ptr<int64_t>(), r.logprobs.data_ptr<float>(),
+                                       amateur.stride(0), options, alpha > 0 ? std::log(alpha) : 0.0, r.allowed,
+                                       r.seeds, r.tokens.data_ptr<int64_t>(), r.logprobs.data_ptr<float>(),
                                        reinterpret_cast<long long*>(r.status.data_ptr<int64_t>()), stream),
                "contrastive_sample");
   raise_first_bad_row(r, stream, "expert_logits/amateur_logits");

@@ -116,11 +116,7 @@ SeedSpec host_seeds(int64_t batch, int64_t seed, const std::optional<at::Tensor>
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu_launch(
-    const at::Tensor& logits, c10::ArrayRef<double> guidance_scale, double temperature, int64_t top_k,
-    double top_p, double min_p, int64_t range_lo, int64_t range_hi, const std::optional<at::Tensor>& allowed_mask,
-    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
-    const std::optional<at::Tensor>& step_tensor) {
+std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu_launch(CM3LEON_CFG_SAMPLE_PARAMS) {
   const CfgOptions options = check_cfg_args(logits, guidance_scale, temperature, top_k, top_p, min_p);
   const int64_t batch = logits.size(0), vocab = logits.size(2);
   const DType dtype = float_dtype(logits, "logits");
@@ -136,11 +132,7 @@ std::tuple<at::Tensor, at::Tensor> cfg_sample_cpu_launch(
   return {tokens, logprobs};
 }
 
-std::tuple<at::Tensor, at::Tensor> contrastive_sample_cpu_launch(
-    const at::Tensor& expert, const at::Tensor& amateur, double alpha, int64_t k, double temperature,
-    double amateur_temperature, int64_t range_lo, int64_t range_hi, const std::optional<at::Tensor>& allowed_mask,
-    int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
-    const std::optional<at::Tensor>& step_tensor) {
+std::tuple<at::Tensor, at::Tensor> contrastive_sample_cpu_launch(CM3LEON_CONTRASTIVE_SAMPLE_PARAMS) {
   const ContrastiveOptions options =
       check_contrastive_args(expert, amateur, alpha, k, temperature, amateur_temperature);
   const int64_t batch = expert.size(0), vocab = expert.size(1);
