@@ -6,7 +6,8 @@ shape or batch (together with its same-shaped siblings, e.g. k and v), made non-
 (or, for integer tensors, an out-of-range value), or a scalar replaced by a bad value. Every outcome must be
 one of:
 
-- an ordinary Python exception (the op refused the input), never for an unspoiled case;
+- an ordinary Python exception (the op refused the input), never for an unspoiled case; for the attention
+  ops through the raw entry its message names a spoiled argument (or a same-shaped sibling changed with it);
 - a result that passes the checks: outputs on the inputs' device, integer outputs in range, and, where the
   inputs are finite and the plain-PyTorch reference accepts them, agreement with the reference.
 
