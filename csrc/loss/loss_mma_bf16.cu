@@ -10,7 +10,7 @@ cudaError_t forward_bf16_cuda(CM3LEON_LOSS_CUDA_FORWARD_PARAMS) {
 
 cudaError_t gradients_bf16_cuda(CM3LEON_LOSS_CUDA_GRADIENT_PARAMS) {
   return mma::gradients<cutlass::bfloat16_t>(hidden, weight, targets, cfg, lse, a, b, e, grad_hidden_f32,
-                                      grad_weight_f32, stream);
+                                             grad_weight_f32, stream);
 }
 
 }  // namespace cm3leon::loss
