@@ -6,6 +6,7 @@
 // logits into dl/dz in shared memory and reduces its contributions over the tile before one atomic add
 // per element of grad_hidden / grad_weight. Never materialises [T, V].
 #include "loss/loss_cuda.h"
+#include "loss/loss_mma_plan.h"
 
 #include <climits>
 #include <cmath>
@@ -174,7 +175,16 @@ cudaError_t check_inputs_cuda(const int64_t* targets, const float* loss_weights,
   return cudaGetLastError();
 }
 
-cudaError_t forward_fp32_cuda(CM3LEON_LOSS_CUDA_FORWARD_PARAMS) {
+cudaError_t forward_workspace_cuda(DType dtype, const LossConfig& cfg, size_t* bytes) {
+  *bytes = 0;
+  if (dtype == DType::Float32) return cudaSuccess;
+  mma::ForwardPlan plan;
+  const cudaError_t err = mma::plan_forward(cfg, &plan);
+  if (err == cudaSuccess) *bytes = plan.workspace_bytes;
+  return err;
+}
+
+cudaError_t forward_fp32_cuda(CM3LEON_LOSS_CUDA_FORWARD_PARAMS) {  // needs no workspace
   if (cfg.tokens == 0) return cudaSuccess;
   forward_kernel<<<blocks_for(cfg.tokens, kTokens), kThreads, 0, stream>>>(
       static_cast<const float*>(hidden), static_cast<const float*>(weight), targets, loss_weights, cfg, lse, loss);

@@ -17,11 +17,14 @@ cudaError_t check_inputs_cuda(const int64_t* targets, const float* loss_weights,
                               long long* bad_target, long long* bad_weight, double* weight_sum,
                               cudaStream_t stream);
 
+// Bytes of device workspace the forward of `dtype` needs for cfg on the current device (0 for float32).
+cudaError_t forward_workspace_cuda(DType dtype, const LossConfig& cfg, size_t* bytes);
+
 // Forward, per token: lse[t] and loss[t] = w_t * l_t (0 where ignored), an online log-sum-exp over vocabulary
-// tiles. hidden and weight are of the function's dtype.
+// tiles. hidden and weight are of the function's dtype; workspace has forward_workspace_cuda's bytes.
 #define CM3LEON_LOSS_CUDA_FORWARD_PARAMS                                                                            \
   const void *hidden, const void *weight, const int64_t *targets, const float *loss_weights,                       \
-      const LossConfig &cfg, float *lse, float *loss, cudaStream_t stream
+      const LossConfig &cfg, float *lse, float *loss, void *workspace, cudaStream_t stream
 // Gradients: grad_hidden_f32 [T, D] and grad_weight_f32 [V, D] (zeroed by the caller) += the gradients of
 // sum_t l_t * coef, given per-token lse and the coefficients of dl/dz_v = a p_v - e - b [v == y]
 // (docs/loss.md); fp32 atomics, so the result's rounding depends on the order of the adds.

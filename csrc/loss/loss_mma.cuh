@@ -5,12 +5,13 @@
 // rows; gemm_sm80::TileConfig: 8 warps as 4 along tokens x 2 along the vocabulary, each thread holding 64
 // fp32 logits of 4 token rows) and never write them to memory:
 //
-// forward   a block owns 128 tokens and streams every vocabulary tile past them: a 3-stage cp.async
-//           pipeline over (vocabulary tile, 64-deep depth chunk) pairs. After a tile's last chunk each thread
-//           folds its logits into per-row online statistics (running max, sum of exp relative to it, sum of
-//           logits for label smoothing) and the thread holding a row's target writes its logit to shared
-//           memory. At the end the 8 holders of a row (the 4 lanes of an mma quad x the 2 warps along the
-//           vocabulary) merge their statistics into lse and the loss.
+// forward   a block owns 128 tokens and streams the vocabulary tiles of its split (loss_mma_plan.h) past
+//           them: a 3-stage cp.async pipeline over (vocabulary tile, 64-deep depth chunk) pairs. After a
+//           tile's last chunk each thread folds its logits into per-row online statistics (running max, sum of
+//           exp relative to it, sum of logits for label smoothing) and the thread holding a row's target
+//           writes its logit to shared memory. At the end the 8 holders of a row (the 4 lanes of an mma quad x
+//           the 2 warps along the vocabulary) merge their statistics into the row's Partial of the split; a
+//           second kernel merges the splits in order into lse and the loss (so both are reproducible).
 //
 // gradients a block owns one (token tile, vocabulary tile) pair. It recomputes the 128 x 128 logits with the
 //           same pipeline, turns them into G = dl/dz in registers (exactly as the fp32 SIMT kernel), scales G
@@ -20,8 +21,9 @@
 //             grad_hidden[tokens, chunk] += G . W[vocab rows, chunk]      (128 x 64, reduced over 128 rows)
 //             grad_weight[vocab rows, chunk] += G^T . H[tokens, chunk]    (128 x 64, reduced over 128 tokens)
 //           with the MMA (the operands read along tokens / vocabulary rows come through transposed ldmatrix)
-//           and adds them to the fp32 gradients with atomics: every (token, depth) element gets one add per
-//           vocabulary tile, every (vocabulary row, depth) element one per token tile. The order of those adds
+//           and adds them to the fp32 gradients with atomics (8-byte ones for column pairs on sm_90): every
+//           (token, depth) element gets one add per vocabulary tile, every (vocabulary row, depth) element
+//           one per token tile. The order of those adds
 //           varies from run to run, so gradients are not bitwise reproducible (the loss and lse are).
 //
 // Rows past T / V and depth past D are zero-filled in shared memory and never written. Operands whose rows are
@@ -32,11 +34,12 @@
 
 #include "common/gemm_sm80.cuh"
 #include "loss/loss_cpu.h"
+#include "loss/loss_mma_plan.h"
 
 namespace cm3leon::loss::mma {
 
 template <typename T>
-using Tile = gemm_sm80::TileConfig<T, 128, 128>;
+using Tile = gemm_sm80::TileConfig<T, kTileTokens, kTileVocab>;
 
 // One holder's online statistics of a row, merged at the end of the forward.
 struct RowStats {
@@ -74,8 +77,8 @@ __device__ __forceinline__ auto acc_coords() {
 template <typename T>
 __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
     forward_kernel(const typename Tile<T>::Element* hidden, const typename Tile<T>::Element* weight,
-                   const int64_t* targets, const float* loss_weights, LossConfig cfg, bool aligned, float* lse,
-                   float* loss) {
+                   const int64_t* targets, LossConfig cfg, bool aligned, int64_t tiles_per_split,
+                   Partial* partials) {
   using namespace cute;
   using Config = Tile<T>;
   using Element = typename Config::Element;
@@ -92,7 +95,9 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
 
   const int64_t t0 = int64_t(blockIdx.x) * kTokens;
   const int64_t chunks = cfg.dim > 0 ? (cfg.dim + kDepth - 1) / kDepth : 1;  // D = 0: one chunk of zeros
-  const int64_t iterations = (cfg.vocab + kVocab - 1) / kVocab * chunks;
+  const int64_t tile_begin = int64_t(blockIdx.y) * tiles_per_split;
+  const int64_t tile_end = min((cfg.vocab + kVocab - 1) / kVocab, tile_begin + tiles_per_split);
+  const int64_t iterations = (tile_end - tile_begin) * chunks;
   for (int r = threadIdx.x; r < kTokens; r += Config::kThreads) {  // ordered before use by the pipeline's syncs
     target_logit[r] = 0.f;
     holders[r] = 0;
@@ -107,8 +112,6 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   constexpr int kMmaM = decltype(size<1>(acc))::value, kMmaN = decltype(size<2>(acc))::value;
   constexpr int kSlots = 2 * kMmaM;
   static_assert(Config::kThreads * kSlots == kTokens * 8, "a row has 8 holders: 4 quad lanes x 2 warps");
-  static_assert(kTokens * int(2 * sizeof(RowStats) + sizeof(float) + sizeof(int)) <= Config::kSmemBytes,
-                "the merge area fits the pipeline's allocation");
 
   float row_max[kSlots], row_sum_exp[kSlots], row_sum[kSlots];
   int64_t target[kSlots];
@@ -121,7 +124,7 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   }
 
   auto load = [&](int64_t it, int stage) {
-    const int64_t v0 = it / chunks * kVocab, col0 = it % chunks * kDepth;
+    const int64_t v0 = (tile_begin + it / chunks) * kVocab, col0 = it % chunks * kDepth;
     gemm_sm80::load_chunk<Config, kTokens>(hidden, cfg.tokens, cfg.dim, cfg.dim, aligned, t0, col0, smem_h,
                                            typename Config::SmemLayoutA{}, stage);
     gemm_sm80::load_chunk<Config, kVocab>(weight, cfg.vocab, cfg.dim, cfg.dim, aligned, v0, col0, smem_w,
@@ -166,7 +169,7 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   gemm_sm80::run_pipeline<Config::kStages>(iterations, load, [&](int64_t it, int stage) {
     gemm_sm80::mma_chunk<Config>(sH, sW, acc, stage);
     if ((it + 1) % chunks == 0) {
-      fold(it / chunks * kVocab);
+      fold((tile_begin + it / chunks) * kVocab);
       clear(acc);
     }
   });
@@ -193,15 +196,32 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
     if (t >= cfg.tokens) continue;
     RowStats s = stats[2 * r];
     merge_lse(s.max, s.sum_exp, stats[2 * r + 1].max, stats[2 * r + 1].sum_exp);
-    const float l = s.max + logf(s.sum_exp), sum = s.sum + stats[2 * r + 1].sum;
+    partials[blockIdx.y * cfg.tokens + t] = {s.max, s.sum_exp, s.sum + stats[2 * r + 1].sum, target_logit[r]};
+  }
+}
+
+// Per token: merges the splits' Partials in split order into lse and w_t l_t (0 where ignored). The target
+// logit is in one split; the others hold 0. (A template only so that each storage type's translation unit
+// has its own instance.)
+template <typename T>
+__global__ void finish_kernel(const Partial* partials, int splits, const int64_t* targets, const float* loss_weights,
+                              LossConfig cfg, float* lse, float* loss) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < cfg.tokens;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    Partial p = partials[t];
+    for (int s = 1; s < splits; ++s) {
+      const Partial q = partials[s * cfg.tokens + t];
+      merge_lse(p.max, p.sum_exp, q.max, q.sum_exp);
+      p.sum += q.sum;
+      p.target += q.target;
+    }
+    const float l = p.max + logf(p.sum_exp);
     lse[t] = l;
     const int64_t y = targets[t];
-    if (y == cfg.ignore_index) {
-      loss[t] = 0.f;
-      continue;
-    }
     const float w = loss_weights ? loss_weights[t] : 1.f, eps = cfg.label_smoothing;
-    loss[t] = w * ((1.f - eps) * (l - target_logit[r]) + eps * (l - sum / float(cfg.vocab)) + cfg.z_loss * l * l);
+    loss[t] = y == cfg.ignore_index
+                  ? 0.f
+                  : w * ((1.f - eps) * (l - p.target) + eps * (l - p.sum / float(cfg.vocab)) + cfg.z_loss * l * l);
   }
 }
 
@@ -229,6 +249,29 @@ __device__ __forceinline__ void mma_tiles(const SA& sA, const SB& sB, Acc& acc) 
     copy(copy_a, tsA(_, _, k), trA(_, _, k));
     copy(copy_b, tsB(_, _, k), trB(_, _, k));
     gemm(tiled_mma, rA(_, _, k), rB(_, _, k), acc);
+  }
+}
+
+// out[row0 + r, col0 + c] += scale * acc for the accumulator fragment acc with coordinates (r, c), inside the
+// [rows, cols] fp32 matrix out. Values 2j and 2j + 1 of an m16n8 fragment are columns c, c + 1 (c even) of one
+// row: on sm_90 they go as one 8-byte atomic when cols is even (the pair is then aligned and inside).
+template <typename Acc, typename Coords>
+__device__ __forceinline__ void atomic_add_tile(float* out, int64_t rows, int64_t cols, int64_t row0, int64_t col0,
+                                                const Acc& acc, const Coords& coords, float scale) {
+  using namespace cute;
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    const int64_t r = row0 + get<0>(coords(i)), c = col0 + get<1>(coords(i));
+    if (r >= rows || c >= cols) continue;
+    float* p = out + r * cols + c;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (cols % 2 == 0) {
+      atomicAdd(reinterpret_cast<float2*>(p), make_float2(acc(i) * scale, acc(i + 1) * scale));
+      continue;
+    }
+#endif
+    atomicAdd(p, acc(i) * scale);
+    if (c + 1 < cols) atomicAdd(p + 1, acc(i + 1) * scale);
   }
 }
 
@@ -353,16 +396,8 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
     clear(acc_w);
     mma_tiles<Config, LdsmN, LdsmT>(sG, sWt(_, _, stage), acc_h);
     mma_tiles<Config, LdsmT, LdsmT>(sGt, sHt(_, _, stage), acc_w);
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_h); ++i) {
-      const int64_t t = t0 + get<0>(tHc(i)), d = d0 + get<1>(tHc(i));
-      if (t < cfg.tokens && d < cfg.dim) atomicAdd(grad_hidden + t * cfg.dim + d, acc_h(i) * unscale);
-    }
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_w); ++i) {
-      const int64_t v = v0 + get<0>(tWc(i)), d = d0 + get<1>(tWc(i));
-      if (v < cfg.vocab && d < cfg.dim) atomicAdd(grad_weight + v * cfg.dim + d, acc_w(i) * unscale);
-    }
+    atomic_add_tile(grad_hidden, cfg.tokens, cfg.dim, t0, d0, acc_h, tHc, unscale);
+    atomic_add_tile(grad_weight, cfg.vocab, cfg.dim, v0, d0, acc_w, tWc, unscale);
   });
 }
 
@@ -373,17 +408,24 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 
 template <typename T>
 cudaError_t forward(const void* hidden, const void* weight, const int64_t* targets, const float* loss_weights,
-                    const LossConfig& cfg, float* lse, float* loss, cudaStream_t stream) {
+                    const LossConfig& cfg, float* lse, float* loss, void* workspace, cudaStream_t stream) {
   using Element = typename Tile<T>::Element;
   if (cfg.tokens == 0) return cudaSuccess;
-  const int64_t blocks = (cfg.tokens + Tile<T>::kRows - 1) / Tile<T>::kRows;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  constexpr int smem = Tile<T>::kSmemBytes + Tile<T>::kRows * int(2 * sizeof(RowStats) + sizeof(float) + sizeof(int));
-  const cudaError_t err = allow_smem(forward_kernel<T>, smem);
+  ForwardPlan plan;
+  cudaError_t err = plan_forward(cfg, &plan);
   if (err != cudaSuccess) return err;
-  forward_kernel<T><<<unsigned(blocks), Tile<T>::kThreads, smem, stream>>>(
-      static_cast<const Element*>(hidden), static_cast<const Element*>(weight), targets, loss_weights, cfg,
-      rows_aligned<T>(hidden, weight, cfg.dim), lse, loss);
+  if (plan.token_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  constexpr int smem = Tile<T>::kSmemBytes + kTileTokens * int(2 * sizeof(RowStats) + sizeof(float) + sizeof(int));
+  err = allow_smem(forward_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
+  auto* partials = static_cast<Partial*>(workspace);
+  forward_kernel<T><<<dim3(unsigned(plan.token_tiles), unsigned(plan.splits)), Tile<T>::kThreads, smem, stream>>>(
+      static_cast<const Element*>(hidden), static_cast<const Element*>(weight), targets, cfg,
+      rows_aligned<T>(hidden, weight, cfg.dim), plan.tiles_per_split, partials);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = std::min<int64_t>((cfg.tokens + 255) / 256, 4096);
+  finish_kernel<T><<<unsigned(blocks), 256, 0, stream>>>(partials, plan.splits, targets, loss_weights, cfg, lse, loss);
   return cudaGetLastError();
 }
 

@@ -5,7 +5,8 @@
 namespace cm3leon::loss {
 
 cudaError_t forward_bf16_cuda(CM3LEON_LOSS_CUDA_FORWARD_PARAMS) {
-  return mma::forward<cutlass::bfloat16_t>(hidden, weight, targets, loss_weights, cfg, lse, loss, stream);
+  return mma::forward<cutlass::bfloat16_t>(hidden, weight, targets, loss_weights, cfg, lse, loss, workspace,
+                                           stream);
 }
 
 cudaError_t gradients_bf16_cuda(CM3LEON_LOSS_CUDA_GRADIENT_PARAMS) {
