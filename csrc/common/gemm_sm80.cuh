@@ -26,21 +26,20 @@ namespace cm3leon::gemm_sm80 {
 template <typename T>
 struct GemmTraits;
 
-template <>
-struct GemmTraits<cutlass::bfloat16_t> {
-  using Element = cutlass::bfloat16_t;
-  using Mma = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+// 16-bit types: their native m16n8k16 MMA (exact products, fp32 accumulation), ldmatrix.x4 loads.
+template <typename Element_, typename Mma_>
+struct GemmTraits16 {
+  using Element = Element_;
+  using Mma = Mma_;
   using SmemToReg = cute::SM75_U32x4_LDSM_N;
   static constexpr int kMmaDepth = 16;
 };
 
 template <>
-struct GemmTraits<cutlass::half_t> {
-  using Element = cutlass::half_t;
-  using Mma = cute::SM80_16x8x16_F32F16F16F32_TN;
-  using SmemToReg = cute::SM75_U32x4_LDSM_N;
-  static constexpr int kMmaDepth = 16;
-};
+struct GemmTraits<cutlass::bfloat16_t> : GemmTraits16<cutlass::bfloat16_t, cute::SM80_16x8x16_F32BF16BF16F32_TN> {};
+
+template <>
+struct GemmTraits<cutlass::half_t> : GemmTraits16<cutlass::half_t, cute::SM80_16x8x16_F32F16F16F32_TN> {};
 
 template <>
 struct GemmTraits<float> {

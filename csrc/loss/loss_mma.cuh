@@ -34,6 +34,7 @@
 
 #include "common/gemm_sm80.cuh"
 #include "loss/loss_cpu.h"
+#include "loss/loss_cuda.h"
 #include "loss/loss_mma_plan.h"
 
 namespace cm3leon::loss::mma {
@@ -74,6 +75,32 @@ __device__ __forceinline__ auto acc_coords() {
   return tiled_mma.get_thread_slice(threadIdx.x).partition_C(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));
 }
 
+// The pipeline's operands at the start of the dynamic shared memory: hidden rows [t0, t0 + 128) and the
+// weight rows of the current vocabulary tile, (row, depth, stage) each.
+template <typename T>
+struct Staged {
+  using Config = Tile<T>;
+  using Element = typename Config::Element;
+  Element* h;
+  Element* w;
+
+  __device__ explicit Staged(unsigned char* smem)
+      : h(reinterpret_cast<Element*>(smem)), w(h + Config::kElemsA) {}
+  __device__ auto hidden() const { return cute::make_tensor(cute::make_smem_ptr(h), typename Config::SmemLayoutA{}); }
+  __device__ auto weight() const { return cute::make_tensor(cute::make_smem_ptr(w), typename Config::SmemLayoutB{}); }
+  __device__ void* end() const { return w + Config::kElemsB; }
+
+  // Issues the copies of depth chunk `chunk` of hidden rows [t0, ...) and weight rows [v0, ...) into `stage`.
+  __device__ void load(const Element* hidden_rows, const Element* weight_rows, const LossConfig& cfg, bool aligned,
+                       int64_t t0, int64_t v0, int64_t chunk, int stage) const {
+    const int64_t col0 = chunk * Config::kDepth;
+    gemm_sm80::load_chunk<Config, Config::kRows>(hidden_rows, cfg.tokens, cfg.dim, cfg.dim, aligned, t0, col0, h,
+                                                 typename Config::SmemLayoutA{}, stage);
+    gemm_sm80::load_chunk<Config, Config::kCols>(weight_rows, cfg.vocab, cfg.dim, cfg.dim, aligned, v0, col0, w,
+                                                 typename Config::SmemLayoutB{}, stage);
+  }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
     forward_kernel(const typename Tile<T>::Element* hidden, const typename Tile<T>::Element* weight,
@@ -85,11 +112,10 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   constexpr int kTokens = Config::kRows, kVocab = Config::kCols, kDepth = Config::kDepth;
 
   extern __shared__ __align__(128) unsigned char smem[];
-  Element* smem_h = reinterpret_cast<Element*>(smem);
-  Element* smem_w = smem_h + Config::kElemsA;
-  Tensor sH = make_tensor(make_smem_ptr(smem_h), typename Config::SmemLayoutA{});  // (token, depth, stage)
-  Tensor sW = make_tensor(make_smem_ptr(smem_w), typename Config::SmemLayoutB{});  // (vocab row, depth, stage)
-  RowStats* stats = reinterpret_cast<RowStats*>(smem_w + Config::kElemsB);          // [kTokens][2 holders]
+  const Staged<T> staged(smem);
+  Tensor sH = staged.hidden();
+  Tensor sW = staged.weight();
+  RowStats* stats = static_cast<RowStats*>(staged.end());                            // [kTokens][2 holders]
   float* target_logit = reinterpret_cast<float*>(stats + 2 * kTokens);               // [kTokens]
   int* holders = reinterpret_cast<int*>(target_logit + kTokens);                     // [kTokens]
 
@@ -124,11 +150,7 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   }
 
   auto load = [&](int64_t it, int stage) {
-    const int64_t v0 = (tile_begin + it / chunks) * kVocab, col0 = it % chunks * kDepth;
-    gemm_sm80::load_chunk<Config, kTokens>(hidden, cfg.tokens, cfg.dim, cfg.dim, aligned, t0, col0, smem_h,
-                                           typename Config::SmemLayoutA{}, stage);
-    gemm_sm80::load_chunk<Config, kVocab>(weight, cfg.vocab, cfg.dim, cfg.dim, aligned, v0, col0, smem_w,
-                                          typename Config::SmemLayoutB{}, stage);
+    staged.load(hidden, weight, cfg, aligned, t0, (tile_begin + it / chunks) * kVocab, it % chunks, stage);
   };
 
   // Folds the finished logits of the vocabulary tile at v0 into the row statistics (one rescale per tile).
@@ -308,13 +330,12 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   constexpr int kTokens = Config::kRows, kVocab = Config::kCols, kDepth = Config::kDepth;
 
   extern __shared__ __align__(128) unsigned char smem[];
-  Element* smem_h = reinterpret_cast<Element*>(smem);
-  Element* smem_w = smem_h + Config::kElemsA;
-  Element* smem_g = smem_w + Config::kElemsB;
-  Tensor sH = make_tensor(make_smem_ptr(smem_h), typename Config::SmemLayoutA{});  // (token, depth, stage)
-  Tensor sW = make_tensor(make_smem_ptr(smem_w), typename Config::SmemLayoutB{});  // (vocab row, depth, stage)
-  Tensor sHt = make_tensor(make_smem_ptr(smem_h), typename Layouts::Ht{});          // (depth, token, stage)
-  Tensor sWt = make_tensor(make_smem_ptr(smem_w), typename Layouts::Wt{});          // (depth, vocab row, stage)
+  const Staged<T> staged(smem);
+  Element* smem_g = static_cast<Element*>(staged.end());
+  Tensor sH = staged.hidden();
+  Tensor sW = staged.weight();
+  Tensor sHt = make_tensor(make_smem_ptr(staged.h), typename Layouts::Ht{});        // (depth, token, stage)
+  Tensor sWt = make_tensor(make_smem_ptr(staged.w), typename Layouts::Wt{});        // (depth, vocab row, stage)
   Tensor sG = make_tensor(make_smem_ptr(smem_g), typename Layouts::G{});            // (token, vocab row)
   Tensor sGt = make_tensor(make_smem_ptr(smem_g), typename Layouts::Gt{});          // (vocab row, token)
   int64_t* row_target = reinterpret_cast<int64_t*>(smem_g + kTokens * kVocab);
@@ -338,13 +359,7 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   }
   if (threadIdx.x == 0) *tile_max_bits = 0u;
 
-  auto load = [&](int64_t chunk, int stage) {
-    const int64_t col0 = chunk * kDepth;
-    gemm_sm80::load_chunk<Config, kTokens>(hidden, cfg.tokens, cfg.dim, cfg.dim, aligned, t0, col0, smem_h,
-                                           typename Config::SmemLayoutA{}, stage);
-    gemm_sm80::load_chunk<Config, kVocab>(weight, cfg.vocab, cfg.dim, cfg.dim, aligned, v0, col0, smem_w,
-                                          typename Config::SmemLayoutB{}, stage);
-  };
+  auto load = [&](int64_t chunk, int stage) { staged.load(hidden, weight, cfg, aligned, t0, v0, chunk, stage); };
 
   // 1. The tile's logits.
   typename Config::TiledMma tiled_mma;
@@ -448,3 +463,15 @@ cudaError_t gradients(const void* hidden, const void* weight, const int64_t* tar
 }
 
 }  // namespace cm3leon::loss::mma
+
+// Defines forward_<name>_cuda and gradients_<name>_cuda (loss_cuda.h) for storage type T, in one translation
+// unit per type.
+#define CM3LEON_LOSS_MMA_ENTRY_POINTS(name, T)                                                                     \
+  namespace cm3leon::loss {                                                                                        \
+  cudaError_t forward_##name##_cuda(CM3LEON_LOSS_CUDA_FORWARD_PARAMS) {                                            \
+    return mma::forward<T>(hidden, weight, targets, loss_weights, cfg, lse, loss, workspace, stream);              \
+  }                                                                                                                \
+  cudaError_t gradients_##name##_cuda(CM3LEON_LOSS_CUDA_GRADIENT_PARAMS) {                                         \
+    return mma::gradients<T>(hidden, weight, targets, cfg, lse, a, b, e, grad_hidden_f32, grad_weight_f32, stream); \
+  }                                                                                                                \
+  }

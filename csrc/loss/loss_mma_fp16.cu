@@ -1,17 +1,4 @@
 // The tensor-core loss kernels for fp16 inputs (one storage type per translation unit: they compile in parallel).
-#include "loss/loss_cuda.h"
 #include "loss/loss_mma.cuh"
 
-namespace cm3leon::loss {
-
-cudaError_t forward_fp16_cuda(CM3LEON_LOSS_CUDA_FORWARD_PARAMS) {
-  return mma::forward<cutlass::half_t>(hidden, weight, targets, loss_weights, cfg, lse, loss, workspace,
-                                       stream);
-}
-
-cudaError_t gradients_fp16_cuda(CM3LEON_LOSS_CUDA_GRADIENT_PARAMS) {
-  return mma::gradients<cutlass::half_t>(hidden, weight, targets, cfg, lse, a, b, e, grad_hidden_f32,
-                                         grad_weight_f32, stream);
-}
-
-}  // namespace cm3leon::loss
+CM3LEON_LOSS_MMA_ENTRY_POINTS(fp16, cutlass::half_t)
