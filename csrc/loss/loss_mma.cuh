@@ -108,7 +108,6 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
                    Partial* partials) {
   using namespace cute;
   using Config = Tile<T>;
-  using Element = typename Config::Element;
   constexpr int kTokens = Config::kRows, kVocab = Config::kCols, kDepth = Config::kDepth;
 
   extern __shared__ __align__(128) unsigned char smem[];
