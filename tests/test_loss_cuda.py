@@ -103,3 +103,17 @@ def test_cuda_misaligned_rows_match_aligned(dtype):
         assert torch.equal(a, b)
     for a, b in zip(aligned[2:], shifted[2:]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_tensor_core_path_reports_nan(dtype):
+    """A NaN in any token tile or vocabulary tile (here the second token tile and the last, partial vocabulary
+    tile) reaches lse through the tensor-core forward's merges and is reported."""
+    hidden, weight, targets, lw = _inputs(150, 40, 300, dtype)
+    bad_hidden = hidden.clone()
+    bad_hidden[140, 39] = float("nan")
+    bad_weight = weight.clone()
+    bad_weight[299, 3] = float("nan")
+    for h, w in ((bad_hidden, weight), (hidden, bad_weight)):
+        with pytest.raises(ValueError, match="hidden"):
+            _run("cuda", h, w, targets, lw, "sum", True)
