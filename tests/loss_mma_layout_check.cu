@@ -35,10 +35,10 @@ int check_type() {
     }
   for (int x : hits) bad += x != 1;
   // Accumulators: values 2j, 2j + 1 are columns c, c + 1 (c even) of one row (atomic_add_tile's pairs); in the
-  // forward's 128 x 128 fragment value c + 2h of (m, n) lies on row slot (m, h); each row has 8 holders and the
-  // 4 lanes of a quad hold the same rows.
+  // forward's 128 x 128 fragment value c + 2h of (m, n) lies on row slot (m, h); each row has 8 holders, the 4
+  // lanes of a quad hold the same rows, and a row's quads are one in warps 0-3 and one in warps 4-7.
   typename Config::TiledMma mma;
-  std::vector<int> holders(kTokens, 0);
+  std::vector<int> holders(kTokens, 0), upper_warps(kTokens, 0);
   for (int tid = 0; tid < Config::kThreads; ++tid) {
     const auto pairs = mma.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kTokens>, Int<kDepth>>{}));
     for (int i = 0; i < size(pairs); i += 2)
@@ -51,12 +51,13 @@ int check_type() {
       for (int hh = 0; hh < 2; ++hh) {
         const int row = get<0>(acc(2 * hh, m, 0));
         ++holders[row];
+        upper_warps[row] += tid / 32 / 4;
         bad += row != get<0>(quad(2 * hh, m, 0));
         for (int n = 0; n < size<2>(acc); ++n)
           for (int c = 0; c < 2; ++c) bad += get<0>(acc(c + 2 * hh, m, n)) != row;
       }
   }
-  for (int x : holders) bad += x != 8;
+  for (int r = 0; r < kTokens; ++r) bad += holders[r] != 8 || upper_warps[r] != 4;
   return bad;
 }
 

@@ -114,19 +114,16 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   const Staged<T> staged(smem);
   Tensor sH = staged.hidden();
   Tensor sW = staged.weight();
-  RowStats* stats = static_cast<RowStats*>(staged.end());                            // [kTokens][2 holders]
-  float* target_logit = reinterpret_cast<float*>(stats + 2 * kTokens);               // [kTokens]
-  int* holders = reinterpret_cast<int*>(target_logit + kTokens);                     // [kTokens]
+  float* target_logit = static_cast<float*>(staged.end());                           // [kTokens]
+  RowStats* stats = reinterpret_cast<RowStats*>(smem);  // [kTokens][2 warps], over the finished pipeline
+  static_assert(2 * kTokens * sizeof(RowStats) <= Config::kSmemBytes, "the merge area fits the pipeline's");
 
   const int64_t t0 = int64_t(blockIdx.x) * kTokens;
   const int64_t chunks = cfg.dim > 0 ? (cfg.dim + kDepth - 1) / kDepth : 1;  // D = 0: one chunk of zeros
   const int64_t tile_begin = int64_t(blockIdx.y) * tiles_per_split;
   const int64_t tile_end = min((cfg.vocab + kVocab - 1) / kVocab, tile_begin + tiles_per_split);
   const int64_t iterations = (tile_end - tile_begin) * chunks;
-  for (int r = threadIdx.x; r < kTokens; r += Config::kThreads) {  // ordered before use by the pipeline's syncs
-    target_logit[r] = 0.f;
-    holders[r] = 0;
-  }
+  for (int r = threadIdx.x; r < kTokens; r += Config::kThreads) target_logit[r] = 0.f;  // the pipeline syncs
 
   typename Config::TiledMma tiled_mma;
   Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kTokens>, Int<kVocab>>{});  // (MMA, MMA_M, MMA_N)
@@ -196,7 +193,8 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   });
 
   // Merge the 4 lanes of each quad, then the quads of the 2 warps along the vocabulary through shared memory
-  // (in either order: merging two holders is commutative, bit for bit).
+  // (warp w is (w % 4, w / 4) in the 4 x 2 warp layout; tests/loss_mma_layout_check.cu checks the ownership).
+  const int warp_n = threadIdx.x / 32 / 4;
   CUTE_UNROLL
   for (int slot = 0; slot < kSlots; ++slot) {
     CUTE_UNROLL
@@ -206,10 +204,9 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
       row_sum[slot] += __shfl_xor_sync(0xffffffffu, row_sum[slot], offset);
       merge_lse(row_max[slot], row_sum_exp[slot], m2, s2);
     }
-    if (threadIdx.x % 4 == 0) {
-      const int row = get<0>(tCcC(2 * (slot % 2), slot / 2, 0));
-      stats[2 * row + atomicAdd(&holders[row], 1)] = {row_max[slot], row_sum_exp[slot], row_sum[slot]};
-    }
+    if (threadIdx.x % 4 == 0)
+      stats[2 * get<0>(tCcC(2 * (slot % 2), slot / 2, 0)) + warp_n] = {row_max[slot], row_sum_exp[slot],
+                                                                        row_sum[slot]};
   }
   __syncthreads();
   for (int r = threadIdx.x; r < kTokens; r += Config::kThreads) {
@@ -429,7 +426,7 @@ cudaError_t forward(const void* hidden, const void* weight, const int64_t* targe
   cudaError_t err = plan_forward(cfg, &plan);
   if (err != cudaSuccess) return err;
   if (plan.token_tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  constexpr int smem = Tile<T>::kSmemBytes + kTileTokens * int(2 * sizeof(RowStats) + sizeof(float) + sizeof(int));
+  constexpr int smem = Tile<T>::kSmemBytes + kTileTokens * int(sizeof(float));  // + target logits
   err = allow_smem(forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   auto* partials = static_cast<Partial*>(workspace);
