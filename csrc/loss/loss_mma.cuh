@@ -23,8 +23,9 @@
 //           with the MMA (the operands read along tokens / vocabulary rows come through transposed ldmatrix)
 //           and adds them to the fp32 gradients with atomics (8-byte ones for column pairs on sm_90): every
 //           (token, depth) element gets one add per vocabulary tile, every (vocabulary row, depth) element
-//           one per token tile. The order of those adds
-//           varies from run to run, so gradients are not bitwise reproducible (the loss and lse are).
+//           one per token tile (each block starts at its own chunk, so blocks running together rarely add to
+//           the same element at once). The order of the adds varies from run to run, so gradients are not
+//           bitwise reproducible (the loss and lse are).
 //
 // Rows past T / V and depth past D are zero-filled in shared memory and never written. Operands whose rows are
 // 16-byte aligned (D a multiple of 8 and aligned base pointers) load with cp.async, others element by element.
@@ -395,12 +396,16 @@ __global__ void __launch_bounds__(Tile<T>::kThreads, 1)
   for (int i = 0; i < size(acc); ++i) tGsG(i) = static_cast<Element>(acc(i) * scale);
 
   // 3. Per depth chunk: grad_hidden += G W, grad_weight += G^T H (the first iteration's sync publishes G).
+  // Blocks start at different chunks: the blocks running at the same time share a token or vocabulary tile,
+  // and would otherwise add to the same gradient elements at the same moment.
   using LdsmN = cute::SM75_U32x4_LDSM_N;
   using LdsmT = cute::SM75_U16x8_LDSM_T;
   const auto tHc = acc_coords<T, kTokens, kDepth>();
   const auto tWc = acc_coords<T, kVocab, kDepth>();
-  gemm_sm80::run_pipeline<Config::kStages>(chunks, load, [&](int64_t chunk, int stage) {
-    const int64_t d0 = chunk * kDepth;
+  const int64_t first = (int64_t(blockIdx.x) + blockIdx.y) % chunks;
+  auto load_rotated = [&](int64_t it, int stage) { load((first + it) % chunks, stage); };
+  gemm_sm80::run_pipeline<Config::kStages>(chunks, load_rotated, [&](int64_t it, int stage) {
+    const int64_t d0 = (first + it) % chunks * kDepth;
     Tensor acc_h = partition_fragment_C(tiled_mma, Shape<Int<kTokens>, Int<kDepth>>{});
     Tensor acc_w = partition_fragment_C(tiled_mma, Shape<Int<kVocab>, Int<kDepth>>{});
     clear(acc_h);
