@@ -76,11 +76,15 @@ def _raw_cuda_loss(h, w, y):
 
 
 @pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA GPU and a CUDA build of cm3leon_kernels")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("impl", ["cm3leon", "torch-linear+cross_entropy"])
-def test_linear_cross_entropy_cuda(benchmark, bench_record, impl, mode):
+def test_linear_cross_entropy_cuda(benchmark, bench_record, impl, mode, dtype):
+    """fp32 runs the exact SIMT kernels, bf16 the tensor-core ones (docs/loss.md, "CUDA")."""
     t, d, v = 8192, 2048, 65536
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     hidden, weight, targets = (x.cuda() for x in _inputs(t, d, v))
+    hidden, weight = hidden.to(torch_dtype), weight.to(torch_dtype)
     loss_fn = _raw_cuda_loss if impl == "cm3leon" else _torch_loss
     step = MODES[mode](loss_fn, hidden, weight, targets)
 
@@ -93,6 +97,6 @@ def test_linear_cross_entropy_cuda(benchmark, bench_record, impl, mode):
     fn()
     extra = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20, 1)
     matmuls = 3 if mode == "fwd+bwd" else 1
-    bench_record(benchmark, case=f"linear_cross_entropy cuda {mode} T={t} D={d} V={v} fp32", impl=impl,
+    bench_record(benchmark, case=f"linear_cross_entropy cuda {mode} T={t} D={d} V={v} {dtype}", impl=impl,
                  work=matmuls * 2 * t * d * v, unit="GFLOP/s", peak_extra_mib=extra)
     benchmark.pedantic(fn, rounds=3, iterations=1)

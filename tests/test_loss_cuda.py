@@ -41,7 +41,10 @@ def _run(device, hidden, weight, targets, lw, reduction, grads, smoothing=0.1, z
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("reduction", list(REDUCTIONS))
-@pytest.mark.parametrize("t,d,v", [(1, 1, 1), (7, 5, 11), (33, 17, 97), (200, 64, 301), (70, 128, 5000)])
+# Partial tiles everywhere: T and V not multiples of the tensor-core kernels' 128 x 128 tiles (several tiles
+# from 129 / 257 on), D not a multiple of their 64-deep chunks, D not a multiple of 8 (element-wise loads).
+@pytest.mark.parametrize("t,d,v", [(1, 1, 1), (7, 5, 11), (33, 17, 97), (200, 64, 301), (70, 128, 5000),
+                                   (129, 72, 257), (300, 200, 1000), (131, 37, 390)])
 def test_cuda_matches_float64_reference(t, d, v, reduction, dtype):
     hidden, weight, targets, lw = _inputs(t, d, v, dtype)
     with poisoned_outputs():
@@ -75,3 +78,42 @@ def test_cuda_agrees_with_cpu_and_checks_data():
         _run("cuda", nan, weight, targets, lw, "sum", True)
     with pytest.raises(ValueError, match="loss_weights"):
         _run("cuda", hidden, weight, targets, -lw, "sum", True)
+
+
+def _misaligned(x):
+    """A CUDA copy of x whose data starts 2 bytes past a 16-byte boundary (contiguous, storage offset 1)."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device="cuda")
+    view = buf[1:].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_misaligned_rows_match_aligned(dtype):
+    """Rows that are not 16-byte aligned take the element-wise loads of the tensor-core kernels: the same
+    operands reach shared memory, so loss and lse are bit for bit those of the aligned run (and of a rerun);
+    gradients only differ by the order of their atomic adds."""
+    hidden, weight, targets, lw = _inputs(150, 64, 300, dtype)
+    aligned = _run("cuda", hidden, weight, targets, lw, "sum", True)
+    again = _run("cuda", hidden, weight, targets, lw, "sum", True)
+    shifted = _run("cuda", _misaligned(hidden), _misaligned(weight), targets, lw, "sum", True)
+    for a, b in zip(aligned[:2], again[:2]):
+        assert torch.equal(a, b)
+    for a, b in zip(aligned[:2], shifted[:2]):
+        assert torch.equal(a, b)
+    for a, b in zip(aligned[2:], shifted[2:]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cuda_tensor_core_path_reports_nan(dtype):
+    """A NaN in any token tile or vocabulary tile (here the second token tile and the last, partial vocabulary
+    tile) reaches lse through the tensor-core forward's merges and is reported."""
+    hidden, weight, targets, lw = _inputs(150, 40, 300, dtype)
+    bad_hidden = hidden.clone()
+    bad_hidden[140, 39] = float("nan")
+    bad_weight = weight.clone()
+    bad_weight[299, 3] = float("nan")
+    for h, w in ((bad_hidden, weight), (hidden, bad_weight)):
+        with pytest.raises(ValueError, match="hidden"):
+            _run("cuda", h, w, targets, lw, "sum", True)

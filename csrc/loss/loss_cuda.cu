@@ -1,13 +1,13 @@
-// Fused linear + cross-entropy, CUDA SIMT kernels (torch-free). A block owns kTokens tokens and walks the
+// Fused linear + cross-entropy: the input checks and the fp32 path, SIMT kernels in exact fp32 (torch-free;
+// bf16 / fp16 run on tensor cores, loss_mma.cuh). A block owns kTokens tokens and walks the
 // vocabulary in tiles of kRows weight rows, staging kDepth-deep slices of both operands in shared memory;
 // each thread computes kPerThread logits of one token. The forward keeps an online (max, sum exp, sum)
 // per thread and merges the 16 threads of a token with warp shuffles; the gradient kernel turns a tile of
 // logits into dl/dz in shared memory and reduces its contributions over the tile before one atomic add
 // per element of grad_hidden / grad_weight. Never materialises [T, V].
 #include "loss/loss_cuda.h"
+#include "loss/loss_mma_plan.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <climits>
 #include <cmath>
 
@@ -22,24 +22,9 @@ constexpr int kThreads = 256;                         // 16 threads per token
 constexpr int kLanesPerToken = kThreads / kTokens;    // 16
 constexpr int kPerThread = kRows / kLanesPerToken;    // 4 logits per thread and tile
 
-__device__ inline float load_f(const float* p) { return *p; }
-__device__ inline float load_f(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-__device__ inline float load_f(const __half* p) { return __half2float(*p); }
-
-template <typename F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::BFloat16: return f(__nv_bfloat16{});
-    case DType::Float16: return f(__half{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // Logits of the block's tokens against weight rows [v0, v0 + kRows) for this thread: out[j] is the logit of
 // token threadIdx.x / 16 and row v0 + lane + 16 j (soft-capped; rows past V are left at -inf).
-template <typename T>
-__device__ void tile_logits(const T* hidden, const T* weight, const LossConfig& cfg, int64_t t0, int64_t v0,
+__device__ void tile_logits(const float* hidden, const float* weight, const LossConfig& cfg, int64_t t0, int64_t v0,
                             float (*hs)[kDepth + 1], float (*ws)[kDepth + 1], float* out) {
   const int tid = threadIdx.x, tok = tid / kLanesPerToken, lane = tid % kLanesPerToken;
   float acc[kPerThread] = {};
@@ -47,12 +32,12 @@ __device__ void tile_logits(const T* hidden, const T* weight, const LossConfig& 
     for (int i = tid; i < kTokens * kDepth; i += kThreads) {
       const int r = i / kDepth, c = i % kDepth;
       const int64_t t = t0 + r, d = k0 + c;
-      hs[r][c] = (t < cfg.tokens && d < cfg.dim) ? load_f(hidden + t * cfg.dim + d) : 0.f;
+      hs[r][c] = (t < cfg.tokens && d < cfg.dim) ? hidden[t * cfg.dim + d] : 0.f;
     }
     for (int i = tid; i < kRows * kDepth; i += kThreads) {
       const int r = i / kDepth, c = i % kDepth;
       const int64_t v = v0 + r, d = k0 + c;
-      ws[r][c] = (v < cfg.vocab && d < cfg.dim) ? load_f(weight + v * cfg.dim + d) : 0.f;
+      ws[r][c] = (v < cfg.vocab && d < cfg.dim) ? weight[v * cfg.dim + d] : 0.f;
     }
     __syncthreads();
 #pragma unroll 4
@@ -87,10 +72,9 @@ __global__ void check_kernel(const int64_t* targets, const float* loss_weights, 
   if (local != 0.0) atomicAdd(weight_sum, local);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const T* hidden, const T* weight, const int64_t* targets,
-                                                           const float* loss_weights, LossConfig cfg, float* lse,
-                                                           float* loss) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(const float* hidden, const float* weight,
+                                                           const int64_t* targets, const float* loss_weights,
+                                                           LossConfig cfg, float* lse, float* loss) {
   __shared__ float hs[kTokens][kDepth + 1];
   __shared__ float ws[kRows][kDepth + 1];
   __shared__ float target_logit[kTokens];
@@ -133,9 +117,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const T* hidden, cons
   loss[t] = w * ((1.f - eps) * (l - target_logit[tok]) + eps * (l - sz / float(cfg.vocab)) + cfg.z_loss * l * l);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) gradient_kernel(const T* hidden, const T* weight, const int64_t* targets,
-                                                            LossConfig cfg, const float* lse, const float* a,
+__global__ void __launch_bounds__(kThreads) gradient_kernel(const float* hidden, const float* weight,
+                                                            const int64_t* targets, LossConfig cfg,
+                                                            const float* lse, const float* a,
                                                             const float* b, const float* e, float* grad_hidden,
                                                             float* grad_weight) {
   __shared__ float hs[kTokens][kDepth + 1];
@@ -165,7 +149,7 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(const T* hidden, con
     const int64_t d = i % cfg.dim, tt = t0 + r;
     if (tt >= cfg.tokens) continue;
     float acc = 0.f;
-    for (int c = 0; c < kRows && v0 + c < cfg.vocab; ++c) acc = fmaf(g[r][c], load_f(weight + (v0 + c) * cfg.dim + d), acc);
+    for (int c = 0; c < kRows && v0 + c < cfg.vocab; ++c) acc = fmaf(g[r][c], weight[(v0 + c) * cfg.dim + d], acc);
     atomicAdd(grad_hidden + tt * cfg.dim + d, acc);
   }
   for (int64_t i = tid; i < int64_t(kRows) * cfg.dim; i += kThreads) {
@@ -173,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) gradient_kernel(const T* hidden, con
     const int64_t d = i % cfg.dim, v = v0 + c;
     if (v >= cfg.vocab) continue;
     float acc = 0.f;
-    for (int r = 0; r < kTokens && t0 + r < cfg.tokens; ++r) acc = fmaf(g[r][c], load_f(hidden + (t0 + r) * cfg.dim + d), acc);
+    for (int r = 0; r < kTokens && t0 + r < cfg.tokens; ++r) acc = fmaf(g[r][c], hidden[(t0 + r) * cfg.dim + d], acc);
     atomicAdd(grad_weight + v * cfg.dim + d, acc);
   }
 }
@@ -191,30 +175,29 @@ cudaError_t check_inputs_cuda(const int64_t* targets, const float* loss_weights,
   return cudaGetLastError();
 }
 
-cudaError_t forward_cuda(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
-                         const float* loss_weights, const LossConfig& cfg, float* lse, float* loss,
-                         cudaStream_t stream) {
-  if (cfg.tokens == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    forward_kernel<T><<<blocks_for(cfg.tokens, kTokens), kThreads, 0, stream>>>(
-        static_cast<const T*>(hidden), static_cast<const T*>(weight), targets, loss_weights, cfg, lse, loss);
-    return cudaGetLastError();
-  });
+cudaError_t forward_workspace_cuda(DType dtype, const LossConfig& cfg, size_t* bytes) {
+  *bytes = 0;
+  if (dtype == DType::Float32) return cudaSuccess;
+  mma::ForwardPlan plan;
+  const cudaError_t err = mma::plan_forward(cfg, &plan);
+  if (err == cudaSuccess) *bytes = plan.workspace_bytes;
+  return err;
 }
 
-cudaError_t gradients_cuda(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
-                           const LossConfig& cfg, const float* lse, const float* a, const float* b,
-                           const float* e, float* grad_hidden_f32, float* grad_weight_f32, cudaStream_t stream) {
+cudaError_t forward_fp32_cuda(CM3LEON_LOSS_CUDA_FORWARD_PARAMS) {  // needs no workspace
+  if (cfg.tokens == 0) return cudaSuccess;
+  forward_kernel<<<blocks_for(cfg.tokens, kTokens), kThreads, 0, stream>>>(
+      static_cast<const float*>(hidden), static_cast<const float*>(weight), targets, loss_weights, cfg, lse, loss);
+  return cudaGetLastError();
+}
+
+cudaError_t gradients_fp32_cuda(CM3LEON_LOSS_CUDA_GRADIENT_PARAMS) {
   if (cfg.tokens == 0) return cudaSuccess;
   if (blocks_for(cfg.vocab, kRows) > 65535) return cudaErrorInvalidConfiguration;
-  return dispatch(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const dim3 grid(blocks_for(cfg.tokens, kTokens), blocks_for(cfg.vocab, kRows));
-    gradient_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(hidden), static_cast<const T*>(weight),
-                                                      targets, cfg, lse, a, b, e, grad_hidden_f32, grad_weight_f32);
-    return cudaGetLastError();
-  });
+  const dim3 grid(blocks_for(cfg.tokens, kTokens), blocks_for(cfg.vocab, kRows));
+  gradient_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const float*>(hidden), static_cast<const float*>(weight),
+                                                 targets, cfg, lse, a, b, e, grad_hidden_f32, grad_weight_f32);
+  return cudaGetLastError();
 }
 
 }  // namespace cm3leon::loss

@@ -1,5 +1,6 @@
 // CUDA launchers of the fused linear + cross-entropy (compiled only in CUDA builds). The forward computes loss
-// and lse; gradients always come from the recomputing gradient kernel (docs/loss.md, "CUDA").
+// and lse; gradients always come from the recomputing gradient kernel (docs/loss.md, "CUDA"). The kernels are
+// chosen by dtype: exact fp32 SIMT kernels for float32, tensor-core kernels for bfloat16 / float16.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
@@ -14,6 +15,21 @@
 namespace cm3leon::loss {
 
 namespace {
+
+// The kernels of one input dtype.
+struct Kernels {
+  cudaError_t (*forward)(CM3LEON_LOSS_CUDA_FORWARD_PARAMS);
+  cudaError_t (*gradients)(CM3LEON_LOSS_CUDA_GRADIENT_PARAMS);
+};
+
+Kernels kernels_for(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return {forward_fp32_cuda, gradients_fp32_cuda};
+    case DType::BFloat16: return {forward_bf16_cuda, gradients_bf16_cuda};
+    case DType::Float16: return {forward_fp16_cuda, gradients_fp16_cuda};
+  }
+  TORCH_CHECK(false, "linear_cross_entropy: unsupported dtype");
+}
 
 void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "linear_cross_entropy CUDA ", what, " failed: ", cudaGetErrorString(err));
@@ -51,10 +67,10 @@ std::tuple<at::Tensor, at::Tensor> gradients(const at::Tensor& hidden, const at:
   const at::Tensor e = c.mul(cfg.label_smoothing / double(cfg.vocab)).contiguous();
   at::Tensor gh = at::zeros(hidden.sizes(), hidden.options().dtype(at::kFloat));
   at::Tensor gw = at::zeros(weight.sizes(), weight.options().dtype(at::kFloat));
-  check_cuda(gradients_cuda(float_dtype(hidden, "hidden"), hidden.data_ptr(), weight.data_ptr(),
-                            targets.data_ptr<int64_t>(), cfg, lse.data_ptr<float>(), a.data_ptr<float>(),
-                            b.data_ptr<float>(), e.data_ptr<float>(), gh.data_ptr<float>(), gw.data_ptr<float>(),
-                            c10::cuda::getCurrentCUDAStream()),
+  const Kernels kernels = kernels_for(float_dtype(hidden, "hidden"));
+  check_cuda(kernels.gradients(hidden.data_ptr(), weight.data_ptr(), targets.data_ptr<int64_t>(), cfg,
+                               lse.data_ptr<float>(), a.data_ptr<float>(), b.data_ptr<float>(), e.data_ptr<float>(),
+                               gh.data_ptr<float>(), gw.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
              "gradient kernel");
   return {gh.to(hidden.scalar_type()), gw.to(weight.scalar_type())};
 }
@@ -69,9 +85,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda_launch(C
   const double weight_sum = check_data(targets, loss_weights, cfg);
   at::Tensor lse = at::empty({cfg.tokens}, hidden.options().dtype(at::kFloat));
   at::Tensor per_token = at::empty({cfg.tokens}, hidden.options().dtype(at::kFloat));
-  check_cuda(forward_cuda(float_dtype(hidden, "hidden"), hidden.data_ptr(), weight.data_ptr(),
-                          targets.data_ptr<int64_t>(), loss_weights ? loss_weights->data_ptr<float>() : nullptr, cfg,
-                          lse.data_ptr<float>(), per_token.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()),
+  const DType dtype = float_dtype(hidden, "hidden");
+  size_t workspace_bytes = 0;
+  check_cuda(forward_workspace_cuda(dtype, cfg, &workspace_bytes), "forward planning");
+  at::Tensor workspace = at::empty({int64_t(workspace_bytes)}, hidden.options().dtype(at::kByte));
+  check_cuda(kernels_for(dtype).forward(hidden.data_ptr(), weight.data_ptr(), targets.data_ptr<int64_t>(),
+                                        loss_weights ? loss_weights->data_ptr<float>() : nullptr, cfg,
+                                        lse.data_ptr<float>(), per_token.data_ptr<float>(), workspace.data_ptr(),
+                                        c10::cuda::getCurrentCUDAStream()),
              "forward kernel");
   check_finite(lse, "hidden or weight");
   const double mean_scale = reduction == 2 ? (weight_sum > 0 ? 1.0 / weight_sum : 0.0) : 1.0;

@@ -10,71 +10,13 @@
 // candidates and writes them to out[blockIdx.y, row]. (Three per thread and kKeep = 8 keep the exact full scan
 // rare: simulated on N(0,1) data, D=256, K=8192: 1 fp32 row in 2000, versus 3.5% with two and four.)
 #pragma once
-#include <cute/tensor.hpp>
-#include <cute/arch/copy_sm80.hpp>
-#include <cute/atom/copy_atom.hpp>
-#include <cute/atom/mma_atom.hpp>
-#include <cutlass/numeric_types.h>
-
+#include "common/gemm_sm80.cuh"
 #include "vq/vq_nearest_cuda_internal.h"
 
 namespace cm3leon::vq::nearest_gpu {
 
-// Per storage type: the MMA, the shared->register copy and the MMA depth.
 template <typename T>
-struct GemmTraits;
-
-template <>
-struct GemmTraits<cutlass::bfloat16_t> {
-  using Element = cutlass::bfloat16_t;
-  using Mma = cute::SM80_16x8x16_F32BF16BF16F32_TN;
-  using SmemToReg = cute::SM75_U32x4_LDSM_N;
-  static constexpr int kMmaDepth = 16;
-};
-
-template <>
-struct GemmTraits<cutlass::half_t> {
-  using Element = cutlass::half_t;
-  using Mma = cute::SM80_16x8x16_F32F16F16F32_TN;
-  using SmemToReg = cute::SM75_U32x4_LDSM_N;
-  static constexpr int kMmaDepth = 16;
-};
-
-template <>
-struct GemmTraits<float> {
-  using Element = cutlass::tfloat32_t;  // same bits as the fp32 input; the MMA ignores the low 13
-  using Mma = cute::SM80_16x8x8_F32TF32TF32F32_TN;
-  using SmemToReg = cute::UniversalCopy<cutlass::tfloat32_t>;  // 32-bit LDS, conflict-free with the swizzle
-  static constexpr int kMmaDepth = 8;
-};
-
-template <typename T>
-struct GemmConfig {
-  using Traits = GemmTraits<T>;
-  using Element = typename Traits::Element;
-  static constexpr int kThreads = 256;
-  static constexpr int kStages = 3;
-  static constexpr int kRows = kTileRows;
-  static constexpr int kCodes = kTileCodes;
-  static constexpr int kVec = 16 / int(sizeof(Element));  // elements per 16-byte cp.async
-  static constexpr int kDepth = 8 * kVec;                  // elements per 128-byte chunk of a row
-  static constexpr int kVecShift = sizeof(Element) == 2 ? 3 : 2;
-
-  // 8 rows x 128 bytes, the 16-byte column chunks XOR-ed with the row: ldmatrix/LDS hit 32 distinct banks.
-  using SmemAtom = decltype(cute::composition(
-      cute::Swizzle<3, kVecShift, 3>{},
-      cute::Layout<cute::Shape<cute::_8, cute::Int<kDepth>>, cute::Stride<cute::Int<kDepth>, cute::_1>>{}));
-  using SmemLayoutA = decltype(cute::tile_to_shape(
-      SmemAtom{}, cute::Shape<cute::Int<kRows>, cute::Int<kDepth>, cute::Int<kStages>>{}));
-  using SmemLayoutB = decltype(cute::tile_to_shape(
-      SmemAtom{}, cute::Shape<cute::Int<kCodes>, cute::Int<kDepth>, cute::Int<kStages>>{}));
-  // Warps 4 x 2; each warp owns 16 columns of a 32-wide permutation tile so the B loads are full ldmatrix.x4.
-  using TiledMma = cute::TiledMMA<cute::MMA_Atom<typename Traits::Mma>, cute::Layout<cute::Shape<cute::_4, cute::_2,
-                                                                                               cute::_1>>,
-                                  cute::Tile<cute::_64, cute::_32, cute::Int<Traits::kMmaDepth>>>;
-  static constexpr int kSmemBytes =
-      int((cute::cosize(SmemLayoutA{}) + cute::cosize(SmemLayoutB{})) * sizeof(Element));
-};
+using GemmConfig = gemm_sm80::TileConfig<T, kTileRows, kTileCodes>;
 
 // One contributor's view of a row at the end of the block: its best three scores and what it dropped.
 struct RowEntry {
@@ -87,8 +29,8 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, 1) nearest_gemm_kerne
   using namespace cute;
   using Config = GemmConfig<T>;
   using Element = typename Config::Element;
-  constexpr int kRows = Config::kRows, kCodes = Config::kCodes, kDepth = Config::kDepth;
-  constexpr int kVec = Config::kVec, kStages = Config::kStages, kThreads = Config::kThreads;
+  constexpr int kRows = Config::kRows, kCodes = Config::kCols, kDepth = Config::kDepth;
+  constexpr int kStages = Config::kStages, kThreads = Config::kThreads;
   constexpr float kInf = __builtin_huge_valf();
 
   extern __shared__ __align__(128) unsigned char smem[];
@@ -107,47 +49,20 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, 1) nearest_gemm_kerne
   const Element* z = static_cast<const Element*>(p.z);
   const Element* codebook = static_cast<const Element*>(p.codebook);
 
-  // Global -> shared for iteration `it`: 16-byte cp.async per (row, chunk column); rows past n / k and
-  // columns past d_pad are zero-filled (src-size 0 reads nothing; the pointer stays in bounds anyway).
+  // Global -> shared for iteration `it`: (code tile, depth chunk); rows past n / k and columns past d_pad read
+  // as zeros.
   auto load_stage = [&](int64_t it, int stage) {
     const int tile = tile_begin + int(it / chunks);
-    const int col0 = int(it % chunks) * kDepth;
-    constexpr int kVecsPerRow = kDepth / kVec;
-    CUTE_UNROLL
-    for (int v = tid; v < kRows * kVecsPerRow; v += kThreads) {
-      const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
-      const int64_t row = row0 + r;
-      const bool ok = row < p.n && col0 + c < p.d_pad;
-      const Element* src = ok ? z + row * p.d_pad + col0 + c : z;
-      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-          *reinterpret_cast<const uint128_t*>(src),
-          *reinterpret_cast<uint128_t*>(smem_a + typename Config::SmemLayoutA{}(r, c, stage)), ok);
-    }
-    CUTE_UNROLL
-    for (int v = tid; v < kCodes * kVecsPerRow; v += kThreads) {
-      const int r = v / kVecsPerRow, c = (v % kVecsPerRow) * kVec;
-      const int64_t code = int64_t(tile) * kCodes + r;
-      const bool ok = code < p.k && col0 + c < p.d_pad;
-      const Element* src = ok ? codebook + code * p.d_pad + col0 + c : codebook;
-      SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
-          *reinterpret_cast<const uint128_t*>(src),
-          *reinterpret_cast<uint128_t*>(smem_b + typename Config::SmemLayoutB{}(r, c, stage)), ok);
-    }
+    const int64_t col0 = (it % chunks) * kDepth;
+    gemm_sm80::load_chunk<Config, kRows>(z, p.n, p.d_pad, p.d_pad, true, row0, col0, smem_a,
+                                         typename Config::SmemLayoutA{}, stage);
+    gemm_sm80::load_chunk<Config, kCodes>(codebook, p.k, p.d_pad, p.d_pad, true, int64_t(tile) * kCodes, col0,
+                                          smem_b, typename Config::SmemLayoutB{}, stage);
   };
 
   typename Config::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
-  Tensor tCrA = thr_mma.partition_fragment_A(sA(_, _, 0));  // (MMA, MMA_M, MMA_K)
-  Tensor tCrB = thr_mma.partition_fragment_B(sB(_, _, 0));  // (MMA, MMA_N, MMA_K)
   Tensor acc = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCodes>>{});  // (MMA, MMA_M, MMA_N)
-  auto s2r_a = make_tiled_copy_A(Copy_Atom<typename Config::Traits::SmemToReg, Element>{}, tiled_mma);
-  auto s2r_b = make_tiled_copy_B(Copy_Atom<typename Config::Traits::SmemToReg, Element>{}, tiled_mma);
-  auto s2r_thr_a = s2r_a.get_thread_slice(tid);
-  auto s2r_thr_b = s2r_b.get_thread_slice(tid);
-  Tensor tXsA = s2r_thr_a.partition_S(sA);  // (CPY, CPY_M, CPY_K, stage)
-  Tensor tXrA = s2r_thr_a.retile_D(tCrA);
-  Tensor tXsB = s2r_thr_b.partition_S(sB);
-  Tensor tXrB = s2r_thr_b.retile_D(tCrB);
   // (row, code) of every accumulator element of this thread.
   Tensor tCcC = thr_mma.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCodes>>{}));
 
@@ -208,34 +123,15 @@ __global__ void __launch_bounds__(GemmConfig<T>::kThreads, 1) nearest_gemm_kerne
     }
   };
 
-  // Multistage pipeline (one commit group per iteration, empty ones included, so the wait count is fixed).
-  CUTE_UNROLL
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < iterations) load_stage(s, s);
-    cp_async_fence();
-  }
   clear(acc);
-  for (int64_t it = 0; it < iterations; ++it) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // stage `it` is visible to all; everyone is done with the stage refilled below
-    const int64_t next = it + kStages - 1;
-    if (next < iterations) load_stage(next, int(next % kStages));
-    cp_async_fence();
-    const int stage = int(it % kStages);
-    CUTE_UNROLL
-    for (int kb = 0; kb < size<2>(tCrA); ++kb) {
-      copy(s2r_a, tXsA(_, _, kb, stage), tXrA(_, _, kb));
-      copy(s2r_b, tXsB(_, _, kb, stage), tXrB(_, _, kb));
-      gemm(tiled_mma, tCrA(_, _, kb), tCrB(_, _, kb), acc);
-    }
+  gemm_sm80::run_pipeline<kStages>(iterations, load_stage, [&](int64_t it, int stage) {
+    gemm_sm80::mma_chunk<Config>(sA, sB, acc, stage);
     if ((it + 1) % chunks == 0) {
       epilogue(tile_begin + int(it / chunks));
       clear(acc);
     }
-  }
-  cp_async_wait<0>();
-  __syncthreads();  // the pipeline's shared memory becomes the merge area
-
+  });
+  // The pipeline's shared memory becomes the merge area.
   RowEntry* entries = reinterpret_cast<RowEntry*>(smem);                 // [kRows][kContributors]
   int* counts = reinterpret_cast<int*>(entries + kRows * kContributors);  // [kRows]
   for (int r = tid; r < kRows; r += kThreads) counts[r] = 0;
