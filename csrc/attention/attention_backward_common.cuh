@@ -10,7 +10,7 @@
 namespace cm3leon::attention::bwd {
 
 using cuda::clamp64;
-using cuda::kLog2e;
+using cuda::exp_diff;
 using cuda::ScoreMod;
 using cuda::SeqInfo;
 
@@ -47,10 +47,11 @@ __device__ __forceinline__ int opaque(int x) {
   return x;
 }
 
-// lse of (head h, query qi) in base 2. A row that saw no key has lse = -inf: +inf keeps 2^(s - lse) at 0.
-__device__ inline float lse_log2(const BackwardParams& p, const SeqInfo& s, int h, int qi) {
+// lse of (head h, query qi), as P = exp_diff(s, lse) takes it: a row that saw no key has lse = -inf, and
+// +inf keeps its P at 0.
+__device__ inline float lse_for_p(const BackwardParams& p, const SeqInfo& s, int h, int qi) {
   const float lse = p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + qi];
-  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+  return lse == -INFINITY ? INFINITY : lse;
 }
 
 // D of (head h, query qi): dsum is [heads_q, total_q] in both layouts.

@@ -7,7 +7,7 @@
 // block in registers-and-L1 scratch while it sweeps the query heads of its GQA group and the query blocks
 // that can see it (causal: the ones at or below the diagonal), so GQA gradients are summed in place.
 // Per (query block, key block) everything is kept transposed ([keys][queries]), as in the forward:
-// S^T = K Q^T, dP^T = V dO^T, P^T = 2^(S^T - lse), dS^T = P^T (dP^T - D) with vertical (per-query) vectors,
+// S^T = K Q^T, dP^T = V dO^T, P^T = e^(S^T - lse), dS^T = P^T (dP^T - D) with vertical (per-query) vectors,
 // then dV += P^T dO, dK += dS^T Q (six key rows per micro-kernel step) and dQ += dS K (six query columns
 // of dS^T per step): no tile is ever transposed. dQ rows are shared between items, so each thread
 // accumulates into its own fp32 dQ buffer and the buffers are summed at the end (no atomics); that sum's
@@ -44,20 +44,20 @@ struct Scratch {
   std::vector<float> dk, dv, s, dp, t, lo, hi, diag, dq;
 };
 
-// P^T = 2^(S^T - lse2) and dS^T = P^T (dP^T - D) on [BN keys][BM queries] tiles, in place; key r of the
+// P^T = e^(S^T - lse) and dS^T = P^T (dP^T - D) on [BN keys][BM queries] tiles, in place; key r of the
 // block is visible to query c when lo[c] <= r < hi[c] (lo = hi = 0 for padding queries). With softcap, t
 // holds tanh of the pre-cap scores and dS^T is taken through the cap: times 1 - t^2.
-inline void softmax_grad_block(float* s, float* dp, const float* t, const float* lse2, const float* dsum,
+inline void softmax_grad_block(float* s, float* dp, const float* t, const float* lse, const float* dsum,
                                const float* lo, const float* hi) {
 #if CM3LEON_AVX2
   const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t c = 0; c < BM; c += 8) {
-    const __m256 lv = _mm256_loadu_ps(lse2 + c), dv = _mm256_loadu_ps(dsum + c);
+    const __m256 lv = _mm256_loadu_ps(lse + c), dv = _mm256_loadu_ps(dsum + c);
     const __m256 lov = _mm256_loadu_ps(lo + c), hiv = _mm256_loadu_ps(hi + c);
     for (int64_t r = 0; r < BN; ++r) {
       const __m256 rv = _mm256_set1_ps(float(r));
       const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(rv, hiv, _CMP_LT_OQ), _mm256_cmp_ps(rv, lov, _CMP_GE_OQ));
-      const __m256 p = _mm256_and_ps(exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(s + r * BM + c), lv)), keep);
+      const __m256 p = _mm256_and_ps(exp_diff(_mm256_loadu_ps(s + r * BM + c), lv), keep);
       _mm256_storeu_ps(s + r * BM + c, p);
       __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + r * BM + c), dv));
       if (t) {
@@ -71,7 +71,7 @@ inline void softmax_grad_block(float* s, float* dp, const float* t, const float*
   for (int64_t r = 0; r < BN; ++r)
     for (int64_t c = 0; c < BM; ++c) {
       const bool keep = float(r) >= lo[c] && float(r) < hi[c];
-      const float p = keep ? std::exp2(s[r * BM + c] - lse2[c]) : 0.f;
+      const float p = keep ? std::exp(s[r * BM + c] - lse[c]) : 0.f;
       s[r * BM + c] = p;
       const float ds = p * (dp[r * BM + c] - dsum[c]);
       dp[r * BM + c] = t ? ds * (1.f - t[r * BM + c] * t[r * BM + c]) : ds;
@@ -84,9 +84,11 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
               const T* dout, T* dq, T* dk, T* dv) {
   const int64_t d = pr.head_dim, dp = round_up(d, NR), hq = pr.heads_q, hkv = pr.heads_kv;
   const int64_t group = hq / hkv;
-  // Scores in log2 units; with softcap, Q carries scale / softcap (the tanh argument, see modify_scores).
-  const float qscale = pr.softcap > 0.f ? pr.scale / pr.softcap : pr.scale * kLog2e;
-  const float cap2 = pr.softcap * kLog2e;
+  // Scores in natural units, computed exactly as the forward did (same packing, micro-kernel and
+  // modify_scores), so the saved lse reproduces the forward's probabilities; with softcap, Q carries
+  // scale / softcap (the tanh argument, see modify_scores).
+  const bool capped = pr.softcap > 0.f;
+  const float qscale = capped ? pr.scale / pr.softcap : pr.scale;
 
   // Query-side operands, packed once: row q0 of segment s, head h at (h * q_total + q_off[s] + q0) * dp.
   std::vector<int64_t> q_off(size_t(pr.num_segments) + 1, 0);
@@ -94,7 +96,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   const int64_t q_total = q_off.back();
   const size_t qsize = size_t(hq * q_total * dp);
   const ScratchBuffer<float> q_t(qsize), q_rows(qsize), do_t(qsize), do_rows(qsize);
-  const ScratchBuffer<float> lse2(size_t(hq * q_total)), dsum(size_t(hq * q_total));
+  const ScratchBuffer<float> lse_rows(size_t(hq * q_total)), dsum(size_t(hq * q_total));
   std::vector<Item> pre;
   for (int64_t s = 0; s < pr.num_segments; ++s)
     for (int64_t h = 0; h < hq; ++h)
@@ -111,7 +113,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     for (int64_t r = 0; r < BM; ++r) {
       if (r >= rows) {  // padding queries: finite values, masked out by their limit
         dsum[size_t(row + r)] = 0.f;
-        lse2[size_t(row + r)] = 0.f;
+        lse_rows[size_t(row + r)] = 0.f;
         continue;
       }
       const T *o = out + src + r * hq * d, *g = dout + src + r * hq * d;
@@ -119,8 +121,8 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
       for (int64_t c = 0; c < d; ++c) acc += to_float(g[c]) * to_float(o[c]);
       dsum[size_t(row + r)] = acc;
       const float l = lse[sg.lse_start + h * pr.lse_head_stride + q0 + r];
-      // A row that saw no key (lse = -inf) has every probability masked; +inf keeps 2^(s - lse) at 0.
-      lse2[size_t(row + r)] = l == kNegInf ? -kNegInf : l * kLog2e;
+      // A row that saw no key (lse = -inf) has every probability masked; +inf keeps e^(s - lse) at 0.
+      lse_rows[size_t(row + r)] = l == kNegInf ? -kNegInf : l;
     }
   });
 
@@ -171,16 +173,16 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
         micro_tile(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
         micro_tile(vr + r0 * dp, 1, dp, dot + c, BM, dp, dpt + r0 * BM + c, BM, false);
       }
-    const float slope2 = pr.alibi_slopes ? pr.alibi_slopes[seg * pr.alibi_segment_stride + h] * kLog2e : 0.f;
-    float* t = cap2 > 0.f ? sc.t.data() : nullptr;
-    if (cap2 > 0.f || slope2 != 0.f) modify_scores(s, BM, BN, BM, cap2, slope2, sc.diag.data(), t);
-    softmax_grad_block(s, dpt, t, lse2.data() + row, dsum.data() + row, sc.lo.data(), sc.hi.data());
+    const float slope = pr.alibi_slopes ? pr.alibi_slopes[seg * pr.alibi_segment_stride + h] : 0.f;
+    float* t = capped ? sc.t.data() : nullptr;
+    if (capped || slope != 0.f) modify_scores(s, BM, BN, BM, pr.softcap, slope, sc.diag.data(), t);
+    softmax_grad_block(s, dpt, t, lse_rows.data() + row, dsum.data() + row, sc.lo.data(), sc.hi.data());
     return std::pair<int64_t, const float*>{row, kr};
   };
   auto new_scratch = [&] {  // dk/dv/dq are sized by their users
     Scratch sc;
     sc.s.resize(size_t(BN * BM)); sc.dp.resize(size_t(BN * BM));
-    sc.t.resize(cap2 > 0.f ? size_t(BN * BM) : 0);
+    sc.t.resize(capped ? size_t(BN * BM) : 0);
     sc.lo.resize(size_t(BM)); sc.hi.resize(size_t(BM)); sc.diag.resize(size_t(BM));
     return sc;
   };

@@ -102,7 +102,7 @@ cudaError_t backward_cuda(const BackwardParams& p, cudaStream_t stream) {
     bwd::dispatch_cuda_float(p.dtype, [&](auto tag) {
       using T = decltype(tag);
       bwd::postprocess_kernel<T><<<bwd::grid_for(n, bwd::kThreads), bwd::kThreads, 0, stream>>>(
-          p.dq_accum, static_cast<T*>(p.dq), n, p.scale_log2 * cuda::kLn2);
+          p.dq_accum, static_cast<T*>(p.dq), n, p.scale);
     });
   }
   return cudaGetLastError();

@@ -62,7 +62,7 @@ BackwardParams base_params(const at::Tensor& q, const at::Tensor& k, double soft
   p.q_row_stride = q.size(-2) * q.size(-1);
   p.k_row_stride = k.size(-2) * k.size(-1);
   check_softmax_scale(softmax_scale);
-  p.scale_log2 = float(softmax_scale) * cuda::kLog2e;
+  p.scale = float(softmax_scale);
   p.causal = causal;
   return p;
 }

@@ -35,7 +35,7 @@ __device__ inline void backward_tile_simt(const BackwardParams& p, const Item& i
   const int d = int(p.head_dim), ld = d + 1, group = int(p.heads_q / p.heads_kv);
   const int64_t q_row = p.heads_q * p.head_dim, k_row = p.heads_kv * p.head_dim;
   float *sK = smem_f32, *sV = sK + B * ld, *sQ = sV + B * ld, *sdO = sQ + B * ld;
-  float *sP = sdO + B * ld, *sdS = sP + B * LP, *s_lse2 = sdS + B * LP, *s_dsum = s_lse2 + B;
+  float *sP = sdO + B * ld, *sdS = sP + B * LP, *s_lse = sdS + B * LP, *s_dsum = s_lse + B;
 
   const int tid = opaque(int(threadIdx.x));
   const int row = tid / 16, lane = tid % 16;  // row: key (or query for dQ); lane: column
@@ -48,28 +48,28 @@ __device__ inline void backward_tile_simt(const BackwardParams& p, const Item& i
   const int m_count = max(0, (s.end_query(n0 + B, p) + B - 1) / B - m_begin);
   for (int t = 0; t < m_count * group; ++t) {
     const int h = item.head_kv * group + t / m_count, m0 = (m_begin + t % m_count) * B;
-    __syncthreads();  // the previous step is done with sQ, sdO, sP, sdS, lse2, D
+    __syncthreads();  // the previous step is done with sQ, sdO, sP, sdS, lse, D
     const int64_t qoff = (s.q_start + m0) * q_row + int64_t(h) * d;
     load_rows_f32(static_cast<const float*>(p.q) + qoff, q_row, s.q_len - m0, d, sQ);
     load_rows_f32(static_cast<const float*>(p.dout) + qoff, q_row, s.q_len - m0, d, sdO);
     if (tid < B) {
       const int qi = m0 + tid;
-      s_lse2[tid] = qi < s.q_len ? lse_log2(p, s, h, qi) : INFINITY;
+      s_lse[tid] = qi < s.q_len ? lse_for_p(p, s, h, qi) : INFINITY;
       s_dsum[tid] = qi < s.q_len ? dsum_at(p, s, h, qi) : 0.f;
     }
     __syncthreads();
 
     {  // P^T and dS^T entry (key `row`, query `lane`)
       float sc = 0.f, dp = 0.f;
-      for (int c = 0; c < d; ++c) {
-        sc += sK[row * ld + c] * sQ[lane * ld + c];
-        dp += sV[row * ld + c] * sdO[lane * ld + c];
-      }
+      const float *kr = sK + row * ld, *qr = sQ + lane * ld;
+      for (int c = 0; c < d; c += 4)  // grouped as the forward's float4 dot product: the same score, bit for bit
+        sc += kr[c] * qr[c] + kr[c + 1] * qr[c + 1] + kr[c + 2] * qr[c + 2] + kr[c + 3] * qr[c + 3];
+      for (int c = 0; c < d; ++c) dp += sV[row * ld + c] * sdO[lane * ld + c];
       const int qi = m0 + lane, kj = n0 + row;
       float grad = 0.f;  // through the softcap: dS with respect to scale q.k
       const float pr = s.visible(qi, kj, p)
-                           ? exp2f(ScoreMod(p, item.b, h)(sc, int64_t(qi) + s.k_len - s.q_len - kj, &grad) -
-                                   s_lse2[lane])
+                           ? exp_diff(ScoreMod(p, item.b, h)(sc, int64_t(qi) + s.k_len - s.q_len - kj, &grad),
+                                      s_lse[lane])
                            : 0.f;
       sP[row * LP + lane] = pr;
       sdS[row * LP + lane] = pr * (dp - s_dsum[lane]) * grad;
@@ -93,7 +93,7 @@ __device__ inline void backward_tile_simt(const BackwardParams& p, const Item& i
   }
 
   if (n0 + row < s.k_len) {
-    const float scale = p.scale_log2 * cuda::kLn2;
+    const float scale = p.scale;
     float* dk_row = static_cast<float*>(p.dk) + koff + int64_t(row) * k_row;
     float* dv_row = static_cast<float*>(p.dv) + koff + int64_t(row) * k_row;
 #pragma unroll

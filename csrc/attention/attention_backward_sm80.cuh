@@ -4,7 +4,7 @@
 // longer than max_seqlen_k): it keeps K and V in shared memory and dK, dV in registers while it sweeps
 // every (query head of the GQA group, block of kBlockM queries that can see its keys). Per step:
 //   S = Q K^T, dP = dO V^T                       (fp32 accumulators, [kBlockM, kBlockN])
-//   P = 2^(S scale log2e - lse log2e), dS = P (dP - D)   (recomputed from the saved lse; masked -> 0)
+//   P = e^(mod(S) - lse), dS = P (dP - D)        (recomputed from the saved lse; masked -> 0)
 //   dV += P^T dO, dK += dS^T Q                   (P, dS staged in shared memory as 16-bit, read transposed)
 //   dQ_accum += dS K                             (fp32 atomics: other key blocks add to the same rows)
 // Looping over the query heads of a group inside the block sums the GQA gradients of dK/dV in registers, so
@@ -69,7 +69,7 @@ struct Sm80Traits {
   using Ldsm = Copy_Atom<SM75_U32x4_LDSM_N, Element>;
   using LdsmT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;
 
-  // sQ, sdO [kBlockM, d]; sK, sV [kBlockN, d]; sP, sdS [kBlockM, kBlockN]; then the step's lse2 and D.
+  // sQ, sdO [kBlockM, d]; sK, sV [kBlockN, d]; sP, sdS [kBlockM, kBlockN]; then the step's lse and D.
   static constexpr int kTileElems = 2 * kBlockM * kHeadDim + 2 * kBlockN * kHeadDim + 2 * kBlockM * kBlockN;
   static constexpr int kSmemBytes = kTileElems * int(sizeof(Element)) + 2 * kBlockM * int(sizeof(float));
 };
@@ -126,8 +126,8 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::LayoutK{});
   Tensor sP = make_tensor(sV.data() + size(sV), typename Traits::LayoutPdS{});
   Tensor sdS = make_tensor(sP.data() + size(sP), typename Traits::LayoutPdS{});
-  float* s_lse2 = reinterpret_cast<float*>(smem + Traits::kTileElems);
-  float* s_dsum = s_lse2 + kM;
+  float* s_lse = reinterpret_cast<float*>(smem + Traits::kTileElems);
+  float* s_dsum = s_lse + kM;
   Tensor sQt = make_tensor(sQ.data(), typename Traits::LayoutQt{});
   Tensor sdOt = make_tensor(sdO.data(), typename Traits::LayoutQt{});
   Tensor sKt = make_tensor(sK.data(), typename Traits::LayoutKt{});
@@ -154,7 +154,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
   auto step_head = [&](int t) { return item.head_kv * group + t / m_count; };
   auto step_m0 = [&](int t) { return (m_begin + t % m_count) * kM; };
 
-  // Issues the loads of one step's Q and dO tiles (cp.async) and writes its rows' lse2 and D.
+  // Issues the loads of one step's Q and dO tiles (cp.async) and writes its rows' lse and D.
   auto load_step = [&](int t) {
     const int h = step_head(t), m0 = step_m0(t);
     const int64_t off = (s.q_start + m0) * q_row + int64_t(h) * d;
@@ -167,7 +167,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
     cp_async_fence();
     if (tid < kM) {
       const bool row = m0 + tid < s.q_len;
-      s_lse2[tid] = row ? lse_log2(p, s, h, m0 + tid) : INFINITY;
+      s_lse[tid] = row ? lse_for_p(p, s, h, m0 + tid) : INFINITY;
       s_dsum[tid] = row ? dsum_at(p, s, h, m0 + tid) : 0.f;
     }
   };
@@ -239,7 +239,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
     const int h = step_head(t), m0 = step_m0(t);
     const ScoreMod mod(p, item.b, h);
     cp_async_wait<0>();
-    __syncthreads();  // Q, dO (and K, V), lse2, D in place; last step's dQ product done reading sdS
+    __syncthreads();  // Q, dO (and K, V), lse, D in place; last step's dQ product done reading sdS
 
     Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kM>, Int<kN>>{});
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kM>, Int<kN>>{});
@@ -253,7 +253,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
       const int r = get<0>(tScS(i)), c = get<1>(tScS(i)), qi = m0 + r, kj = n0 + c;
       float grad = 0.f;  // through the softcap: dS with respect to scale q.k
       const float pr = s.visible(qi, kj, p)
-                           ? exp2f(mod(acc_s(i), int64_t(qi) + s.k_len - s.q_len - kj, &grad) - s_lse2[r])
+                           ? exp_diff(mod(acc_s(i), int64_t(qi) + s.k_len - s.q_len - kj, &grad), s_lse[r])
                            : 0.f;
       tPsP(i) = static_cast<Element>(pr);
       tPsdS(i) = static_cast<Element>(pr * (acc_dp(i) - s_dsum[r]) * grad);
@@ -262,7 +262,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
 
     gemm_smem(acc_dv, rPt, rdOt, tdVsPt, tdVsdOt, mma_d, ld_d_at, ld_d_bt, ld_d_at_thr, ld_d_bt_thr);
     gemm_smem(acc_dk, rdSt, rQt, tdKsdSt, tdKsQt, mma_d, ld_d_at, ld_d_bt, ld_d_at_thr, ld_d_bt_thr);
-    __syncthreads();  // Q, dO, lse2, D no longer read: the next step may overwrite them
+    __syncthreads();  // Q, dO, lse, D no longer read: the next step may overwrite them
     if (t + 1 < steps) load_step(t + 1);
 
     Tensor acc_dq = partition_fragment_C(mma_d, Shape<Int<kM>, Int<kD>>{});
@@ -277,7 +277,7 @@ __device__ void backward_tile_sm80(const BackwardParams& p, const Item& item, co
   }
 
   // dK = scale dS^T Q and dV (zero when no query sees these keys), rows past the document's keys skipped.
-  const float scale = p.scale_log2 * cuda::kLn2;
+  const float scale = p.scale;
   const int64_t koff = (s.k_start + n0) * k_row + int64_t(item.head_kv) * d;
   Element* dk = static_cast<Element*>(p.dk) + koff;
   Element* dv = static_cast<Element*>(p.dv) + koff;

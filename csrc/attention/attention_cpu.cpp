@@ -63,22 +63,22 @@ inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t que
     }
     const __m256 m_old = _mm256_loadu_ps(m + c);
     const __m256 m_new = _mm256_max_ps(m_old, mx);
-    // Queries that have seen no key yet keep m = -inf; subtracting 0 then gives 2^-inf = 0, not NaN.
+    // Queries that have seen no key yet keep m = -inf; subtracting 0 then gives e^-inf = 0, not NaN.
     const __m256 m_use =
         _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
-    const __m256 a = exp2_neg(_mm256_sub_ps(m_old, m_use));
+    const __m256 a = exp_diff(m_old, m_use);
     __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
     int64_t r = 0;
     for (; r + 2 <= keys; r += 2) {
-      const __m256 p0 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(st + r * BM + c), m_use));
-      const __m256 p1 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(st + (r + 1) * BM + c), m_use));
+      const __m256 p0 = exp_diff(_mm256_loadu_ps(st + r * BM + c), m_use);
+      const __m256 p1 = exp_diff(_mm256_loadu_ps(st + (r + 1) * BM + c), m_use);
       _mm256_storeu_ps(st + r * BM + c, p0);
       _mm256_storeu_ps(st + (r + 1) * BM + c, p1);
       sum0 = _mm256_add_ps(sum0, p0);
       sum1 = _mm256_add_ps(sum1, p1);
     }
     for (; r < keys; ++r) {
-      const __m256 p0 = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(st + r * BM + c), m_use));
+      const __m256 p0 = exp_diff(_mm256_loadu_ps(st + r * BM + c), m_use);
       _mm256_storeu_ps(st + r * BM + c, p0);
       sum0 = _mm256_add_ps(sum0, p0);
     }
@@ -98,9 +98,9 @@ inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t que
       mx = std::max(mx, st[r * BM + c]);
     }
     const float m_new = std::max(m[c], mx), m_use = m_new == kNegInf ? 0.f : m_new;
-    alpha[c] = std::exp2(m[c] - m_use);
+    alpha[c] = std::exp(m[c] - m_use);
     float sum = 0.f;
-    for (int64_t r = 0; r < keys; ++r) sum += (st[r * BM + c] = std::exp2(st[r * BM + c] - m_use));
+    for (int64_t r = 0; r < keys; ++r) sum += (st[r * BM + c] = std::exp(st[r * BM + c] - m_use));
     for (int64_t r = keys; r < keys_pad; ++r) st[r * BM + c] = 0.f;
     l[c] = l[c] * alpha[c] + sum;
     m[c] = m_new;
@@ -160,17 +160,16 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
-  // Scores in log2 units (exp2 instead of exp). With softcap, Q carries scale / softcap: the tile holds the
-  // tanh argument and modify_scores rescales it.
-  const float qscale = pr.softcap > 0.f ? pr.scale / pr.softcap : pr.scale * kLog2e;
-  const float cap2 = pr.softcap * kLog2e;
+  // Scores in natural units, as the backward recomputes them (exp_diff). With softcap, Q carries
+  // scale / softcap: the tile holds the tanh argument and modify_scores rescales it.
+  const float qscale = pr.softcap > 0.f ? pr.scale / pr.softcap : pr.scale;
   parallel_items(pr.threads, int64_t(items.size()), [&](int64_t idx) {
     const Item& it = items[size_t(idx)];
     const Segment& sg = pr.segments[it.segment];
     const KeyWindow win(pr, sg);
     const int64_t h = it.head, q0 = it.q0, hk = h / group, last = q0 + std::min(BM, sg.q_len - q0) - 1;
     const int64_t rows = last - q0 + 1, rows16 = round_up(rows, NR), rows6 = round_up(rows, MR);
-    const float slope2 = pr.alibi_slopes ? pr.alibi_slopes[it.segment * pr.alibi_segment_stride + h] * kLog2e : 0.f;
+    const float slope = pr.alibi_slopes ? pr.alibi_slopes[it.segment * pr.alibi_segment_stride + h] : 0.f;
     // Key blocks (aligned to BN, as packed) from the first query's first key to the last query's last one;
     // a block needs the mask unless every query sees all of it.
     const int64_t k_begin = win.lo(q0) / BN * BN, k_end = win.hi(last);
@@ -200,7 +199,8 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
           if (!masked || (n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc)))
             micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
         }
-      if (cap2 > 0.f || slope2 != 0.f) modify_scores(st, BM, cols, rows16, cap2, slope2, sc.diag.data(), nullptr);
+      if (pr.softcap > 0.f || slope != 0.f)
+        modify_scores(st, BM, cols, rows16, pr.softcap, slope, sc.diag.data(), nullptr);
       softmax_block(st, cols, cols6, rows16, masked, sc.lo.data(), sc.hi.data(), sc.m.data(), sc.l.data(),
                     sc.alpha.data());
       for (int64_t r = 0; r < rows; ++r)
@@ -221,11 +221,12 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
 
     for (int64_t r = 0; r < rows; ++r) {
       // l == 0: the row saw no key (output 0, lse -inf); a NaN l (NaN or inf inputs) gives NaN, as PyTorch.
+      // lse = m + ln l is exactly the max score when l == 1 (one key, or the others underflow).
       const float l = sc.l[size_t(r)], inv = l == 0.f ? 0.f : 1.f / l;
       T* dst = out + ((sg.q_start + q0 + r) * hq + h) * d;
       for (int64_t i = 0; i < d; ++i) from_float(o[r * dp + i] * inv, dst + i);
       lse[sg.lse_start + h * pr.lse_head_stride + q0 + r] =
-          l == 0.f ? kNegInf : (sc.m[size_t(r)] + std::log2(l)) * kLn2;
+          l == 0.f ? kNegInf : sc.m[size_t(r)] + std::log(l);
     }
   });
 }

@@ -56,7 +56,7 @@ cuda::AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at:
   p.head_dim = int(q.size(-1));
   p.q_row_stride = q.size(-2) * q.size(-1);
   p.k_row_stride = k.size(-2) * k.size(-1);
-  p.scale_log2 = float(softmax_scale) * cuda::kLog2e;
+  p.scale = float(softmax_scale);
   p.causal = causal;
   check_fits_grid(p.heads_q, "query heads");
   check_aligned(q, "q");

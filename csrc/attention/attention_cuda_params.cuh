@@ -10,7 +10,6 @@
 namespace cm3leon::attention::cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 #ifdef __CUDACC__
 #define CM3LEON_HD __host__ __device__
@@ -37,7 +36,7 @@ struct AttnParams {
   const int32_t* cache_seqlens;  // KV cache: row b sees cache_seqlens[b] + cache_extra keys, else nullptr
   int cache_extra;
   int64_t lse_head_stride;  // dense: seqlen_q; varlen: total_q
-  float scale_log2;         // softmax_scale * log2(e)
+  float scale;              // softmax_scale
   bool causal;              // bottom-right aligned: query i sees keys j <= i + k_len - q_len
   // FlashAttention's extras, as Problem in attention_cpu.h: the local window around the diagonal (-1: that
   // side unbounded), the tanh softcap (0: off), ALiBi slopes float32 [batch][heads_q] (batch stride 0: one
@@ -112,15 +111,15 @@ struct SeqInfo {
   }
 };
 
-// A raw score q.k to the log2 domain: times the softmax scale, through the softcap, minus the ALiBi bias
-// slope * |diagonal - key| (all in log2 units), for one (batch row / document, query head).
+// A raw score q.k to the score the softmax takes (natural units): times the softmax scale, through the
+// softcap, minus the ALiBi bias slope * |diagonal - key|, for one (batch row / document, query head).
 struct ScoreMod {
-  float mul, cap, slope;  // cap = softcap * log2(e) (0: off), slope = ALiBi slope * log2(e)
+  float mul, cap, slope;  // cap = softcap (0: off), slope = ALiBi slope (0: off)
 
   __device__ ScoreMod(const AttnParams& p, int64_t b, int h)
-      : mul(p.softcap > 0.f ? p.scale_log2 * kLn2 / p.softcap : p.scale_log2),
-        cap(p.softcap * kLog2e),
-        slope(p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] * kLog2e : 0.f) {}
+      : mul(p.softcap > 0.f ? p.scale / p.softcap : p.scale),
+        cap(p.softcap),
+        slope(p.alibi_slopes ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.f) {}
 
   // dist = query i's diagonal minus the key index. grad receives d(score) / d(scale q.k) through the cap.
   __device__ float operator()(float dot, int64_t dist, float* grad = nullptr) const {
@@ -135,6 +134,11 @@ struct ScoreMod {
     return s - slope * fabsf(float(dist));
   }
 };
+
+// e^(x - ref) for a score x and its row's max or lse (natural units). The difference is taken before the
+// change of base, so x == ref gives exactly 1: a row's only key gets P = 1 in the forward and, from the saved
+// lse, in the backward (an lse converted to base 2 and back would not round-trip).
+__device__ inline float exp_diff(float x, float ref) { return exp2f((x - ref) * kLog2e); }
 #endif  // __CUDACC__
 
 #undef CM3LEON_HD

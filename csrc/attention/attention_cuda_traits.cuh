@@ -6,7 +6,7 @@
 //                      Both live in attention_cuda_params.cuh (CuTe-free, for the SIMT and decode kernels).
 //   SeqInfo            where batch row / document b lives in q/k/out/lse, resolved on the device and clamped
 //                      to the tensors' token counts, so bad device-side lengths can never index out of bounds;
-//                      which keys each query sees. ScoreMod: a raw score to the log2 domain (scale, softcap,
+//                      which keys each query sees. ScoreMod: a raw score to the softmax's score (scale, softcap,
 //                      ALiBi).
 //   Sm80Traits<...>    CuTe tile configuration of the sm80 tensor-core kernels: mma.sync m16n8k16 TiledMMA
 //                      (warps stacked along M), swizzled smem layouts for Q/K/V and V^T, cp.async gmem->smem
@@ -16,8 +16,8 @@
 //   Predicated copies  copy_rows_predicated: a gmem<->smem tile copy that skips rows past a length and
 //                      16-byte column chunks past the head dim, clearing the smem it does not load.
 //
-// Conventions: scores are kept in the log2 domain (q.k * softmax_scale * log2(e)) so the softmax uses exp2f;
-// lse is returned in natural log. Rows with no visible key give out = 0 and lse = -inf.
+// Conventions: scores and lse are in natural units; probabilities are exp_diff(score, max or lse) (exp2f of
+// the difference times log2(e)). Rows with no visible key give out = 0 and lse = -inf.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime_api.h>

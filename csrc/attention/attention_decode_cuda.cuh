@@ -7,7 +7,7 @@
 // row's valid keys [0, k_len) are cut into `splits` equal ranges; in a block, TPK threads share one key (each
 // holds 16-byte slices of the head dim) and the 128 / TPK key slots keep their own online softmax, merged at
 // the end through shared memory in a fixed order (deterministic). With one split the result is final;
-// otherwise each split writes a partial (out normalised by its own sum, lse in base 2) to the workspace and
+// otherwise each split writes a partial (out normalised by its own sum, and its lse) to the workspace and
 // decode_merge_kernel combines them by lse. Keys are read through a KvLayout (contiguous rows picked by
 // cache_batch_idx, or pages through a block table), from position cache_leftpad[b] on.
 #pragma once
@@ -159,14 +159,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
 #pragma unroll
       for (int u = 0; u < kDecodeUnroll; ++u) mx = fmaxf(mx, score[u]);
       if (mx == -INFINITY) continue;  // nothing visible yet in this slot
-      const float rescale = exp2f(m[r] - mx);
+      const float rescale = exp_diff(m[r], mx);
       m[r] = mx;
       l[r] *= rescale;
 #pragma unroll
       for (int x = 0; x < kDims; ++x) acc[r][x] *= rescale;
 #pragma unroll
       for (int u = 0; u < kDecodeUnroll; ++u) {
-        const float pu = exp2f(score[u] - mx);
+        const float pu = exp_diff(score[u], mx);
         l[r] += pu;
 #pragma unroll
         for (int x = 0; x < kDims; ++x) acc[r][x] += pu * vf[u][x];
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
   for (int r = 0; r < ROWS; ++r) {
     float block_max = -INFINITY;
     for (int t = 0; t < kSlots; ++t) block_max = fmaxf(block_max, max_smem[t][r]);
-    weight[r] = m[r] == -INFINITY ? 0.f : exp2f(m[r] - block_max);
+    weight[r] = m[r] == -INFINITY ? 0.f : exp_diff(m[r], block_max);
   }
   for (int t = 0; t < kSlots; ++t) {
     if (slot == t) {
@@ -214,37 +214,36 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Attn
     const float sum = sum_smem[r];
     // sum == 0: nothing visible; a NaN sum (NaN or inf inputs) makes the row NaN, as in PyTorch.
     const float value = sum == 0.f ? 0.f : acc_smem[r][e] / sum;
-    const float lse2 = sum == 0.f ? -INFINITY : block_max + __log2f(sum);  // base 2, as the scores
+    const float lse = sum == 0.f ? -INFINITY : block_max + logf(sum);
     if (num_splits == 1) {
       static_cast<T*>(p.out)[(s.q_start + i) * p.q_row_stride + int64_t(h) * d + e] = from_float<T>(value);
-      if (e == 0) p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = lse2 * kLn2;
+      if (e == 0) p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = lse;
     } else {
-      // The partial lse stays in base 2: the merge weights 2^(lse2_s - max) then take no round trip through
-      // ln 2 and log2(e) (each rounding costs about |lse| * 2^-24 in every weight).
       const int64_t row = partial_row(p, split, b, h, i);
       ws_out[row * d + e] = value;
-      if (e == 0) ws_lse[row] = lse2;
+      if (e == 0) ws_lse[row] = lse;
     }
   }
 }
 
-// One block per output row (b, h, i): out = sum_s w_s out_s / sum_s w_s with w_s = 2^(lse2_s - max lse2)
-// (partial lse in base 2; exp2f, not the fast-math __expf of a natural-log difference).
+// One block per output row (b, h, i): out = sum_s w_s out_s / sum_s w_s with w_s = e^(lse_s - max lse)
+// (exp_diff: the difference first, so the weight's error scales with it, not with |lse|; exp2f, not the
+// fast-math __expf).
 template <typename T>
 __global__ void __launch_bounds__(kDecodeThreads) decode_merge_kernel(const AttnParams p, int num_splits,
                                                                       const float* ws_out, const float* ws_lse) {
   const int i = blockIdx.x % p.seqlen_q, h = (blockIdx.x / p.seqlen_q) % p.heads_q;
   const int b = blockIdx.x / (p.seqlen_q * p.heads_q), d = p.head_dim;
-  float max_lse2 = -INFINITY;
+  float max_lse = -INFINITY;
   bool poisoned = false;  // a NaN partial (NaN or inf inputs) makes the row NaN; fmaxf alone would drop it
   for (int sp = 0; sp < num_splits; ++sp) {
     const float x = ws_lse[partial_row(p, sp, b, h, i)];
     poisoned |= isnan(x);
-    max_lse2 = fmaxf(max_lse2, x);
+    max_lse = fmaxf(max_lse, x);
   }
   float total = poisoned ? NAN : 0.f;
-  if (!poisoned && max_lse2 != -INFINITY) {
-    for (int sp = 0; sp < num_splits; ++sp) total += exp2f(ws_lse[partial_row(p, sp, b, h, i)] - max_lse2);
+  if (!poisoned && max_lse != -INFINITY) {
+    for (int sp = 0; sp < num_splits; ++sp) total += exp_diff(ws_lse[partial_row(p, sp, b, h, i)], max_lse);
   }
   const float inv = total == 0.f ? 0.f : 1.f / total;
   const int64_t out_row = (int64_t(b) * p.seqlen_q + i) * p.q_row_stride + int64_t(h) * d;
@@ -253,15 +252,14 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_merge_kernel(const Attn
     if (total != 0.f) {
       for (int sp = 0; sp < num_splits; ++sp) {
         const int64_t row = partial_row(p, sp, b, h, i);
-        const float w = exp2f(ws_lse[row] - max_lse2);
+        const float w = exp_diff(ws_lse[row], max_lse);
         value += w * ws_out[row * d + e];
       }
     }
     static_cast<T*>(p.out)[out_row + e] = from_float<T>(value * inv);
   }
   if (threadIdx.x == 0) {
-    const float lse2 = total == 0.f ? -INFINITY : max_lse2 + log2f(total);
-    p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = lse2 * kLn2;
+    p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + i] = total == 0.f ? -INFINITY : max_lse + logf(total);
   }
 }
 

@@ -2,7 +2,7 @@
 // cores, no K/V reuse through shared memory). Torch-free.
 //
 // One warp per query row. Scores go 32 keys at a time, one key per lane (a full dot product against q held
-// in shared memory, then ScoreMod to the log2 domain); the online softmax works on the warp's 32 scores; P V
+// in shared memory, then ScoreMod); the online softmax works on the warp's 32 scores; P V
 // runs over the head dim, lane e accumulating output columns e, e + 32, ... (coalesced V reads).
 #pragma once
 #include "attention/attention_cuda_params.cuh"
@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(kSimtWarps * 32) forward_simt_kernel(const Att
         score = mod(dot, diag - j);
       }
       const float m_new = fmaxf(m, warp_max(score));
-      const float rescale = exp2f(m - m_new);
-      const float prob = exp2f(score - m_new);
+      const float rescale = exp_diff(m, m_new);
+      const float prob = exp_diff(score, m_new);
       l = l * rescale + warp_sum(prob);
       m = m_new;
 #pragma unroll
@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kSimtWarps * 32) forward_simt_kernel(const Att
       if (lane + 32 * t < d) orow[lane + 32 * t] = acc[t] * inv;
     }
     if (lane == 0)
-      p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = l == 0.f ? -INFINITY : (m + __log2f(l)) * kLn2;
+      p.lse[s.lse_start + int64_t(h) * p.lse_head_stride + i] = l == 0.f ? -INFINITY : m + logf(l);
   }
 }
 

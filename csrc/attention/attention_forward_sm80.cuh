@@ -2,7 +2,7 @@
 //
 // One block owns kBlockM query rows of one (batch row / document, q head) and walks the key blocks from the
 // last visible one down to 0: S = Q K^T (fp32 accumulators), mask the blocks that cross the sequence end or
-// the causal diagonal, online softmax in registers (log2 domain, exp2f), O += P V with P converted to the
+// the causal diagonal, online softmax in registers (exp_diff), O += P V with P converted to the
 // input type. K of the next step streams in (cp.async) while the current step's softmax and P V run; V
 // streams in while S = Q K^T runs. Smem: Q, one K and one V tile; O is staged through Q's smem for
 // 16-byte stores. GQA: q head h reads kv head h / (heads_q / heads_kv).
@@ -146,7 +146,7 @@ __device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int64_t b, i
 
       gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_q, smem_copy_k, smem_thr_q, smem_thr_k);
 
-      // Scores to the log2 domain (scale, softcap, ALiBi); mask keys outside each row's window or past the end.
+      // Scores through ScoreMod (scale, softcap, ALiBi); mask keys outside each row's window or past the end.
       Tensor s_rc = make_tensor(acc_s.data(), acc_rowcol_layout(acc_s.layout()));
       const int key0 = n_block * kBlockN;
       const bool need_mask = key0 + kBlockN > s.key_hi(first_row, p) || key0 < s.key_lo(last_row, p);
@@ -178,12 +178,12 @@ __device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int64_t b, i
         for (int c = 0; c < size<1>(s_rc); ++c) m = fmaxf(m, s_rc(r, c));
         m = quad_max(m);
         const float m_use = m == -INFINITY ? 0.f : m;  // a row with nothing visible yet stays at zero
-        const float rescale = exp2f(row_max[r] - m_use);
+        const float rescale = exp_diff(row_max[r], m_use);
         row_max[r] = m;
         float sum = 0.f;
         CUTE_UNROLL
         for (int c = 0; c < size<1>(s_rc); ++c) {
-          s_rc(r, c) = exp2f(s_rc(r, c) - m_use);
+          s_rc(r, c) = exp_diff(s_rc(r, c), m_use);
           sum += s_rc(r, c);
         }
         row_sum[r] = row_sum[r] * rescale + sum;
@@ -208,7 +208,7 @@ __device__ void forward_tile(const AttnParams& p, const SeqInfo& s, int64_t b, i
     CUTE_UNROLL
     for (int c = 0; c < size<1>(acc_o_rc); ++c) acc_o_rc(r, c) *= inv;
     const int row = tile_row(r);
-    if (lane % 4 == 0 && row < rows_left) lse_ptr[row] = sum == 0.f ? -INFINITY : (row_max[r] + __log2f(sum)) * kLn2;
+    if (lane % 4 == 0 && row < rows_left) lse_ptr[row] = sum == 0.f ? -INFINITY : row_max[r] + logf(sum);
   }
 
   Tensor rO = make_tensor<Element>(acc_o.layout());

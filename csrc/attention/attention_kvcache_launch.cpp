@@ -20,12 +20,12 @@
 namespace cm3leon::attention {
 namespace {
 
-// An int32 [batch] (or [batch, n] with n = -1 for any) tensor on `device`, contiguous.
+// An int32 [batch] (or [batch, n] with n = -1 for any) tensor on `device`, contiguous; batch is q's.
 void check_int32(const at::Tensor& t, const char* name, at::IntArrayRef shape, const at::Device& device) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
   bool ok = t.dim() == int64_t(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i) ok = shape[i] < 0 || t.size(int64_t(i)) == shape[i];
-  TORCH_CHECK_VALUE(ok, name, " must have shape ", shape, " (-1: any), got ", t.sizes());
+  TORCH_CHECK_VALUE(ok, name, " must have shape ", shape, " (q's batch first; -1: any), got ", t.sizes());
   TORCH_CHECK_VALUE(t.device() == device, name, " must be on the cache's device (", device, "), got ",
                     t.device());
   check_contiguous(t, name);
@@ -124,15 +124,15 @@ std::vector<CacheRow> cache_rows(const at::Tensor& q, const at::Tensor& k_cache,
     // A paged row too short is a RuntimeError naming block_table, as FlashAttention raises (and tests) it.
     TORCH_CHECK(s.page == 0 || r.seqlen + n <= s.capacity, "block_table: row ", i, " has ", s.capacity / s.page,
                 " blocks of ", s.page, " positions, but cache_seqlens[", i, "] = ", r.seqlen, " plus ", n,
-                " new tokens need ", r.seqlen + n);
+                " new tokens in k and v need ", r.seqlen + n);
     TORCH_CHECK_VALUE(r.seqlen + n <= s.capacity, "cache_seqlens[", i, "] = ", r.seqlen, " plus ", n,
-                      " new tokens overflows the cache of ", s.capacity, " positions");
+                      " new tokens in k and v overflows the cache of ", s.capacity, " positions");
     r.leftpad = leftpad ? leftpad[i] : 0;
     TORCH_CHECK_VALUE(r.leftpad >= 0 && r.leftpad <= r.seqlen, "cache_leftpad[", i, "] = ", r.leftpad,
                       " must be in [0, cache_seqlens[", i, "] = ", r.seqlen, "]");
     const int64_t row = idx ? idx[i] : i;
     TORCH_CHECK_VALUE(s.page > 0 || (row >= 0 && row < k_cache.size(0)), "cache_batch_idx[", i, "] = ", row,
-                      " is outside the cache's ", k_cache.size(0), " rows");
+                      " is outside k_cache's ", k_cache.size(0), " rows");
     r.first_token = s.page > 0 ? 0 : row * s.capacity;
   }
   if (idx && n > 0) {  // two q rows appending into one cache row would race

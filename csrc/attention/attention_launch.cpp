@@ -52,7 +52,7 @@ void check_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
   TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
                    "dout and out must have q's dtype");
   TORCH_CHECK_VALUE(lse.scalar_type() == at::kFloat && lse.sizes() == lse_shape, "lse must be float32 ",
-                    lse_shape, ", got ", lse.scalar_type(), " ", lse.sizes());
+                    lse_shape, " (from q's shape ", q.sizes(), "), got ", lse.scalar_type(), " ", lse.sizes());
   TORCH_CHECK_VALUE(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
                     "dout, out and lse must be on q's device ", q.device(), ", got ", dout.device(), ", ",
                     out.device(), ", ", lse.device());
@@ -73,7 +73,7 @@ int64_t check_extras(const at::Tensor& q, int64_t batch, int64_t window_left, in
   TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
   TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == hq) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == hq),
                     "alibi_slopes must be [nheads] = [", hq, "] or [batch, nheads] = [", batch, ", ", hq,
-                    "], got ", a.sizes());
+                    "] (q's heads and batch), got ", a.sizes());
   TORCH_CHECK_VALUE(a.device() == q.device(), "alibi_slopes must be on q's device (", q.device(), "), got ",
                     a.device());
   check_contiguous(a, "alibi_slopes");
@@ -125,27 +125,27 @@ std::vector<Segment> dense_segments(const at::Tensor& q, const at::Tensor& k) {
   return segments;
 }
 
-// The values, read on the host: starting at 0, non-decreasing, documents within max_seqlen, ending at the
-// token count.
-void check_cu_seqlens_values(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
+// The values of cu_seqlens_<side> (side "q" or "k"), read on the host: starting at 0, non-decreasing,
+// documents within max_seqlen_<side>, ending at the token count of that side's tensor.
+void check_cu_seqlens_values(const at::Tensor& cu, const char* side, int64_t total, int64_t max_seqlen) {
   const int32_t* c = cu.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+  TORCH_CHECK_VALUE(c[0] == 0, "cu_seqlens_", side, "[0] must be 0, got ", c[0]);
   for (int64_t i = 1; i < cu.size(0); ++i) {
-    TORCH_CHECK_VALUE(c[i] >= c[i - 1], name, " must be non-decreasing: ", name, "[", i, "] = ", c[i], " < ",
-                      c[i - 1]);
-    TORCH_CHECK_VALUE(c[i] - c[i - 1] <= max_seqlen, name, ": document ", i - 1, " has ", c[i] - c[i - 1],
-                      " tokens, more than max_seqlen ", max_seqlen);
+    TORCH_CHECK_VALUE(c[i] >= c[i - 1], "cu_seqlens_", side, " must be non-decreasing: cu_seqlens_", side, "[",
+                      i, "] = ", c[i], " < ", c[i - 1]);
+    TORCH_CHECK_VALUE(c[i] - c[i - 1] <= max_seqlen, "cu_seqlens_", side, ": document ", i - 1, " has ",
+                      c[i] - c[i - 1], " tokens, more than max_seqlen_", side, " (", max_seqlen, ")");
   }
-  TORCH_CHECK_VALUE(c[cu.size(0) - 1] == total, name, "[-1] (", c[cu.size(0) - 1],
-                    ") must equal the number of packed tokens (", total, ")");
+  TORCH_CHECK_VALUE(c[cu.size(0) - 1] == total, "cu_seqlens_", side, "[-1] (", c[cu.size(0) - 1],
+                    ") must equal the number of packed tokens in ", side, " (", total, ")");
 }
 
 std::vector<Segment> varlen_segments(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q,
                                      const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
   check_cu_seqlens(cu_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_k, "cu_seqlens_k", q);
-  check_cu_seqlens_values(cu_q, "cu_seqlens_q", q.size(0), max_q);
-  check_cu_seqlens_values(cu_k, "cu_seqlens_k", k.size(0), max_k);
+  check_cu_seqlens_values(cu_q, "q", q.size(0), max_q);
+  check_cu_seqlens_values(cu_k, "k", k.size(0), max_k);
   TORCH_CHECK_VALUE(cu_q.size(0) == cu_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_q.size(0), " and ",
                     cu_k.size(0));

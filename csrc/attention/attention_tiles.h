@@ -48,6 +48,13 @@ inline __m256 exp2_neg(__m256 x) {
   return _mm256_or_ps(_mm256_and_ps(scaled, underflow), nan);
 }
 
+// e^(x - ref) for x <= ref (scores and the row's max or log-sum-exp, natural units). The difference is taken
+// before the change of base, so x == ref gives exactly 1: a row's only key gets P = 1 in the forward and,
+// from the saved lse, in the backward (converting lse to base 2 and back would not round-trip).
+inline __m256 exp_diff(__m256 x, __m256 ref) {
+  return exp2_neg(_mm256_mul_ps(_mm256_sub_ps(x, ref), _mm256_set1_ps(kLog2e)));
+}
+
 // tanh(x), relative error < 1e-7: an odd Taylor polynomial below |x| = 1/4 (where (1 - e) / (1 + e) would
 // cancel), (1 - e) / (1 + e) with e = e^(-2|x|) above it; NaN stays NaN.
 inline __m256 tanh8(__m256 x) {
@@ -186,26 +193,26 @@ struct KeyWindow {
 };
 
 // Softcap and ALiBi on a transposed tile of scores st[r * ld + c] (keys r < keys, queries c < queries, a
-// multiple of 8), in log2 units. With cap2 = softcap * log2(e) > 0 the tile arrives as x = scale q.k / softcap
-// and becomes cap2 * tanh(x) (tanh(x) is also stored in t[r * ld + c] when t is given: the backward's
-// derivative 1 - t^2); with slope2 = slope * log2(e) (0: no ALiBi), slope2 * |diag[c] - r| is subtracted, diag[c] being
-// query c's diagonal relative to the tile's first key.
-inline void modify_scores(float* st, int64_t ld, int64_t keys, int64_t queries, float cap2, float slope2,
+// multiple of 8), in natural units. With cap > 0 the tile arrives as x = scale q.k / softcap and becomes
+// cap * tanh(x) (tanh(x) is also stored in t[r * ld + c] when t is given: the backward's derivative 1 - t^2);
+// with slope != 0 (ALiBi), slope * |diag[c] - r| is subtracted, diag[c] being query c's diagonal relative to
+// the tile's first key.
+inline void modify_scores(float* st, int64_t ld, int64_t keys, int64_t queries, float cap, float slope,
                           const float* diag, float* t) {
 #if CM3LEON_AVX2
-  const __m256 cap = _mm256_set1_ps(cap2), slope = _mm256_set1_ps(-slope2), sign_bit = _mm256_set1_ps(-0.f);
+  const __m256 capv = _mm256_set1_ps(cap), neg_slope = _mm256_set1_ps(-slope), sign_bit = _mm256_set1_ps(-0.f);
   for (int64_t c = 0; c < queries; c += 8)
     for (int64_t r = 0; r < keys; ++r) {
       float* x = st + r * ld + c;
       __m256 s = _mm256_loadu_ps(x);
-      if (cap2 > 0.f) {
+      if (cap > 0.f) {
         const __m256 th = tanh8(s);
         if (t) _mm256_storeu_ps(t + r * ld + c, th);
-        s = _mm256_mul_ps(cap, th);
+        s = _mm256_mul_ps(capv, th);
       }
-      if (slope2 != 0.f) {
+      if (slope != 0.f) {
         const __m256 dist = _mm256_sub_ps(_mm256_loadu_ps(diag + c), _mm256_set1_ps(float(r)));
-        s = _mm256_fmadd_ps(slope, _mm256_andnot_ps(sign_bit, dist), s);
+        s = _mm256_fmadd_ps(neg_slope, _mm256_andnot_ps(sign_bit, dist), s);
       }
       _mm256_storeu_ps(x, s);
     }
@@ -213,12 +220,12 @@ inline void modify_scores(float* st, int64_t ld, int64_t keys, int64_t queries, 
   for (int64_t r = 0; r < keys; ++r)
     for (int64_t c = 0; c < queries; ++c) {
       float& s = st[r * ld + c];
-      if (cap2 > 0.f) {
+      if (cap > 0.f) {
         const float th = std::tanh(s);
         if (t) t[r * ld + c] = th;
-        s = cap2 * th;
+        s = cap * th;
       }
-      if (slope2 != 0.f) s -= slope2 * std::fabs(diag[c] - float(r));
+      if (slope != 0.f) s -= slope * std::fabs(diag[c] - float(r));
     }
 #endif
 }
