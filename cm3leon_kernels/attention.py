@@ -98,7 +98,7 @@ def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
     nothing drawn) without dropout. The backward reuses it to regenerate the mask."""
     if dropout_p == 0.0:
         return None
-    return torch.empty((), dtype=torch.int64).random_()
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)  # out of place: dynamo traces it
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device) -> None:
