@@ -123,9 +123,10 @@ def _dense(
     alibi_slopes,
     deterministic,
     return_attn_probs,
+    return_lse,
     names=("q", "k", "v"),
 ):
-    """(out, lse, S_dmask), S_dmask None unless return_attn_probs with dropout_p > 0."""
+    """The public functions' result (see _results); S_dmask is None unless dropout_p > 0."""
     _check_qkv(q, k, v, 4, names)
     p = _check_dropout(dropout_p)
     if k.shape[0] != q.shape[0]:
@@ -148,9 +149,10 @@ def _dense(
         dropout_p=p,
         dropout_seed=seed,
     )
-    if not (return_attn_probs and p > 0):
-        return out, lse, None
-    return out, lse, dense_s_dmask(q, k, seed, p, scale, (left, right), cap, alibi_slopes)
+    s_dmask = None
+    if return_attn_probs and p > 0:
+        s_dmask = dense_s_dmask(q, k, seed, p, scale, (left, right), cap, alibi_slopes)
+    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
 
 
 def _paged_keys(k, v, block_table, cu_seqlens_k):
@@ -213,6 +215,7 @@ def _varlen(
     alibi_slopes,
     deterministic,
     return_attn_probs,
+    return_lse,
     names=("q", "k", "v"),
 ):
     """As :func:`_dense` for packed documents."""
@@ -243,11 +246,11 @@ def _varlen(
         dropout_p=p,
         dropout_seed=seed,
     )
-    if not (return_attn_probs and p > 0):
-        return out, lse, None
-    s_dmask = varlen_s_dmask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, p, scale,
-                             (left, right), cap, alibi_slopes)
-    return out, lse, s_dmask
+    s_dmask = None
+    if return_attn_probs and p > 0:
+        s_dmask = varlen_s_dmask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, p, scale,
+                                 (left, right), cap, alibi_slopes)
+    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
 
 
 # ---- public API (FlashAttention 2.8 signatures) ---------------------------------------------------------
@@ -296,20 +299,8 @@ def flash_attn_func(
     Raises:
         TypeError / ValueError naming the argument; NotImplementedError for devices without a kernel.
     """
-    out, lse, s_dmask = _dense(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-    )
-    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, return_lse)
 
 
 def flash_attn_qkvpacked_func(
@@ -327,21 +318,8 @@ def flash_attn_qkvpacked_func(
 ):
     """:func:`flash_attn_func` on ``qkv`` ``(batch, seqlen, 3, nheads, headdim)``; gradients go to ``qkv``."""
     q, k, v = _unpack("qkv", qkv, 3, 5)
-    out, lse, s_dmask = _dense(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        names=("qkv", "qkv", "qkv"),
-    )
-    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, return_lse, names=("qkv", "qkv", "qkv"))
 
 
 def flash_attn_kvpacked_func(
@@ -361,21 +339,8 @@ def flash_attn_kvpacked_func(
     """:func:`flash_attn_func` with ``kv`` ``(batch, seqlen_k, 2, nheads_kv, headdim)``; gradients go to
     ``kv``."""
     k, v = _unpack("kv", kv, 2, 5)
-    out, lse, s_dmask = _dense(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        names=("q", "kv", "kv"),
-    )
-    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, return_lse, names=("q", "kv", "kv"))
 
 
 def flash_attn_varlen_func(
@@ -414,24 +379,8 @@ def flash_attn_varlen_func(
     """
     if block_table is not None:
         k, v = _paged_keys(k, v, block_table, cu_seqlens_k)
-    out, lse, s_dmask = _varlen(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-    )
-    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse)
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -452,25 +401,9 @@ def flash_attn_varlen_qkvpacked_func(
     """:func:`flash_attn_varlen_func` on ``qkv`` ``(total, 3, nheads, headdim)`` (one ``cu_seqlens`` for q and
     k); gradients go to ``qkv``."""
     q, k, v = _unpack("qkv", qkv, 3, 4)
-    out, lse, s_dmask = _varlen(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        names=("qkv", "qkv", "qkv"),
-    )
-    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse,
+                   names=("qkv", "qkv", "qkv"))
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -494,25 +427,9 @@ def flash_attn_varlen_kvpacked_func(
     """:func:`flash_attn_varlen_func` with ``kv`` ``(total_k, 2, nheads_kv, headdim)``; gradients go to
     ``kv``."""
     k, v = _unpack("kv", kv, 2, 4)
-    out, lse, s_dmask = _varlen(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        return_attn_probs,
-        names=("q", "kv", "kv"),
-    )
-    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse,
+                   names=("q", "kv", "kv"))
 
 
 def _capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:

@@ -12,12 +12,10 @@ import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 from cm3leon_kernels._native import ops
 
-from attention_checks import check_against_reference, cu_seqlens, leaves
+from attention_checks import (FEATURE_EPS, FEATURE_GRAD_EPS, case_id, check_against_reference, cu_seqlens,
+                              leaves, random_slopes)
 from helpers import FLOAT_DTYPES
 
-# As test_attention_features.py: a small absolute floor where plain PyTorch's float32 error is ~0.
-EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
-GRAD_EPS = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
 def _seed(value: int) -> torch.Tensor:
@@ -87,18 +85,8 @@ DENSE_CASES = [
 ]
 
 
-def _case_id(c):
-    return "-".join(str(x).replace(" ", "") for x in c)
-
-
-def _slopes(kind, batch, heads):
-    if kind is None:
-        return None
-    return torch.rand(heads if kind == "heads" else (batch, heads)) * 0.5 + 0.05
-
-
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("case", DENSE_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", DENSE_CASES, ids=case_id)
 def test_dense_matches_reference_with_the_kernel_mask(case, dtype):
     b, sq, sk, hq, hkv, d, causal, window, softcap, alibi, det, p = case
     if dtype != torch.float32 and d in (3, 256):
@@ -110,12 +98,12 @@ def test_dense_matches_reference_with_the_kernel_mask(case, dtype):
     torch.manual_seed(0)
     q = torch.randn(b, sq, hq, d).to(dtype)
     k, v = torch.randn(b, sk, hkv, d).to(dtype), torch.randn(b, sk, hkv, d).to(dtype)
-    slopes, seed, scale = _slopes(alibi, b, hq), _seed(2024 + sq), 0.7 / math.sqrt(d)
+    slopes, seed, scale = random_slopes(alibi, b, hq), _seed(2024 + sq), 0.7 / math.sqrt(d)
     mask = _mask(seed, (b, hq, sq, sk), p)
     check_against_reference(
         lambda q, k, v: ops.flash_attn_forward(q, k, v, scale, causal, *window, softcap, slopes, det, p, seed),
         lambda q, k, v: ref.attention(q, k, v, scale, causal, window, softcap, slopes, p, mask),
-        (q, k, v), dtype, _case_id(case), eps=EPS, grad_eps=GRAD_EPS)
+        (q, k, v), dtype, case_id(case), eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: str(d).split(".")[1])
@@ -126,13 +114,13 @@ def test_varlen_matches_reference_with_the_kernel_mask(dtype):
     torch.manual_seed(1)
     q = torch.randn(sum(lq), 4, 59).to(dtype)
     k, v = torch.randn(sum(lk), 2, 59).to(dtype), torch.randn(sum(lk), 2, 59).to(dtype)
-    slopes, seed, p = _slopes("batch", len(docs), 4), _seed(5), 0.3
+    slopes, seed, p = random_slopes("batch", len(docs), 4), _seed(5), 0.3
     mask = _mask(seed, (len(docs), 4, max(lq), max(lk)), p)
     check_against_reference(
         lambda q, k, v: ops.flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.2, True, 16, -1,
                                                       0.0, slopes, False, p, seed),
         lambda q, k, v: ref.attention_varlen(q, k, v, cu_q, cu_k, 0.2, True, (16, -1), 0.0, slopes, p, mask),
-        (q, k, v), dtype, "varlen", eps=EPS, grad_eps=GRAD_EPS)
+        (q, k, v), dtype, "varlen", eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
 
 
 def test_backward_needs_the_forward_seed():
@@ -198,7 +186,7 @@ def test_no_dropout_draws_nothing_and_returns_no_s_dmask():
 def test_s_dmask_holds_the_unnormalised_probabilities_and_the_mask():
     torch.manual_seed(5)
     q, k, v = torch.randn(2, 33, 4, 24).half(), torch.randn(2, 47, 2, 24).half(), torch.randn(2, 47, 2, 24).half()
-    slopes = _slopes("heads", 2, 4)
+    slopes = random_slopes("heads", 2, 4)
     torch.manual_seed(8)
     out, lse, s_dmask = ck.flash_attn_func(q, k, v, 0.25, causal=True, window_size=(12, -1), softcap=3.0,
                                            alibi_slopes=slopes, return_attn_probs=True)
