@@ -7,6 +7,8 @@ tiled online softmax (it never builds the ``seqlen_q x seqlen_k`` score matrix) 
 float32, bfloat16 and float16 inputs; the backward recomputes probabilities from the saved log-sum-exp.
 Causal masks align to the bottom-right corner when ``seqlen_q != seqlen_k`` (FlashAttention >= 2.1): query
 ``i`` sees keys ``j <= i + seqlen_k - seqlen_q``; a query that sees no key gets output 0 and lse ``-inf``.
+Attention dropout (``dropout_p > 0``, CPU only) drops probabilities with a counter-based Philox mask keyed by
+a seed drawn here (:func:`_dropout_seed`), which the backward regenerates (docs/attention.md, "Dropout").
 
 On CUDA (builds with CUDA): a FlashAttention-2-style tensor-core forward for bfloat16/float16, a slow SIMT
 path for float32, and split-KV decode for the KV cache; see docs/attention.md ("CUDA").

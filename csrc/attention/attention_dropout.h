@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "common/philox.h"
+#include "common/simd.h"
 
 namespace cm3leon::attention {
 
@@ -29,10 +30,55 @@ CM3LEON_ISA_BEGIN
 // need step >= 2^63 to meet a dropout counter.
 constexpr uint32_t kStreamTag = 0xE4726F70u;  // "drop" in ASCII with the top bit set
 
-// Calls emit(j, kept) for keys j in [j0, j1) of query i of stream b * heads_q + h.
+#if CM3LEON_AVX2
+// hi and lo words of m * a in each of eight 32-bit lanes (mul_epu32 multiplies the even lanes).
+inline void mulhilo8(__m256i m, __m256i a, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(a, m), odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// philox4x32_10 of eight counters at once, bit for bit: lane n of c[w] is word w of counter n.
+inline void philox4x32_10_x8(__m256i c[4], uint32_t key0, uint32_t key1) {
+  using namespace philox_detail;
+  const __m256i m0 = _mm256_set1_epi32(int(kMul0)), m1 = _mm256_set1_epi32(int(kMul1));
+  for (int round = 0; round < 10; ++round) {
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo8(m0, c[0], &hi0, &lo0);
+    mulhilo8(m1, c[2], &hi1, &lo1);
+    c[0] = _mm256_xor_si256(_mm256_xor_si256(hi1, c[1]), _mm256_set1_epi32(int(key0)));
+    c[2] = _mm256_xor_si256(_mm256_xor_si256(hi0, c[3]), _mm256_set1_epi32(int(key1)));
+    c[1] = lo1;
+    c[3] = lo0;
+    key0 += kWeyl0;
+    key1 += kWeyl1;
+  }
+}
+#endif
+
+// Calls emit(j, kept) for keys j in [j0, j1) of query i of stream b * heads_q + h. With AVX2, eight counters
+// (32 keys) at a time; the decisions are the scalar loop's.
 template <typename Emit>
 inline void dropout_row(const DropoutStream& ds, uint32_t stream, uint32_t i, int64_t j0, int64_t j1, Emit&& emit) {
-  for (int64_t j4 = j0 & ~int64_t(3); j4 < j1; j4 += 4) {
+  int64_t j4 = j0 & ~int64_t(3);
+#if CM3LEON_AVX2
+  if (ds.threshold <= 0xFFFFFFFFu) {  // else nothing is kept: the scalar loop says so
+    const __m256i t = _mm256_set1_epi32(int(uint32_t(ds.threshold)));
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; j4 + 32 <= j1; j4 += 32) {
+      __m256i c[4] = {_mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(j4 >> 2))), lanes), _mm256_set1_epi32(int(i)),
+                      _mm256_set1_epi32(int(stream)), _mm256_set1_epi32(int(kStreamTag))};
+      philox4x32_10_x8(c, uint32_t(ds.seed), uint32_t(ds.seed >> 32));
+      int kept[4];  // bit n of kept[w]: key j4 + 4 n + w (word >= t, unsigned)
+      for (int w = 0; w < 4; ++w)
+        kept[w] = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_max_epu32(c[w], t), c[w])));
+      for (int64_t n = 0; n < 8; ++n)
+        for (int64_t w = 0; w < 4; ++w)
+          if (j4 + 4 * n + w >= j0) emit(j4 + 4 * n + w, bool((kept[w] >> n) & 1));
+    }
+  }
+#endif
+  for (; j4 < j1; j4 += 4) {
     const Philox4x32 w = philox4x32_10(Philox4x32{{uint32_t(j4 >> 2), i, stream, kStreamTag}}, uint32_t(ds.seed),
                                        uint32_t(ds.seed >> 32));
     for (int64_t lane = 0; lane < 4; ++lane) {
