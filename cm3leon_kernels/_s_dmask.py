@@ -22,7 +22,8 @@ def _signed(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def dense_s_dmask(q, k, dropout_seed, dropout_p, softmax_scale, window, softcap, alibi_slopes):
     """S_dmask of ``flash_attn_forward``'s call with these (normalised) arguments; window = (left, right)."""
-    scores = reference.attention_scores(q.float(), k.float(), softmax_scale, False, window, softcap, alibi_slopes)
+    scores = reference.attention_scores(q.float(), k.float(), softmax_scale, False, window, softcap,
+                                        alibi_slopes)
     keep = ops.flash_attn_dropout_mask(dropout_seed, *scores.shape, dropout_p)
     return _signed(scores, keep).to(q.dtype)
 
@@ -38,7 +39,7 @@ def varlen_s_dmask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     for b in range(docs):
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
         lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
-        scores = reference.attention_scores(q[None, cq[b]:cq[b + 1]].float(), k[None, ck[b]:ck[b + 1]].float(),
-                                            softmax_scale, False, window, softcap, slopes)
+        qb, kb = q[None, cq[b]:cq[b + 1]].float(), k[None, ck[b]:ck[b + 1]].float()
+        scores = reference.attention_scores(qb, kb, softmax_scale, False, window, softcap, slopes)
         s_dmask[b, :, :lq, :lk] = _signed(scores, keep[b:b + 1, :, :lq, :lk])[0]
     return s_dmask

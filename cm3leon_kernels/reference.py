@@ -11,8 +11,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["vq_distances", "vq_nearest", "vq_embed", "attention_scores", "softmax_numerator", "attention",
-           "attention_varlen", "attention_with_kvcache", "cfg_mix", "cfg_probs", "contrastive_probs", "hf_chain_sample",
-           "linear_cross_entropy"]
+           "attention_varlen", "attention_with_kvcache", "cfg_mix", "cfg_probs", "contrastive_probs",
+           "hf_chain_sample", "linear_cross_entropy"]
 
 
 def vq_distances(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> torch.Tensor:

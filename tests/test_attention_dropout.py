@@ -92,8 +92,9 @@ def test_dense_matches_reference_with_the_kernel_mask(case, dtype):
     if dtype != torch.float32 and d in (3, 256):
         pytest.skip("half-precision runs cover the common head dims; odd ones run in float32")
     if dtype != torch.float32 and window == (0, 0):
-        # A query with one key has dS = P (dP / (1 - p) - dO.O) = 0 exactly in PyTorch, but the kernel's D uses
-        # the rounded O: its error, scaled by 1 / (1 - p), exceeds the half-precision floor. float32 runs it.
+        # A query with one key has dS = P (dP / (1 - p) - dO.O) = 0 exactly in PyTorch, but the kernel's D
+        # uses the rounded O: its error, scaled by 1 / (1 - p), exceeds the half-precision floor. float32 runs
+        # it.
         pytest.skip("one-key rows in half precision (see comment)")
     torch.manual_seed(0)
     q = torch.randn(b, sq, hq, d).to(dtype)
@@ -101,7 +102,8 @@ def test_dense_matches_reference_with_the_kernel_mask(case, dtype):
     slopes, seed, scale = random_slopes(alibi, b, hq), _seed(2024 + sq), 0.7 / math.sqrt(d)
     mask = _mask(seed, (b, hq, sq, sk), p)
     check_against_reference(
-        lambda q, k, v: ops.flash_attn_forward(q, k, v, scale, causal, *window, softcap, slopes, det, p, seed),
+        lambda q, k, v: ops.flash_attn_forward(q, k, v, scale, causal, *window, softcap, slopes, det, p,
+                                               seed),
         lambda q, k, v: ref.attention(q, k, v, scale, causal, window, softcap, slopes, p, mask),
         (q, k, v), dtype, case_id(case), eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
 
@@ -117,8 +119,8 @@ def test_varlen_matches_reference_with_the_kernel_mask(dtype):
     slopes, seed, p = random_slopes("batch", len(docs), 4), _seed(5), 0.3
     mask = _mask(seed, (len(docs), 4, max(lq), max(lk)), p)
     check_against_reference(
-        lambda q, k, v: ops.flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.2, True, 16, -1,
-                                                      0.0, slopes, False, p, seed),
+        lambda q, k, v: ops.flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.2, True, 16,
+                                                      -1, 0.0, slopes, False, p, seed),
         lambda q, k, v: ref.attention_varlen(q, k, v, cu_q, cu_k, 0.2, True, (16, -1), 0.0, slopes, p, mask),
         (q, k, v), dtype, "varlen", eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
 
@@ -130,8 +132,8 @@ def test_backward_needs_the_forward_seed():
     q, k, v = (torch.randn(1, 50, 2, 16) for _ in range(3))
     out, lse = ops.flash_attn_forward(q, k, v, 0.25, False, dropout_p=0.3, dropout_seed=_seed(1))
     dout = torch.randn_like(out)
-    right = ops.flash_attn_backward(dout, q, k, v, out, lse, 0.25, False, dropout_p=0.3, dropout_seed=_seed(1))
-    wrong = ops.flash_attn_backward(dout, q, k, v, out, lse, 0.25, False, dropout_p=0.3, dropout_seed=_seed(2))
+    right, wrong = (ops.flash_attn_backward(dout, q, k, v, out, lse, 0.25, False, dropout_p=0.3,
+                                            dropout_seed=_seed(s)) for s in (1, 2))
     assert all(not torch.allclose(a, b, atol=1e-3) for a, b in zip(right, wrong))
 
 
@@ -166,7 +168,8 @@ def test_one_and_two_threads_give_identical_results():
         for n in (1, 2):
             torch.set_num_threads(n)
             torch.manual_seed(21)
-            results.append(_train_step(q, k, v, dout, dropout_p=0.35, window_size=(60, 10), deterministic=True))
+            results.append(_train_step(q, k, v, dout, dropout_p=0.35, window_size=(60, 10),
+                                       deterministic=True))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results):
@@ -185,7 +188,8 @@ def test_no_dropout_draws_nothing_and_returns_no_s_dmask():
 
 def test_s_dmask_holds_the_unnormalised_probabilities_and_the_mask():
     torch.manual_seed(5)
-    q, k, v = torch.randn(2, 33, 4, 24).half(), torch.randn(2, 47, 2, 24).half(), torch.randn(2, 47, 2, 24).half()
+    q = torch.randn(2, 33, 4, 24).half()
+    k, v = torch.randn(2, 47, 2, 24).half(), torch.randn(2, 47, 2, 24).half()
     slopes = random_slopes("heads", 2, 4)
     torch.manual_seed(8)
     out, lse, s_dmask = ck.flash_attn_func(q, k, v, 0.25, causal=True, window_size=(12, -1), softcap=3.0,
@@ -220,7 +224,8 @@ def test_varlen_s_dmask_puts_each_document_top_left():
     for b, (nq, nk) in enumerate(docs):
         block = s_dmask[b, :, :nq, :nk]
         assert torch.equal(block >= 0, keep[b, :, :nq, :nk])
-        e, _ = ref.softmax_numerator(ref.attention_scores(q[None, cq[b]:cq[b + 1]], k[None, ck_[b]:ck_[b + 1]]))
+        scores = ref.attention_scores(q[None, cq[b]:cq[b + 1]], k[None, ck_[b]:ck_[b + 1]])
+        e, _ = ref.softmax_numerator(scores)
         torch.testing.assert_close(block.abs(), e[0])
         outside = torch.ones(2, 12, 9, dtype=torch.bool)
         outside[:, :nq, :nk] = False
@@ -257,7 +262,8 @@ def _raw_calls(p, seed):
         "varlen_forward": lambda: ops.flash_attn_varlen_forward(q3, q3, q3, cu, cu, 8, 8, 0.3, False, **drop),
         "varlen_backward": lambda: ops.flash_attn_varlen_backward(o3, q3, q3, q3, o3, l3, cu, cu, 8, 8, 0.3,
                                                                   False, **drop),
-        "dropout_mask": lambda: ops.flash_attn_dropout_mask(seed if seed is not None else _seed(0), 1, 2, 8, 8, p),
+        "dropout_mask": lambda: ops.flash_attn_dropout_mask(_seed(0) if seed is None else seed, 1, 2, 8, 8,
+                                                            p),
     }
 
 
@@ -285,15 +291,14 @@ def test_raw_ops_check_the_seed():
 def test_opcheck_with_dropout():
     q, k, v = leaves(*(torch.randn(2, 9, 2, 16) for _ in range(3)))
     seed = _seed(31)
-    torch.library.opcheck(ops.flash_attn_forward, (q, k, v, 0.3, True), dict(dropout_p=0.2, dropout_seed=seed))
-    out, lse = ops.flash_attn_forward(q, k, v, 0.3, True, dropout_p=0.2, dropout_seed=seed)
+    drop = dict(dropout_p=0.2, dropout_seed=seed)
+    torch.library.opcheck(ops.flash_attn_forward, (q, k, v, 0.3, True), drop)
+    out, lse = ops.flash_attn_forward(q, k, v, 0.3, True, **drop)
     torch.library.opcheck(ops.flash_attn_backward, (torch.randn_like(out), q.detach(), k.detach(), v.detach(),
-                                                    out.detach(), lse, 0.3, True),
-                          dict(dropout_p=0.2, dropout_seed=seed))
+                                                    out.detach(), lse, 0.3, True), drop)
     cu = cu_seqlens([3, 0, 6])
     q3, k3, v3 = leaves(*(t.detach()[0] for t in (q, k, v)))
-    torch.library.opcheck(ops.flash_attn_varlen_forward, (q3, k3, v3, cu, cu, 6, 6, 0.3, False),
-                          dict(dropout_p=0.2, dropout_seed=seed))
+    torch.library.opcheck(ops.flash_attn_varlen_forward, (q3, k3, v3, cu, cu, 6, 6, 0.3, False), drop)
     torch.library.opcheck(ops.flash_attn_dropout_mask, (seed, 2, 3, 5, 7, 0.4))
 
 

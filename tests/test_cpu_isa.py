@@ -102,8 +102,8 @@ def test_attention_dropout(isa, dtype):
     k, v = random_tensor(2, 170, 2, 40, dtype=dtype), random_tensor(2, 170, 2, 40, dtype=dtype)
     seed = torch.tensor(77, dtype=torch.int64)
     mask = torch.ops.cm3leon.flash_attn_dropout_mask(seed, 2, 4, 150, 170, 0.3)
-    drop = dict(dropout_p=0.3, dropout_seed=seed)
-    check_against_reference(lambda q, k, v: torch.ops.cm3leon.flash_attn_forward(q, k, v, 0.15, True, **drop),
+    forward = torch.ops.cm3leon.flash_attn_forward
+    check_against_reference(lambda q, k, v: forward(q, k, v, 0.15, True, dropout_p=0.3, dropout_seed=seed),
                             lambda q, k, v: ref.attention(q, k, v, 0.15, True, dropout_p=0.3, dropout_mask=mask),
                             (q, k, v), dtype, f"{isa} dropout")
 
