@@ -7,6 +7,8 @@ tiled online softmax (it never builds the ``seqlen_q x seqlen_k`` score matrix) 
 float32, bfloat16 and float16 inputs; the backward recomputes probabilities from the saved log-sum-exp.
 Causal masks align to the bottom-right corner when ``seqlen_q != seqlen_k`` (FlashAttention >= 2.1): query
 ``i`` sees keys ``j <= i + seqlen_k - seqlen_q``; a query that sees no key gets output 0 and lse ``-inf``.
+Attention dropout (``dropout_p > 0``, CPU only) drops probabilities with a counter-based Philox mask keyed by
+a seed drawn here (:func:`_dropout_seed`), which the backward regenerates (docs/attention.md, "Dropout").
 
 On CUDA (builds with CUDA): a FlashAttention-2-style tensor-core forward for bfloat16/float16, a slow SIMT
 path for float32, and split-KV decode for the KV cache; see docs/attention.md ("CUDA").
@@ -80,9 +82,25 @@ def _not_a_tensor(required: dict[str, object], optional: dict[str, object]) -> T
     return TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
-def _check_dropout(dropout_p: float) -> None:
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p must be 0.0 (CM3Leon trains without attention dropout), got {dropout_p}")
+def _check_dropout(dropout_p: float) -> float:
+    """dropout_p as a float in [0, 1) (FlashAttention's rule: a probability, not a bool)."""
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:
+        return dropout_p
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a number, got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not (math.isfinite(p) and 0.0 <= p < 1.0):
+        raise ValueError(f"dropout_p must be a finite number in [0, 1), got {dropout_p!r}")
+    return p
+
+
+def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
+    """The seed of a call's dropout mask: one int64 drawn from torch's default CPU generator (so
+    ``torch.manual_seed`` reproduces a run), a tensor so that ``torch.compile`` traces the draw; None (and
+    nothing drawn) without dropout. The backward reuses it to regenerate the mask."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)  # out of place: dynamo traces it
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, device: torch.device) -> None:
@@ -104,39 +122,50 @@ def _contiguous(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
 # ---- torch.library registration: fake (meta) kernels for tracing, autograd -------------------------------
 
 # The trailing arguments of the four forward/backward ops (window_left, window_right, softcap, alibi_slopes,
-# deterministic) do not change output shapes; alibi_slopes joins the device check.
+# deterministic, dropout_p, dropout_seed) do not change output shapes; alibi_slopes joins the device check,
+# dropout_seed may be on the CPU beside tensors on another device.
+
+_SEED_CPU = ("dropout_seed",)
+
 
 @torch.library.register_fake("cm3leon::flash_attn_forward")
 def _forward_fake(q, k, v, softmax_scale, causal, window_left=-1, window_right=-1, softcap=0.0,
-                  alibi_slopes=None, deterministic=False):
-    check_fake_devices("flash_attn_forward", q=q, k=k, v=v, alibi_slopes=alibi_slopes)
+                  alibi_slopes=None, deterministic=False, dropout_p=0.0, dropout_seed=None):
+    check_fake_devices("flash_attn_forward", _SEED_CPU, q=q, k=k, v=v, alibi_slopes=alibi_slopes,
+                       dropout_seed=dropout_seed)
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_backward")
 def _backward_fake(dout, q, k, v, out, lse, softmax_scale, causal, window_left=-1, window_right=-1,
-                   softcap=0.0, alibi_slopes=None, deterministic=False):
-    check_fake_devices("flash_attn_backward", dout=dout, q=q, k=k, v=v, out=out, lse=lse,
-                       alibi_slopes=alibi_slopes)
+                   softcap=0.0, alibi_slopes=None, deterministic=False, dropout_p=0.0, dropout_seed=None):
+    check_fake_devices("flash_attn_backward", _SEED_CPU, dout=dout, q=q, k=k, v=v, out=out, lse=lse,
+                       alibi_slopes=alibi_slopes, dropout_seed=dropout_seed)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_varlen_forward")
 def _varlen_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                          causal, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
-                         deterministic=False):
-    check_fake_devices("flash_attn_varlen_forward", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
-                       cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+                         deterministic=False, dropout_p=0.0, dropout_seed=None):
+    check_fake_devices("flash_attn_varlen_forward", _SEED_CPU, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
+                       cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, dropout_seed=dropout_seed)
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_varlen_backward")
 def _varlen_backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                           softmax_scale, causal, window_left=-1, window_right=-1, softcap=0.0,
-                          alibi_slopes=None, deterministic=False):
-    check_fake_devices("flash_attn_varlen_backward", dout=dout, q=q, k=k, v=v, out=out, lse=lse,
-                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes)
+                          alibi_slopes=None, deterministic=False, dropout_p=0.0, dropout_seed=None):
+    check_fake_devices("flash_attn_varlen_backward", _SEED_CPU, dout=dout, q=q, k=k, v=v, out=out, lse=lse,
+                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes,
+                       dropout_seed=dropout_seed)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@torch.library.register_fake("cm3leon::flash_attn_dropout_mask")
+def _dropout_mask_fake(dropout_seed, batch, nheads, seqlen_q, seqlen_k, dropout_p):
+    return dropout_seed.new_empty((batch, nheads, seqlen_q, seqlen_k), dtype=torch.bool)
 
 
 @torch.library.register_fake("cm3leon::flash_attn_kvcache")
@@ -156,8 +185,8 @@ def _setup(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     # Everything after q, k, v maps 1:1 onto the backward op's trailing arguments: (softmax_scale, causal,
-    # window_left, window_right, softcap, alibi_slopes, deterministic), varlen with cu_seqlens and max_seqlens
-    # first.
+    # window_left, window_right, softcap, alibi_slopes, deterministic, dropout_p, dropout_seed), varlen with
+    # cu_seqlens and max_seqlens first. The seed makes the backward regenerate the forward's dropout mask.
     ctx.args = inputs[3:]
     ctx.mark_non_differentiable(lse)
 

@@ -2,8 +2,9 @@
 (or ``flash_attn.flash_attn_interface``) for ``from cm3leon_kernels import ...``.
 
 Same names, positional order, defaults and return values as flash-attn 2.8; see docs/attention.md for the
-semantics (masks, windows, softcap, ALiBi, KV cache) and the few documented differences (``dropout_p`` must be
-0, ``S_dmask`` is ``None``, a query that sees no key has lse ``-inf``). Our extra, ``return_lse``, is
+semantics (masks, windows, softcap, ALiBi, dropout, KV cache) and the few documented differences (``S_dmask``
+is ``None`` without dropout and holds one key block, dropout is CPU-only, a query that sees no key has lse
+``-inf``). Our extra, ``return_lse``, is
 keyword-only and comes last. Argument checks live in :mod:`cm3leon_kernels.attention` beside the op
 registration; the C++ launchers check the rest (their errors name the argument too).
 """
@@ -18,12 +19,14 @@ import torch
 
 from ._checks import as_int
 from ._native import ops
+from ._s_dmask import dense_s_dmask, varlen_s_dmask
 from .attention import (
     _DEVICES,
     _check_cu_seqlens,
     _check_dropout,
     _check_qkv,
     _contiguous,
+    _dropout_seed,
     _kvcache_op,
     _not_a_tensor,
     _scale,
@@ -84,14 +87,14 @@ def _softcap(softcap: object) -> float:
     return max(cap, 0.0)  # FlashAttention: softcap <= 0 means no capping
 
 
-def _results(out: torch.Tensor, lse: torch.Tensor, return_attn_probs: bool, return_lse: bool):
+def _results(out: torch.Tensor, lse: torch.Tensor, s_dmask, return_attn_probs: bool, return_lse: bool):
     if return_attn_probs and return_lse:
         raise ValueError(
             "return_attn_probs and return_lse are exclusive (return_attn_probs already returns lse)"
         )
     if return_attn_probs:
-        # FA returns S_dmask only for testing dropout; with dropout_p == 0 there is no mask to return.
-        return out, lse, None
+        # FA returns S_dmask for testing dropout; with dropout_p == 0 there is no mask and it is None.
+        return out, lse, s_dmask
     return (out, lse) if return_lse else out
 
 
@@ -119,27 +122,37 @@ def _dense(
     softcap,
     alibi_slopes,
     deterministic,
+    return_attn_probs,
+    return_lse,
     names=("q", "k", "v"),
 ):
+    """The public functions' result (see _results); S_dmask is None unless dropout_p > 0."""
     _check_qkv(q, k, v, 4, names)
-    _check_dropout(dropout_p)
+    p = _check_dropout(dropout_p)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"{names[1]}'s batch ({k.shape[0]}) must equal {names[0]}'s ({q.shape[0]})")
     q, k, v = _contiguous(q, k, v)
     causal = bool(causal)
     left, right = _window(window_size, causal, k.shape[1])
-    return ops.flash_attn_forward(
+    scale, cap, seed = _scale(softmax_scale, q), _softcap(softcap), _dropout_seed(p)
+    out, lse = ops.flash_attn_forward(
         q,
         k,
         v,
-        _scale(softmax_scale, q),
+        scale,
         causal,
         window_left=left,
         window_right=right,
-        softcap=_softcap(softcap),
+        softcap=cap,
         alibi_slopes=alibi_slopes,
         deterministic=bool(deterministic),
+        dropout_p=p,
+        dropout_seed=seed,
     )
+    s_dmask = None
+    if return_attn_probs and p > 0:
+        s_dmask = dense_s_dmask(q, k, seed, p, scale, (left, right), cap, alibi_slopes)
+    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
 
 
 def _paged_keys(k, v, block_table, cu_seqlens_k):
@@ -201,17 +214,21 @@ def _varlen(
     softcap,
     alibi_slopes,
     deterministic,
+    return_attn_probs,
+    return_lse,
     names=("q", "k", "v"),
 ):
+    """As :func:`_dense` for packed documents."""
     _check_qkv(q, k, v, 3, names)
-    _check_dropout(dropout_p)
+    p = _check_dropout(dropout_p)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
     q, k, v, cu_seqlens_q, cu_seqlens_k = _contiguous(q, k, v, cu_seqlens_q, cu_seqlens_k)
     max_seqlen_q, max_seqlen_k = as_int("max_seqlen_q", max_seqlen_q), as_int("max_seqlen_k", max_seqlen_k)
     causal = bool(causal)
     left, right = _window(window_size, causal, max_seqlen_k)
-    return ops.flash_attn_varlen_forward(
+    scale, cap, seed = _scale(softmax_scale, q), _softcap(softcap), _dropout_seed(p)
+    out, lse = ops.flash_attn_varlen_forward(
         q,
         k,
         v,
@@ -219,14 +236,21 @@ def _varlen(
         cu_seqlens_k,
         max_seqlen_q,
         max_seqlen_k,
-        _scale(softmax_scale, q),
+        scale,
         causal,
         window_left=left,
         window_right=right,
-        softcap=_softcap(softcap),
+        softcap=cap,
         alibi_slopes=alibi_slopes,
         deterministic=bool(deterministic),
+        dropout_p=p,
+        dropout_seed=seed,
     )
+    s_dmask = None
+    if return_attn_probs and p > 0:
+        s_dmask = varlen_s_dmask(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, p, scale,
+                                 (left, right), cap, alibi_slopes)
+    return _results(out, lse, s_dmask, return_attn_probs, return_lse)
 
 
 # ---- public API (FlashAttention 2.8 signatures) ---------------------------------------------------------
@@ -252,7 +276,10 @@ def flash_attn_func(
     Args:
         q: ``(batch, seqlen_q, nheads, headdim)``, float32 / bfloat16 / float16, headdim in [1, 256].
         k, v: ``(batch, seqlen_k, nheads_kv, headdim)``; ``nheads % nheads_kv == 0`` (GQA / MQA).
-        dropout_p: must be 0.0.
+        dropout_p: attention dropout probability in [0, 1) (CPU only): each probability is dropped with
+            probability ``dropout_p`` and kept ones are scaled by ``1 / (1 - dropout_p)``. The mask's seed is
+            drawn from torch's default CPU generator (``torch.manual_seed`` reproduces it); the backward
+            regenerates the same mask.
         softmax_scale: scale of ``q·k``; default ``headdim ** -0.5``.
         causal: bottom-right aligned causal mask (same as ``window_size[1] = 0``).
         window_size: ``(left, right)``; query ``i`` sees keys ``[i + seqlen_k - seqlen_q - left,
@@ -261,7 +288,9 @@ def flash_attn_func(
         alibi_slopes: float32 ``(nheads,)`` or ``(batch, nheads)``: adds
             ``-slope * |i + seqlen_k - seqlen_q - j|``.
         deterministic: bit-reproducible backward (also across thread counts).
-        return_attn_probs: return ``(out, softmax_lse, None)`` (FlashAttention's testing output; no S_dmask).
+        return_attn_probs: return ``(out, softmax_lse, S_dmask)`` (FlashAttention's testing output): with
+            ``dropout_p > 0``, S_dmask ``(batch, nheads, seqlen_q, seqlen_k)`` in q's dtype holds
+            ``exp(score - row_max)``, negated where dropped, 0 where hidden; ``None`` when ``dropout_p == 0``.
         return_lse: keyword-only extra: return ``(out, softmax_lse)``.
 
     Returns:
@@ -270,10 +299,8 @@ def flash_attn_func(
     Raises:
         TypeError / ValueError naming the argument; NotImplementedError for devices without a kernel.
     """
-    out, lse = _dense(
-        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic
-    )
-    return _results(out, lse, return_attn_probs, return_lse)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, return_lse)
 
 
 def flash_attn_qkvpacked_func(
@@ -291,20 +318,8 @@ def flash_attn_qkvpacked_func(
 ):
     """:func:`flash_attn_func` on ``qkv`` ``(batch, seqlen, 3, nheads, headdim)``; gradients go to ``qkv``."""
     q, k, v = _unpack("qkv", qkv, 3, 5)
-    out, lse = _dense(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        names=("qkv", "qkv", "qkv"),
-    )
-    return _results(out, lse, return_attn_probs, return_lse)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, return_lse, names=("qkv", "qkv", "qkv"))
 
 
 def flash_attn_kvpacked_func(
@@ -324,20 +339,8 @@ def flash_attn_kvpacked_func(
     """:func:`flash_attn_func` with ``kv`` ``(batch, seqlen_k, 2, nheads_kv, headdim)``; gradients go to
     ``kv``."""
     k, v = _unpack("kv", kv, 2, 5)
-    out, lse = _dense(
-        q,
-        k,
-        v,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        names=("q", "kv", "kv"),
-    )
-    return _results(out, lse, return_attn_probs, return_lse)
+    return _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                  deterministic, return_attn_probs, return_lse, names=("q", "kv", "kv"))
 
 
 def flash_attn_varlen_func(
@@ -371,27 +374,13 @@ def flash_attn_varlen_func(
         max_seqlen_q, max_seqlen_k: upper bounds of the document lengths (checked).
         block_table: int32 ``(batch, max_num_blocks_per_seq)``: key ``p`` of document ``b`` is slot
             ``p % page_block_size`` of block ``block_table[b, p // page_block_size]`` (gathered once).
-        others: as :func:`flash_attn_func`; ``softmax_lse`` is ``(nheads, total_q)``.
+        others: as :func:`flash_attn_func`; ``softmax_lse`` is ``(nheads, total_q)``; S_dmask is ``(batch,
+            nheads, max_seqlen_q, max_seqlen_k)`` with document ``b``'s block at the top left of row ``b``.
     """
     if block_table is not None:
         k, v = _paged_keys(k, v, block_table, cu_seqlens_k)
-    out, lse = _varlen(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-    )
-    return _results(out, lse, return_attn_probs, return_lse)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse)
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -412,24 +401,9 @@ def flash_attn_varlen_qkvpacked_func(
     """:func:`flash_attn_varlen_func` on ``qkv`` ``(total, 3, nheads, headdim)`` (one ``cu_seqlens`` for q and
     k); gradients go to ``qkv``."""
     q, k, v = _unpack("qkv", qkv, 3, 4)
-    out, lse = _varlen(
-        q,
-        k,
-        v,
-        cu_seqlens,
-        cu_seqlens,
-        max_seqlen,
-        max_seqlen,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        names=("qkv", "qkv", "qkv"),
-    )
-    return _results(out, lse, return_attn_probs, return_lse)
+    return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse,
+                   names=("qkv", "qkv", "qkv"))
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -453,24 +427,9 @@ def flash_attn_varlen_kvpacked_func(
     """:func:`flash_attn_varlen_func` with ``kv`` ``(total_k, 2, nheads_kv, headdim)``; gradients go to
     ``kv``."""
     k, v = _unpack("kv", kv, 2, 4)
-    out, lse = _varlen(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        dropout_p,
-        softmax_scale,
-        causal,
-        window_size,
-        softcap,
-        alibi_slopes,
-        deterministic,
-        names=("q", "kv", "kv"),
-    )
-    return _results(out, lse, return_attn_probs, return_lse)
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, return_lse,
+                   names=("q", "kv", "kv"))
 
 
 def _capacity(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> int:

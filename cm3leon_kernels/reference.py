@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["vq_distances", "vq_nearest", "vq_embed", "attention", "attention_varlen",
-           "attention_with_kvcache", "cfg_mix", "cfg_probs", "contrastive_probs", "hf_chain_sample",
-           "linear_cross_entropy"]
+__all__ = ["vq_distances", "vq_nearest", "vq_embed", "attention_scores", "softmax_numerator", "attention",
+           "attention_varlen", "attention_with_kvcache", "cfg_mix", "cfg_probs", "contrastive_probs",
+           "hf_chain_sample", "linear_cross_entropy"]
 
 
 def vq_distances(z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> torch.Tensor:
@@ -41,24 +41,15 @@ def vq_embed(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 # ---- Attention ---------------------------------------------------------------------------------------------
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
-              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-              alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference attention on ``(batch, seqlen, nheads, headdim)`` tensors, in the inputs' dtype.
-
-    Materialises the full score matrix with an explicit mask. GQA/MQA: k/v heads are repeated
-    (``repeat_interleave``) to q's head count. Query ``i``'s diagonal is ``d = i + Sk - Sq`` (bottom-right
-    alignment); it sees key ``j`` when ``d - window_size[0] <= j <= d + window_size[1]`` (-1: that side
-    unbounded) and, if causal, ``j <= d``. Scores are ``softmax_scale * q.k``, then ``softcap * tanh(s /
-    softcap)`` when ``softcap > 0``, then minus ``alibi_slopes[b, h] * |d - j|`` (slopes ``(nheads,)`` or
-    ``(batch, nheads)``). Returns ``(out, lse)`` with ``lse [batch, nheads, seqlen_q]`` (natural log; rows
-    that see no key get ``out = 0`` and ``lse = -inf``). Differentiable (for gradient references).
-    """
-    b, sq, hq, d = q.shape
+def attention_scores(q: torch.Tensor, k: torch.Tensor, softmax_scale: float | None = None,
+                     causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores ``[batch, nheads, seqlen_q, seqlen_k]`` that :func:`attention` takes the softmax of, with
+    every feature applied and ``-inf`` where a key is hidden, in the inputs' dtype. Differentiable."""
+    sq, hq, d = q.shape[1:]
     sk, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     k = k.repeat_interleave(hq // hkv, dim=2)
-    v = v.repeat_interleave(hq // hkv, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
@@ -75,13 +66,43 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
         hidden |= j > diag + window_size[1]
     if causal:
         hidden |= j > diag
-    scores = scores.masked_fill(hidden, float("-inf"))
-    # Softmax that gives 0 (not NaN) for fully masked rows, with finite gradients everywhere.
-    row_max = scores.amax(dim=-1, keepdim=True).detach() if sk else scores.new_zeros(scores.shape[:-1] + (1,))
+    return scores.masked_fill(hidden, float("-inf"))
+
+
+def softmax_numerator(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(scores - row_max), row_max)`` over the last dim, ``row_max`` (detached, keepdim) the maximum of
+    the visible scores, 0 for rows that see no key: they get 0, not NaN, with finite gradients everywhere."""
+    if scores.shape[-1] == 0:
+        return scores, scores.new_zeros(scores.shape[:-1] + (1,))
+    row_max = scores.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    e = torch.exp(scores - row_max)
+    return torch.exp(scores - row_max), row_max
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None,
+              causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+              dropout_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention on ``(batch, seqlen, nheads, headdim)`` tensors, in the inputs' dtype.
+
+    Materialises the full score matrix with an explicit mask. GQA/MQA: k/v heads are repeated
+    (``repeat_interleave``) to q's head count. Query ``i``'s diagonal is ``d = i + Sk - Sq`` (bottom-right
+    alignment); it sees key ``j`` when ``d - window_size[0] <= j <= d + window_size[1]`` (-1: that side
+    unbounded) and, if causal, ``j <= d``. Scores are ``softmax_scale * q.k``, then ``softcap * tanh(s /
+    softcap)`` when ``softcap > 0``, then minus ``alibi_slopes[b, h] * |d - j|`` (slopes ``(nheads,)`` or
+    ``(batch, nheads)``). With ``dropout_mask`` (bool ``[batch, nheads, seqlen_q, seqlen_k]``, True = kept)
+    the probabilities are ``P * mask / (1 - dropout_p)``; lse stays that of the undropped scores. Returns
+    ``(out, lse)`` with ``lse [batch, nheads, seqlen_q]`` (natural log; rows that see no key get ``out = 0``
+    and ``lse = -inf``). Differentiable (for gradient references).
+    """
+    hq, hkv = q.shape[2], k.shape[2]
+    v = v.repeat_interleave(hq // hkv, dim=2)
+    e, row_max = softmax_numerator(attention_scores(q, k, softmax_scale, causal, window_size, softcap,
+                                                    alibi_slopes))
     denom = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if dropout_mask is not None:
+        p = p * dropout_mask.to(p.dtype) / (1 - dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", p, v)
     lse = (torch.log(denom) + row_max).squeeze(-1)
     return out, lse
@@ -90,15 +111,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, softmax_scale: float | None = None, causal: bool = False,
                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                     alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+                     dropout_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference packed-document attention: :func:`attention` per document on ``(tokens, nheads, headdim)``
-    (``alibi_slopes`` ``(nheads,)`` or ``(documents, nheads)``). Returns ``(out, lse [nheads, total_q])``."""
+    (``alibi_slopes`` ``(nheads,)`` or ``(documents, nheads)``; ``dropout_mask`` ``[documents, nheads,
+    max_seqlen_q, max_seqlen_k]``, each document's block top-left). Returns
+    ``(out, lse [nheads, total_q])``."""
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        mask = None if dropout_mask is None else dropout_mask[b:b + 1, :, :lq, :lk]
         o, lse = attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                           softmax_scale, causal, window_size, softcap, slopes)
+                           softmax_scale, causal, window_size, softcap, slopes, dropout_p, mask)
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1)

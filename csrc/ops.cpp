@@ -24,21 +24,30 @@ TORCH_LIBRARY(cm3leon, m) {
   // ---- Attention (cm3leon_kernels/attention.py) -------------------------------------------------------
   // FlashAttention-compatible fused attention; lse is float32 [B, Hq, Sq] (varlen: [Hq, total_q]).
   // The trailing arguments (FlashAttention 2.8): local window (-1 = unbounded side), tanh softcap (0 = off),
-  // ALiBi slopes float32 [Hq] or [B, Hq], and `deterministic`, which the forward ops only carry for autograd.
+  // ALiBi slopes float32 [Hq] or [B, Hq], and `deterministic`, which the forward ops only carry for autograd;
+  // then dropout: probability dropout_p in [0, 1) and, when it is > 0, dropout_seed (one int64 on the CPU)
+  // keying the Philox mask (csrc/attention/attention_dropout.h) that the backward regenerates.
   m.def("flash_attn_forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal,"
         " int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
-        " bool deterministic=False) -> (Tensor out, Tensor lse)");
+        " bool deterministic=False, float dropout_p=0.0, Tensor? dropout_seed=None)"
+        " -> (Tensor out, Tensor lse)");
   m.def("flash_attn_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " float softmax_scale, bool causal, int window_left=-1, int window_right=-1, float softcap=0.0,"
-        " Tensor? alibi_slopes=None, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " Tensor? alibi_slopes=None, bool deterministic=False, float dropout_p=0.0, Tensor? dropout_seed=None)"
+        " -> (Tensor dq, Tensor dk, Tensor dv)");
   m.def("flash_attn_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
         " int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left=-1,"
-        " int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, bool deterministic=False)"
-        " -> (Tensor out, Tensor lse)");
+        " int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, bool deterministic=False,"
+        " float dropout_p=0.0, Tensor? dropout_seed=None) -> (Tensor out, Tensor lse)");
   m.def("flash_attn_varlen_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale,"
         " bool causal, int window_left=-1, int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None,"
-        " bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)");
+        " bool deterministic=False, float dropout_p=0.0, Tensor? dropout_seed=None)"
+        " -> (Tensor dq, Tensor dk, Tensor dv)");
+  // The forward's keep mask, bool [batch, nheads, seqlen_q, seqlen_k] (varlen: documents and their maximum
+  // lengths, each document top-left): for tests and for S_dmask (return_attn_probs).
+  m.def("flash_attn_dropout_mask(Tensor dropout_seed, int batch, int nheads, int seqlen_q, int seqlen_k,"
+        " float dropout_p) -> Tensor");
   // Appends k/v into the caches in place (at cache_seqlens, or cache_seqlen for every row when it is None).
   m.def("flash_attn_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v,"
         " Tensor? cache_seqlens, int cache_seqlen, float softmax_scale, bool causal,"
@@ -78,6 +87,7 @@ TORCH_LIBRARY_IMPL(cm3leon, CPU, m) {
   m.impl("flash_attn_varlen_forward", &cm3leon::attention::varlen_forward_cpu_launch);
   m.impl("flash_attn_varlen_backward", &cm3leon::attention::varlen_backward_cpu_launch);
   m.impl("flash_attn_kvcache", &cm3leon::attention::kvcache_cpu_launch);
+  m.impl("flash_attn_dropout_mask", &cm3leon::attention::dropout_mask_cpu_launch);
   // Sampling
   m.impl("cfg_sample", &cm3leon::sampling::cfg_sample_cpu_launch);
   m.impl("contrastive_sample", &cm3leon::sampling::contrastive_sample_cpu_launch);

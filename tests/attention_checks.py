@@ -18,6 +18,24 @@ EPS = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 GRAD_EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
+# The feature tests' floors: in float32 plain PyTorch's error can be ~0 where the kernel's fp32 accumulation
+# order differs, so a small absolute floor; bf16/fp16: the FA rule's eps.
+FEATURE_EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+FEATURE_GRAD_EPS = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def case_id(c):
+    """A pytest id for a tuple of case parameters."""
+    return "-".join(str(x).replace(" ", "") for x in c)
+
+
+def random_slopes(kind, batch, heads):
+    """ALiBi slopes in [0.05, 0.55): None, ``"heads"`` = ``(heads,)`` or ``"batch"`` = ``(batch, heads)``."""
+    if kind is None:
+        return None
+    return torch.rand(heads if kind == "heads" else (batch, heads)) * 0.5 + 0.05
+
+
 def random_tensor(*shape, dtype, scale=1.0, device="cpu"):
     """Standard normal values (times ``scale``) drawn in float32 on the CPU, then cast and moved."""
     return (torch.randn(*shape) * scale).to(device=device, dtype=dtype)

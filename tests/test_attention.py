@@ -180,7 +180,7 @@ def _bad_calls():
                        ValueError, "head count"),
         "dtype mismatch": (lambda: ck.flash_attn_func(q, k.half(), v.half()), TypeError, "share a dtype"),
         "int dtype": (lambda: ck.flash_attn_func(q.int(), k.int(), v.int()), TypeError, "q must be"),
-        "dropout": (lambda: ck.flash_attn_func(q, k, v, dropout_p=0.1), ValueError, "dropout_p"),
+        "dropout": (lambda: ck.flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
         "head dim": (lambda: ck.flash_attn_func(*_qkv(d=264)), ValueError, "head dim"),
         "k/v shape": (lambda: ck.flash_attn_func(q, k, v[:, :4]), ValueError, "k and v"),
         "batch": (lambda: ck.flash_attn_func(q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch"),

@@ -12,16 +12,12 @@ import cm3leon_kernels as ck
 from cm3leon_kernels import reference as ref
 from cm3leon_kernels._native import ops
 
-from attention_checks import check_against_reference
+from attention_checks import FEATURE_EPS, FEATURE_GRAD_EPS, case_id, check_against_reference, random_slopes
 from helpers import FLOAT_DTYPES
 
 DTYPES = FLOAT_DTYPES
 HAS_CUDA = torch.cuda.is_available() and ck.cuda_built()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
-# float32: plain PyTorch's error can be ~0 where the kernel's fp32 accumulation order differs, so a small
-# absolute floor; bf16/fp16: the FA rule's eps.
-FEATURE_EPS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
-FEATURE_GRAD_EPS = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 # batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal, (window_left, window_right), softcap, alibi
 # (alibi: None, "heads" = slopes (nheads,), "batch" = (batch, nheads)).
@@ -40,28 +36,18 @@ DENSE_CASES = [
 ]
 
 
-def _case_id(c):
-    return "-".join(str(x).replace(" ", "") for x in c)
-
-
-def _slopes(kind, batch, heads):
-    if kind is None:
-        return None
-    return torch.rand(heads if kind == "heads" else (batch, heads)) * 0.5 + 0.05
-
-
 def _dense_inputs(case, dtype, device="cpu"):
     b, sq, sk, hq, hkv, d, causal, window, softcap, alibi = case
     q = torch.randn(b, sq, hq, d).to(dtype)
     k, v = torch.randn(b, sk, hkv, d).to(dtype), torch.randn(b, sk, hkv, d).to(dtype)
-    slopes = _slopes(alibi, b, hq)
+    slopes = random_slopes(alibi, b, hq)
     return [t.to(device) for t in (q, k, v)], dict(causal=causal, window=window, softcap=softcap,
                                                    alibi=None if slopes is None else slopes.to(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("case", DENSE_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", DENSE_CASES, ids=case_id)
 def test_dense_features_match_reference(case, dtype, device):
     if dtype != torch.float32 and case[5] in (1, 3, 256):
         pytest.skip("half-precision runs cover the common head dims; odd ones run in float32")
@@ -73,7 +59,7 @@ def test_dense_features_match_reference(case, dtype, device):
         lambda q, k, v: ops.flash_attn_forward(q, k, v, scale, a["causal"], *a["window"], a["softcap"],
                                                a["alibi"]),
         lambda q, k, v: ref.attention(q, k, v, scale, a["causal"], a["window"], a["softcap"], a["alibi"]),
-        (q, k, v), dtype, _case_id(case), eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
+        (q, k, v), dtype, case_id(case), eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
 
 
 # Document lengths (queries, keys), including empty documents on either side.
@@ -86,7 +72,7 @@ VARLEN_CASES = [  # docs, heads_q, heads_kv, head_dim, causal, window, softcap, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
-@pytest.mark.parametrize("case", VARLEN_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=case_id)
 def test_varlen_features_match_reference(case, dtype, device):
     docs, hq, hkv, d, causal, window, softcap, alibi = case
     if device == "cuda" and d % 8:
@@ -96,7 +82,7 @@ def test_varlen_features_match_reference(case, dtype, device):
     cu_k = torch.tensor([0] + lk, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     q = torch.randn(sum(lq), hq, d).to(dtype).to(device)
     k, v = torch.randn(sum(lk), hkv, d).to(dtype).to(device), torch.randn(sum(lk), hkv, d).to(dtype).to(device)
-    slopes = _slopes(alibi, len(docs), hq)
+    slopes = random_slopes(alibi, len(docs), hq)
     slopes = None if slopes is None else slopes.to(device)
     cu_q, cu_k = cu_q.to(device), cu_k.to(device)
     scale = d ** -0.5
@@ -104,7 +90,7 @@ def test_varlen_features_match_reference(case, dtype, device):
         lambda q, k, v: ops.flash_attn_varlen_forward(q, k, v, cu_q, cu_k, max(lq), max(lk), scale, causal,
                                                       *window, softcap, slopes),
         lambda q, k, v: ref.attention_varlen(q, k, v, cu_q, cu_k, scale, causal, window, softcap, slopes),
-        (q, k, v), dtype, _case_id(case), eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
+        (q, k, v), dtype, case_id(case), eps=FEATURE_EPS, grad_eps=FEATURE_GRAD_EPS)
 
 
 def test_causal_takes_the_tighter_right_bound():

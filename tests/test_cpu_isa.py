@@ -94,6 +94,21 @@ def test_attention_forward_backward(isa, case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
+def test_attention_dropout(isa, dtype):
+    """Each level's dropout path (mask generation, dropped P V, the backward's masked dP) against the float64
+    reference given the mask of flash_attn_dropout_mask."""
+    _needs_own_body(isa, "flash_attn_forward")
+    q = random_tensor(2, 150, 4, 40, dtype=dtype)
+    k, v = random_tensor(2, 170, 2, 40, dtype=dtype), random_tensor(2, 170, 2, 40, dtype=dtype)
+    seed = torch.tensor(77, dtype=torch.int64)
+    mask = torch.ops.cm3leon.flash_attn_dropout_mask(seed, 2, 4, 150, 170, 0.3)
+    forward = torch.ops.cm3leon.flash_attn_forward
+    check_against_reference(lambda q, k, v: forward(q, k, v, 0.15, True, dropout_p=0.3, dropout_seed=seed),
+                            lambda q, k, v: ref.attention(q, k, v, 0.15, True, dropout_p=0.3, dropout_mask=mask),
+                            (q, k, v), dtype, f"{isa} dropout")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[1])
 def test_attention_varlen(isa, dtype):
     _needs_own_body(isa, "flash_attn_varlen_forward")
     lengths = [37, 1, 150]

@@ -188,7 +188,7 @@ def test_kvcache_defaults_and_positional_order_are_flash_attn_28s():
 @pytest.mark.parametrize(
     "call,exc,match",
     [
-        (lambda q, k, v: ck.flash_attn_func(q, k, v, dropout_p=0.1), ValueError, "dropout_p"),
+        (lambda q, k, v: ck.flash_attn_func(q, k, v, dropout_p=-0.1), ValueError, "dropout_p"),
         (lambda q, k, v: ck.flash_attn_func(q, k, v, softcap=float("inf")), ValueError, "softcap"),
         (lambda q, k, v: ck.flash_attn_func(q, k, v, softcap="1"), TypeError, "softcap"),
         (lambda q, k, v: ck.flash_attn_qkvpacked_func(q), ValueError, "qkv must be"),

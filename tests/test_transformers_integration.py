@@ -11,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (the 'test' extra)")
 pytest.importorskip("transformers.masking_utils", reason="this transformers predates AttentionMaskInterface")
 
+import cm3leon_kernels as ck  # noqa: E402
 from cm3leon_kernels.integrations.transformers import NAME, attention_forward, register  # noqa: E402
 
 register()
@@ -129,8 +130,6 @@ def test_features_it_cannot_honour_raise():
     attn = ours.model.layers[0].self_attn
     q = torch.randn(1, 4, 3, 16)
     k = v = torch.randn(1, 2, 3, 16)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        attention_forward(attn, q, k, v, None, dropout=0.1)
     with pytest.raises(TypeError, match="position_bias"):
         attention_forward(attn, q, k, v, None, position_bias=torch.zeros(1))
     with pytest.raises(NotImplementedError, match="output_attentions"):
@@ -139,12 +138,29 @@ def test_features_it_cannot_honour_raise():
         attention_forward(attn, q, k, v, None, s_aux=torch.zeros(4))
     with pytest.raises(ValueError, match="2-D"):
         attention_forward(attn, q, k, v, torch.zeros(1, 1, 3, 3))
-    ours.train()
-    ours.config.attention_dropout = 0.1
-    for layer in ours.model.layers:
-        layer.self_attn.attention_dropout = 0.1
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ours(input_ids=torch.randint(4, VOCAB, (1, 5)))
+
+
+def test_attention_dropout_while_training_is_flash_attn_dropout():
+    _, ours = _pair(_llama)
+    attn = ours.model.layers[0].self_attn
+    q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    torch.manual_seed(6)
+    got, _ = attention_forward(attn, q, k, v, None, dropout=0.3)
+    torch.manual_seed(6)
+    want = ck.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), 0.3, causal=True)
+    assert torch.equal(got, want)
+    ids = torch.randint(4, VOCAB, (1, 7))
+    with torch.no_grad():
+        plain = ours(input_ids=ids).logits
+        ours.train()
+        for layer in ours.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        runs = []
+        for _ in range(2):
+            torch.manual_seed(7)
+            runs.append(ours(input_ids=ids).logits)
+    assert torch.equal(runs[0], runs[1]), "torch.manual_seed reproduces the dropout"
+    assert not torch.allclose(runs[0], plain), "training applies the attention dropout"
 
 
 def test_cu_seq_lens_arguments_are_honoured():

@@ -10,8 +10,9 @@ the flash-attention mask function to ``AttentionMaskInterface``: models then han
 batches go through :func:`~cm3leon_kernels.flash_attn_varlen_func` (padding is removed, not masked); sliding
 windows (Mistral, Gemma-2, ...) become ``window_size``, ``softcap`` is passed through, packed sequences
 (``position_ids`` restarting inside one row, or transformers' ``cu_seq_lens_*`` arguments) stay separate
-documents. Anything it cannot honour raises instead of being ignored: attention dropout while training,
-attention sinks (``s_aux``), ``output_attentions=True``, a 4-D custom mask, and unknown keyword arguments.
+documents, and the attention dropout models pass while training becomes ``dropout_p`` (CPU only). Anything it
+cannot honour raises instead of being ignored: attention sinks (``s_aux``), ``output_attentions=True``, a 4-D
+custom mask, and unknown keyword arguments.
 
 transformers is imported only by :func:`register` (it is not a dependency of cm3leon_kernels).
 """
@@ -83,12 +84,6 @@ def attention_forward(
         raise TypeError(
             f"attn_implementation={NAME!r} got keyword arguments it does not implement: {unknown}"
         )
-    if dropout:
-        # Models pass their attention dropout only while training; it is 0.0 in eval.
-        raise NotImplementedError(
-            f"attn_implementation={NAME!r} has no attention dropout (got dropout={dropout}); "
-            "set the model's attention_dropout to 0 or call model.eval()"
-        )
     if s_aux is not None:
         raise NotImplementedError(f"attn_implementation={NAME!r} does not implement attention sinks (s_aux)")
     if output_attentions:
@@ -105,6 +100,7 @@ def attention_forward(
 
     causal = module.is_causal if is_causal is None else is_causal
     opts = dict(
+        dropout_p=dropout,  # models pass their attention dropout only while training (0.0 in eval)
         softmax_scale=scaling,
         causal=bool(causal),
         softcap=0.0 if softcap is None else softcap,

@@ -13,7 +13,8 @@
 // accumulates into its own fp32 dQ buffer and the buffers are summed at the end (no atomics); that sum's
 // order depends on the schedule, so the deterministic mode computes dQ in a second pass instead, one owner
 // per query block. Local windows restrict both passes to the blocks that see each other; softcap and ALiBi
-// modify the recomputed scores as in the forward (modify_scores).
+// modify the recomputed scores as in the forward (modify_scores). Dropout regenerates the forward's mask per
+// tile (dropout_row): dV takes the dropped, scaled P and dP is dropped and scaled likewise before dS.
 #include <omp.h>
 
 #include <algorithm>
@@ -41,14 +42,15 @@ struct Item {
 };
 
 struct Scratch {
-  std::vector<float> dk, dv, s, dp, t, lo, hi, diag, dq;
+  std::vector<float> dk, dv, s, dp, t, keep, lo, hi, diag, dq;
 };
 
 // P^T = e^(S^T - lse) and dS^T = P^T (dP^T - D) on [BN keys][BM queries] tiles, in place; key r of the
 // block is visible to query c when lo[c] <= r < hi[c] (lo = hi = 0 for padding queries). With softcap, t
-// holds tanh of the pre-cap scores and dS^T is taken through the cap: times 1 - t^2.
-inline void softmax_grad_block(float* s, float* dp, const float* t, const float* lse, const float* dsum,
-                               const float* lo, const float* hi) {
+// holds tanh of the pre-cap scores and dS^T is taken through the cap: times 1 - t^2. With dropout, z holds
+// 1 / (1 - p) for kept and 0 for dropped elements: s gets P^T z (for dV) and dS^T = P^T (dP^T z - D).
+inline void softmax_grad_block(float* s, float* dp, const float* t, const float* z, const float* lse,
+                               const float* dsum, const float* lo, const float* hi) {
 #if CM3LEON_AVX2
   const __m256 one = _mm256_set1_ps(1.f);
   for (int64_t c = 0; c < BM; c += 8) {
@@ -58,8 +60,15 @@ inline void softmax_grad_block(float* s, float* dp, const float* t, const float*
       const __m256 rv = _mm256_set1_ps(float(r));
       const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(rv, hiv, _CMP_LT_OQ), _mm256_cmp_ps(rv, lov, _CMP_GE_OQ));
       const __m256 p = _mm256_and_ps(exp_diff(_mm256_loadu_ps(s + r * BM + c), lv), keep);
-      _mm256_storeu_ps(s + r * BM + c, p);
-      __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + r * BM + c), dv));
+      __m256 dpv = _mm256_loadu_ps(dp + r * BM + c);
+      if (z) {
+        const __m256 zv = _mm256_loadu_ps(z + r * BM + c);
+        _mm256_storeu_ps(s + r * BM + c, _mm256_mul_ps(p, zv));
+        dpv = _mm256_mul_ps(dpv, zv);
+      } else {
+        _mm256_storeu_ps(s + r * BM + c, p);
+      }
+      __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(dpv, dv));
       if (t) {
         const __m256 th = _mm256_loadu_ps(t + r * BM + c);
         ds = _mm256_mul_ps(ds, _mm256_fnmadd_ps(th, th, one));
@@ -71,9 +80,9 @@ inline void softmax_grad_block(float* s, float* dp, const float* t, const float*
   for (int64_t r = 0; r < BN; ++r)
     for (int64_t c = 0; c < BM; ++c) {
       const bool keep = float(r) >= lo[c] && float(r) < hi[c];
-      const float p = keep ? std::exp(s[r * BM + c] - lse[c]) : 0.f;
-      s[r * BM + c] = p;
-      const float ds = p * (dp[r * BM + c] - dsum[c]);
+      const float p = keep ? std::exp(s[r * BM + c] - lse[c]) : 0.f, zv = z ? z[r * BM + c] : 1.f;
+      s[r * BM + c] = p * zv;
+      const float ds = p * (dp[r * BM + c] * zv - dsum[c]);
       dp[r * BM + c] = t ? ds * (1.f - t[r * BM + c] * t[r * BM + c]) : ds;
     }
 #endif
@@ -176,13 +185,24 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     const float slope = pr.alibi_slopes ? pr.alibi_slopes[seg * pr.alibi_segment_stride + h] : 0.f;
     float* t = capped ? sc.t.data() : nullptr;
     if (capped || slope != 0.f) modify_scores(s, BM, BN, BM, pr.softcap, slope, sc.diag.data(), t);
-    softmax_grad_block(s, dpt, t, lse_rows.data() + row, dsum.data() + row, sc.lo.data(), sc.hi.data());
+    float* z = nullptr;
+    if (pr.dropout.threshold) {  // the forward's mask over the visible keys; 0 elsewhere (P is 0 there)
+      z = sc.keep.data();
+      std::fill(sc.keep.begin(), sc.keep.end(), 0.f);
+      for (int64_t c = 0; c < rows; ++c)
+        dropout_row(pr.dropout, uint32_t(seg * hq + h), uint32_t(q0 + c), n0 + int64_t(sc.lo[size_t(c)]),
+                    n0 + int64_t(sc.hi[size_t(c)]), [&](int64_t j, bool kept) {
+                      if (kept) z[(j - n0) * BM + c] = pr.dropout_scale;
+                    });
+    }
+    softmax_grad_block(s, dpt, t, z, lse_rows.data() + row, dsum.data() + row, sc.lo.data(), sc.hi.data());
     return std::pair<int64_t, const float*>{row, kr};
   };
   auto new_scratch = [&] {  // dk/dv/dq are sized by their users
     Scratch sc;
     sc.s.resize(size_t(BN * BM)); sc.dp.resize(size_t(BN * BM));
     sc.t.resize(capped ? size_t(BN * BM) : 0);
+    sc.keep.resize(pr.dropout.threshold ? size_t(BN * BM) : 0);
     sc.lo.resize(size_t(BM)); sc.hi.resize(size_t(BM)); sc.diag.resize(size_t(BM));
     return sc;
   };

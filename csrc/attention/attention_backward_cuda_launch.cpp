@@ -75,7 +75,7 @@ Grads backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, const at
   check_inputs(dout, q, k, v, out, lse, 4, {q.size(0), q.size(2), q.size(1)});
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k's batch (", k.size(0), ") must equal q's (", q.size(0), ")");
   const int64_t alibi_stride = check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
-  check_cuda_support(q, deterministic);
+  check_cuda_support(q, deterministic, dropout_p);
   TORCH_CHECK_VALUE(q.size(0) <= INT_MAX && q.size(1) <= INT_MAX && k.size(1) <= INT_MAX,
                     "batch and sequence lengths must fit in int32");
   BackwardParams p = base_params(q, k, softmax_scale, causal);
@@ -97,7 +97,7 @@ Grads varlen_backward_cuda_launch(const at::Tensor& dout, const at::Tensor& q, c
                     " and ", cu_seqlens_k.size(0));
   const int64_t alibi_stride =
       check_extras(q, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
-  check_cuda_support(q, deterministic);
+  check_cuda_support(q, deterministic, dropout_p);
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0 && max_seqlen_q <= INT_MAX &&
                         max_seqlen_k <= INT_MAX,
                     "max_seqlen_q and max_seqlen_k must be in [0, 2^31), got ", max_seqlen_q, " and ",

@@ -203,6 +203,14 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
         modify_scores(st, BM, cols, rows16, pr.softcap, slope, sc.diag.data(), nullptr);
       softmax_block(st, cols, cols6, rows16, masked, sc.lo.data(), sc.hi.data(), sc.m.data(), sc.l.data(),
                     sc.alpha.data());
+      if (pr.dropout.threshold) {  // after the sums: l (hence lse) is that of the undropped probabilities
+        const uint32_t stream = uint32_t(it.segment * hq + h);
+        for (int64_t r = 0; r < rows; ++r)
+          dropout_row(pr.dropout, stream, uint32_t(q0 + r), std::max(win.lo(q0 + r), n0),
+                      std::min(win.hi(q0 + r), n0 + cols), [&](int64_t j, bool kept) {
+                        if (!kept) st[(j - n0) * BM + r] = 0.f;
+                      });
+      }
       for (int64_t r = 0; r < rows; ++r)
         if (sc.alpha[size_t(r)] != 1.f) scale_row(o + r * dp, dp, sc.alpha[size_t(r)]);
       for (int64_t dc = 0; dc < dp; dc += NR)  // an NR-column strip of V stays in L1 across query panels
@@ -222,7 +230,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     for (int64_t r = 0; r < rows; ++r) {
       // l == 0: the row saw no key (output 0, lse -inf); a NaN l (NaN or inf inputs) gives NaN, as PyTorch.
       // lse = m + ln l is exactly the max score when l == 1 (one key, or the others underflow).
-      const float l = sc.l[size_t(r)], inv = l == 0.f ? 0.f : 1.f / l;
+      const float l = sc.l[size_t(r)], inv = l == 0.f ? 0.f : pr.dropout_scale / l;
       T* dst = out + ((sg.q_start + q0 + r) * hq + h) * d;
       for (int64_t i = 0; i < d; ++i) from_float(o[r * dp + i] * inv, dst + i);
       lse[sg.lse_start + h * pr.lse_head_stride + q0 + r] =
@@ -234,7 +242,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
 }  // namespace
 
 void forward(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
-  if (decode_applies(p)) return decode_forward(p, q, k, v, out, lse);
+  if (!p.dropout.threshold && decode_applies(p)) return decode_forward(p, q, k, v, out, lse);  // decode: no dropout
   dispatch_float(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     forward_tiled(p, static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),

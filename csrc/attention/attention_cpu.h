@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 
+#include "attention/attention_dropout.h"
 #include "common/cpu_features.h"
 #include "common/dtype.h"
 
@@ -33,6 +34,10 @@ struct Problem {
   const float* alibi_slopes = nullptr;    // ALiBi: s -= slope * |d - j|, slopes fp32 [segment][heads_q]
   int64_t alibi_segment_stride = 0;       // 0 when every segment shares one row of slopes
   bool deterministic = false;             // backward: bit-identical gradients for any thread count
+  // Dropout (threshold > 0): probabilities dropped by dropout_row (stream segment * heads_q + head) are 0,
+  // kept ones are scaled by dropout_scale = 1 / (1 - p); lse stays that of the undropped scores.
+  DropoutStream dropout;
+  float dropout_scale = 1.f;
 };
 
 // Highest level with its own attention bodies (forward, decode, backward): common/cpu_features.h dispatch.
@@ -50,15 +55,17 @@ void backward_kernel(const Problem& p, const void* q, const void* k, const void*
 CM3LEON_ISA_BEGIN
 
 // out = softmax(scale * q k^T + mask) v; lse = log-sum-exp of each row's scaled scores (natural log).
-// Rows with no visible key get out = 0 and lse = -inf. Short queries (decode) take a split-KV path that
-// shares each K/V row between the query heads of a GQA group and merges partial results by their lse.
+// Rows with no visible key get out = 0 and lse = -inf. With dropout, out = (dropped, scaled P) v. Short
+// queries without dropout (decode) take a split-KV path that shares each K/V row between the query heads of
+// a GQA group and merges partial results by their lse.
 // (Runs the body of the level chosen at load time, as every entry point here.)
 inline void forward_cpu(const Problem& p, const void* q, const void* k, const void* v, void* out, float* lse) {
   dispatch_isa<kAttentionMaxIsa>([&](auto isa) { forward_kernel<decltype(isa)::value>(p, q, k, v, out, lse); });
 }
 
 // Gradients of forward_cpu given dout, the forward output and its lse (probabilities are recomputed block
-// by block). dk/dv have k's shape: GQA gradients are summed over the query heads that share a kv head.
+// by block, the dropout mask regenerated). dk/dv have k's shape: GQA gradients are summed over the query
+// heads that share a kv head.
 inline void backward_cpu(const Problem& p, const void* q, const void* k, const void* v, const void* out,
                          const float* lse, const void* dout, void* dq, void* dk, void* dv) {
   dispatch_isa<kAttentionMaxIsa>([&](auto isa) {

@@ -97,7 +97,7 @@ OutLse forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in, const
   TORCH_CHECK_VALUE(k_in.size(0) == q_in.size(0), "k's batch (", k_in.size(0), ") must equal q's (", q_in.size(0),
                     ")");
   const int64_t alibi_stride = check_extras(q_in, q_in.size(0), window_left, window_right, softcap, alibi_slopes);
-  check_cuda_support(q_in, false);  // the forward only carries `deterministic` for autograd
+  check_cuda_support(q_in, false, dropout_p);  // the forward only carries `deterministic` for autograd
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);
   at::Tensor out = at::empty_like(q);
@@ -125,7 +125,7 @@ OutLse varlen_forward_cuda_launch(const at::Tensor& q_in, const at::Tensor& k_in
                     cu_seqlens_k.size(0));
   const int64_t alibi_stride =
       check_extras(q_in, cu_seqlens_q.size(0) - 1, window_left, window_right, softcap, alibi_slopes);
-  check_cuda_support(q_in, false);
+  check_cuda_support(q_in, false, dropout_p);
   TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned16(q_in), k = aligned16(k_in), v = aligned16(v_in);

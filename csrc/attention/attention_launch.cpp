@@ -80,9 +80,30 @@ int64_t check_extras(const at::Tensor& q, int64_t batch, int64_t window_left, in
   return a.dim() == 2 ? hq : 0;
 }
 
-void check_cuda_support(const at::Tensor& q, bool deterministic_backward) {
+void check_dropout_p(double dropout_p) {
+  TORCH_CHECK_VALUE(std::isfinite(dropout_p) && dropout_p >= 0 && dropout_p < 1,
+                    "dropout_p must be a finite number in [0, 1), got ", dropout_p);
+}
+
+DropoutStream check_dropout(double dropout_p, const std::optional<at::Tensor>& dropout_seed, int64_t streams) {
+  check_dropout_p(dropout_p);
+  if (dropout_p == 0) return {};
+  TORCH_CHECK_VALUE(dropout_seed.has_value(), "dropout_seed is required when dropout_p > 0 (got dropout_p = ",
+                    dropout_p, ")");
+  const at::Tensor& seed = *dropout_seed;
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "dropout_seed must be int64, got ", seed.scalar_type());
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.device().is_cpu(),
+                    "dropout_seed must hold one int64 on the CPU, got ", seed.sizes(), " on ", seed.device());
+  TORCH_CHECK_VALUE(streams < (int64_t(1) << 32), "dropout: batch * nheads (", streams, ") must be below 2^32");
+  return {uint64_t(seed.data_ptr<int64_t>()[0]), dropout_threshold(dropout_p)};
+}
+
+void check_cuda_support(const at::Tensor& q, bool deterministic_backward, double dropout_p) {
   TORCH_CHECK_NOT_IMPLEMENTED(q.size(-1) % 8 == 0, "head dim ", q.size(-1),
                               ": the CUDA attention kernels need a multiple of 8");
+  check_dropout_p(dropout_p);
+  TORCH_CHECK_NOT_IMPLEMENTED(dropout_p == 0, "dropout_p > 0 (got ", dropout_p,
+                              ") is not implemented on CUDA: the CUDA attention kernels have no dropout");
   TORCH_CHECK_NOT_IMPLEMENTED(!deterministic_backward, "deterministic=True is not implemented on CUDA "
                               "(the backward accumulates dQ with atomics)");
 }
@@ -101,11 +122,12 @@ at::Tensor aligned16(const at::Tensor& t) {
 
 namespace {
 
-// The extras (checked by check_extras, which gives alibi_stride) become Problem fields.
+// The extras become Problem fields: check_extras gives alibi_stride, check_dropout the dropout stream.
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector<Segment>& segments,
                      int64_t lse_head_stride, double softmax_scale, bool causal, int64_t window_left,
                      int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                     int64_t alibi_stride, bool deterministic) {
+                     int64_t alibi_stride, bool deterministic, double dropout_p,
+                     const std::optional<at::Tensor>& dropout_seed) {
   // Threads from torch's setting: OpenMP's own per-thread value lags in threads torch has not synced.
   Problem p{float_dtype(q, "q"), segments.data(), int64_t(segments.size()), q.size(-2), k.size(-2),
             q.size(-1), lse_head_stride, float(softmax_scale), causal, at::get_num_threads()};
@@ -115,6 +137,8 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const std::vector
   p.alibi_slopes = alibi_slopes.has_value() ? alibi_slopes->data_ptr<float>() : nullptr;
   p.alibi_segment_stride = alibi_stride;
   p.deterministic = deterministic;
+  p.dropout = check_dropout(dropout_p, dropout_seed, int64_t(segments.size()) * q.size(-2));
+  p.dropout_scale = float(1.0 / (1.0 - dropout_p));
   return p;
 }
 
@@ -178,7 +202,7 @@ OutLse forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor& v, dou
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   forward_cpu(make_problem(q, k, segments, q.size(1), softmax_scale, causal, window_left, window_right, softcap,
-                           alibi_slopes, alibi_stride, deterministic),
+                           alibi_slopes, alibi_stride, deterministic, dropout_p, dropout_seed),
               q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
   return {out, lse};
 }
@@ -194,7 +218,8 @@ Grads backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tensor& k, 
   const int64_t alibi_stride = check_extras(q, q.size(0), window_left, window_right, softcap, alibi_slopes);
   const std::vector<Segment> segments = dense_segments(q, k);
   const Problem p = make_problem(q, k, segments, q.size(1), softmax_scale, causal, window_left, window_right,
-                                 softcap, alibi_slopes, alibi_stride, deterministic);
+                                 softcap, alibi_slopes, alibi_stride, deterministic, dropout_p,
+                                 dropout_seed);
   return run_backward(p, dout, q, k, v, out, lse);
 }
 
@@ -211,7 +236,7 @@ OutLse varlen_forward_cpu_launch(const Tensor& q, const Tensor& k, const Tensor&
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   forward_cpu(make_problem(q, k, segments, q.size(0), softmax_scale, causal, window_left, window_right, softcap,
-                           alibi_slopes, alibi_stride, deterministic),
+                           alibi_slopes, alibi_stride, deterministic, dropout_p, dropout_seed),
               q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>());
   return {out, lse};
 }
@@ -228,8 +253,25 @@ Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tens
   const int64_t alibi_stride =
       check_extras(q, int64_t(segments.size()), window_left, window_right, softcap, alibi_slopes);
   const Problem p = make_problem(q, k, segments, q.size(0), softmax_scale, causal, window_left, window_right,
-                                 softcap, alibi_slopes, alibi_stride, deterministic);
+                                 softcap, alibi_slopes, alibi_stride, deterministic, dropout_p,
+                                 dropout_seed);
   return run_backward(p, dout, q, k, v, out, lse);
+}
+
+Tensor dropout_mask_cpu_launch(const Tensor& dropout_seed, int64_t batch, int64_t nheads, int64_t seqlen_q,
+                               int64_t seqlen_k, double dropout_p) {
+  TORCH_CHECK_VALUE(batch >= 0 && nheads >= 0 && seqlen_q >= 0 && seqlen_k >= 0,
+                    "batch, nheads, seqlen_q and seqlen_k must be >= 0, got ", batch, ", ", nheads, ", ", seqlen_q,
+                    ", ", seqlen_k);
+  const DropoutStream ds = check_dropout(dropout_p, dropout_seed, batch * nheads);
+  at::Tensor keep = at::empty({batch, nheads, seqlen_q, seqlen_k}, dropout_seed.options().dtype(at::kBool));
+  bool* dst = keep.data_ptr<bool>();
+  at::parallel_for(0, batch * nheads * seqlen_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)  // row = (b * nheads + h) * seqlen_q + i
+      dropout_row(ds, uint32_t(row / seqlen_q), uint32_t(row % seqlen_q), 0, seqlen_k,
+                  [&](int64_t j, bool kept) { dst[row * seqlen_k + j] = kept; });
+  });
+  return keep;
 }
 
 }  // namespace cm3leon::attention

@@ -40,6 +40,11 @@ Grads varlen_backward_cpu_launch(const Tensor& dout, const Tensor& q, const Tens
                                  const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                  double softmax_scale, bool causal, CM3LEON_ATTN_EXTRA_PARAMS);
 
+// The dropout keep mask bool [batch, nheads, seqlen_q, seqlen_k] of (dropout_seed, dropout_p), element
+// (b, h, i, j) as the kernels decide it for query i and key j of batch row (varlen: document) b.
+Tensor dropout_mask_cpu_launch(const Tensor& dropout_seed, int64_t batch, int64_t nheads, int64_t seqlen_q,
+                               int64_t seqlen_k, double dropout_p);
+
 // KV cache (attention_kvcache_launch.cpp): appends k/v [B, Sn, Hkv, D] (k rotated when rotary_cos/sin are
 // given) into k_cache/v_cache at cache_seqlens (int32 [B], or the scalar cache_seqlen for every row when absent),
 // then attends q [B, Sq, Hq, D] (rotated into a copy) to positions [cache_leftpad, cache_seqlens + Sn) of each

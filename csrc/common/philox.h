@@ -4,6 +4,7 @@
 //
 // Sampling streams (docs/sampling.md): key = the 64-bit seed, counter = (0, row, step_lo, step_hi).
 // Counter word 0 numbers the draws of one (seed, row, step); the samplers use draw 0 only.
+// Attention dropout's stream (attention/attention_dropout.h) tags counter word 3 with a constant instead.
 #pragma once
 #include "common/isa.h"
 #include <cstdint>
