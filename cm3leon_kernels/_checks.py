@@ -1,6 +1,8 @@
 """Cheap argument checks shared by the Python wrappers: errors name the offending argument."""
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from collections.abc import Iterable
 
@@ -69,3 +71,16 @@ def as_int(name: str, x: object) -> int:
     if isinstance(x, bool) or not hasattr(type(x), "__index__"):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
     return operator.index(x)
+
+
+def as_float(name: str, x: object) -> float:
+    """x as a Python float: ints, floats and real scalars such as numpy.float32 (numbers.Real), not bools; an
+    int too large for a float becomes inf, for the caller's range check to refuse."""
+    if type(x) is float:
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf if x > 0 else -math.inf

@@ -20,7 +20,7 @@ import numbers
 
 import torch
 
-from ._checks import check_fake_devices
+from ._checks import as_float, check_fake_devices
 from ._native import cuda_built, ops
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,11 +84,7 @@ def _not_a_tensor(required: dict[str, object], optional: dict[str, object]) -> T
 
 def _check_dropout(dropout_p: float) -> float:
     """dropout_p as a float in [0, 1) (FlashAttention's rule: a probability, not a bool)."""
-    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:
-        return dropout_p
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a number, got {type(dropout_p).__name__}")
-    p = float(dropout_p)
+    p = as_float("dropout_p", dropout_p)
     if not (math.isfinite(p) and 0.0 <= p < 1.0):
         raise ValueError(f"dropout_p must be a finite number in [0, 1), got {dropout_p!r}")
     return p

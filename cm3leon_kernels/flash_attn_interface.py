@@ -12,12 +12,11 @@ registration; the C++ launchers check the rest (their errors name the argument t
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 
 import torch
 
-from ._checks import as_int
+from ._checks import as_float, as_int
 from ._native import ops
 from ._s_dmask import dense_s_dmask, varlen_s_dmask
 from .attention import (
@@ -79,9 +78,7 @@ def _window(window_size: object, causal: bool, seqlen_k: int) -> tuple[int, int]
 def _softcap(softcap: object) -> float:
     if type(softcap) is float and softcap == 0.0:
         return 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a number, got {type(softcap).__name__}")
-    cap = float(softcap)
+    cap = as_float("softcap", softcap)
     if not math.isfinite(cap):
         raise ValueError(f"softcap must be finite, got {softcap!r}")
     return max(cap, 0.0)  # FlashAttention: softcap <= 0 means no capping

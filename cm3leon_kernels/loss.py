@@ -9,11 +9,10 @@ logits into its gradient contributions while the chunk is in memory. See docs/lo
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from ._checks import (FLOAT_DTYPES, as_int, check_contiguous, check_fake_devices, check_same_device,
+from ._checks import (FLOAT_DTYPES, as_float, as_int, check_contiguous, check_fake_devices, check_same_device,
                       check_supported_device, check_tensor)
 from ._native import ops
 
@@ -26,12 +25,7 @@ _FLOAT32_MAX = 3.4028234663852886e38
 
 def _real(name: str, x: object, *, lo: float, hi: float = math.inf, lo_open: bool = False) -> float:
     """x as a float: a real number (not a bool) in [lo, hi] (or (lo, hi]), finite as float32."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    try:
-        value = float(x)
-    except OverflowError:
-        value = math.inf
+    value = as_float(name, x)
     if not (abs(value) <= _FLOAT32_MAX and (value > lo or (value == lo and not lo_open)) and value <= hi):
         bracket = "(" if lo_open else "["
         raise ValueError(f"{name} must be a finite number in {bracket}{lo}, {hi}], got {x!r}")

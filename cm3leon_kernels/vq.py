@@ -8,12 +8,11 @@ arithmetic is float32; on CUDA a tensor-core GEMM picks candidates and an exact 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
-from ._checks import (FLOAT_DTYPES, check_contiguous, check_fake_devices, check_same_device,
+from ._checks import (FLOAT_DTYPES, as_float, check_contiguous, check_fake_devices, check_same_device,
                       check_supported_device, check_tensor)
 from ._native import cuda_built, ops
 
@@ -98,12 +97,7 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25,
     Gradients: ``quantized`` passes its gradient to ``z`` unchanged; ``loss`` reaches both ``z`` and
     ``codebook``.
     """
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):  # numbers.Real: also numpy scalars
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
-    try:
-        beta_float = float(beta)  # huge ints would overflow later, inside the loss arithmetic
-    except OverflowError:
-        beta_float = math.inf
+    beta_float = as_float("beta", beta)  # huge ints become inf here, not an overflow inside the loss arithmetic
     if not (math.isfinite(beta_float) and beta_float >= 0):
         raise ValueError(f"beta must be a finite non-negative number, got {beta!r}")
     beta = beta_float
