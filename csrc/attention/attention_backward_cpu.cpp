@@ -52,28 +52,27 @@ struct Scratch {
 inline void softmax_grad_block(float* s, float* dp, const float* t, const float* z, const float* lse,
                                const float* dsum, const float* lo, const float* hi) {
 #if CM3LEON_AVX2
-  const __m256 one = _mm256_set1_ps(1.f);
-  for (int64_t c = 0; c < BM; c += 8) {
-    const __m256 lv = _mm256_loadu_ps(lse + c), dv = _mm256_loadu_ps(dsum + c);
-    const __m256 lov = _mm256_loadu_ps(lo + c), hiv = _mm256_loadu_ps(hi + c);
+  using W = Wide;
+  const W::V one = W::set1(1.f);
+  for (int64_t c = 0; c < BM; c += W::kLanes) {
+    const W::V lv = W::load(lse + c), dv = W::load(dsum + c), lov = W::load(lo + c), hiv = W::load(hi + c);
     for (int64_t r = 0; r < BN; ++r) {
-      const __m256 rv = _mm256_set1_ps(float(r));
-      const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(rv, hiv, _CMP_LT_OQ), _mm256_cmp_ps(rv, lov, _CMP_GE_OQ));
-      const __m256 p = _mm256_and_ps(exp_diff(_mm256_loadu_ps(s + r * BM + c), lv), keep);
-      __m256 dpv = _mm256_loadu_ps(dp + r * BM + c);
+      const W::V rv = W::set1(float(r));
+      const W::V p = keep(both(lt(rv, hiv), ge(rv, lov)), exp_diff<W>(W::load(s + r * BM + c), lv));
+      W::V dpv = W::load(dp + r * BM + c);
       if (z) {
-        const __m256 zv = _mm256_loadu_ps(z + r * BM + c);
-        _mm256_storeu_ps(s + r * BM + c, _mm256_mul_ps(p, zv));
-        dpv = _mm256_mul_ps(dpv, zv);
+        const W::V zv = W::load(z + r * BM + c);
+        W::store(s + r * BM + c, mul(p, zv));
+        dpv = mul(dpv, zv);
       } else {
-        _mm256_storeu_ps(s + r * BM + c, p);
+        W::store(s + r * BM + c, p);
       }
-      __m256 ds = _mm256_mul_ps(p, _mm256_sub_ps(dpv, dv));
+      W::V ds = mul(p, sub(dpv, dv));
       if (t) {
-        const __m256 th = _mm256_loadu_ps(t + r * BM + c);
-        ds = _mm256_mul_ps(ds, _mm256_fnmadd_ps(th, th, one));
+        const W::V th = W::load(t + r * BM + c);
+        ds = mul(ds, fnmadd(th, th, one));
       }
-      _mm256_storeu_ps(dp + r * BM + c, ds);
+      W::store(dp + r * BM + c, ds);
     }
   }
 #else

@@ -42,50 +42,48 @@ struct Scratch {
 };
 
 #if CM3LEON_AVX2
-// Online-softmax step on a transposed score tile st[keys][BM], eight queries per vector (vertical
-// reductions only). When `masked`, key r of the block is visible to query c iff lo[c] <= r < hi[c];
-// rows [keys, keys_pad) are padding and get P = 0. Leaves P in st, updates m and l, writes alpha.
+// Online-softmax step on a transposed score tile st[keys][BM], one query per lane (vertical reductions
+// only). When `masked`, key r of the block is visible to query c iff lo[c] <= r < hi[c]; rows
+// [keys, keys_pad) are padding and get P = 0. Leaves P in st, updates m and l, writes alpha.
 inline void softmax_block(float* st, int64_t keys, int64_t keys_pad, int64_t queries, bool masked,
                           const float* lo, const float* hi, float* m, float* l, float* alpha) {
-  const __m256 neg_inf = _mm256_set1_ps(kNegInf);
-  for (int64_t c = 0; c < queries; c += 8) {
-    const __m256 lov = _mm256_loadu_ps(lo + c), hiv = _mm256_loadu_ps(hi + c);
-    __m256 mx = neg_inf;
+  using W = Wide;
+  const W::V neg_inf = W::set1(kNegInf);
+  for (int64_t c = 0; c < queries; c += W::kLanes) {
+    const W::V lov = W::load(lo + c), hiv = W::load(hi + c);
+    W::V mx = neg_inf;
     for (int64_t r = 0; r < keys; ++r) {
-      __m256 x = _mm256_loadu_ps(st + r * BM + c);
+      W::V x = W::load(st + r * BM + c);
       if (masked) {
-        const __m256 rv = _mm256_set1_ps(float(r));
-        const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(rv, hiv, _CMP_LT_OQ), _mm256_cmp_ps(rv, lov, _CMP_GE_OQ));
-        x = _mm256_blendv_ps(neg_inf, x, keep);
-        _mm256_storeu_ps(st + r * BM + c, x);
+        const W::V rv = W::set1(float(r));
+        x = select(both(lt(rv, hiv), ge(rv, lov)), x, neg_inf);
+        W::store(st + r * BM + c, x);
       }
-      mx = _mm256_max_ps(mx, x);
+      mx = max(mx, x);
     }
-    const __m256 m_old = _mm256_loadu_ps(m + c);
-    const __m256 m_new = _mm256_max_ps(m_old, mx);
+    const W::V m_old = W::load(m + c), m_new = max(m_old, mx);
     // Queries that have seen no key yet keep m = -inf; subtracting 0 then gives e^-inf = 0, not NaN.
-    const __m256 m_use =
-        _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
-    const __m256 a = exp_diff(m_old, m_use);
-    __m256 sum0 = _mm256_setzero_ps(), sum1 = sum0;
+    const W::V m_use = select(eq(m_new, neg_inf), W::zero(), m_new);
+    const W::V a = exp_diff<W>(m_old, m_use);
+    W::V sum0 = W::zero(), sum1 = sum0;
     int64_t r = 0;
     for (; r + 2 <= keys; r += 2) {
-      const __m256 p0 = exp_diff(_mm256_loadu_ps(st + r * BM + c), m_use);
-      const __m256 p1 = exp_diff(_mm256_loadu_ps(st + (r + 1) * BM + c), m_use);
-      _mm256_storeu_ps(st + r * BM + c, p0);
-      _mm256_storeu_ps(st + (r + 1) * BM + c, p1);
-      sum0 = _mm256_add_ps(sum0, p0);
-      sum1 = _mm256_add_ps(sum1, p1);
+      const W::V p0 = exp_diff<W>(W::load(st + r * BM + c), m_use);
+      const W::V p1 = exp_diff<W>(W::load(st + (r + 1) * BM + c), m_use);
+      W::store(st + r * BM + c, p0);
+      W::store(st + (r + 1) * BM + c, p1);
+      sum0 = add(sum0, p0);
+      sum1 = add(sum1, p1);
     }
     for (; r < keys; ++r) {
-      const __m256 p0 = exp_diff(_mm256_loadu_ps(st + r * BM + c), m_use);
-      _mm256_storeu_ps(st + r * BM + c, p0);
-      sum0 = _mm256_add_ps(sum0, p0);
+      const W::V p0 = exp_diff<W>(W::load(st + r * BM + c), m_use);
+      W::store(st + r * BM + c, p0);
+      sum0 = add(sum0, p0);
     }
-    for (; r < keys_pad; ++r) _mm256_storeu_ps(st + r * BM + c, _mm256_setzero_ps());
-    _mm256_storeu_ps(l + c, _mm256_fmadd_ps(_mm256_loadu_ps(l + c), a, _mm256_add_ps(sum0, sum1)));
-    _mm256_storeu_ps(m + c, m_new);
-    _mm256_storeu_ps(alpha + c, a);
+    for (; r < keys_pad; ++r) W::store(st + r * BM + c, W::zero());
+    W::store(l + c, fmadd(W::load(l + c), a, add(sum0, sum1)));
+    W::store(m + c, m_new);
+    W::store(alpha + c, a);
   }
 }
 #else

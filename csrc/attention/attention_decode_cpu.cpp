@@ -24,42 +24,59 @@ constexpr int64_t kMaxRows = 8;     // query rows per kv head that the decode pa
 constexpr int64_t kChunk = 32;      // keys per online-softmax step
 constexpr int64_t kMinSlice = 512;  // keys per split slice at least (merging costs a pass over the output)
 
-// Eight dot products q_i . k_i of d elements (fp32 queries, keys widened on load). The last d % 8 elements
-// are summed one by one: a cached row is the caller's memory and may end right after element d - 1.
+// Eight dot products q_i . k_i of d elements (fp32 queries, keys widened on load), the widest vectors of the
+// level along d. The last d % 8 elements are summed one by one: a cached row is the caller's memory and may
+// end right after element d - 1.
 template <typename T>
 inline __m256 dot8(const float* const* q, const T* const* k, int64_t d) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  const int64_t d8 = d / 8 * 8;
-  for (int64_t i = 0; i < d8; i += 8) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), load8(k[0] + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), load8(k[1] + i), a1);
-    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), load8(k[2] + i), a2);
-    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + i), load8(k[3] + i), a3);
-    a4 = _mm256_fmadd_ps(_mm256_loadu_ps(q[4] + i), load8(k[4] + i), a4);
-    a5 = _mm256_fmadd_ps(_mm256_loadu_ps(q[5] + i), load8(k[5] + i), a5);
-    a6 = _mm256_fmadd_ps(_mm256_loadu_ps(q[6] + i), load8(k[6] + i), a6);
-    a7 = _mm256_fmadd_ps(_mm256_loadu_ps(q[7] + i), load8(k[7] + i), a7);
+  using W = Wide;
+  W::V a0 = W::zero(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  int64_t i = 0;
+  for (; i + W::kLanes <= d; i += W::kLanes) {
+    a0 = fmadd(W::load(q[0] + i), W::load(k[0] + i), a0);
+    a1 = fmadd(W::load(q[1] + i), W::load(k[1] + i), a1);
+    a2 = fmadd(W::load(q[2] + i), W::load(k[2] + i), a2);
+    a3 = fmadd(W::load(q[3] + i), W::load(k[3] + i), a3);
+    a4 = fmadd(W::load(q[4] + i), W::load(k[4] + i), a4);
+    a5 = fmadd(W::load(q[5] + i), W::load(k[5] + i), a5);
+    a6 = fmadd(W::load(q[6] + i), W::load(k[6] + i), a6);
+    a7 = fmadd(W::load(q[7] + i), W::load(k[7] + i), a7);
   }
-  // Transpose-reduce: lane j of the result is the full sum of a_j.
-  const __m256 t0 = _mm256_hadd_ps(a0, a1), t1 = _mm256_hadd_ps(a2, a3);
-  const __m256 t2 = _mm256_hadd_ps(a4, a5), t3 = _mm256_hadd_ps(a6, a7);
+  __m256 b0 = fold8(a0), b1 = fold8(a1), b2 = fold8(a2), b3 = fold8(a3);
+  __m256 b4 = fold8(a4), b5 = fold8(a5), b6 = fold8(a6), b7 = fold8(a7);
+  if (i + 8 <= d) {  // 16-lane levels: one 8-element step before the scalar tail
+    b0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), load8(k[0] + i), b0);
+    b1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), load8(k[1] + i), b1);
+    b2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), load8(k[2] + i), b2);
+    b3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + i), load8(k[3] + i), b3);
+    b4 = _mm256_fmadd_ps(_mm256_loadu_ps(q[4] + i), load8(k[4] + i), b4);
+    b5 = _mm256_fmadd_ps(_mm256_loadu_ps(q[5] + i), load8(k[5] + i), b5);
+    b6 = _mm256_fmadd_ps(_mm256_loadu_ps(q[6] + i), load8(k[6] + i), b6);
+    b7 = _mm256_fmadd_ps(_mm256_loadu_ps(q[7] + i), load8(k[7] + i), b7);
+    i += 8;
+  }
+  // Transpose-reduce: lane j of the result is the full sum of b_j.
+  const __m256 t0 = _mm256_hadd_ps(b0, b1), t1 = _mm256_hadd_ps(b2, b3);
+  const __m256 t2 = _mm256_hadd_ps(b4, b5), t3 = _mm256_hadd_ps(b6, b7);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
   const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-  if (d8 == d) return sum;
+  if (i == d) return sum;
   alignas(32) float tail[8];
   for (int u = 0; u < 8; ++u) {
     float t = 0.f;
-    for (int64_t i = d8; i < d; ++i) t += q[u][i] * to_float(k[u][i]);
+    for (int64_t j = i; j < d; ++j) t += q[u][j] * to_float(k[u][j]);
     tail[u] = t;
   }
   return _mm256_add_ps(sum, _mm256_load_ps(tail));
 }
 
-// o[0:d] += p * v[0:d] (the tail as in dot8)
+// o[0:d] += p * v[0:d] (the widest vectors, then eight lanes, then the tail as in dot8)
 template <typename T>
 inline void axpy(float* o, float p, const T* v, int64_t d) {
-  const __m256 pv = _mm256_set1_ps(p);
+  const Wide::V pw = Wide::set1(p);
   int64_t i = 0;
+  for (; i + Wide::kLanes <= d; i += Wide::kLanes) Wide::store(o + i, fmadd(pw, Wide::load(v + i), Wide::load(o + i)));
+  const __m256 pv = _mm256_set1_ps(p);
   for (; i + 8 <= d; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(o + i)));
   for (; i < d; ++i) o[i] += p * to_float(v[i]);
 }
@@ -91,7 +108,7 @@ void decode(const Problem& pr, const DecodeLayout& lay, const T* q, const T* k, 
   const bool capped = pr.softcap > 0.f;
   // Scores in log2 units: the scale (and log2 e) is folded into q, or applied after the cap.
   const float qscale = capped ? pr.scale / pr.softcap : pr.scale * kLog2e;
-  const __m256 cap = _mm256_set1_ps(pr.softcap * kLog2e);
+  const __m256 cap = Ymm::set1(pr.softcap * kLog2e);
   const int64_t stride = hkv * d;  // elements between consecutive cached tokens
 
   parallel_items(pr.threads, items, [&](int64_t item) {
@@ -172,7 +189,7 @@ void decode(const Problem& pr, const DecodeLayout& lay, const T* q, const T* k, 
           float* sj = sc.data() + j * pairs8 + p0;
           const __m256 n = _mm256_set1_ps(float(n0 + j));
           __m256 x = _mm256_loadu_ps(sj);
-          if (capped) x = _mm256_mul_ps(cap, tanh8(x));
+          if (capped) x = mul(cap, tanh_lanes<Ymm>(x));
           if (slopes) {  // -slope * |diag - n|
             const __m256 dist = _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_sub_ps(dg, n));
             x = _mm256_fnmadd_ps(sl, dist, x);
@@ -187,11 +204,11 @@ void decode(const Problem& pr, const DecodeLayout& lay, const T* q, const T* k, 
         // Rows with nothing visible yet keep max -inf; subtract 0 instead so 2^(-inf - 0) = 0, not NaN.
         const __m256 none = _mm256_cmp_ps(m_new, _mm256_set1_ps(kNegInf), _CMP_EQ_OQ);
         m_new = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), none);
-        const __m256 alpha = exp2_neg(_mm256_sub_ps(m_old, m_new));
+        const __m256 alpha = exp2_neg<Ymm>(_mm256_sub_ps(m_old, m_new));
         __m256 sum = _mm256_setzero_ps();
         for (int64_t j = 0; j < cnt; ++j) {
           float* sj = sc.data() + j * pairs8 + p0;
-          const __m256 pj = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(sj), m_new));
+          const __m256 pj = exp2_neg<Ymm>(_mm256_sub_ps(_mm256_loadu_ps(sj), m_new));
           _mm256_storeu_ps(sj, pj);
           sum = _mm256_add_ps(sum, pj);
         }

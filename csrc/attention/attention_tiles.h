@@ -26,50 +26,29 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 #if CM3LEON_AVX2
-// 2^x for x <= 0 (scores minus their running max); x below -126 (and -inf) gives exactly 0, NaN stays NaN
-// (a NaN score must poison its row, as in PyTorch, not vanish).
-inline __m256 exp2_neg(__m256 x) {
-  const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ);
-  x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
-  const __m256 xi = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, xi);  // [-0.5, 0.5]
-  // Taylor series of 2^f = e^(f ln2) to degree 7: relative error < 1e-8 on [-0.5, 0.5].
-  __m256 poly = _mm256_set1_ps(1.5252733804059841e-05f);
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.5403530393381608e-04f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.3333558146428443e-03f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(9.6181291076284772e-03f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(5.5504108664821580e-02f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(2.4022650695910071e-01f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(6.9314718055994531e-01f));
-  poly = _mm256_fmadd_ps(poly, f, _mm256_set1_ps(1.f));
-  const __m256i exponent = _mm256_slli_epi32(_mm256_cvtps_epi32(xi), 23);
-  const __m256 scaled = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(poly), exponent));
-  return _mm256_or_ps(_mm256_and_ps(scaled, underflow), nan);
-}
-
 // e^(x - ref) for x <= ref (scores and the row's max or log-sum-exp, natural units). The difference is taken
 // before the change of base, so x == ref gives exactly 1: a row's only key gets P = 1 in the forward and,
 // from the saved lse, in the backward (converting lse to base 2 and back would not round-trip).
-inline __m256 exp_diff(__m256 x, __m256 ref) {
-  return exp2_neg(_mm256_mul_ps(_mm256_sub_ps(x, ref), _mm256_set1_ps(kLog2e)));
+template <typename W>
+inline typename W::V exp_diff(typename W::V x, typename W::V ref) {
+  return exp2_neg<W>(mul(sub(x, ref), W::set1(kLog2e)));
 }
 
 // tanh(x), relative error < 1e-7: an odd Taylor polynomial below |x| = 1/4 (where (1 - e) / (1 + e) would
 // cancel), (1 - e) / (1 + e) with e = e^(-2|x|) above it; NaN stays NaN.
-inline __m256 tanh8(__m256 x) {
-  const __m256 sign_bit = _mm256_set1_ps(-0.f), one = _mm256_set1_ps(1.f);
-  const __m256 ax = _mm256_andnot_ps(sign_bit, x), x2 = _mm256_mul_ps(ax, ax);
-  const __m256 e = exp2_neg(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f * kLog2e)));
-  const __m256 large = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-  __m256 poly = _mm256_set1_ps(-1382.f / 155925.f);  // tanh x = x - x^3/3 + 2x^5/15 - ...; next term < 1e-8
-  poly = _mm256_fmadd_ps(poly, x2, _mm256_set1_ps(62.f / 2835.f));
-  poly = _mm256_fmadd_ps(poly, x2, _mm256_set1_ps(-17.f / 315.f));
-  poly = _mm256_fmadd_ps(poly, x2, _mm256_set1_ps(2.f / 15.f));
-  poly = _mm256_fmadd_ps(poly, x2, _mm256_set1_ps(-1.f / 3.f));
-  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(poly, x2), ax, ax);
-  const __m256 t = _mm256_blendv_ps(large, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.25f), _CMP_LT_OQ));
-  return _mm256_or_ps(t, _mm256_and_ps(x, sign_bit));
+template <typename W>
+inline typename W::V tanh_lanes(typename W::V x) {
+  using V = typename W::V;
+  const V one = W::set1(1.f), ax = abs(x), x2 = mul(ax, ax);
+  const V e = exp2_neg<W>(mul(ax, W::set1(-2.f * kLog2e)));
+  const V large = div(sub(one, e), add(one, e));
+  V poly = W::set1(-1382.f / 155925.f);  // tanh x = x - x^3/3 + 2x^5/15 - ...; next term < 1e-8
+  poly = fmadd(poly, x2, W::set1(62.f / 2835.f));
+  poly = fmadd(poly, x2, W::set1(-17.f / 315.f));
+  poly = fmadd(poly, x2, W::set1(2.f / 15.f));
+  poly = fmadd(poly, x2, W::set1(-1.f / 3.f));
+  const V small = fmadd(mul(poly, x2), ax, ax);
+  return copysign(select(lt(ax, W::set1(0.25f)), small, large), x);
 }
 
 #endif
@@ -193,28 +172,26 @@ struct KeyWindow {
 };
 
 // Softcap and ALiBi on a transposed tile of scores st[r * ld + c] (keys r < keys, queries c < queries, a
-// multiple of 8), in natural units. With cap > 0 the tile arrives as x = scale q.k / softcap and becomes
+// multiple of NR), in natural units. With cap > 0 the tile arrives as x = scale q.k / softcap and becomes
 // cap * tanh(x) (tanh(x) is also stored in t[r * ld + c] when t is given: the backward's derivative 1 - t^2);
 // with slope != 0 (ALiBi), slope * |diag[c] - r| is subtracted, diag[c] being query c's diagonal relative to
 // the tile's first key.
 inline void modify_scores(float* st, int64_t ld, int64_t keys, int64_t queries, float cap, float slope,
                           const float* diag, float* t) {
 #if CM3LEON_AVX2
-  const __m256 capv = _mm256_set1_ps(cap), neg_slope = _mm256_set1_ps(-slope), sign_bit = _mm256_set1_ps(-0.f);
-  for (int64_t c = 0; c < queries; c += 8)
+  using W = Wide;
+  const W::V capv = W::set1(cap), neg_slope = W::set1(-slope);
+  for (int64_t c = 0; c < queries; c += W::kLanes)
     for (int64_t r = 0; r < keys; ++r) {
       float* x = st + r * ld + c;
-      __m256 s = _mm256_loadu_ps(x);
+      W::V s = W::load(x);
       if (cap > 0.f) {
-        const __m256 th = tanh8(s);
-        if (t) _mm256_storeu_ps(t + r * ld + c, th);
-        s = _mm256_mul_ps(capv, th);
+        const W::V th = tanh_lanes<W>(s);
+        if (t) W::store(t + r * ld + c, th);
+        s = mul(capv, th);
       }
-      if (slope != 0.f) {
-        const __m256 dist = _mm256_sub_ps(_mm256_loadu_ps(diag + c), _mm256_set1_ps(float(r)));
-        s = _mm256_fmadd_ps(neg_slope, _mm256_andnot_ps(sign_bit, dist), s);
-      }
-      _mm256_storeu_ps(x, s);
+      if (slope != 0.f) s = fmadd(neg_slope, abs(sub(W::load(diag + c), W::set1(float(r)))), s);
+      W::store(x, s);
     }
 #else
   for (int64_t r = 0; r < keys; ++r)

@@ -8,39 +8,18 @@
 #pragma once
 #include "common/isa.h"
 #include <cstdint>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+
+#include "common/simd.h"
 
 namespace cm3leon {
 CM3LEON_ISA_BEGIN
 
 constexpr int64_t kMicroRows = 6;  // rows of the output tile
-#if defined(__AVX512F__)
-constexpr int64_t kMicroCols = 32;  // columns (two zmm registers)
+#if CM3LEON_AVX2
+constexpr int64_t kMicroCols = 2 * Wide::kLanes;  // columns (two vector registers)
 #else
-constexpr int64_t kMicroCols = 16;  // columns (two ymm registers)
+constexpr int64_t kMicroCols = 16;
 #endif
-
-namespace micro_detail {
-#if defined(__AVX512F__)
-using Vec = __m512;
-constexpr int64_t kWidth = 16;
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-#elif defined(__AVX2__) && defined(__FMA__)
-using Vec = __m256;
-constexpr int64_t kWidth = 8;
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-#endif
-}  // namespace micro_detail
 
 // c[r * ldc + j] (+)= sum_p a[p * lda + r * ars] * b[p * ldb + j] for r < kMicroRows, j < kMicroCols.
 // The six A values of a depth step are `ars` apart and steps are `lda` apart: a packed panel (lda = 6,
@@ -48,9 +27,11 @@ inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
 // (lda = 1, ars = row length). `b` is any row-major fp32 block.
 inline void micro_tile(const float* a, int64_t lda, int64_t ars, const float* b, int64_t ldb, int64_t depth,
                        float* c, int64_t ldc, bool accumulate) {
-#if defined(__AVX2__) && defined(__FMA__)
-  using namespace micro_detail;
-  static_assert(kMicroCols == 2 * kWidth, "two vectors per tile row");
+#if CM3LEON_AVX2
+  using Vec = Wide::V;
+  constexpr int64_t kWidth = Wide::kLanes;
+  const auto load = [](const float* p) { return Wide::load(p); };
+  const auto store = [](float* p, Vec v) { Wide::store(p, v); };
   // Twelve named accumulators + two b vectors + one broadcast: 15 registers (arrays would spill on AVX2).
   Vec c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   if (accumulate) {
@@ -61,18 +42,18 @@ inline void micro_tile(const float* a, int64_t lda, int64_t ars, const float* b,
     c40 = load(c + 4 * ldc); c41 = load(c + 4 * ldc + kWidth);
     c50 = load(c + 5 * ldc); c51 = load(c + 5 * ldc + kWidth);
   } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = zero();
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = Wide::zero();
   }
   const int64_t a1 = ars, a2 = 2 * ars, a3 = 3 * ars, a4 = 4 * ars, a5 = 5 * ars;
   for (int64_t p = 0; p < depth; ++p, a += lda, b += ldb) {
     const Vec b0 = load(b), b1 = load(b + kWidth);
     Vec ar;
-    ar = broadcast(a); c00 = fmadd(ar, b0, c00); c01 = fmadd(ar, b1, c01);
-    ar = broadcast(a + a1); c10 = fmadd(ar, b0, c10); c11 = fmadd(ar, b1, c11);
-    ar = broadcast(a + a2); c20 = fmadd(ar, b0, c20); c21 = fmadd(ar, b1, c21);
-    ar = broadcast(a + a3); c30 = fmadd(ar, b0, c30); c31 = fmadd(ar, b1, c31);
-    ar = broadcast(a + a4); c40 = fmadd(ar, b0, c40); c41 = fmadd(ar, b1, c41);
-    ar = broadcast(a + a5); c50 = fmadd(ar, b0, c50); c51 = fmadd(ar, b1, c51);
+    ar = Wide::broadcast(a); c00 = fmadd(ar, b0, c00); c01 = fmadd(ar, b1, c01);
+    ar = Wide::broadcast(a + a1); c10 = fmadd(ar, b0, c10); c11 = fmadd(ar, b1, c11);
+    ar = Wide::broadcast(a + a2); c20 = fmadd(ar, b0, c20); c21 = fmadd(ar, b1, c21);
+    ar = Wide::broadcast(a + a3); c30 = fmadd(ar, b0, c30); c31 = fmadd(ar, b1, c31);
+    ar = Wide::broadcast(a + a4); c40 = fmadd(ar, b0, c40); c41 = fmadd(ar, b1, c41);
+    ar = Wide::broadcast(a + a5); c50 = fmadd(ar, b0, c50); c51 = fmadd(ar, b1, c51);
   }
   store(c + 0 * ldc, c00); store(c + 0 * ldc + kWidth, c01);
   store(c + 1 * ldc, c10); store(c + 1 * ldc + kWidth, c11);

@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention/attention_tiles.h"  // exp2_neg, pack_rows, pack_panels, round_up
+#include "attention/attention_tiles.h"  // tanh_lanes, pack_rows, pack_panels, round_up
 #include "common/parallel.h"
 #include "common/scratch.h"
 
@@ -34,19 +34,14 @@ constexpr int64_t kBlock = 96;   // vocabulary rows per block (a multiple of MR 
 constexpr int64_t kDepth = 256;  // depth slice of the logits matmul: a 256 x NR strip of hidden stays in L1
 static_assert(kChunk % kTokenAlign == 0 && kBlock % MR == 0 && kBlock % NR == 0, "tile multiples");
 
-// x <- cap * tanh(x / cap), n a multiple of 8.
+// x <- cap * tanh(x / cap)
 void softcap_rows(float* x, int64_t n, float cap) {
   int64_t i = 0;
 #if CM3LEON_AVX2
-  const __m256 inv = _mm256_set1_ps(1.f / cap), capv = _mm256_set1_ps(cap);
-  const __m256 sign_mask = _mm256_set1_ps(-0.f), m2l2e = _mm256_set1_ps(-2.f * kLog2e);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 u = _mm256_mul_ps(_mm256_loadu_ps(x + i), inv);
-    const __m256 e = attention::exp2_neg(_mm256_mul_ps(_mm256_andnot_ps(sign_mask, u), m2l2e));  // e^-2|u|
-    const __m256 one = _mm256_set1_ps(1.f);
-    const __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));               // tanh |u|
-    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_or_ps(t, _mm256_and_ps(sign_mask, u)), capv));
-  }
+  using W = Wide;
+  const W::V inv = W::set1(1.f / cap), capv = W::set1(cap);
+  for (; i + W::kLanes <= n; i += W::kLanes)
+    W::store(x + i, mul(attention::tanh_lanes<W>(mul(W::load(x + i), inv)), capv));
 #endif
   for (; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
 }
@@ -130,18 +125,19 @@ class Engine {
     float* sz = se + kChunk;
     int64_t t = 0;
 #if CM3LEON_AVX2
-    for (; t + 8 <= tp_; t += 8) {
-      __m256 m = _mm256_loadu_ps(z + t), s = _mm256_setzero_ps(), zs = _mm256_setzero_ps();
-      for (int64_t i = 1; i < nv; ++i) m = _mm256_max_ps(m, _mm256_loadu_ps(z + i * tp_ + t));
-      const __m256 ml = _mm256_mul_ps(m, _mm256_set1_ps(kLog2e));
+    using W = Wide;
+    for (; t + W::kLanes <= tp_; t += W::kLanes) {
+      W::V m = W::load(z + t), s = W::zero(), zs = W::zero();
+      for (int64_t i = 1; i < nv; ++i) m = max(m, W::load(z + i * tp_ + t));
+      const W::V ml = mul(m, W::set1(kLog2e));
       for (int64_t i = 0; i < nv; ++i) {
-        const __m256 x = _mm256_loadu_ps(z + i * tp_ + t);
-        zs = _mm256_add_ps(zs, x);
-        s = _mm256_add_ps(s, attention::exp2_neg(_mm256_fmsub_ps(x, _mm256_set1_ps(kLog2e), ml)));
+        const W::V x = W::load(z + i * tp_ + t);
+        zs = add(zs, x);
+        s = add(s, exp2_neg<W>(fmsub(x, W::set1(kLog2e), ml)));
       }
-      _mm256_storeu_ps(mx + t, m);
-      _mm256_storeu_ps(se + t, s);
-      _mm256_storeu_ps(sz + t, zs);
+      W::store(mx + t, m);
+      W::store(se + t, s);
+      W::store(sz + t, zs);
     }
 #endif
     for (; t < tp_; ++t) {
@@ -196,16 +192,16 @@ class Engine {
       }
       int64_t t = 0;
 #if CM3LEON_AVX2
-      for (; t + 8 <= tp_; t += 8) {
-        const __m256 x = _mm256_loadu_ps(row + t);
-        const __m256 p = attention::exp2_neg(
-            _mm256_mul_ps(_mm256_sub_ps(x, _mm256_loadu_ps(st.lse.data() + t)), _mm256_set1_ps(kLog2e)));
-        __m256 g = _mm256_fmsub_ps(_mm256_loadu_ps(st.a.data() + t), p, _mm256_loadu_ps(st.e.data() + t));
+      using W = Wide;
+      for (; t + W::kLanes <= tp_; t += W::kLanes) {
+        const W::V x = W::load(row + t);
+        const W::V p = exp2_neg<W>(mul(sub(x, W::load(st.lse.data() + t)), W::set1(kLog2e)));
+        W::V g = fmsub(W::load(st.a.data() + t), p, W::load(st.e.data() + t));
         if (cap > 0.f) {
-          const __m256 u = _mm256_mul_ps(x, _mm256_set1_ps(1.f / cap));
-          g = _mm256_mul_ps(g, _mm256_fnmadd_ps(u, u, _mm256_set1_ps(1.f)));
+          const W::V u = mul(x, W::set1(1.f / cap));
+          g = mul(g, fnmadd(u, u, W::set1(1.f)));
         }
-        _mm256_storeu_ps(row + t, g);
+        W::store(row + t, g);
       }
 #endif
       for (; t < tp_; ++t) {
