@@ -109,7 +109,7 @@ inline __mmask16 eq(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_E
 inline __mmask16 is_nan(__m512 a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q); }
 // (__mmask16 is an integer type: the Zmm overloads that take masks carry the vector too, so an AVX2 Mask
 // can never bind to them.)
-inline __mmask16 both(__mmask16 m1, __mmask16 m2) { return _kand_mask16(m1, m2); }
+inline __mmask16 both(__mmask16 m1, __mmask16 m2) { return __mmask16(m1 & m2); }
 inline __m512 select(__mmask16 mask, __m512 if_true, __m512 if_false) { return _mm512_mask_blend_ps(mask, if_false, if_true); }
 inline __m512 keep(__mmask16 mask, __m512 a) { return _mm512_maskz_mov_ps(mask, a); }
 inline __m256 fold8(__m512 a) { return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)); }
