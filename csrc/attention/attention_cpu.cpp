@@ -39,7 +39,16 @@ struct Item {
 // Per-thread scratch, reused across items and calls.
 struct Scratch {
   std::vector<float> qt, st, o, m, l, alpha, lo, hi, diag;
+  std::vector<uint32_t> qt2, pt2;  // Q^T and P^T as bf16 pairs (kBf16Pairs)
 };
+
+// bf16 inputs at levels with bf16 dot products take both products from bf16 pairs at twice the fp32 rate:
+// S^T = K Q^T from Q and K as given (exact products, then the scale in fp32), O += P V with P rounded to bf16
+// (as FlashAttention's GPU kernels do). The softmax and the accumulators stay fp32.
+template <typename T>
+constexpr bool kBf16Pairs = std::is_same_v<T, bf16> && kHasBf16Dot;
+template <typename T>
+using PackedWord = std::conditional_t<kBf16Pairs<T>, uint32_t, float>;
 
 #if CM3LEON_AVX2
 // Online-softmax step on a transposed score tile st[keys][BM], one query per lane (vertical reductions
@@ -113,16 +122,18 @@ template <typename T>
 void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out, float* lse) {
   const int64_t d = pr.head_dim, dp = round_up(d, NR), hq = pr.heads_q, hkv = pr.heads_kv;
   const int64_t group = hq / hkv;
+  constexpr bool pairs = kBf16Pairs<T>;
+  const int64_t row_words = pairs ? dp / 2 : dp;  // packed words per key row (floats, or bf16 pairs)
 
   // K and V in fp32, packed once per call (bf16/fp16 widened once): block n0 of segment s, kv head h starts
-  // at float (h * k_total + k_off[s] + n0) * dp; K as rows of dp floats, V as NR-column strips per block
-  // (pack_strips). Even fp32 is copied: in place, consecutive keys of one head lie heads_kv * head_dim
+  // at word (h * k_total + k_off[s] + n0) * row_words; K as rows of dp floats, V as NR-column strips per block
+  // (pack_strips), or both as bf16 pairs (kBf16Pairs). Even fp32 is copied: in place, consecutive keys of one head lie heads_kv * head_dim
   // floats apart (4 KiB for 16 x 64), all in the same L1 sets.
   std::vector<int64_t> k_off(size_t(pr.num_segments) + 1, 0);
   for (int64_t s = 0; s < pr.num_segments; ++s) k_off[s + 1] = k_off[s] + round_up(pr.segments[s].k_len, BN);
   const int64_t k_total = k_off.back();
   // Rows past a block's last multiple of MR stay unwritten: no micro-kernel step reads them.
-  const ScratchBuffer<float> kr(size_t(hkv * k_total * dp)), vr(size_t(hkv * k_total * dp));
+  const ScratchBuffer<PackedWord<T>> kr(size_t(hkv * k_total * row_words)), vr(size_t(hkv * k_total * row_words));
   // Chunks of kPackKeys keys per (segment, kv head) are packed on first use by the thread that needs them,
   // so the memory-bound packing overlaps the other thread's compute and the chunk is in L2 when used.
   std::vector<int64_t> chunk_off(size_t(pr.num_segments) + 1, 0);  // first chunk of segment s, kv head 0
@@ -138,9 +149,14 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     int expected = kUnpacked;
     if (state.compare_exchange_strong(expected, kPacking, std::memory_order_acq_rel)) {
       const int64_t keys = std::min(kPackKeys, sg.k_len - c0), keys_pad = round_up(keys, MR);
-      const int64_t src = ((sg.k_start + c0) * hkv + h) * d, dst = (h * k_total + k_off[s] + c0) * dp;
-      pack_rows(k + src, hkv * d, keys, d, 1.f, keys_pad, dp, kr.data() + dst);
-      pack_strips(v + src, hkv * d, keys, d, keys_pad, BN, dp, vr.data() + dst);
+      const int64_t src = ((sg.k_start + c0) * hkv + h) * d, dst = (h * k_total + k_off[s] + c0) * row_words;
+      if constexpr (pairs) {
+        pack_pair_rows(k + src, hkv * d, keys, d, keys_pad, dp, kr.data() + dst);
+        pack_pair_strips(v + src, hkv * d, keys, d, round_up(keys, 2), BN, dp, vr.data() + dst);
+      } else {
+        pack_rows(k + src, hkv * d, keys, d, 1.f, keys_pad, dp, kr.data() + dst);
+        pack_strips(v + src, hkv * d, keys, d, keys_pad, BN, dp, vr.data() + dst);
+      }
       state.store(kPacked, std::memory_order_release);
       return;
     }
@@ -177,11 +193,17 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     sc.m.assign(size_t(BM), kNegInf); sc.l.assign(size_t(BM), 0.f); sc.alpha.resize(size_t(BM));
     sc.lo.resize(size_t(BM)); sc.hi.resize(size_t(BM)); sc.diag.resize(size_t(BM));
     float *qt = sc.qt.data(), *st = sc.st.data(), *o = sc.o.data();
-    pack_panels(q + ((sg.q_start + q0) * hq + h) * d, hq * d, rows, d, qscale, BM, BM, dp, qt);  // Q^T
+    const T* q_rows = q + ((sg.q_start + q0) * hq + h) * d;
+    if constexpr (pairs) {
+      sc.qt2.resize(size_t(dp / 2 * BM)); sc.pt2.resize(size_t(BN / 2 * BM));
+      pack_pair_panels(q_rows, hq * d, rows, d, BM, dp, sc.qt2.data());  // Q^T, unscaled
+    } else {
+      pack_panels(q_rows, hq * d, rows, d, qscale, BM, BM, dp, qt);  // Q^T
+    }
 
     for (int64_t n0 = k_begin; n0 < k_end; n0 += BN) {
       const int64_t cols = std::min(BN, k_end - n0), cols6 = round_up(cols, MR);
-      const int64_t blk = (hk * k_total + k_off[it.segment] + n0) * dp;
+      const int64_t blk = (hk * k_total + k_off[it.segment] + n0) * row_words;
       const bool masked = win.lo(last) > n0 || win.hi(q0) < n0 + cols;
       ensure_packed(it.segment, hk, n0);
       for (int64_t r = 0; r < BM; ++r) {  // padding queries see nothing
@@ -194,9 +216,15 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
         for (int64_t qc = 0; qc < rows16; qc += NR) {
           const int64_t qe = std::min(qc + NR, rows) - 1;
-          if (!masked || (n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc)))
+          if (masked && !(n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc))) continue;
+          if constexpr (pairs)
+            micro_tile_bf16(kr.data() + blk + kr0 * row_words, 1, row_words, sc.qt2.data() + qc, BM, dp / 2,
+                            st + kr0 * BM + qc, BM, false);
+          else
             micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
         }
+      if constexpr (pairs)
+        for (int64_t r = 0; r < cols; ++r) scale_row(st + r * BM, rows16, qscale);
       if (pr.softcap > 0.f || slope != 0.f)
         modify_scores(st, BM, cols, rows16, pr.softcap, slope, sc.diag.data(), nullptr);
       softmax_block(st, cols, cols6, rows16, masked, sc.lo.data(), sc.hi.data(), sc.m.data(), sc.l.data(),
@@ -211,6 +239,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       }
       for (int64_t r = 0; r < rows; ++r)
         if (sc.alpha[size_t(r)] != 1.f) scale_row(o + r * dp, dp, sc.alpha[size_t(r)]);
+      if constexpr (pairs) round_row_pairs(st, BM, cols6, rows6, sc.pt2.data());
       for (int64_t dc = 0; dc < dp; dc += NR)  // an NR-column strip of V stays in L1 across query panels
         for (int64_t qr = 0; qr < rows6; qr += MR) {
           // Keys outside what these six queries see have P = 0: the depth covers only their union.
@@ -219,9 +248,16 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
             k0 = std::clamp<int64_t>(win.lo(q0 + qr) - n0, 0, cols);
             k1 = std::clamp<int64_t>(win.hi(q0 + std::min(qr + MR, rows) - 1) - n0, k0, cols);
           }
-          if (k1 > k0)
+          if (k1 <= k0) continue;
+          if constexpr (pairs) {  // whole pairs of keys (cols6 is even; P is 0 past each query's keys)
+            k0 &= ~int64_t(1);
+            k1 = round_up(k1, 2);
+            micro_tile_bf16(sc.pt2.data() + k0 / 2 * BM + qr, BM, 1, vr.data() + blk + dc * BN / 2 + k0 / 2 * NR,
+                            NR, (k1 - k0) / 2, o + qr * dp + dc, dp, true);
+          } else {
             micro_tile(st + k0 * BM + qr, BM, 1, vr.data() + blk + dc * BN + k0 * NR, NR, k1 - k0,
                        o + qr * dp + dc, dp, true);
+          }
         }
     }
 

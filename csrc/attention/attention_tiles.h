@@ -151,6 +151,45 @@ void pack_panels(const T* src, int64_t stride, int64_t rows, int64_t d, float sc
   }
 }
 
+// The bf16 twins of the packers above for levels with bf16 dot products: operands as bf16 pairs (two depth
+// steps per uint32, bf16_pair), values as given (no scale: the caller scales the products).
+//
+// pack_pair_rows: rows x d -> [rows_pad][dp / 2] pairs along each row (K as the A operand of S^T = K Q^T).
+inline void pack_pair_rows(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad,
+                           int64_t dp, uint32_t* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r)
+    for (int64_t p = 0; p < dp / 2; ++p) dst[r * (dp / 2) + p] = r < rows ? bf16_pair(src + r * stride, 2 * p, d) : 0u;
+}
+
+// pack_pair_panels: rows x d -> [dp / 2][rows_pad] pairs along each row, row-major over the pairs (Q^T as the
+// B operand of S^T = K Q^T).
+inline void pack_pair_panels(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad,
+                             int64_t dp, uint32_t* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r)
+    for (int64_t p = 0; p < dp / 2; ++p) dst[p * rows_pad + r] = r < rows ? bf16_pair(src + r * stride, 2 * p, d) : 0u;
+}
+
+// pack_pair_strips: the layout of pack_strips with pairs of *rows* (keys 2i and 2i + 1 of a block) per element,
+// dst[rows_pad / block][dp / NR][block / 2][NR] (V as the B operand of O += P V); `block` is even.
+inline void pack_pair_strips(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad,
+                             int64_t block, int64_t dp, uint32_t* dst) {
+  for (int64_t r = 0; r < rows_pad; r += 2) {
+    uint32_t* out = dst + (r / block) * block * dp / 2 + (r % block) / 2 * NR;
+    for (int64_t c = 0; c < dp; ++c) {
+      const uint32_t lo = r < rows && c < d ? src[r * stride + c].bits : 0u;
+      const uint32_t hi = r + 1 < rows && c < d ? src[(r + 1) * stride + c].bits : 0u;
+      out[(c / NR) * block / 2 * NR + c % NR] = lo | hi << 16;
+    }
+  }
+}
+
+// Rows 2i and 2i + 1 of an fp32 tile (row stride ld) rounded to bf16 pairs: dst[i * ld + c] for i < rows / 2
+// (rows even), c < cols (P^T as the A operand of O += P V).
+inline void round_row_pairs(const float* src, int64_t ld, int64_t rows, int64_t cols, uint32_t* dst) {
+  for (int64_t i = 0; i < rows / 2; ++i)
+    for (int64_t c = 0; c < cols; ++c) dst[i * ld + c] = bf16_pair(src[2 * i * ld + c], src[(2 * i + 1) * ld + c]);
+}
+
 // The keys query i of a segment sees, [lo(i), hi(i)) (empty when hi <= lo), and its converse: the queries
 // that see some key of [j0, j1) are [first_query(j0), end_query(j1)). Both bounds grow with i. The
 // diagonal of query i is i + shift; causal tightens window_right to 0.

@@ -82,5 +82,19 @@ inline void from_float(float f, fp16* out) {
 #endif
 }
 
+// Elements p and p + 1 of a bf16 row of d elements as one pair, p in the low half (the operand format of the
+// bf16 dot-product instructions); 0 for elements past the row's end.
+inline uint32_t bf16_pair(const bf16* src, int64_t p, int64_t d) {
+  return (p < d ? uint32_t(src[p].bits) : 0u) | (p + 1 < d ? uint32_t(src[p + 1].bits) << 16 : 0u);
+}
+
+// Two fp32 values rounded to bf16 (nearest even) as one pair, a in the low half.
+inline uint32_t bf16_pair(float a, float b) {
+  bf16 lo, hi;
+  from_float(a, &lo);
+  from_float(b, &hi);
+  return uint32_t(lo.bits) | uint32_t(hi.bits) << 16;
+}
+
 CM3LEON_ISA_END
 }  // namespace cm3leon

@@ -71,11 +71,6 @@ bool bf16_dot_path(Metric metric) {
   return (kHasBf16Dot || kAmx) && std::is_same_v<T, bf16> && metric == Metric::L2;
 }
 
-// Two consecutive bf16 values of a row as one pair (the second is 0 past the row's end).
-inline uint32_t bf16_pair(const bf16* src, int64_t p, int64_t d) {
-  return uint32_t(src[p].bits) | (p + 1 < d ? uint32_t(src[p + 1].bits) << 16 : 0u);
-}
-
 template <typename T>
 PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric metric, int threads) {
   const int64_t panels = ceil_div(k, NR), d2 = pair_rows(d);
@@ -99,7 +94,7 @@ PackedCodebook pack_codebook(const T* codebook, int64_t k, int64_t d, Metric met
         if (pairs) {
           float sq = 0.f;
           for (int64_t p = 0; p < d; ++p) sq += to_float(src[p]) * to_float(src[p]);
-          for (int64_t p = 0; p < d2; ++p) dst2[p * NR + j] = 2 * p < d ? bf16_pair(src, 2 * p, d) : 0u;
+          for (int64_t p = 0; p < d2; ++p) dst2[p * NR + j] = bf16_pair(src, 2 * p, d);
           packed.bias[size_t(code)] = sq;
           continue;
         }
@@ -167,7 +162,7 @@ void pack_pair_rows(const T* z, int64_t row0, int64_t rows, int64_t d, int64_t d
   if constexpr (std::is_same_v<T, bf16>) {
     for (int64_t r = 0; r < ceil_div(rows, 32) * 32; ++r) {
       const T* src = z + (row0 + r) * d;
-      for (int64_t p = 0; p < d2; ++p) dst[r * d2 + p] = r < rows && 2 * p < d ? bf16_pair(src, 2 * p, d) : 0u;
+      for (int64_t p = 0; p < d2; ++p) dst[r * d2 + p] = r < rows ? bf16_pair(src, 2 * p, d) : 0u;
     }
   }
 }
