@@ -5,7 +5,7 @@
 // Built by tests/test_isa_oracle.py from the kernel sources at each level with that level's flags, as a static
 // program, so it also runs under a CPU emulator (an AVX-512 body can then be checked on a host without
 // AVX-512). Usage: isa_oracle SEED CASES LEVEL...  (levels by number: 0 baseline, 1 avx2, 2 avx512,
-// 3 avx512_bf16; a family without a body at a level runs its highest one below, as the dispatch does).
+// 3 avx512_bf16, 4 amx_bf16; a family without a body at a level runs its highest one below, as the dispatch does).
 // Each level's largest error against the oracle must be at most twice the baseline body's (a plain fp32
 // implementation, the "same precision" yardstick) plus a small floor; outputs are poisoned with NaN first so an
 // unwritten element fails. Prints one line per case and check; exits 1 if any check fails.
@@ -250,6 +250,7 @@ void at_level(int level, F&& f) {
     case 1: return f(std::integral_constant<Isa, Isa::Avx2>{});
     case 2: return f(std::integral_constant<Isa, Isa::Avx512>{});
     case 3: return f(std::integral_constant<Isa, Isa::Avx512Bf16>{});
+    case 4: return f(std::integral_constant<Isa, Isa::AmxBf16>{});
   }
   std::fprintf(stderr, "unknown level %d\n", level);
   std::exit(2);
@@ -448,7 +449,7 @@ void check_loss(DType t, const std::vector<int>& levels) {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s SEED CASES LEVEL... (levels: 1 avx2, 2 avx512, 3 avx512_bf16)\n", argv[0]);
+    std::fprintf(stderr, "usage: %s SEED CASES LEVEL... (levels: 1 avx2 ... 4 amx_bf16)\n", argv[0]);
     return 2;
   }
   rng.seed(std::strtoull(argv[1], nullptr, 10));

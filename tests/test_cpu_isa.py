@@ -29,9 +29,9 @@ NEEDS = {"baseline": [], "avx2": ["avx2", "fma", "f16c"],
          "avx512": ["avx512f", "avx512dq", "avx512bw", "avx512vl"], "avx512_bf16": ["avx512_bf16"],
          "amx_bf16": ["amx_bf16"]}
 # The highest level each kernel family has a body for (csrc/*/..._cpu.h).
-FAMILY_TOP = {"flash_attn_forward": "avx512_bf16", "flash_attn_backward": "avx512_bf16",
-              "flash_attn_kvcache": "avx512_bf16", "flash_attn_varlen_forward": "avx512_bf16",
-              "flash_attn_varlen_backward": "avx512_bf16",
+FAMILY_TOP = {"flash_attn_forward": "amx_bf16", "flash_attn_backward": "amx_bf16",
+              "flash_attn_kvcache": "amx_bf16", "flash_attn_varlen_forward": "amx_bf16",
+              "flash_attn_varlen_backward": "amx_bf16",
               "vq_nearest": "amx_bf16", "vq_embed": "amx_bf16",
               "cfg_sample": "avx2", "contrastive_sample": "avx2",
               "linear_cross_entropy_forward": "avx512", "linear_cross_entropy_backward": "avx512"}

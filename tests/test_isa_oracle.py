@@ -3,9 +3,9 @@
 tests/isa_oracle.cpp is built from the attention and loss kernel sources, once per level with that level's
 compiler flags (read from CMakeLists.txt), as one static program, and checks random problems at every level
 (see its header). A level this CPU lacks is compiled instead for the host's highest level with
-tests/simde_avx512.h forced in: SIMDe (the simde-py test dependency) implements the AVX-512 (and AVX-512 BF16)
-intrinsics with AVX2 ones, so the AVX-512 bodies' logic (16 lanes, mask registers, the 6 x 32 micro-kernel tile,
-bf16 pairs) is checked on machines without AVX-512. On a CPU with AVX-512 the real instructions run.
+tests/isa_emulation.h forced in: SIMDe (the simde-py test dependency) implements the AVX-512 (and AVX-512 BF16)
+intrinsics with AVX2 ones and AMX tiles are emulated in memory, so those bodies' logic (16 lanes, mask registers,
+the 6 x 32 micro-kernel tile, bf16 pairs, tile blocks) is checked on machines without them. On a CPU with AVX-512 the real instructions run.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each family's sources and highest level (as in CMakeLists.txt's cm3leon_cpu_family calls).
-FAMILIES = {3: ["csrc/attention/attention_cpu.cpp", "csrc/attention/attention_decode_cpu.cpp",
+FAMILIES = {4: ["csrc/attention/attention_cpu.cpp", "csrc/attention/attention_decode_cpu.cpp",
                 "csrc/attention/attention_backward_cpu.cpp"],
             2: ["csrc/loss/loss_cpu.cpp"]}
-LEVELS = {0: "baseline", 1: "avx2", 2: "avx512", 3: "avx512_bf16"}
-SIMDE_SHIM = Path(__file__).with_name("simde_avx512.h")
+LEVELS = {0: "baseline", 1: "avx2", 2: "avx512", 3: "avx512_bf16", 4: "amx_bf16"}
+EMULATION = Path(__file__).with_name("isa_emulation.h")
 
 
 def level_flags(level: int) -> list[str]:
@@ -59,14 +59,14 @@ def build_oracle(out_dir: Path, emulated: set[int]) -> Path:
     """Compiles and links the oracle; levels in `emulated` are built for the host's highest supported level
     with the SIMDe forced include."""
     common = ["c++", "-std=c++17", "-O2", "-fno-math-errno", "-fopenmp", f"-I{ROOT / 'csrc'}",
-              "-DCM3LEON_MAX_ISA_LEVEL=3"]
+              "-DCM3LEON_MAX_ISA_LEVEL=4"]
     host_level = max(supported_levels())
     jobs = [common + ["-c", str(ROOT / "tests/isa_oracle.cpp"), "-o", str(out_dir / "main.o")]]
     objects = [out_dir / "main.o"]
     for level in LEVELS:
         flags = level_flags(level)
         if level in emulated:
-            flags = level_flags(host_level) + ["-Wno-psabi", f"-I{simde_include()}", "-include", str(SIMDE_SHIM)]
+            flags = level_flags(host_level) + ["-Wno-psabi", f"-I{simde_include()}", "-include", str(EMULATION)]
         for src in [src for top, sources in FAMILIES.items() if level <= top for src in sources]:
             obj = out_dir / f"{Path(src).stem}_isa{level}.o"
             objects.append(obj)  # lowest level first, as the extension links them

@@ -16,6 +16,7 @@
 
 #include "attention/attention_decode.h"
 #include "attention/attention_tiles.h"
+#include "common/amx.h"
 #include "common/parallel.h"
 #include "common/scratch.h"
 
@@ -25,9 +26,11 @@ namespace {
 
 // Measured on the 2-core AVX2 machine: 96 x 48 beats 48 x 48 by ~10% (D = 64); with V in strips, 96 x 72
 // beats 96 x 48 by ~2% (D = 32..256, causal and not); 144 x 96 was no better than 96 x 72.
-constexpr int64_t BM = 96;  // query rows per work item (multiple of MR and of NR)
-constexpr int64_t BN = 72;  // keys per block (multiple of MR)
+// With AMX, blocks are whole 32 x 32 tile blocks.
+constexpr int64_t BM = 96;                // query rows per work item (multiple of MR and of NR)
+constexpr int64_t BN = kAmx ? 96 : 72;    // keys per block (multiple of MR)
 static_assert(BM % MR == 0 && BM % NR == 0 && BN % MR == 0, "blocks hold whole micro-kernel tiles");
+static_assert(!kAmx || (BM % 32 == 0 && BN % 32 == 0), "blocks hold whole AMX blocks");
 
 constexpr int64_t kPackKeys = 4 * BN;  // keys per K/V packing chunk (a multiple of BN)
 enum PackState : int { kUnpacked = 0, kPacking = 1, kPacked = 2 };
@@ -39,14 +42,14 @@ struct Item {
 // Per-thread scratch, reused across items and calls.
 struct Scratch {
   std::vector<float> qt, st, o, m, l, alpha, lo, hi, diag;
-  std::vector<uint32_t> qt2, pt2;  // Q^T and P^T as bf16 pairs (kBf16Pairs)
+  std::vector<uint32_t> qt2, pt2;  // Q^T and P^T as bf16 pairs (kBf16Pairs; with AMX, pt2 holds P)
 };
 
-// bf16 inputs at levels with bf16 dot products take both products from bf16 pairs at twice the fp32 rate:
-// S^T = K Q^T from Q and K as given (exact products, then the scale in fp32), O += P V with P rounded to bf16
-// (as FlashAttention's GPU kernels do). The softmax and the accumulators stay fp32.
+// bf16 inputs at levels with bf16 dot products take both products from bf16 pairs (vdpbf16ps at twice the fp32
+// rate, or AMX tiles): S^T = K Q^T from Q and K as given (exact products, then the scale in fp32), O += P V
+// with P rounded to bf16 (as FlashAttention's GPU kernels do). The softmax and the accumulators stay fp32.
 template <typename T>
-constexpr bool kBf16Pairs = std::is_same_v<T, bf16> && kHasBf16Dot;
+constexpr bool kBf16Pairs = std::is_same_v<T, bf16> && (kHasBf16Dot || kAmx);
 template <typename T>
 using PackedWord = std::conditional_t<kBf16Pairs<T>, uint32_t, float>;
 
@@ -122,8 +125,9 @@ template <typename T>
 void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out, float* lse) {
   const int64_t d = pr.head_dim, dp = round_up(d, NR), hq = pr.heads_q, hkv = pr.heads_kv;
   const int64_t group = hq / hkv;
-  constexpr bool pairs = kBf16Pairs<T>;
+  constexpr bool pairs = kBf16Pairs<T>, amx = pairs && kAmx;
   const int64_t row_words = pairs ? dp / 2 : dp;  // packed words per key row (floats, or bf16 pairs)
+  const int64_t key_align = amx ? 32 : MR;         // packed key rows per chunk: whole tiles
 
   // K and V in fp32, packed once per call (bf16/fp16 widened once): block n0 of segment s, kv head h starts
   // at word (h * k_total + k_off[s] + n0) * row_words; K as rows of dp floats, V as NR-column strips per block
@@ -148,11 +152,11 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     if (state.load(std::memory_order_acquire) == kPacked) return;
     int expected = kUnpacked;
     if (state.compare_exchange_strong(expected, kPacking, std::memory_order_acq_rel)) {
-      const int64_t keys = std::min(kPackKeys, sg.k_len - c0), keys_pad = round_up(keys, MR);
+      const int64_t keys = std::min(kPackKeys, sg.k_len - c0), keys_pad = round_up(keys, key_align);
       const int64_t src = ((sg.k_start + c0) * hkv + h) * d, dst = (h * k_total + k_off[s] + c0) * row_words;
       if constexpr (pairs) {
         pack_pair_rows(k + src, hkv * d, keys, d, keys_pad, dp, kr.data() + dst);
-        pack_pair_strips(v + src, hkv * d, keys, d, round_up(keys, 2), BN, dp, vr.data() + dst);
+        pack_pair_strips(v + src, hkv * d, keys, d, keys_pad, BN, dp, vr.data() + dst);
       } else {
         pack_rows(k + src, hkv * d, keys, d, 1.f, keys_pad, dp, kr.data() + dst);
         pack_strips(v + src, hkv * d, keys, d, keys_pad, BN, dp, vr.data() + dst);
@@ -188,6 +192,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     // a block needs the mask unless every query sees all of it.
     const int64_t k_begin = win.lo(q0) / BN * BN, k_end = win.hi(last);
 
+    [[maybe_unused]] const AmxSession tiles(amx);
     thread_local Scratch sc;
     sc.qt.resize(size_t(dp * BM)); sc.st.resize(size_t(BN * BM)); sc.o.assign(size_t(BM * dp), 0.f);
     sc.m.assign(size_t(BM), kNegInf); sc.l.assign(size_t(BM), 0.f); sc.alpha.resize(size_t(BM));
@@ -212,17 +217,24 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
         sc.diag[size_t(r)] = float(q0 + r + win.shift - n0);
       }
       // Six K rows (padding rows are zero) x NR queries; tiles that every one of their queries masks out are
-      // skipped (the softmax masks their stale scores).
-      for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
-        for (int64_t qc = 0; qc < rows16; qc += NR) {
-          const int64_t qe = std::min(qc + NR, rows) - 1;
-          if (masked && !(n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc))) continue;
-          if constexpr (pairs)
-            micro_tile_bf16(kr.data() + blk + kr0 * row_words, 1, row_words, sc.qt2.data() + qc, BM, dp / 2,
-                            st + kr0 * BM + qc, BM, false);
-          else
-            micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
-        }
+      // skipped (the softmax masks their stale scores). AMX computes the whole block in 32 x 32 blocks.
+      if constexpr (amx) {
+        for (int64_t kr0 = 0; kr0 < cols; kr0 += 32)
+          for (int64_t qc = 0; qc < rows16; qc += 32)
+            amx_block(kr.data() + blk + kr0 * row_words, row_words, sc.qt2.data() + qc, BM, dp / 2,
+                      st + kr0 * BM + qc, BM, false);
+      } else {
+        for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
+          for (int64_t qc = 0; qc < rows16; qc += NR) {
+            const int64_t qe = std::min(qc + NR, rows) - 1;
+            if (masked && !(n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc))) continue;
+            if constexpr (pairs)
+              micro_tile_bf16(kr.data() + blk + kr0 * row_words, 1, row_words, sc.qt2.data() + qc, BM, dp / 2,
+                              st + kr0 * BM + qc, BM, false);
+            else
+              micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
+          }
+      }
       if constexpr (pairs)
         for (int64_t r = 0; r < cols; ++r) scale_row(st + r * BM, rows16, qscale);
       if (pr.softcap > 0.f || slope != 0.f)
@@ -239,6 +251,15 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       }
       for (int64_t r = 0; r < rows; ++r)
         if (sc.alpha[size_t(r)] != 1.f) scale_row(o + r * dp, dp, sc.alpha[size_t(r)]);
+      if constexpr (amx) {  // P as rows of key pairs, then 32 x 32 output blocks over whole 32-key steps
+        const int64_t cols32 = round_up(cols, 32);
+        round_col_pairs(st, BM, cols, cols32, rows16, sc.pt2.data(), BN / 2);
+        for (int64_t qr = 0; qr < rows16; qr += 32)
+          for (int64_t dc = 0; dc < dp; dc += 32)
+            amx_block(sc.pt2.data() + qr * (BN / 2), BN / 2, vr.data() + blk + dc * BN / 2, NR, cols32 / 2,
+                      o + qr * dp + dc, dp, true);
+        continue;
+      }
       if constexpr (pairs) round_row_pairs(st, BM, cols6, rows6, sc.pt2.data());
       for (int64_t dc = 0; dc < dp; dc += NR)  // an NR-column strip of V stays in L1 across query panels
         for (int64_t qr = 0; qr < rows6; qr += MR) {

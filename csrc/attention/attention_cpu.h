@@ -40,9 +40,9 @@ struct Problem {
   float dropout_scale = 1.f;
 };
 
-// Highest level with its own attention bodies (forward, decode, backward; at avx512_bf16 the bf16 forward
-// takes its products from bf16 pairs): common/cpu_features.h dispatch.
-constexpr Isa kAttentionMaxIsa = Isa::Avx512Bf16;
+// Highest level with its own attention bodies (forward, decode, backward; at avx512_bf16 and amx_bf16 the
+// bf16 forward takes its products from bf16 pairs): common/cpu_features.h dispatch.
+constexpr Isa kAttentionMaxIsa = Isa::AmxBf16;
 
 // The kernel bodies, one explicit specialisation per compiled level (attention_*_cpu.cpp).
 template <Isa I>

@@ -190,6 +190,15 @@ inline void round_row_pairs(const float* src, int64_t ld, int64_t rows, int64_t 
     for (int64_t c = 0; c < cols; ++c) dst[i * ld + c] = bf16_pair(src[2 * i * ld + c], src[(2 * i + 1) * ld + c]);
 }
 
+// The transpose of round_row_pairs for the AMX A operand: dst[c * ldd + i] = pair of rows 2i, 2i + 1 of
+// column c, for c < cols and i < rows_pad / 2; rows at or past `rows` count as 0.
+inline void round_col_pairs(const float* src, int64_t ld, int64_t rows, int64_t rows_pad, int64_t cols,
+                            uint32_t* dst, int64_t ldd) {
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t i = 0; i < rows_pad / 2; ++i)
+      dst[c * ldd + i] = bf16_pair(2 * i < rows ? src[2 * i * ld + c] : 0.f, 2 * i + 1 < rows ? src[(2 * i + 1) * ld + c] : 0.f);
+}
+
 // The keys query i of a segment sees, [lo(i), hi(i)) (empty when hi <= lo), and its converse: the queries
 // that see some key of [j0, j1) are [first_query(j0), end_query(j1)). Both bounds grow with i. The
 // diagonal of query i is i + shift; causal tightens window_right to 0.

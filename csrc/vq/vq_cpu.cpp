@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/amx.h"
 #include "common/micro_kernel.h"
 #include "common/parallel.h"
 #include "common/scratch.h"
@@ -56,12 +57,6 @@ struct PackedCodebook {
   ScratchBuffer<uint32_t> pairs;  // [panels][ceil(d / 2)][NR] (bf16 path)
   ScratchBuffer<float> bias;      // [panels * NR]: ||c||^2 (L2), 0 (cosine, codes pre-normalised), +inf padding
 };
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-constexpr bool kAmx = true;  // bf16 pairs go through AMX tiles (tdpbf16ps) instead of micro_tile_bf16
-#else
-constexpr bool kAmx = false;
-#endif
 
 // Pair rows of a packed bf16 code panel: ceil(d / 2), padded with zero pairs to whole 16-pair AMX tiles.
 inline int64_t pair_rows(int64_t d) { return kAmx ? ceil_div(d, 32) * 16 : ceil_div(d, 2); }
@@ -167,54 +162,11 @@ void pack_pair_rows(const T* z, int64_t row0, int64_t rows, int64_t d, int64_t d
   }
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-// Eight tiles of 16 rows x 64 bytes: C00 C01 C10 C11 (fp32 16 x 16), A0 A1 (16 rows x 16 pairs), B0 B1
-// (16 pairs x 16 codes). Configured per call on the calling thread and released at the end.
-struct AmxSession {
-  explicit AmxSession(bool on) : on_(on) {
-    if (!on_) return;
-    alignas(64) uint8_t config[64] = {};
-    config[0] = 1;  // palette 1
-    for (int t = 0; t < 8; ++t) {
-      config[16 + 2 * t] = 64;  // bytes per row
-      config[48 + t] = 16;      // rows
-    }
-    _tile_loadconfig(config);
-  }
-  ~AmxSession() {
-    if (on_) _tile_release();
-  }
-  AmxSession(const AmxSession&) = delete;
-  AmxSession& operator=(const AmxSession&) = delete;
-
- private:
-  bool on_;
-};
-
 // tile[r][j] = z_r . c_j for the rows (a multiple of 32) of a packed z block and one NR = 32 code panel.
 inline void amx_panel(const uint32_t* zp, int64_t rows, int64_t d2, const uint32_t* cpanel, float* tile) {
-  static_assert(NR == 32, "two 16-code B tiles per panel");
-  const int64_t zstride = d2 * 4, cstride = NR * 4, tstride = NR * 4;
-  for (int64_t r0 = 0; r0 < rows; r0 += 32) {
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (int64_t p0 = 0; p0 < d2; p0 += 16) {
-      _tile_loadd(4, zp + r0 * d2 + p0, zstride);
-      _tile_loadd(5, zp + (r0 + 16) * d2 + p0, zstride);
-      _tile_loadd(6, cpanel + p0 * NR, cstride);
-      _tile_loadd(7, cpanel + p0 * NR + 16, cstride);
-      _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, tile + r0 * NR, tstride); _tile_stored(1, tile + r0 * NR + 16, tstride);
-    _tile_stored(2, tile + (r0 + 16) * NR, tstride); _tile_stored(3, tile + (r0 + 16) * NR + 16, tstride);
-  }
+  static_assert(!kAmx || NR == 32, "one 32-column AMX block per panel");
+  for (int64_t r0 = 0; r0 < rows; r0 += 32) amx_block(zp + r0 * d2, d2, cpanel, NR, d2, tile + r0 * NR, NR, false);
 }
-#else
-struct AmxSession {
-  explicit AmxSession(bool) {}
-};
-inline void amx_panel(const uint32_t*, int64_t, int64_t, const uint32_t*, float*) {}
-#endif
 
 struct Best {
   float score;
