@@ -34,8 +34,10 @@ namespace {
 // dims 64-256, causal and not (the query-side panels streamed per step are reused by more keys); 96 and 192
 // lost at head dims 256 and 32 respectively, and 96 query rows per step did not help.
 constexpr int64_t BM = std::lcm(48, NR);  // query rows per step: 48 with AVX2, 96 with AVX-512
-constexpr int64_t BN = 144;  // keys per work item (multiple of MR)
+// With AMX (bf16 scores from tiles, as the forward computes them), key blocks are whole 32-key tile blocks.
+constexpr int64_t BN = kAmx ? 96 : 144;  // keys per work item (multiple of MR)
 static_assert(BM % MR == 0 && BM % NR == 0 && BN % MR == 0, "blocks hold whole micro-kernel tiles");
+static_assert(!kAmx || (BM % 32 == 0 && BN % 32 == 0), "blocks hold whole AMX blocks");
 
 struct Item {
   int64_t segment, head_kv, n0, cost;
@@ -97,6 +99,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   // scale / softcap (the tanh argument, see modify_scores).
   const bool capped = pr.softcap > 0.f;
   const float qscale = capped ? pr.scale / pr.softcap : pr.scale;
+  constexpr bool pairs = kBf16Pairs<T>, amx = pairs && kAmx;  // S^T from bf16 pairs, as the forward
 
   // Query-side operands, packed once: row q0 of segment s, head h at (h * q_total + q_off[s] + q0) * dp.
   std::vector<int64_t> q_off(size_t(pr.num_segments) + 1, 0);
@@ -105,6 +108,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   const size_t qsize = size_t(hq * q_total * dp);
   const ScratchBuffer<float> q_t(qsize), q_rows(qsize), do_t(qsize), do_rows(qsize);
   const ScratchBuffer<float> lse_rows(size_t(hq * q_total)), dsum(size_t(hq * q_total));
+  const ScratchBuffer<uint32_t> q_t2(pairs ? qsize / 2 : 0);  // Q^T as bf16 pairs, unscaled: [dp / 2][BM]
   std::vector<Item> pre;
   for (int64_t s = 0; s < pr.num_segments; ++s)
     for (int64_t h = 0; h < hq; ++h)
@@ -114,7 +118,8 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     const Segment& sg = pr.segments[it.segment];
     const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
     const int64_t src = ((sg.q_start + q0) * hq + h) * d, row = h * q_total + q_off[it.segment] + q0;
-    pack_panels(q + src, hq * d, rows, d, qscale, BM, BM, dp, q_t.data() + row * dp);  // [dp][BM]
+    if constexpr (pairs) pack_pair_panels(q + src, hq * d, rows, d, BM, dp, q_t2.data() + row * dp / 2);
+    else pack_panels(q + src, hq * d, rows, d, qscale, BM, BM, dp, q_t.data() + row * dp);  // [dp][BM]
     pack_strips(q + src, hq * d, rows, d, BM, BM, dp, q_rows.data() + row * dp);
     pack_panels(dout + src, hq * d, rows, d, 1.f, BM, BM, dp, do_t.data() + row * dp);
     pack_strips(dout + src, hq * d, rows, d, BM, BM, dp, do_rows.data() + row * dp);
@@ -150,12 +155,14 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   }
   const int64_t k_total = k_off.back();
   const ScratchBuffer<float> k_rows(size_t(hkv * k_total * dp)), v_rows(size_t(hkv * k_total * dp));
+  const ScratchBuffer<uint32_t> k_rows2(pairs ? size_t(hkv * k_total * dp / 2) : 0);  // K as bf16 pairs
   parallel_items(pr.threads, int64_t(items.size()), [&](int64_t i) {
     const Item& it = items[size_t(i)];
     const Segment& sg = pr.segments[it.segment];
     const int64_t cols = std::min(BN, sg.k_len - it.n0), src = ((sg.k_start + it.n0) * hkv + it.head_kv) * d;
     const int64_t dst = (it.head_kv * k_total + k_off[it.segment] + it.n0) * dp;
     pack_rows(k + src, hkv * d, cols, d, 1.f, BN, dp, k_rows.data() + dst);
+    if constexpr (pairs) pack_pair_rows(k + src, hkv * d, cols, d, BN, dp, k_rows2.data() + dst / 2);
     pack_rows(v + src, hkv * d, cols, d, 1.f, BN, dp, v_rows.data() + dst);
   });
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
@@ -176,11 +183,21 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     const float *qt = q_t.data() + row * dp, *dot = do_t.data() + row * dp;
     const float *kr = k_rows.data() + blk, *vr = v_rows.data() + blk;
     float *s = sc.s.data(), *dpt = sc.dp.data();
+    [[maybe_unused]] const uint32_t *qt2 = q_t2.data() + row * dp / 2, *kr2 = k_rows2.data() + blk / 2;
     for (int64_t r0 = 0; r0 < BN; r0 += MR)  // S^T = K Q^T, dP^T = V dO^T
       for (int64_t c = 0; c < rows16; c += NR) {
-        micro_tile(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
+        if constexpr (pairs && !amx)
+          micro_tile_bf16(kr2 + r0 * dp / 2, 1, dp / 2, qt2 + c, BM, dp / 2, s + r0 * BM + c, BM, false);
+        else if constexpr (!pairs)
+          micro_tile(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
         micro_tile(vr + r0 * dp, 1, dp, dot + c, BM, dp, dpt + r0 * BM + c, BM, false);
       }
+    if constexpr (amx)
+      for (int64_t r0 = 0; r0 < BN; r0 += 32)
+        for (int64_t c = 0; c < rows16; c += 32)
+          amx_block(kr2 + r0 * dp / 2, dp / 2, qt2 + c, BM, dp / 2, s + r0 * BM + c, BM, false);
+    if constexpr (pairs)
+      for (int64_t r = 0; r < BN; ++r) scale_row(s + r * BM, rows16, qscale);
     const float slope = pr.alibi_slopes ? pr.alibi_slopes[seg * pr.alibi_segment_stride + h] : 0.f;
     float* t = capped ? sc.t.data() : nullptr;
     if (capped || slope != 0.f) modify_scores(s, BM, BN, BM, pr.softcap, slope, sc.diag.data(), t);
@@ -239,6 +256,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
 #pragma omp for schedule(static)
     for (int t = 0; t < nt; ++t) std::fill_n(dq_acc.data() + size_t(t) * qsize, qsize, 0.f);
     float* my_dq = nt ? dq_acc.data() + size_t(omp_get_thread_num()) * qsize : nullptr;
+    [[maybe_unused]] const AmxSession tiles(amx);
     Scratch sc = new_scratch();
     sc.dk.resize(size_t(BN * dp)); sc.dv.resize(size_t(BN * dp));
 #pragma omp for schedule(dynamic, 1)
@@ -291,6 +309,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     const int64_t q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
     Scratch sc = new_scratch();
     sc.dq.assign(size_t(BM * dp), 0.f);
+    [[maybe_unused]] const AmxSession tiles(amx);
     for (int64_t n0 = win.lo(q0) / BN * BN; n0 < win.hi(q0 + rows - 1); n0 += BN) {
       const float* kr = grad_tile(sc, it.segment, it.head_kv, q0, n0).second;
       add_dq(sc, kr, rows, sc.dq.data());

@@ -16,7 +16,6 @@
 
 #include "attention/attention_decode.h"
 #include "attention/attention_tiles.h"
-#include "common/amx.h"
 #include "common/parallel.h"
 #include "common/scratch.h"
 
@@ -45,11 +44,6 @@ struct Scratch {
   std::vector<uint32_t> qt2, pt2;  // Q^T and P^T as bf16 pairs (kBf16Pairs; with AMX, pt2 holds P)
 };
 
-// bf16 inputs at levels with bf16 dot products take both products from bf16 pairs (vdpbf16ps at twice the fp32
-// rate, or AMX tiles): S^T = K Q^T from Q and K as given (exact products, then the scale in fp32), O += P V
-// with P rounded to bf16 (as FlashAttention's GPU kernels do). The softmax and the accumulators stay fp32.
-template <typename T>
-constexpr bool kBf16Pairs = std::is_same_v<T, bf16> && (kHasBf16Dot || kAmx);
 template <typename T>
 using PackedWord = std::conditional_t<kBf16Pairs<T>, uint32_t, float>;
 

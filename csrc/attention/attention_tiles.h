@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "attention/attention_cpu.h"
+#include "common/amx.h"
 #include "common/half.h"
 #include "common/micro_kernel.h"
 #include "common/simd.h"
@@ -24,6 +25,13 @@ constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// bf16 inputs at levels with bf16 dot products take the forward's products from bf16 pairs (vdpbf16ps at twice
+// the fp32 rate, or AMX tiles): S^T = K Q^T from Q and K as given (exact products, then the scale in fp32),
+// O += P V with P rounded to bf16 (as FlashAttention's GPU kernels do); the softmax and the accumulators stay
+// fp32. The backward recomputes S^T the same way (bit for bit the forward's scores).
+template <typename T>
+constexpr bool kBf16Pairs = std::is_same_v<T, bf16> && (kHasBf16Dot || kAmx);
 
 #if CM3LEON_AVX2
 // e^(x - ref) for x <= ref (scores and the row's max or log-sum-exp, natural units). The difference is taken

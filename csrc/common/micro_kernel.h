@@ -114,6 +114,9 @@ inline void micro_tile_bf16(const uint32_t* a, int64_t lda, int64_t ars, const u
 }
 #else
 constexpr bool kHasBf16Dot = false;  // levels without vdpbf16ps widen bf16 to fp32 and use micro_tile
+// Declared (never defined) for branches that kHasBf16Dot discards; a call that survived would not link.
+void micro_tile_bf16(const uint32_t* a, int64_t lda, int64_t ars, const uint32_t* b, int64_t ldb, int64_t pairs,
+                     float* c, int64_t ldc, bool accumulate);
 #endif
 
 CM3LEON_ISA_END
