@@ -2,7 +2,8 @@
 same inputs (each in its native layout: ours (B, S, H, D), SDPA's (B, H, S, D)).
 
 Cases and targets: causal forward fp32 and bf16 B=1 H=16 S=2048 D=64 (GFLOP/s, target >= 1.3x SDPA in fp32),
-each beside the same kernels forced to the avx2 level ("cm3leon[avx2]") on AVX-512 machines; decode
+each beside the same kernels forced to the avx2 and avx512 levels ("cm3leon[avx2]", "cm3leon[avx512]": the
+fp32 products that bf16 inputs take below the avx512_bf16 and amx_bf16 levels) where the CPU has them; decode
 fp32 B=8 H=16 D=64 over 4096 cached tokens (GB/s of K/V read, target >= 1.5x); causal backward (ratio, aim
 >= 1.0x); the per-call overhead of a tiny decode call; and torch.mm as the machine's fp32 and bf16 matmul
 peak.
@@ -35,7 +36,7 @@ def _sdpa_layout(*ts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", ["cm3leon", "cm3leon[avx2]", "torch.sdpa"])
+@pytest.mark.parametrize("impl", ["cm3leon", "cm3leon[avx2]", "cm3leon[avx512]", "torch.sdpa"])
 def test_forward_causal(benchmark, bench_record, impl, dtype):
     q, k, v = _qkv(B, S, H, D, dtype)
     if impl.startswith("cm3leon"):
