@@ -1,6 +1,7 @@
 // Torch-free check of the CPU kernel bodies of every compiled instruction-set level against a float64 oracle,
 // on random problems: attention forward (tiled and decode, dense, varlen, GQA, windows, softcap, ALiBi),
-// paged decode, attention backward, and the fused linear + cross-entropy forward and backward.
+// paged decode, attention backward, the fused linear + cross-entropy forward and backward, and the VQ
+// nearest-code search.
 //
 // Built by tests/test_isa_oracle.py from the kernel sources at each level with that level's flags, as a static
 // program, so it also runs under a CPU emulator (an AVX-512 body can then be checked on a host without
@@ -23,6 +24,7 @@
 #include "attention/attention_cpu.h"
 #include "attention/attention_decode.h"
 #include "loss/loss_cpu.h"
+#include "vq/vq_cpu.h"
 
 using namespace cm3leon;
 namespace att = cm3leon::attention;
@@ -445,6 +447,57 @@ void check_loss(DType t, const std::vector<int>& levels) {
   judge(std::string(buf) + " | grad_weight", all, err_gw, max_abs(ref_gw), DType::Float32);
 }
 
+// ---- VQ nearest-code search ------------------------------------------------------------------------------
+
+// The error of a search: the chosen code's distance above the best one (a near tie may pick either), and the
+// reported distance against the chosen code's exact one.
+void check_vq(DType t, const std::vector<int>& levels) {
+  const int64_t n = pick(1, 300), k = pick(1, 700), d = pick(0, 2) ? pick(1, 300) : 256;
+  const vq::Metric metric = pick(0, 2) ? vq::Metric::L2 : vq::Metric::Cosine;
+  const Buffer z = random_buffer(t, size_t(n * d), 1), codes = random_buffer(t, size_t(k * d), 1);
+  std::vector<double> exact(size_t(n * k)), best(size_t(n), kInf);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j) {
+      double dot = 0, zz = 0, cc = 0;
+      for (int64_t e = 0; e < d; ++e) {
+        const double a = z.get(size_t(i * d + e)), b = codes.get(size_t(j * d + e));
+        dot += a * b, zz += a * a, cc += b * b;
+      }
+      const double dist = metric == vq::Metric::L2 ? zz - 2 * dot + cc
+                                                   : 1 - (zz > 0 && cc > 0 ? dot / std::sqrt(zz * cc) : 0);
+      exact[size_t(i * k + j)] = dist;
+      best[size_t(i)] = std::min(best[size_t(i)], dist);
+    }
+  std::vector<double> errors, magnitude(best);
+  std::vector<int> all = {0};
+  all.insert(all.end(), levels.begin(), levels.end());
+  for (int level : all) {
+    std::vector<int64_t> index(size_t(n), -7);
+    std::vector<float> dist(size_t(n), NAN);
+    int64_t bad = 0;
+    at_level(level, [&](auto isa) {
+      bad = vq::nearest_kernel<decltype(isa)::value>(t, z.data(), codes.data(), n, k, d, metric, index.data(),
+                                                     dist.data(), 1);
+    });
+    double err = bad ? kInf : 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t j = index[size_t(i)];
+      if (j < 0 || j >= k || std::isnan(dist[size_t(i)])) {
+        err = kInf;
+        break;
+      }
+      const double chosen = exact[size_t(i * k + j)];
+      err = std::max({err, chosen - best[size_t(i)], std::fabs(double(dist[size_t(i)]) - chosen)});
+    }
+    errors.push_back(err);
+  }
+  char buf[120];
+  std::snprintf(buf, sizeof buf, "vq_nearest %s %s n %lld k %lld d %lld", dtype_name(t),
+                metric == vq::Metric::L2 ? "l2" : "cosine", (long long)n, (long long)k, (long long)d);
+  // Distances are fp32 whatever the input dtype.
+  judge(std::string(buf) + " | distance", all, errors, max_abs(magnitude), DType::Float32);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -463,6 +516,7 @@ int main(int argc, char** argv) {
     check_attention(t, true, levels);
     check_paged_decode(t, levels);
     check_loss(t, levels);
+    check_vq(t, levels);
   }
   std::printf("%d failed checks\n", failures);
   return failures ? 1 : 0;

@@ -1,6 +1,6 @@
 """The CPU kernel bodies of each instruction-set level against a float64 oracle, outside torch.
 
-tests/isa_oracle.cpp is built from the attention and loss kernel sources, once per level with that level's
+tests/isa_oracle.cpp is built from the attention, loss and VQ kernel sources, once per level with that level's
 compiler flags (read from CMakeLists.txt), as one static program, and checks random problems at every level
 (see its header). A level this CPU lacks is compiled instead for the host's highest level with
 tests/isa_emulation.h forced in: SIMDe (the simde-py test dependency) implements the AVX-512 (and AVX-512 BF16)
@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Each family's sources and highest level (as in CMakeLists.txt's cm3leon_cpu_family calls).
 FAMILIES = {4: ["csrc/attention/attention_cpu.cpp", "csrc/attention/attention_decode_cpu.cpp",
-                "csrc/attention/attention_backward_cpu.cpp"],
+                "csrc/attention/attention_backward_cpu.cpp", "csrc/vq/vq_cpu.cpp"],
             2: ["csrc/loss/loss_cpu.cpp"]}
 LEVELS = {0: "baseline", 1: "avx2", 2: "avx512", 3: "avx512_bf16", 4: "amx_bf16"}
 EMULATION = Path(__file__).with_name("isa_emulation.h")
