@@ -34,7 +34,7 @@ FAMILY_TOP = {"flash_attn_forward": "amx_bf16", "flash_attn_backward": "amx_bf16
               "flash_attn_varlen_backward": "amx_bf16",
               "vq_nearest": "amx_bf16", "vq_embed": "amx_bf16",
               "cfg_sample": "avx2", "contrastive_sample": "avx2",
-              "linear_cross_entropy_forward": "avx512", "linear_cross_entropy_backward": "avx512"}
+              "linear_cross_entropy_forward": "amx_bf16", "linear_cross_entropy_backward": "amx_bf16"}
 
 
 def _expected_path(level: str, op: str) -> str:

@@ -21,8 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Each family's sources and highest level (as in CMakeLists.txt's cm3leon_cpu_family calls).
 FAMILIES = {4: ["csrc/attention/attention_cpu.cpp", "csrc/attention/attention_decode_cpu.cpp",
-                "csrc/attention/attention_backward_cpu.cpp", "csrc/vq/vq_cpu.cpp"],
-            2: ["csrc/loss/loss_cpu.cpp"]}
+                "csrc/attention/attention_backward_cpu.cpp", "csrc/vq/vq_cpu.cpp", "csrc/loss/loss_cpu.cpp"]}
 LEVELS = {0: "baseline", 1: "avx2", 2: "avx512", 3: "avx512_bf16", 4: "amx_bf16"}
 EMULATION = Path(__file__).with_name("isa_emulation.h")
 

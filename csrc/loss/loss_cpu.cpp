@@ -21,9 +21,12 @@ namespace cm3leon::loss {
 CM3LEON_ISA_BEGIN
 namespace {
 
+using attention::kBf16Pairs;
 using attention::kLog2e;
 using attention::MR;
 using attention::NR;
+using attention::pack_pair_panels;
+using attention::pack_pair_rows;
 using attention::pack_panels;
 using attention::pack_rows;
 using attention::round_up;
@@ -32,6 +35,7 @@ constexpr int64_t kTokenAlign = std::lcm(MR, NR);  // chunks are padded to whole
 constexpr int64_t kChunk = 192;  // tokens per chunk: the logits chunk is vocab x 192 fp32 (48 MiB at 64k)
 constexpr int64_t kBlock = 96;   // vocabulary rows per block (a multiple of MR and NR)
 constexpr int64_t kDepth = 256;  // depth slice of the logits matmul: a 256 x NR strip of hidden stays in L1
+constexpr int64_t kRowAlign = kAmx ? 32 : MR;  // logits rows written per block: whole tiles
 static_assert(kChunk % kTokenAlign == 0 && kBlock % MR == 0 && kBlock % NR == 0, "tile multiples");
 
 // x <- cap * tanh(x / cap)
@@ -83,9 +87,11 @@ class Engine {
         dp_(round_up(cfg.dim, NR)), nblocks_(attention::round_up(cfg.vocab, kBlock) / kBlock),
         parts_(int(std::min<int64_t>(nblocks_, usable_threads(threads)))),
         direct_w_(std::is_same_v<T, float> && cfg.dim % NR == 0),
-        hpanels_(size_t(kChunk) * dp_), hstrips_(grads ? size_t(kChunk) * dp_ : 0),
-        logits_(size_t(full_logits ? round_up(cfg.vocab, MR) : parts_ * kBlock) * kChunk),
-        wbuf_(size_t(parts_) * kBlock * dp_), wstrips_(grads ? size_t(parts_) * kBlock * dp_ : 0), stats_(size_t(nblocks_) * 3 * kChunk),
+        hpanels_(kBf16Pairs<T> ? 0 : size_t(kChunk) * dp_), hstrips_(grads ? size_t(kChunk) * dp_ : 0),
+        hpairs_(kBf16Pairs<T> ? size_t(kChunk) * dp_ / 2 : 0),
+        logits_(size_t(full_logits ? round_up(cfg.vocab, kRowAlign) : parts_ * kBlock) * kChunk),
+        wbuf_(kBf16Pairs<T> ? 0 : size_t(parts_) * kBlock * dp_),
+        wpairs_(kBf16Pairs<T> ? size_t(parts_) * kBlock * dp_ / 2 : 0), wstrips_(grads ? size_t(parts_) * kBlock * dp_ : 0), stats_(size_t(nblocks_) * 3 * kChunk),
         dh_(grads ? size_t(parts_) * kChunk * dp_ : 0) {}
 
   int parts() const { return parts_; }
@@ -94,18 +100,36 @@ class Engine {
   // Loads chunk [t0, t0 + nt): the packed H^T panels (and fp32 rows for dW when grads are needed).
   void load_chunk(int64_t t0, int64_t nt) {
     tp_ = round_up(nt, kTokenAlign);
-    pack_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, NR, tp_, cfg_.dim, hpanels_.data());
+    if constexpr (kBf16Pairs<T>) {  // H^T as bf16 pairs, panels of NR tokens: [tp / NR][dp / 2][NR]
+      for (int64_t tc = 0; tc < tp_; tc += NR)
+        pack_pair_panels(h_ + (t0 + tc) * cfg_.dim, cfg_.dim, std::clamp<int64_t>(nt - tc, 0, NR), cfg_.dim, NR, dp_,
+                         hpairs_.data() + tc * dp_ / 2);
+    } else {
+      pack_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, NR, tp_, cfg_.dim, hpanels_.data());
+    }
     if (grads_) pack_column_strips(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, tp_, dp_, hstrips_.data());
     t0_ = t0;
     nt_ = nt;
   }
 
   // Logits of vocabulary block `blk` for the chunk (soft-capped), into the block's rows of the logits
-  // buffer; returns them ([round_up(nv, MR)][tp] with row stride tp). `w`/`ld`: the block's weight rows.
-  float* block_logits(int part, int64_t blk, const float*& w, int64_t& ld) {
+  // buffer; returns them ([round_up(nv, kRowAlign)][tp] with row stride tp).
+  float* block_logits(int part, int64_t blk) {
     const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0);
-    w = weight_block(part, v0, nv, ld);
     float* out = logits_.data() + (full_ ? v0 : part * kBlock) * tp_;
+    if constexpr (kBf16Pairs<T>) {
+      pair_logits(part, v0, nv, out);
+    } else {
+      int64_t ld;
+      const float* w = weight_block(part, v0, nv, ld);
+      float_logits(w, ld, nv, out);
+    }
+    if (cfg_.softcap > 0.f) softcap_rows(out, nv * tp_, cfg_.softcap);
+    return out;
+  }
+
+  // out = W_block H^T from fp32 (or widened) weight rows w with row stride ld.
+  void float_logits(const float* w, int64_t ld, int64_t nv, float* out) {
     for (int64_t k0 = 0; k0 < cfg_.dim; k0 += kDepth) {
       const int64_t depth = std::min(kDepth, cfg_.dim - k0);
       for (int64_t tc = 0; tc < tp_; tc += NR)
@@ -113,8 +137,26 @@ class Engine {
           micro_tile(w + i * ld + k0, 1, ld, hpanels_.data() + tc * cfg_.dim + k0 * NR, NR, depth,
                      out + i * tp_ + tc, tp_, k0 > 0);
     }
-    if (cfg_.softcap > 0.f) softcap_rows(out, nv * tp_, cfg_.softcap);
-    return out;
+  }
+
+  // out = W_block H^T from bf16 pairs (exact products, fp32 sums): vdpbf16ps or AMX 32 x 32 blocks.
+  void pair_logits(int part, int64_t v0, int64_t nv, float* out) {
+    const int64_t d2 = dp_ / 2;
+    uint32_t* wp = wpairs_.data() + size_t(part) * kBlock * d2;
+    pack_pair_rows(w_ + v0 * cfg_.dim, cfg_.dim, nv, cfg_.dim, round_up(nv, kRowAlign), dp_, wp);
+    if constexpr (kAmx) {
+      for (int64_t i = 0; i < nv; i += 32)
+        for (int64_t tc = 0; tc < tp_; tc += NR)
+          amx_block(wp + i * d2, d2, hpairs_.data() + tc * d2, NR, d2, out + i * tp_ + tc, tp_, false);
+      return;
+    }
+    for (int64_t p0 = 0; p0 < d2; p0 += kDepth / 2) {
+      const int64_t pairs = std::min(kDepth / 2, d2 - p0);
+      for (int64_t tc = 0; tc < tp_; tc += NR)
+        for (int64_t i = 0; i < nv; i += MR)
+          micro_tile_bf16(wp + i * d2 + p0, 1, d2, hpairs_.data() + tc * d2 + p0 * NR, NR, pairs,
+                          out + i * tp_ + tc, tp_, p0 > 0);
+    }
   }
 
   // Per-token max, sum of exp (relative to that max) and sum of the block's logits; captures target logits.
@@ -285,7 +327,11 @@ class Engine {
   int64_t dp_, nblocks_;
   int parts_;
   bool direct_w_;
-  ScratchBuffer<float> hpanels_, hstrips_, logits_, wbuf_, wstrips_, stats_, dh_;
+  ScratchBuffer<float> hpanels_, hstrips_;
+  ScratchBuffer<uint32_t> hpairs_;  // H^T as bf16 pairs (kBf16Pairs)
+  ScratchBuffer<float> logits_, wbuf_;
+  ScratchBuffer<uint32_t> wpairs_;  // weight block rows as bf16 pairs (kBf16Pairs)
+  ScratchBuffer<float> wstrips_, stats_, dh_;
   int64_t t0_ = 0, nt_ = 0, tp_ = 0;
 };
 
@@ -370,9 +416,7 @@ LossStatus run(const T* hidden, const T* weight, const int64_t* targets, const f
     eng.load_chunk(t0, nt);
     if (forward) {
       over_blocks(eng.parts(), eng.nblocks(), [&](int part, int64_t blk) {
-        const float* w;
-        int64_t ld;
-        eng.block_stats(blk, eng.block_logits(part, blk, w, ld), st);
+        eng.block_stats(blk, eng.block_logits(part, blk), st);
       });
       eng.merge_stats(st, sumz);
       for (int64_t k = 0; k < nt; ++k) scale[k] = mean_scale;
@@ -400,9 +444,7 @@ LossStatus run(const T* hidden, const T* weight, const int64_t* targets, const f
     if (!grads) continue;
     eng.clear_grad_hidden_partials();
     over_blocks(eng.parts(), eng.nblocks(), [&](int part, int64_t blk) {
-      const float* w;
-      int64_t ld;
-      float* z = forward ? eng.stored_logits(blk) : eng.block_logits(part, blk, w, ld);
+      float* z = forward ? eng.stored_logits(blk) : eng.block_logits(part, blk);
       eng.block_grads(part, blk, z, st, grad_weight, t0 == 0);
     });
     eng.write_grad_hidden(grad_hidden);

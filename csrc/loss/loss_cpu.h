@@ -23,9 +23,10 @@ struct LossStatus {
   int64_t index = -1;
 };
 
-// Highest level with its own loss bodies (AVX-512: the 6 x 32 micro-kernel); one explicit specialisation per
-// compiled level (loss_cpu.cpp). hidden/weight are of `dtype`, grad_hidden too.
-constexpr Isa kLossMaxIsa = Isa::Avx512;
+// Highest level with its own loss bodies (AVX-512: the 6 x 32 micro-kernel; avx512_bf16 and amx_bf16: bf16
+// logits from bf16 pairs); one explicit specialisation per compiled level (loss_cpu.cpp). hidden/weight are
+// of `dtype`, grad_hidden too.
+constexpr Isa kLossMaxIsa = Isa::AmxBf16;
 template <Isa I>
 LossStatus forward_kernel(DType dtype, const void* hidden, const void* weight, const int64_t* targets,
                           const float* loss_weights, const LossConfig& cfg, Reduction reduction, float* loss,
