@@ -176,33 +176,42 @@ void scores(const AttentionCase& c, const Buffer& q, const Buffer& k, int64_t si
   }
 }
 
+// Calls row(segment, head, query, lo, hi, scores, tanh) for every query row that sees a key.
+template <typename Row>
+void for_each_row(const AttentionCase& c, const Buffer& q, const Buffer& k, Row&& row) {
+  std::vector<double> s, t;
+  for (int64_t si = 0; si < c.p.num_segments; ++si) {
+    const att::Segment& sg = c.segments[size_t(si)];
+    for (int64_t h = 0; h < c.p.heads_q; ++h)
+      for (int64_t i = 0; i < sg.q_len; ++i) {
+        int64_t lo, hi;
+        visible(c.p, sg, i, lo, hi);
+        if (hi <= lo) continue;
+        scores(c, q, k, si, h, i, lo, hi, s, t);
+        row(sg, h, i, lo, hi, s, t);
+      }
+  }
+}
+
 void reference_forward(const AttentionCase& c, const Buffer& q, const Buffer& k, const Buffer& v,
                        std::vector<double>& out, std::vector<double>& lse) {
   const att::Problem& p = c.p;
   const int64_t d = p.head_dim;
   out.assign(size_t(c.total_q * p.heads_q * d), 0);
   lse.assign(size_t(c.total_q * p.heads_q), -kInf);
-  std::vector<double> s, t;
-  for (int64_t si = 0; si < p.num_segments; ++si) {
-    const att::Segment& sg = c.segments[size_t(si)];
-    for (int64_t h = 0; h < p.heads_q; ++h)
-      for (int64_t i = 0; i < sg.q_len; ++i) {
-        int64_t lo, hi;
-        visible(p, sg, i, lo, hi);
-        if (hi <= lo) continue;
-        scores(c, q, k, si, h, i, lo, hi, s, t);
-        double m = -kInf, l = 0;
-        for (double x : s) m = std::max(m, x);
-        for (double x : s) l += std::exp(x - m);
-        lse[size_t(h * p.lse_head_stride + sg.lse_start + i)] = m + std::log(l);
-        double* o = &out[size_t(((sg.q_start + i) * p.heads_q + h) * d)];
-        for (int64_t j = lo; j < hi; ++j) {
-          const double w = std::exp(s[size_t(j - lo)] - m) / l;
-          for (int64_t e = 0; e < d; ++e)
-            o[e] += w * v.get(size_t(((sg.k_start + j) * p.heads_kv + h / (p.heads_q / p.heads_kv)) * d + e));
-        }
-      }
-  }
+  for_each_row(c, q, k, [&](const att::Segment& sg, int64_t h, int64_t i, int64_t lo, int64_t hi,
+                            const std::vector<double>& s, const std::vector<double>&) {
+    double m = -kInf, l = 0;
+    for (double x : s) m = std::max(m, x);
+    for (double x : s) l += std::exp(x - m);
+    lse[size_t(h * p.lse_head_stride + sg.lse_start + i)] = m + std::log(l);
+    double* o = &out[size_t(((sg.q_start + i) * p.heads_q + h) * d)];
+    for (int64_t j = lo; j < hi; ++j) {
+      const double w = std::exp(s[size_t(j - lo)] - m) / l;
+      for (int64_t e = 0; e < d; ++e)
+        o[e] += w * v.get(size_t(((sg.k_start + j) * p.heads_kv + h / (p.heads_q / p.heads_kv)) * d + e));
+    }
+  });
 }
 
 // Gradients given dout, the (rounded) forward output and the exact lse.
@@ -214,34 +223,26 @@ void reference_backward(const AttentionCase& c, const Buffer& q, const Buffer& k
   dq.assign(size_t(c.total_q * p.heads_q * d), 0);
   dk.assign(size_t(c.total_k * p.heads_kv * d), 0);
   dv.assign(dk.size(), 0);
-  std::vector<double> s, t;
-  for (int64_t si = 0; si < p.num_segments; ++si) {
-    const att::Segment& sg = c.segments[size_t(si)];
-    for (int64_t h = 0; h < p.heads_q; ++h)
-      for (int64_t i = 0; i < sg.q_len; ++i) {
-        int64_t lo, hi;
-        visible(p, sg, i, lo, hi);
-        if (hi <= lo) continue;
-        scores(c, q, k, si, h, i, lo, hi, s, t);
-        const size_t qrow = size_t(((sg.q_start + i) * p.heads_q + h) * d);
-        const double row_lse = lse[size_t(h * p.lse_head_stride + sg.lse_start + i)];
-        double dsum = 0;
-        for (int64_t e = 0; e < d; ++e) dsum += dout.get(qrow + size_t(e)) * out.get(qrow + size_t(e));
-        for (int64_t j = lo; j < hi; ++j) {
-          const size_t krow = size_t(((sg.k_start + j) * p.heads_kv + h / group) * d);
-          const double prob = std::exp(s[size_t(j - lo)] - row_lse);
-          double dp = 0;
-          for (int64_t e = 0; e < d; ++e) dp += dout.get(qrow + size_t(e)) * v.get(krow + size_t(e));
-          double ds = prob * (dp - dsum) * p.scale;
-          if (p.softcap > 0) ds *= 1 - t[size_t(j - lo)] * t[size_t(j - lo)];
-          for (int64_t e = 0; e < d; ++e) {
-            dq[qrow + size_t(e)] += ds * k.get(krow + size_t(e));
-            dk[krow + size_t(e)] += ds * q.get(qrow + size_t(e));
-            dv[krow + size_t(e)] += prob * dout.get(qrow + size_t(e));
-          }
-        }
+  for_each_row(c, q, k, [&](const att::Segment& sg, int64_t h, int64_t i, int64_t lo, int64_t hi,
+                            const std::vector<double>& s, const std::vector<double>& t) {
+    const size_t qrow = size_t(((sg.q_start + i) * p.heads_q + h) * d);
+    const double row_lse = lse[size_t(h * p.lse_head_stride + sg.lse_start + i)];
+    double dsum = 0;
+    for (int64_t e = 0; e < d; ++e) dsum += dout.get(qrow + size_t(e)) * out.get(qrow + size_t(e));
+    for (int64_t j = lo; j < hi; ++j) {
+      const size_t krow = size_t(((sg.k_start + j) * p.heads_kv + h / group) * d);
+      const double prob = std::exp(s[size_t(j - lo)] - row_lse);
+      double dp = 0;
+      for (int64_t e = 0; e < d; ++e) dp += dout.get(qrow + size_t(e)) * v.get(krow + size_t(e));
+      double ds = prob * (dp - dsum) * p.scale;
+      if (p.softcap > 0) ds *= 1 - t[size_t(j - lo)] * t[size_t(j - lo)];
+      for (int64_t e = 0; e < d; ++e) {
+        dq[qrow + size_t(e)] += ds * k.get(krow + size_t(e));
+        dk[krow + size_t(e)] += ds * q.get(qrow + size_t(e));
+        dv[krow + size_t(e)] += prob * dout.get(qrow + size_t(e));
       }
-  }
+    }
+  });
 }
 
 // The kernel of `level` (0, 1 or 2) through a compile-time level.
