@@ -3,9 +3,10 @@
 tests/isa_oracle.cpp is built from the attention, loss and VQ kernel sources, once per level with that level's
 compiler flags (read from CMakeLists.txt), as one static program, and checks random problems at every level
 (see its header). A level this CPU lacks is compiled instead for the host's highest level with
-tests/isa_emulation.h forced in: SIMDe (the simde-py test dependency) implements the AVX-512 (and AVX-512 BF16)
-intrinsics with AVX2 ones and AMX tiles are emulated in memory, so those bodies' logic (16 lanes, mask registers,
-the 6 x 32 micro-kernel tile, bf16 pairs, tile blocks) is checked on machines without them. On a CPU with AVX-512 the real instructions run.
+tests/isa_emulation.h forced in: SIMDe (the simde-py test dependency) implements the AVX-512 (and AVX-512
+BF16) intrinsics with AVX2 ones and AMX tiles are emulated in memory, so those bodies' logic (16 lanes, mask
+registers, the 6 x 32 micro-kernel tile, bf16 pairs, tile blocks) is checked on machines without them. On a
+CPU with AVX-512 the real instructions run.
 """
 from __future__ import annotations
 
@@ -65,11 +66,13 @@ def build_oracle(out_dir: Path, emulated: set[int]) -> Path:
     for level in LEVELS:
         flags = level_flags(level)
         if level in emulated:
-            flags = level_flags(host_level) + ["-Wno-psabi", f"-I{simde_include()}", "-include", str(EMULATION)]
+            flags = level_flags(host_level) + ["-Wno-psabi", f"-I{simde_include()}",
+                                               "-include", str(EMULATION)]
         for src in [src for top, sources in FAMILIES.items() if level <= top for src in sources]:
             obj = out_dir / f"{Path(src).stem}_isa{level}.o"
             objects.append(obj)  # lowest level first, as the extension links them
-            jobs.append(common + flags + [f"-DCM3LEON_ISA_LEVEL={level}", "-c", str(ROOT / src), "-o", str(obj)])
+            jobs.append(common + flags + [f"-DCM3LEON_ISA_LEVEL={level}", "-c", str(ROOT / src),
+                                          "-o", str(obj)])
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for result in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True), jobs):
             assert result.returncode == 0, result.stderr[-4000:]
@@ -85,7 +88,8 @@ def run_oracle(exe: Path, levels: list[int], seed: int, cases: int) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     failed = [line for line in result.stdout.splitlines() if line.endswith("FAIL")]
     assert result.returncode == 0 and not failed, (
-        f"{' '.join(cmd)} exited {result.returncode}\n" + "\n".join(failed[:40]) + "\n" + result.stderr[-2000:])
+        f"{' '.join(cmd)} exited {result.returncode}\n" + "\n".join(failed[:40]) + "\n"
+        + result.stderr[-2000:])
     assert result.stdout.rstrip().endswith("0 failed checks"), result.stdout[-3000:]
     return result.stdout
 

@@ -118,7 +118,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     const Segment& sg = pr.segments[it.segment];
     const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
     const int64_t src = ((sg.q_start + q0) * hq + h) * d, row = h * q_total + q_off[it.segment] + q0;
-    if constexpr (pairs) pack_pair_panels(q + src, hq * d, rows, d, BM, dp, q_t2.data() + row * dp / 2);
+    if constexpr (pairs) pack_pair_panels(q + src, hq * d, rows, d, BM, BM, dp, q_t2.data() + row * dp / 2);
     else pack_panels(q + src, hq * d, rows, d, qscale, BM, BM, dp, q_t.data() + row * dp);  // [dp][BM]
     pack_strips(q + src, hq * d, rows, d, BM, BM, dp, q_rows.data() + row * dp);
     pack_panels(dout + src, hq * d, rows, d, 1.f, BM, BM, dp, do_t.data() + row * dp);

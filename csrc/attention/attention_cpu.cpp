@@ -124,9 +124,9 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
   const int64_t key_align = amx ? 32 : MR;         // packed key rows per chunk: whole tiles
 
   // K and V in fp32, packed once per call (bf16/fp16 widened once): block n0 of segment s, kv head h starts
-  // at word (h * k_total + k_off[s] + n0) * row_words; K as rows of dp floats, V as NR-column strips per block
-  // (pack_strips), or both as bf16 pairs (kBf16Pairs). Even fp32 is copied: in place, consecutive keys of one head lie heads_kv * head_dim
-  // floats apart (4 KiB for 16 x 64), all in the same L1 sets.
+  // at word (h * k_total + k_off[s] + n0) * row_words; K as rows of dp floats, V as NR-column strips per
+  // block (pack_strips), or both as bf16 pairs (kBf16Pairs). Even fp32 is copied: in place, consecutive keys
+  // of one head lie heads_kv * head_dim floats apart (4 KiB for 16 x 64), all in the same L1 sets.
   std::vector<int64_t> k_off(size_t(pr.num_segments) + 1, 0);
   for (int64_t s = 0; s < pr.num_segments; ++s) k_off[s + 1] = k_off[s] + round_up(pr.segments[s].k_len, BN);
   const int64_t k_total = k_off.back();
@@ -188,17 +188,18 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
 
     [[maybe_unused]] const AmxSession tiles(amx);
     thread_local Scratch sc;
-    sc.qt.resize(size_t(dp * BM)); sc.st.resize(size_t(BN * BM)); sc.o.assign(size_t(BM * dp), 0.f);
+    sc.st.resize(size_t(BN * BM)); sc.o.assign(size_t(BM * dp), 0.f);
     sc.m.assign(size_t(BM), kNegInf); sc.l.assign(size_t(BM), 0.f); sc.alpha.resize(size_t(BM));
     sc.lo.resize(size_t(BM)); sc.hi.resize(size_t(BM)); sc.diag.resize(size_t(BM));
-    float *qt = sc.qt.data(), *st = sc.st.data(), *o = sc.o.data();
     const T* q_rows = q + ((sg.q_start + q0) * hq + h) * d;
     if constexpr (pairs) {
       sc.qt2.resize(size_t(dp / 2 * BM)); sc.pt2.resize(size_t(BN / 2 * BM));
-      pack_pair_panels(q_rows, hq * d, rows, d, BM, dp, sc.qt2.data());  // Q^T, unscaled
+      pack_pair_panels(q_rows, hq * d, rows, d, BM, BM, dp, sc.qt2.data());  // Q^T, unscaled
     } else {
-      pack_panels(q_rows, hq * d, rows, d, qscale, BM, BM, dp, qt);  // Q^T
+      sc.qt.resize(size_t(dp * BM));
+      pack_panels(q_rows, hq * d, rows, d, qscale, BM, BM, dp, sc.qt.data());  // Q^T
     }
+    float *qt = sc.qt.data(), *st = sc.st.data(), *o = sc.o.data();
 
     for (int64_t n0 = k_begin; n0 < k_end; n0 += BN) {
       const int64_t cols = std::min(BN, k_end - n0), cols6 = round_up(cols, MR);

@@ -159,26 +159,10 @@ void pack_panels(const T* src, int64_t stride, int64_t rows, int64_t d, float sc
   }
 }
 
-// The bf16 twins of the packers above for levels with bf16 dot products: operands as bf16 pairs (two depth
-// steps per uint32, bf16_pair), values as given (no scale: the caller scales the products).
-//
-// pack_pair_rows: rows x d -> [rows_pad][dp / 2] pairs along each row (K as the A operand of S^T = K Q^T).
-inline void pack_pair_rows(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad,
-                           int64_t dp, uint32_t* dst) {
-  for (int64_t r = 0; r < rows_pad; ++r)
-    for (int64_t p = 0; p < dp / 2; ++p) dst[r * (dp / 2) + p] = r < rows ? bf16_pair(src + r * stride, 2 * p, d) : 0u;
-}
-
-// pack_pair_panels: rows x d -> [dp / 2][rows_pad] pairs along each row, row-major over the pairs (Q^T as the
-// B operand of S^T = K Q^T).
-inline void pack_pair_panels(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad,
-                             int64_t dp, uint32_t* dst) {
-  for (int64_t r = 0; r < rows_pad; ++r)
-    for (int64_t p = 0; p < dp / 2; ++p) dst[p * rows_pad + r] = r < rows ? bf16_pair(src + r * stride, 2 * p, d) : 0u;
-}
-
-// pack_pair_strips: the layout of pack_strips with pairs of *rows* (keys 2i and 2i + 1 of a block) per element,
-// dst[rows_pad / block][dp / NR][block / 2][NR] (V as the B operand of O += P V); `block` is even.
+// The bf16 twin of pack_strips for levels with bf16 dot products (pack_pair_rows and pack_pair_panels, the
+// twins of pack_rows and pack_panels, are in common/micro_kernel.h): the layout of pack_strips with pairs of
+// *rows* (keys 2i and 2i + 1 of a block) per element, dst[rows_pad / block][dp / NR][block / 2][NR] (V as the
+// B operand of O += P V); `block` is even.
 inline void pack_pair_strips(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad,
                              int64_t block, int64_t dp, uint32_t* dst) {
   for (int64_t r = 0; r < rows_pad; r += 2) {
@@ -204,7 +188,8 @@ inline void round_col_pairs(const float* src, int64_t ld, int64_t rows, int64_t 
                             uint32_t* dst, int64_t ldd) {
   for (int64_t c = 0; c < cols; ++c)
     for (int64_t i = 0; i < rows_pad / 2; ++i)
-      dst[c * ldd + i] = bf16_pair(2 * i < rows ? src[2 * i * ld + c] : 0.f, 2 * i + 1 < rows ? src[(2 * i + 1) * ld + c] : 0.f);
+      dst[c * ldd + i] = bf16_pair(2 * i < rows ? src[2 * i * ld + c] : 0.f,
+                                   2 * i + 1 < rows ? src[(2 * i + 1) * ld + c] : 0.f);
 }
 
 // The keys query i of a segment sees, [lo(i), hi(i)) (empty when hi <= lo), and its converse: the queries

@@ -1,5 +1,6 @@
 // The register-blocked fp32 micro-kernel shared by the CPU kernels (VQ search, attention forward and
-// backward): the innermost loop of every small GEMM they run. Torch-free, header-only.
+// backward, the fused loss): the innermost loop of every small GEMM they run, its bf16-pair twin and the
+// packing of bf16-pair operands. Torch-free, header-only.
 //
 // The tile is kMicroRows x kMicroCols and depends on the level the including object is compiled for:
 // 6 x 16 with AVX2 (two ymm per row) and 6 x 32 with AVX-512 (two zmm per row); 12 accumulators either way.
@@ -71,6 +72,25 @@ inline void micro_tile(const float* a, int64_t lda, int64_t ars, const float* b,
   for (int r = 0; r < kMicroRows; ++r)
     for (int j = 0; j < kMicroCols; ++j) c[r * ldc + j] = acc[r][j];
 #endif
+}
+
+// Operands as bf16 pairs (two depth steps per uint32, bf16_pair) for micro_tile_bf16 and AMX tiles, values as
+// given; zero pairs past d (dp, the padded depth, is even) and past `rows`.
+// pack_pair_rows: rows x d (row stride `stride`) -> [rows_pad][dp / 2], pairs along each row.
+inline void pack_pair_rows(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad, int64_t dp,
+                           uint32_t* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r)
+    for (int64_t p = 0; p < dp / 2; ++p) dst[r * (dp / 2) + p] = r < rows ? bf16_pair(src + r * stride, 2 * p, d) : 0u;
+}
+
+// pack_pair_panels: the same rows in panels of `panel` rows, [rows_pad / panel][dp / 2][panel] (a transposed
+// operand: one pair of each of the panel's rows per depth step).
+inline void pack_pair_panels(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t panel,
+                             int64_t rows_pad, int64_t dp, uint32_t* dst) {
+  for (int64_t r = 0; r < rows_pad; ++r) {
+    uint32_t* out = dst + (r / panel) * panel * (dp / 2) + r % panel;
+    for (int64_t p = 0; p < dp / 2; ++p) out[p * panel] = r < rows ? bf16_pair(src + r * stride, 2 * p, d) : 0u;
+  }
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)

@@ -25,8 +25,6 @@ using attention::kBf16Pairs;
 using attention::kLog2e;
 using attention::MR;
 using attention::NR;
-using attention::pack_pair_panels;
-using attention::pack_pair_rows;
 using attention::pack_panels;
 using attention::pack_rows;
 using attention::round_up;
@@ -91,7 +89,8 @@ class Engine {
         hpairs_(kBf16Pairs<T> ? size_t(kChunk) * dp_ / 2 : 0),
         logits_(size_t(full_logits ? round_up(cfg.vocab, kRowAlign) : parts_ * kBlock) * kChunk),
         wbuf_(kBf16Pairs<T> ? 0 : size_t(parts_) * kBlock * dp_),
-        wpairs_(kBf16Pairs<T> ? size_t(parts_) * kBlock * dp_ / 2 : 0), wstrips_(grads ? size_t(parts_) * kBlock * dp_ : 0), stats_(size_t(nblocks_) * 3 * kChunk),
+        wpairs_(kBf16Pairs<T> ? size_t(parts_) * kBlock * dp_ / 2 : 0),
+        wstrips_(grads ? size_t(parts_) * kBlock * dp_ : 0), stats_(size_t(nblocks_) * 3 * kChunk),
         dh_(grads ? size_t(parts_) * kChunk * dp_ : 0) {}
 
   int parts() const { return parts_; }
@@ -101,9 +100,7 @@ class Engine {
   void load_chunk(int64_t t0, int64_t nt) {
     tp_ = round_up(nt, kTokenAlign);
     if constexpr (kBf16Pairs<T>) {  // H^T as bf16 pairs, panels of NR tokens: [tp / NR][dp / 2][NR]
-      for (int64_t tc = 0; tc < tp_; tc += NR)
-        pack_pair_panels(h_ + (t0 + tc) * cfg_.dim, cfg_.dim, std::clamp<int64_t>(nt - tc, 0, NR), cfg_.dim, NR, dp_,
-                         hpairs_.data() + tc * dp_ / 2);
+      pack_pair_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, NR, tp_, dp_, hpairs_.data());
     } else {
       pack_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, NR, tp_, cfg_.dim, hpanels_.data());
     }

@@ -134,31 +134,13 @@ void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, Metric metric,
   }
 }
 
-// The bf16 twin of pack_rows for the bf16 dot-product path (L2 only): panels of MR rows of bf16 pairs,
-// [ceil(d / 2)][MR] per panel.
+// z rows [row0, row0 + rows) as bf16 pairs for the bf16 dot-product path (L2 only): row-major, [rows rounded
+// up to 32][d2], for AMX tiles (the A operand); else panels of MR rows, [d2][MR] per panel, for micro_tile_bf16.
 template <typename T>
-void pack_pairs(const T* z, int64_t row0, int64_t rows, int64_t d, uint32_t* dst) {
+void pack_z_pairs(const T* z, int64_t row0, int64_t rows, int64_t d, int64_t d2, bool amx, uint32_t* dst) {
   if constexpr (std::is_same_v<T, bf16>) {
-    const int64_t d2 = ceil_div(d, 2);
-    for (int64_t panel = 0; panel < ceil_div(rows, MR); ++panel) {
-      uint32_t* out = dst + panel * d2 * MR;
-      for (int64_t r = 0; r < MR; ++r) {
-        const int64_t row = panel * MR + r;
-        const T* src = z + (row0 + row) * d;
-        for (int64_t p = 0; p < d2; ++p) out[p * MR + r] = row < rows ? bf16_pair(src, 2 * p, d) : 0u;
-      }
-    }
-  }
-}
-
-// z rows as row-major bf16 pairs [rows rounded up to 32][d2] (zero padding): the A operand of AMX tiles.
-template <typename T>
-void pack_pair_rows(const T* z, int64_t row0, int64_t rows, int64_t d, int64_t d2, uint32_t* dst) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    for (int64_t r = 0; r < ceil_div(rows, 32) * 32; ++r) {
-      const T* src = z + (row0 + r) * d;
-      for (int64_t p = 0; p < d2; ++p) dst[r * d2 + p] = r < rows ? bf16_pair(src, 2 * p, d) : 0u;
-    }
+    if (amx) pack_pair_rows(z + row0 * d, d, rows, d, ceil_div(rows, 32) * 32, 2 * d2, dst);
+    else pack_pair_panels(z + row0 * d, d, rows, d, MR, ceil_div(rows, MR) * MR, 2 * d2, dst);
   }
 }
 
@@ -183,8 +165,7 @@ void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t r
   std::vector<float> zpack(pairs ? 0 : size_t(z_panels * MR * d));
   std::vector<uint32_t> zpairs(pairs ? size_t((amx ? ceil_div(rows, 32) * 32 : z_panels * MR) * d2) : 0);
   std::vector<float> tile(size_t((amx ? ceil_div(rows, 32) * 32 : z_panels * MR) * NR));
-  if (amx) pack_pair_rows(z, row0, rows, d, d2, zpairs.data());
-  else if (pairs) pack_pairs(z, row0, rows, d, zpairs.data());
+  if (pairs) pack_z_pairs(z, row0, rows, d, d2, amx, zpairs.data());
   else pack_rows(z, row0, rows, d, metric, zpack.data());
   for (int64_t r = 0; r < rows; ++r) best[r] = {std::numeric_limits<float>::infinity(), -1};
   [[maybe_unused]] const AmxSession session(amx);
