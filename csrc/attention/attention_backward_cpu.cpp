@@ -15,10 +15,14 @@
 // per query block. Local windows restrict both passes to the blocks that see each other; softcap and ALiBi
 // modify the recomputed scores as in the forward (modify_scores). Dropout regenerates the forward's mask per
 // tile (dropout_row): dV takes the dropped, scaled P and dP is dropped and scaled likewise before dS.
+// bf16 inputs at levels with bf16 dot products (kBf16Pairs) run the same schedule with every operand packed as
+// bf16 pairs (the same layouts, two depth steps per word) and P^T and dS^T rounded to bf16 where they are A
+// operands; with AMX the five products run as 32 x 32 tile blocks.
 #include <omp.h>
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "attention/attention_cpu.h"
@@ -45,6 +49,9 @@ struct Item {
 
 struct Scratch {
   std::vector<float> dk, dv, s, dp, t, keep, lo, hi, diag, dq;
+  // With bf16 pairs: P^T and dS^T rounded to bf16, queries paired ([BN][BM / 2], A operands of dV and dK), and
+  // dS^T with keys paired (the A operand of dQ: [BN / 2][BM], or [BM][BN / 2] for AMX).
+  std::vector<uint32_t> p2, ds2, ds2_keys;
 };
 
 // P^T = e^(S^T - lse) and dS^T = P^T (dP^T - D) on [BN keys][BM queries] tiles, in place; key r of the
@@ -99,16 +106,23 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
   // scale / softcap (the tanh argument, see modify_scores).
   const bool capped = pr.softcap > 0.f;
   const float qscale = capped ? pr.scale / pr.softcap : pr.scale;
-  constexpr bool pairs = kBf16Pairs<T>, amx = pairs && kAmx;  // S^T from bf16 pairs, as the forward
+  // With bf16 pairs every product takes bf16 operands: Q, K, V and dO as given, P and dS rounded to bf16 (as
+  // FlashAttention's GPU kernels do); S^T exactly as the forward computes it. Packed operands then hold
+  // Words, pairs of depth steps, and their offsets count words: `per_word` elements each.
+  constexpr bool pairs = kBf16Pairs<T>, amx = pairs && kAmx;
+  using Word = std::conditional_t<pairs, uint32_t, float>;
+  constexpr int64_t per_word = pairs ? 2 : 1;
+  const int64_t dw = dp / per_word;  // words per packed row of head_dim elements
+  constexpr int64_t bmw = BM / per_word;  // words per tile row of queries
 
   // Query-side operands, packed once: row q0 of segment s, head h at (h * q_total + q_off[s] + q0) * dp.
   std::vector<int64_t> q_off(size_t(pr.num_segments) + 1, 0);
   for (int64_t s = 0; s < pr.num_segments; ++s) q_off[s + 1] = q_off[s] + round_up(pr.segments[s].q_len, BM);
   const int64_t q_total = q_off.back();
-  const size_t qsize = size_t(hq * q_total * dp);
-  const ScratchBuffer<float> q_t(qsize), q_rows(qsize), do_t(qsize), do_rows(qsize);
+  const size_t qsize = size_t(hq * q_total * dp);  // floats of one per-thread dQ buffer
+  const ScratchBuffer<Word> q_t(qsize / per_word), q_rows(qsize / per_word), do_t(qsize / per_word),
+      do_rows(qsize / per_word);
   const ScratchBuffer<float> lse_rows(size_t(hq * q_total)), dsum(size_t(hq * q_total));
-  const ScratchBuffer<uint32_t> q_t2(pairs ? qsize / 2 : 0);  // Q^T as bf16 pairs, unscaled: [dp / 2][BM]
   std::vector<Item> pre;
   for (int64_t s = 0; s < pr.num_segments; ++s)
     for (int64_t h = 0; h < hq; ++h)
@@ -118,11 +132,17 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     const Segment& sg = pr.segments[it.segment];
     const int64_t h = it.head_kv, q0 = it.n0, rows = std::min(BM, sg.q_len - q0);
     const int64_t src = ((sg.q_start + q0) * hq + h) * d, row = h * q_total + q_off[it.segment] + q0;
-    if constexpr (pairs) pack_pair_panels(q + src, hq * d, rows, d, BM, BM, dp, q_t2.data() + row * dp / 2);
-    else pack_panels(q + src, hq * d, rows, d, qscale, BM, BM, dp, q_t.data() + row * dp);  // [dp][BM]
-    pack_strips(q + src, hq * d, rows, d, BM, BM, dp, q_rows.data() + row * dp);
-    pack_panels(dout + src, hq * d, rows, d, 1.f, BM, BM, dp, do_t.data() + row * dp);
-    pack_strips(dout + src, hq * d, rows, d, BM, BM, dp, do_rows.data() + row * dp);
+    if constexpr (pairs) {  // Q^T unscaled (the scale follows in fp32, as in the forward)
+      pack_pair_panels(q + src, hq * d, rows, d, BM, BM, dp, q_t.data() + row * dw);
+      pack_pair_strips(q + src, hq * d, rows, d, BM, BM, dp, q_rows.data() + row * dw);
+      pack_pair_panels(dout + src, hq * d, rows, d, BM, BM, dp, do_t.data() + row * dw);
+      pack_pair_strips(dout + src, hq * d, rows, d, BM, BM, dp, do_rows.data() + row * dw);
+    } else {
+      pack_panels(q + src, hq * d, rows, d, qscale, BM, BM, dp, q_t.data() + row * dp);  // [dp][BM]
+      pack_strips(q + src, hq * d, rows, d, BM, BM, dp, q_rows.data() + row * dp);
+      pack_panels(dout + src, hq * d, rows, d, 1.f, BM, BM, dp, do_t.data() + row * dp);
+      pack_strips(dout + src, hq * d, rows, d, BM, BM, dp, do_rows.data() + row * dp);
+    }
     for (int64_t r = 0; r < BM; ++r) {
       if (r >= rows) {  // padding queries: finite values, masked out by their limit
         dsum[size_t(row + r)] = 0.f;
@@ -154,21 +174,29 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     }
   }
   const int64_t k_total = k_off.back();
-  const ScratchBuffer<float> k_rows(size_t(hkv * k_total * dp)), v_rows(size_t(hkv * k_total * dp));
-  const ScratchBuffer<uint32_t> k_rows2(pairs ? size_t(hkv * k_total * dp / 2) : 0);  // K as bf16 pairs
+  const size_t kwords = size_t(hkv * k_total * dw);
+  const ScratchBuffer<Word> k_rows(kwords), v_rows(kwords);
+  // With pairs, dQ += dS K needs K with *keys* paired: NR-column strips per key block (fp32 reads K's rows).
+  const ScratchBuffer<uint32_t> k_strips(pairs ? kwords : 0);
   parallel_items(pr.threads, int64_t(items.size()), [&](int64_t i) {
     const Item& it = items[size_t(i)];
     const Segment& sg = pr.segments[it.segment];
     const int64_t cols = std::min(BN, sg.k_len - it.n0), src = ((sg.k_start + it.n0) * hkv + it.head_kv) * d;
-    const int64_t dst = (it.head_kv * k_total + k_off[it.segment] + it.n0) * dp;
-    pack_rows(k + src, hkv * d, cols, d, 1.f, BN, dp, k_rows.data() + dst);
-    if constexpr (pairs) pack_pair_rows(k + src, hkv * d, cols, d, BN, dp, k_rows2.data() + dst / 2);
-    pack_rows(v + src, hkv * d, cols, d, 1.f, BN, dp, v_rows.data() + dst);
+    const int64_t dst = (it.head_kv * k_total + k_off[it.segment] + it.n0) * dw;
+    if constexpr (pairs) {
+      pack_pair_rows(k + src, hkv * d, cols, d, BN, dp, k_rows.data() + dst);
+      pack_pair_rows(v + src, hkv * d, cols, d, BN, dp, v_rows.data() + dst);
+      pack_pair_strips(k + src, hkv * d, cols, d, BN, BN, dp, k_strips.data() + dst);
+    } else {
+      pack_rows(k + src, hkv * d, cols, d, 1.f, BN, dp, k_rows.data() + dst);
+      pack_rows(v + src, hkv * d, cols, d, 1.f, BN, dp, v_rows.data() + dst);
+    }
   });
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 
   // One (query block of head h, key block n0) step: leaves P^T in sc.s and dS^T (natural units, before the
-  // final scale) in sc.dp, both [BN keys][BM queries]. Returns the query-side row and the key block's data.
+  // final scale) in sc.dp, both [BN keys][BM queries] (with pairs, also dS^T rounded in sc.ds2_keys).
+  // Returns the query-side row and the key block's word offset.
   auto grad_tile = [&](Scratch& sc, int64_t seg, int64_t h, int64_t q0, int64_t n0) {
     const Segment& sg = pr.segments[seg];
     const KeyWindow win(pr, sg);
@@ -179,23 +207,23 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
       sc.hi[size_t(c)] = c < rows ? float(std::clamp<int64_t>(win.hi(q0 + c) - n0, 0, cols)) : 0.f;
       sc.diag[size_t(c)] = float(q0 + c + win.shift - n0);
     }
-    const int64_t row = h * q_total + q_off[seg] + q0, blk = ((h / group) * k_total + k_off[seg] + n0) * dp;
-    const float *qt = q_t.data() + row * dp, *dot = do_t.data() + row * dp;
-    const float *kr = k_rows.data() + blk, *vr = v_rows.data() + blk;
+    const int64_t row = h * q_total + q_off[seg] + q0, blk = ((h / group) * k_total + k_off[seg] + n0) * dw;
+    const Word *qt = q_t.data() + row * dw, *dot = do_t.data() + row * dw;
+    const Word *kr = k_rows.data() + blk, *vr = v_rows.data() + blk;
     float *s = sc.s.data(), *dpt = sc.dp.data();
-    [[maybe_unused]] const uint32_t *qt2 = q_t2.data() + row * dp / 2, *kr2 = k_rows2.data() + blk / 2;
-    for (int64_t r0 = 0; r0 < BN; r0 += MR)  // S^T = K Q^T, dP^T = V dO^T
-      for (int64_t c = 0; c < rows16; c += NR) {
-        if constexpr (pairs && !amx)
-          micro_tile_bf16(kr2 + r0 * dp / 2, 1, dp / 2, qt2 + c, BM, dp / 2, s + r0 * BM + c, BM, false);
-        else if constexpr (!pairs)
-          micro_tile(kr + r0 * dp, 1, dp, qt + c, BM, dp, s + r0 * BM + c, BM, false);
-        micro_tile(vr + r0 * dp, 1, dp, dot + c, BM, dp, dpt + r0 * BM + c, BM, false);
-      }
-    if constexpr (amx)
+    if constexpr (amx) {  // S^T = K Q^T, dP^T = V dO^T
       for (int64_t r0 = 0; r0 < BN; r0 += 32)
-        for (int64_t c = 0; c < rows16; c += 32)
-          amx_block(kr2 + r0 * dp / 2, dp / 2, qt2 + c, BM, dp / 2, s + r0 * BM + c, BM, false);
+        for (int64_t c = 0; c < rows16; c += 32) {
+          amx_block(kr + r0 * dw, dw, qt + c, BM, dw, s + r0 * BM + c, BM, false);
+          amx_block(vr + r0 * dw, dw, dot + c, BM, dw, dpt + r0 * BM + c, BM, false);
+        }
+    } else {
+      for (int64_t r0 = 0; r0 < BN; r0 += MR)
+        for (int64_t c = 0; c < rows16; c += NR) {
+          micro_tile(kr + r0 * dw, 1, dw, qt + c, BM, dw, s + r0 * BM + c, BM, false);
+          micro_tile(vr + r0 * dw, 1, dw, dot + c, BM, dw, dpt + r0 * BM + c, BM, false);
+        }
+    }
     if constexpr (pairs)
       for (int64_t r = 0; r < BN; ++r) scale_row(s + r * BM, rows16, qscale);
     const float slope = pr.alibi_slopes ? pr.alibi_slopes[seg * pr.alibi_segment_stride + h] : 0.f;
@@ -212,7 +240,9 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
                     });
     }
     softmax_grad_block(s, dpt, t, z, lse_rows.data() + row, dsum.data() + row, sc.lo.data(), sc.hi.data());
-    return std::pair<int64_t, const float*>{row, kr};
+    if constexpr (amx) round_col_pairs(dpt, BM, BN, BN, round_up(rows, 32), sc.ds2_keys.data(), BN / 2);
+    else if constexpr (pairs) round_row_pairs(dpt, BM, BN, BM, sc.ds2_keys.data());
+    return std::pair<int64_t, int64_t>{row, blk};
   };
   auto new_scratch = [&] {  // dk/dv/dq are sized by their users
     Scratch sc;
@@ -220,13 +250,28 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     sc.t.resize(capped ? size_t(BN * BM) : 0);
     sc.keep.resize(pr.dropout.threshold ? size_t(BN * BM) : 0);
     sc.lo.resize(size_t(BM)); sc.hi.resize(size_t(BM)); sc.diag.resize(size_t(BM));
+    sc.ds2_keys.resize(pairs ? size_t(BN * BM / 2) : 0);
     return sc;
   };
-  // dQ += dS K for one tile, into a [dp / NR][BM][NR] strip buffer (six query columns of dS^T per step).
-  auto add_dq = [&](const Scratch& sc, const float* kr, int64_t rows, float* dq_strips) {
+  // dQ += dS K for one tile (key block at word `blk`), into a [dp / NR][BM][NR] strip buffer: six query
+  // columns of dS^T per step and K's rows, or with pairs dS^T's key pairs and K's key-paired strips.
+  auto add_dq = [&](const Scratch& sc, int64_t blk, int64_t rows, float* dq_strips) {
+    if constexpr (amx) {
+      for (int64_t c = 0; c < dp; c += NR)
+        for (int64_t qr = 0; qr < rows; qr += 32)
+          amx_block(sc.ds2_keys.data() + qr * (BN / 2), BN / 2, k_strips.data() + blk + c * BN / 2, NR, BN / 2,
+                    dq_strips + c * BM + qr * NR, NR, true);
+      return;
+    }
     for (int64_t c = 0; c < dp; c += NR)
-      for (int64_t qr = 0; qr < round_up(rows, MR); qr += MR)
-        micro_tile(sc.dp.data() + qr, BM, 1, kr + c, dp, BN, dq_strips + c * BM + qr * NR, NR, true);
+      for (int64_t qr = 0; qr < round_up(rows, MR); qr += MR) {
+        if constexpr (pairs)
+          micro_tile(sc.ds2_keys.data() + qr, BM, 1, k_strips.data() + blk + c * BN / 2, NR, BN / 2,
+                     dq_strips + c * BM + qr * NR, NR, true);
+        else
+          micro_tile(sc.dp.data() + qr, BM, 1, k_rows.data() + blk + c, dp, BN, dq_strips + c * BM + qr * NR, NR,
+                     true);
+      }
   };
   // dQ = scale * (the sum of `nbuf` strip buffers `stride` floats apart) of one query block, in q's layout.
   auto write_dq = [&](const Item& it, const float* acc_strips, int nbuf, size_t stride) {
@@ -259,6 +304,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     [[maybe_unused]] const AmxSession tiles(amx);
     Scratch sc = new_scratch();
     sc.dk.resize(size_t(BN * dp)); sc.dv.resize(size_t(BN * dp));
+    sc.p2.resize(pairs ? size_t(BN * BM / 2) : 0); sc.ds2.resize(pairs ? size_t(BN * BM / 2) : 0);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t idx = 0; idx < int64_t(items.size()); ++idx) {
       const Item& it = items[size_t(idx)];
@@ -271,15 +317,36 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
       for (int64_t q0 = win.first_query(n0) / BM * BM; q0 < q_end; q0 += BM) {
         const int64_t rows = std::min(BM, sg.q_len - q0);
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          const auto [row, kr] = grad_tile(sc, it.segment, h, q0, n0);
-          for (int64_t r0 = 0; r0 < BN; r0 += MR)  // dV += P^T dO, dK += dS^T Q
-            for (int64_t c = 0; c < dp; c += NR) {
-              micro_tile(sc.s.data() + r0 * BM, 1, BM, do_rows.data() + row * dp + c * BM, NR, rows,
-                         sc.dv.data() + r0 * dp + c, dp, true);
-              micro_tile(sc.dp.data() + r0 * BM, 1, BM, q_rows.data() + row * dp + c * BM, NR, rows,
-                         sc.dk.data() + r0 * dp + c, dp, true);
-            }
-          if (my_dq) add_dq(sc, kr, rows, my_dq + row * dp);
+          const auto [row, blk] = grad_tile(sc, it.segment, h, q0, n0);
+          const Word *p_op, *ds_op;  // P^T and dS^T, the A operands of dV and dK
+          if constexpr (pairs) {
+            round_neighbour_pairs(sc.s.data(), BN * BM, sc.p2.data());
+            round_neighbour_pairs(sc.dp.data(), BN * BM, sc.ds2.data());
+            p_op = sc.p2.data();
+            ds_op = sc.ds2.data();
+          } else {
+            p_op = sc.s.data();
+            ds_op = sc.dp.data();
+          }
+          const Word *dor = do_rows.data() + row * dw, *qr = q_rows.data() + row * dw;
+          // dV += P^T dO, dK += dS^T Q over the block's queries (padding ones have P = dS = 0); AMX takes
+          // them in steps of 32, which the score tile covers (rows16 is a multiple of 32 there).
+          if constexpr (amx) {
+            const int64_t depth = round_up(rows, 32) / 2;
+            for (int64_t r0 = 0; r0 < BN; r0 += 32)
+              for (int64_t c = 0; c < dp; c += NR) {
+                amx_block(p_op + r0 * bmw, bmw, dor + c * bmw, NR, depth, sc.dv.data() + r0 * dp + c, dp, true);
+                amx_block(ds_op + r0 * bmw, bmw, qr + c * bmw, NR, depth, sc.dk.data() + r0 * dp + c, dp, true);
+              }
+          } else {
+            const int64_t depth = ceil_div(rows, per_word);
+            for (int64_t r0 = 0; r0 < BN; r0 += MR)
+              for (int64_t c = 0; c < dp; c += NR) {
+                micro_tile(p_op + r0 * bmw, 1, bmw, dor + c * bmw, NR, depth, sc.dv.data() + r0 * dp + c, dp, true);
+                micro_tile(ds_op + r0 * bmw, 1, bmw, qr + c * bmw, NR, depth, sc.dk.data() + r0 * dp + c, dp, true);
+              }
+          }
+          if (my_dq) add_dq(sc, blk, rows, my_dq + row * dp);
         }
       }
       for (int64_t j = 0; j < cols; ++j) {
@@ -311,8 +378,7 @@ void backward(const Problem& pr, const T* q, const T* k, const T* v, const T* ou
     sc.dq.assign(size_t(BM * dp), 0.f);
     [[maybe_unused]] const AmxSession tiles(amx);
     for (int64_t n0 = win.lo(q0) / BN * BN; n0 < win.hi(q0 + rows - 1); n0 += BN) {
-      const float* kr = grad_tile(sc, it.segment, it.head_kv, q0, n0).second;
-      add_dq(sc, kr, rows, sc.dq.data());
+      add_dq(sc, grad_tile(sc, it.segment, it.head_kv, q0, n0).second, rows, sc.dq.data());
     }
     write_dq(it, sc.dq.data(), 1, 0);
   });

@@ -224,7 +224,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
             const int64_t qe = std::min(qc + NR, rows) - 1;
             if (masked && !(n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc))) continue;
             if constexpr (pairs)
-              micro_tile_bf16(kr.data() + blk + kr0 * row_words, 1, row_words, sc.qt2.data() + qc, BM, dp / 2,
+              micro_tile(kr.data() + blk + kr0 * row_words, 1, row_words, sc.qt2.data() + qc, BM, dp / 2,
                               st + kr0 * BM + qc, BM, false);
             else
               micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
@@ -268,7 +268,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
           if constexpr (pairs) {  // whole pairs of keys (cols6 is even; P is 0 past each query's keys)
             k0 &= ~int64_t(1);
             k1 = round_up(k1, 2);
-            micro_tile_bf16(sc.pt2.data() + k0 / 2 * BM + qr, BM, 1, vr.data() + blk + dc * BN / 2 + k0 / 2 * NR,
+            micro_tile(sc.pt2.data() + k0 / 2 * BM + qr, BM, 1, vr.data() + blk + dc * BN / 2 + k0 / 2 * NR,
                             NR, (k1 - k0) / 2, o + qr * dp + dc, dp, true);
           } else {
             micro_tile(st + k0 * BM + qr, BM, 1, vr.data() + blk + dc * BN + k0 * NR, NR, k1 - k0,

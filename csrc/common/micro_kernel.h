@@ -1,6 +1,6 @@
 // The register-blocked fp32 micro-kernel shared by the CPU kernels (VQ search, attention forward and
-// backward, the fused loss): the innermost loop of every small GEMM they run, its bf16-pair twin and the
-// packing of bf16-pair operands. Torch-free, header-only.
+// backward, the fused loss): the innermost loop of every small GEMM they run, its bf16-pair overload and the
+// packing and rounding of bf16-pair operands. Torch-free, header-only.
 //
 // The tile is kMicroRows x kMicroCols and depends on the level the including object is compiled for:
 // 6 x 16 with AVX2 (two ymm per row) and 6 x 32 with AVX-512 (two zmm per row); 12 accumulators either way.
@@ -74,7 +74,7 @@ inline void micro_tile(const float* a, int64_t lda, int64_t ars, const float* b,
 #endif
 }
 
-// Operands as bf16 pairs (two depth steps per uint32, bf16_pair) for micro_tile_bf16 and AMX tiles, values as
+// Operands as bf16 pairs (two depth steps per uint32, bf16_pair) for micro_tile's pair overload and AMX tiles, values as
 // given; zero pairs past d (dp, the padded depth, is even) and past `rows`.
 // pack_pair_rows: rows x d (row stride `stride`) -> [rows_pad][dp / 2], pairs along each row.
 inline void pack_pair_rows(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad, int64_t dp,
@@ -93,15 +93,46 @@ inline void pack_pair_panels(const bf16* src, int64_t stride, int64_t rows, int6
   }
 }
 
+// fp32 values rounded to bf16 pairs (from_float's rounding): dst[j] = bf16_pair(a[j], b[j]) for j < n (two
+// rows of a tile paired element by element) ...
+inline void round_pairs(const float* a, const float* b, int64_t n, uint32_t* dst) {
+  int64_t j = 0;
+#if CM3LEON_AVX512
+  for (; j + 16 <= n; j += 16) {
+    const __m512i lo = bf16_bits(_mm512_loadu_ps(a + j)), hi = bf16_bits(_mm512_loadu_ps(b + j));
+    _mm512_storeu_si512(dst + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = bf16_pair(a[j], b[j]);
+}
+
+// ... and dst[j] = bf16_pair(src[2j], src[2j + 1]) for j < n / 2, n even (neighbours paired: a tile whose rows
+// are the depth of the next product, stored as its rows of pairs).
+inline void round_neighbour_pairs(const float* src, int64_t n, uint32_t* dst) {
+  int64_t j = 0;
+#if CM3LEON_AVX512
+  // 32 values per step: packus narrows each 128-bit lane's four values of either half (lane by lane, hence
+  // the permutation of 64-bit groups back into order).
+  const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+  for (; j + 32 <= n; j += 32) {
+    const __m512i narrow = _mm512_packus_epi32(bf16_bits(_mm512_loadu_ps(src + j)),
+                                               bf16_bits(_mm512_loadu_ps(src + j + 16)));
+    _mm512_storeu_si512(dst + j / 2, _mm512_permutexvar_epi64(order, narrow));
+  }
+#endif
+  for (; j < n; j += 2) dst[j / 2] = bf16_pair(src[j], src[j + 1]);
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-// The same tile from bf16 operands with the AVX-512 BF16 dot-product instruction (vdpbf16ps): each depth step
-// is a *pair* of bf16 values packed in one uint32 (element 2p in the low half, 2p + 1 in the high half), both
-// products are exact in fp32 and accumulate in fp32, at twice the fp32 rate. `a` and `b` hold pairs with the
-// micro_tile layout (strides in pairs): c[r * ldc + j] (+)= sum_p dot(a[p * lda + r * ars], b[p * ldb + j]).
+// The same tile from bf16 operands with the AVX-512 BF16 dot-product instruction (vdpbf16ps), as an overload
+// so that a kernel body written against its packed word type (float, or uint32_t pairs) serves both: each
+// depth step is a *pair* of bf16 values packed in one uint32 (element 2p in the low half, 2p + 1 in the high
+// half), both products are exact in fp32 and accumulate in fp32, at twice the fp32 rate. `a` and `b` hold
+// pairs with the micro_tile layout (strides in pairs): c[r * ldc + j] (+)= sum_p dot(a[p * lda + r * ars], b[p * ldb + j]).
 // Subnormal bf16 inputs count as zero (the instruction's rule).
 constexpr bool kHasBf16Dot = true;
-inline void micro_tile_bf16(const uint32_t* a, int64_t lda, int64_t ars, const uint32_t* b, int64_t ldb,
-                            int64_t pairs, float* c, int64_t ldc, bool accumulate) {
+inline void micro_tile(const uint32_t* a, int64_t lda, int64_t ars, const uint32_t* b, int64_t ldb,
+                       int64_t pairs, float* c, int64_t ldc, bool accumulate) {
   static_assert(kMicroCols == 32, "two zmm of pairs per tile row");
   __m512 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   if (accumulate) {
@@ -135,8 +166,8 @@ inline void micro_tile_bf16(const uint32_t* a, int64_t lda, int64_t ars, const u
 #else
 constexpr bool kHasBf16Dot = false;  // levels without vdpbf16ps widen bf16 to fp32 and use micro_tile
 // Declared (never defined) for branches that kHasBf16Dot discards; a call that survived would not link.
-void micro_tile_bf16(const uint32_t* a, int64_t lda, int64_t ars, const uint32_t* b, int64_t ldb, int64_t pairs,
-                     float* c, int64_t ldc, bool accumulate);
+void micro_tile(const uint32_t* a, int64_t lda, int64_t ars, const uint32_t* b, int64_t ldb, int64_t pairs,
+                float* c, int64_t ldc, bool accumulate);
 #endif
 
 CM3LEON_ISA_END

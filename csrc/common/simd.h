@@ -113,6 +113,42 @@ inline __mmask16 both(__mmask16 m1, __mmask16 m2) { return __mmask16(m1 & m2); }
 inline __m512 select(__mmask16 mask, __m512 if_true, __m512 if_false) { return _mm512_mask_blend_ps(mask, if_false, if_true); }
 inline __m512 keep(__mmask16 mask, __m512 a) { return _mm512_maskz_mov_ps(mask, a); }
 inline __m256 fold8(__m512 a) { return _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1)); }
+// Each lane rounded to bf16 as from_float does (nearest even, NaN to the quiet NaN), the bits in the low half
+// of the lane. Integer arithmetic, so subnormals round like every other value (vcvtneps2bf16 flushes them).
+inline __m512i bf16_bits(__m512 a) {
+  const __m512i u = _mm512_castps_si512(a);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7fff));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  return _mm512_mask_blend_epi32(is_nan(a), rounded, _mm512_set1_epi32(0x7fc0));
+}
+
+// Transposes a 16 x 16 block of 32-bit elements held as 16 rows: pairs of rows interleaved, then pairs of
+// pairs, then whole 128-bit lanes regrouped in two steps; afterwards v[c] is column c.
+inline void transpose_16x16(__m512i v[16]) {
+  __m512i t[16];
+  for (int k = 0; k < 16; k += 2) {  // t[k], t[k + 1]: columns {0, 1} and {2, 3} of each lane, rows k, k + 1
+    t[k] = _mm512_unpacklo_epi32(v[k], v[k + 1]);
+    t[k + 1] = _mm512_unpackhi_epi32(v[k], v[k + 1]);
+  }
+  for (int k = 0; k < 16; k += 4) {  // v[k + j]: column j of each lane, rows k..k + 3
+    v[k] = _mm512_unpacklo_epi64(t[k], t[k + 2]);
+    v[k + 1] = _mm512_unpackhi_epi64(t[k], t[k + 2]);
+    v[k + 2] = _mm512_unpacklo_epi64(t[k + 1], t[k + 3]);
+    v[k + 3] = _mm512_unpackhi_epi64(t[k + 1], t[k + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // lanes 0 and 2, 1 and 3 of rows 0-7 and 8-15, then whole columns
+    const __m512i even_a = _mm512_shuffle_i32x4(v[j], v[4 + j], 0x88);
+    const __m512i odd_a = _mm512_shuffle_i32x4(v[j], v[4 + j], 0xdd);
+    const __m512i even_b = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0x88);
+    const __m512i odd_b = _mm512_shuffle_i32x4(v[8 + j], v[12 + j], 0xdd);
+    t[j] = _mm512_shuffle_i32x4(even_a, even_b, 0x88);       // column j (lane 0)
+    t[8 + j] = _mm512_shuffle_i32x4(even_a, even_b, 0xdd);   // column 8 + j (lane 2)
+    t[4 + j] = _mm512_shuffle_i32x4(odd_a, odd_b, 0x88);     // column 4 + j (lane 1)
+    t[12 + j] = _mm512_shuffle_i32x4(odd_a, odd_b, 0xdd);    // column 12 + j (lane 3)
+  }
+  for (int k = 0; k < 16; ++k) v[k] = t[k];
+}
 
 using Wide = Zmm;
 #else

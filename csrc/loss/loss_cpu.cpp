@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention/attention_tiles.h"  // tanh_lanes, pack_rows, pack_panels, round_up
+#include "attention/attention_tiles.h"  // tanh_lanes, packing and pair rounding, round_up
 #include "common/parallel.h"
 #include "common/scratch.h"
 
@@ -25,8 +25,12 @@ using attention::kBf16Pairs;
 using attention::kLog2e;
 using attention::MR;
 using attention::NR;
+using attention::pack_pair_strips;
 using attention::pack_panels;
 using attention::pack_rows;
+using attention::pack_strips;
+using attention::round_col_pairs;
+using attention::round_row_pairs;
 using attention::round_up;
 
 constexpr int64_t kTokenAlign = std::lcm(MR, NR);  // chunks are padded to whole micro-kernel tiles
@@ -48,28 +52,6 @@ void softcap_rows(float* x, int64_t n, float cap) {
   for (; i < n; ++i) x[i] = cap * std::tanh(x[i] / cap);
 }
 
-// rows x d elements (row stride `stride`) as fp32 column strips dst[dp / NR][rows_pad][NR], zero-padded: a
-// strip is a contiguous micro-kernel B operand. (Row-major operands with 4 KiB rows, D = 1024, put every
-// depth step of a strip in the same L1 set and ran the gradient matmuls at under half speed.)
-template <typename T>
-void pack_column_strips(const T* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad, int64_t dp,
-                        float* dst) {
-  for (int64_t r = 0; r < rows_pad; ++r) {
-    const T* in = src + r * stride;
-    for (int64_t c = 0; c < dp; c += NR) {
-      float* out = dst + (c / NR * rows_pad + r) * NR;
-      const int64_t n = r < rows ? std::clamp<int64_t>(d - c, 0, NR) : 0;
-      int64_t j = 0;
-#if CM3LEON_AVX2
-      if (n == NR)
-        for (; j < NR; j += 8) _mm256_storeu_ps(out + j, load8(in + c + j));
-#endif
-      for (; j < n; ++j) out[j] = to_float(in[c + j]);
-      for (; j < NR; ++j) out[j] = 0.f;
-    }
-  }
-}
-
 // One token chunk's per-token state (padded to `tp` tokens; padded tokens have zero coefficients).
 struct ChunkState {
   std::vector<float> lse, target_logit, a, b, e;  // dl/dz_v = a p_v - e - b [v == y], times softcap'
@@ -78,6 +60,12 @@ struct ChunkState {
 
 template <typename T>
 class Engine {
+  // With bf16 pairs the gradient products take bf16 operands too: H and W as given, dl/dlogits rounded to
+  // bf16 (as a bf16 autograd graph would); their packed operands then hold pairs of depth steps.
+  static constexpr bool kPairs = kBf16Pairs<T>;
+  using Word = std::conditional_t<kPairs, uint32_t, float>;
+  static constexpr int64_t kPerWord = kPairs ? 2 : 1;
+
  public:
   Engine(const T* hidden, const T* weight, const int64_t* targets, const LossConfig& cfg, int threads,
          bool grads, bool full_logits)
@@ -85,26 +73,34 @@ class Engine {
         dp_(round_up(cfg.dim, NR)), nblocks_(attention::round_up(cfg.vocab, kBlock) / kBlock),
         parts_(int(std::min<int64_t>(nblocks_, usable_threads(threads)))),
         direct_w_(std::is_same_v<T, float> && cfg.dim % NR == 0),
-        hpanels_(kBf16Pairs<T> ? 0 : size_t(kChunk) * dp_), hstrips_(grads ? size_t(kChunk) * dp_ : 0),
-        hpairs_(kBf16Pairs<T> ? size_t(kChunk) * dp_ / 2 : 0),
+        hpanels_(kPairs ? 0 : size_t(kChunk) * dp_), hstrips_(grads ? size_t(kChunk) * dp_ / kPerWord : 0),
+        hpairs_(kPairs ? size_t(kChunk) * dp_ / 2 : 0),
         logits_(size_t(full_logits ? round_up(cfg.vocab, kRowAlign) : parts_ * kBlock) * kChunk),
-        wbuf_(kBf16Pairs<T> ? 0 : size_t(parts_) * kBlock * dp_),
-        wpairs_(kBf16Pairs<T> ? size_t(parts_) * kBlock * dp_ / 2 : 0),
-        wstrips_(grads ? size_t(parts_) * kBlock * dp_ : 0), stats_(size_t(nblocks_) * 3 * kChunk),
+        wbuf_(kPairs ? 0 : size_t(parts_) * kBlock * dp_),
+        wpairs_(kPairs ? size_t(parts_) * kBlock * dp_ / 2 : 0),
+        wstrips_(grads ? size_t(parts_) * kBlock * dp_ / kPerWord : 0),
+        gpairs_(kPairs && grads ? size_t(parts_) * kBlock * kChunk : 0), stats_(size_t(nblocks_) * 3 * kChunk),
         dh_(grads ? size_t(parts_) * kChunk * dp_ : 0) {}
 
   int parts() const { return parts_; }
   int64_t nblocks() const { return nblocks_; }
 
-  // Loads chunk [t0, t0 + nt): the packed H^T panels (and fp32 rows for dW when grads are needed).
+  // Loads chunk [t0, t0 + nt): the packed H^T panels (and H's column strips for dW when grads are needed).
   void load_chunk(int64_t t0, int64_t nt) {
     tp_ = round_up(nt, kTokenAlign);
-    if constexpr (kBf16Pairs<T>) {  // H^T as bf16 pairs, panels of NR tokens: [tp / NR][dp / 2][NR]
-      pack_pair_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, NR, tp_, dp_, hpairs_.data());
+    const T* rows = h_ + t0 * cfg_.dim;
+    if constexpr (kPairs) {  // H^T as bf16 pairs, panels of NR tokens: [tp / NR][dp / 2][NR]
+      pack_pair_panels(rows, cfg_.dim, nt, cfg_.dim, NR, tp_, dp_, hpairs_.data());
     } else {
-      pack_panels(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, 1.f, NR, tp_, cfg_.dim, hpanels_.data());
+      pack_panels(rows, cfg_.dim, nt, cfg_.dim, 1.f, NR, tp_, cfg_.dim, hpanels_.data());
     }
-    if (grads_) pack_column_strips(h_ + t0 * cfg_.dim, cfg_.dim, nt, cfg_.dim, tp_, dp_, hstrips_.data());
+    // H as NR-column strips, [dp / NR][tp][NR] (tokens paired with kPairs): a strip is a contiguous B operand
+    // (row-major operands with 4 KiB rows, D = 1024, put every depth step in the same L1 set and ran the
+    // gradient products at under half speed).
+    if (grads_) {
+      if constexpr (kPairs) pack_pair_strips(rows, cfg_.dim, nt, cfg_.dim, tp_, tp_, dp_, hstrips_.data());
+      else pack_strips(rows, cfg_.dim, nt, cfg_.dim, tp_, tp_, dp_, hstrips_.data());
+    }
     t0_ = t0;
     nt_ = nt;
   }
@@ -114,7 +110,7 @@ class Engine {
   float* block_logits(int part, int64_t blk) {
     const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0);
     float* out = logits_.data() + (full_ ? v0 : part * kBlock) * tp_;
-    if constexpr (kBf16Pairs<T>) {
+    if constexpr (kPairs) {
       pair_logits(part, v0, nv, out);
     } else {
       int64_t ld;
@@ -151,7 +147,7 @@ class Engine {
       const int64_t pairs = std::min(kDepth / 2, d2 - p0);
       for (int64_t tc = 0; tc < tp_; tc += NR)
         for (int64_t i = 0; i < nv; i += MR)
-          micro_tile_bf16(wp + i * d2 + p0, 1, d2, hpairs_.data() + tc * d2 + p0 * NR, NR, pairs,
+          micro_tile(wp + i * d2 + p0, 1, d2, hpairs_.data() + tc * d2 + p0 * NR, NR, pairs,
                           out + i * tp_ + tc, tp_, p0 > 0);
     }
   }
@@ -214,7 +210,7 @@ class Engine {
   // owned by this part) and to this part's grad_hidden partial.
   void block_grads(int part, int64_t blk, float* z, const ChunkState& st,
                    float* grad_weight, bool first_chunk) {
-    const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0), nvp = round_up(nv, MR);
+    const int64_t v0 = blk * kBlock, nv = std::min(kBlock, cfg_.vocab - v0), nvp = round_up(nv, kRowAlign);
     const float cap = cfg_.softcap;
     // The target terms need the soft-cap derivative at the target logit, which the loop below overwrites.
     float target_slope[kChunk];
@@ -254,35 +250,62 @@ class Engine {
       if (y == cfg_.ignore_index || y < v0 || y >= v0 + nv) continue;
       z[(y - v0) * tp_ + k] -= st.b[k] * target_slope[k];
     }
-    // grad_weight rows [v0, v0 + nv) (+)= G^T H over the chunk's tokens. Row groups outermost: a group's six
-    // rows are swept left to right, streams the prefetcher follows (strips outermost jump 4 KiB between
-    // tiles; alone, that order ran this product ~20% slower on an AMD EPYC).
-    for (int64_t i = 0; i < nv; i += MR) {
-      for (int64_t dc = 0; dc < cfg_.dim; dc += NR) {
-        const float* hs = hstrips_.data() + dc * tp_;  // strip dc / NR: [tp][NR]
-        const int64_t rows = std::min(MR, nv - i), cols = std::min(NR, cfg_.dim - dc);
+    const int64_t tw = tp_ / kPerWord;  // words per row of G
+    // G as the products' A operands: rows of tokens for dW, columns of vocabulary rows for dH. With pairs,
+    // rounded: tokens paired ([nvp][tp / 2]) and vocabulary rows paired ([nvp / 2][tp], or [tokens][kBlock / 2]
+    // for AMX).
+    const Word *g_tokens, *g_vocab;
+    if constexpr (kPairs) {
+      uint32_t* gp = gpairs_.data() + size_t(part) * kBlock * kChunk;
+      round_neighbour_pairs(z, nvp * tp_, gp);
+      if constexpr (kAmx) round_col_pairs(z, tp_, nvp, nvp, round_up(nt_, 32), gp + kBlock * kChunk / 2, kBlock / 2);
+      else round_row_pairs(z, tp_, nvp, tp_, gp + kBlock * kChunk / 2);
+      g_tokens = gp;
+      g_vocab = gp + kBlock * kChunk / 2;
+    } else {
+      g_tokens = g_vocab = z;
+    }
+    // grad_weight rows [v0, v0 + nv) (+)= G^T H over the chunk's tokens, in tiles of MR x NR (32 x 32 for AMX).
+    // Row groups outermost: a group's rows are swept left to right, streams the prefetcher follows (strips
+    // outermost jump 4 KiB between tiles; alone, that order ran this product ~20% slower on an AMD EPYC).
+    constexpr int64_t tile_rows = kAmx && kPairs ? 32 : MR, tile_cols = kAmx && kPairs ? 32 : NR;
+    for (int64_t i = 0; i < nv; i += tile_rows) {
+      for (int64_t dc = 0; dc < cfg_.dim; dc += tile_cols) {
+        const Word* hs = hstrips_.data() + dc * tw;  // strip dc / NR: [tp words][NR]
+        const int64_t rows = std::min(tile_rows, nv - i), cols = std::min(tile_cols, cfg_.dim - dc);
         float* c = grad_weight + (v0 + i) * cfg_.dim + dc;
-        if (rows == MR && cols == NR) {
-          micro_tile(z + i * tp_, 1, tp_, hs, NR, nt_, c, cfg_.dim, !first_chunk);
-          continue;
-        }
-        float tile[MR * NR];
-        micro_tile(z + i * tp_, 1, tp_, hs, NR, nt_, tile, NR, false);
+        const bool whole = rows == tile_rows && cols == tile_cols;  // else through a tile buffer
+        float tile[tile_rows * tile_cols];
+        float* out = whole ? c : tile;
+        const int64_t ldc = whole ? cfg_.dim : tile_cols;
+        if constexpr (kAmx && kPairs)
+          amx_block(g_tokens + i * tw, tw, hs, NR, round_up(nt_, 32) / 2, out, ldc, whole && !first_chunk);
+        else
+          micro_tile(g_tokens + i * tw, 1, tw, hs, NR, ceil_div(nt_, kPerWord), out, ldc, whole && !first_chunk);
+        if (whole) continue;
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t j = 0; j < cols; ++j)
-            c[r * cfg_.dim + j] = (first_chunk ? 0.f : c[r * cfg_.dim + j]) + tile[r * NR + j];
+            c[r * cfg_.dim + j] = (first_chunk ? 0.f : c[r * cfg_.dim + j]) + tile[r * tile_cols + j];
       }
     }
-    // This part's grad_hidden partial (+)= G W_block.
+    // This part's grad_hidden partial (+)= G W_block, W as column strips [dp / NR][nvp][NR] (vocabulary rows
+    // paired with kPairs).
     float* dh = dh_.data() + size_t(part) * kChunk * dp_;
-    float* ws = wstrips_.data() + size_t(part) * kBlock * dp_;
-    pack_column_strips(w_ + v0 * cfg_.dim, cfg_.dim, nv, cfg_.dim, nvp, dp_, ws);
-    const int64_t tr = round_up(nt_, MR);
+    Word* ws = wstrips_.data() + size_t(part) * kBlock * dp_ / kPerWord;
+    if constexpr (kPairs) pack_pair_strips(w_ + v0 * cfg_.dim, cfg_.dim, nv, cfg_.dim, nvp, nvp, dp_, ws);
+    else pack_strips(w_ + v0 * cfg_.dim, cfg_.dim, nv, cfg_.dim, nvp, nvp, dp_, ws);
+    const int64_t nvw = nvp / kPerWord;  // words per strip row group
     // Token groups outermost too: a group's G columns stay in L1 while its rows of the partial stream past
     // (strips outermost: ~12% slower alone on the same host).
-    for (int64_t t = 0; t < tr; t += MR)
+    if constexpr (kAmx && kPairs) {
+      for (int64_t t = 0; t < nt_; t += 32)
+        for (int64_t dc = 0; dc < dp_; dc += NR)
+          amx_block(g_vocab + t * (kBlock / 2), kBlock / 2, ws + dc * nvw, NR, nvw, dh + t * dp_ + dc, dp_, true);
+      return;
+    }
+    for (int64_t t = 0; t < round_up(nt_, MR); t += MR)
       for (int64_t dc = 0; dc < dp_; dc += NR)
-        micro_tile(z + t, tp_, 1, ws + dc * nvp, NR, nv, dh + t * dp_ + dc, dp_, true);
+        micro_tile(g_vocab + t, tp_, 1, ws + dc * nvw, NR, ceil_div(nv, kPerWord), dh + t * dp_ + dc, dp_, true);
   }
 
   void clear_grad_hidden_partials() { std::fill(dh_.data(), dh_.data() + dh_.size(), 0.f); }
@@ -324,11 +347,14 @@ class Engine {
   int64_t dp_, nblocks_;
   int parts_;
   bool direct_w_;
-  ScratchBuffer<float> hpanels_, hstrips_;
+  ScratchBuffer<float> hpanels_;
+  ScratchBuffer<Word> hstrips_;
   ScratchBuffer<uint32_t> hpairs_;  // H^T as bf16 pairs (kBf16Pairs)
   ScratchBuffer<float> logits_, wbuf_;
   ScratchBuffer<uint32_t> wpairs_;  // weight block rows as bf16 pairs (kBf16Pairs)
-  ScratchBuffer<float> wstrips_, stats_, dh_;
+  ScratchBuffer<Word> wstrips_;
+  ScratchBuffer<uint32_t> gpairs_;  // G rounded to bf16 pairs, two layouts per part (kPairs)
+  ScratchBuffer<float> stats_, dh_;
   int64_t t0_ = 0, nt_ = 0, tp_ = 0;
 };
 

@@ -50,7 +50,7 @@ int cosine_row_shift(const T* x, int64_t d) {
 
 // The packed codebook: panels of NR codes, d-major, plus the per-code bias added to -2 z.c. On levels with
 // the bf16 dot-product instruction, bf16 codebooks searched by L2 (whose codes are used as given, so they
-// stay exact in bf16) are packed as bf16 pairs instead and scanned with micro_tile_bf16.
+// stay exact in bf16) are packed as bf16 pairs instead and scanned with micro_tile's pair overload.
 struct PackedCodebook {
   int64_t panels;
   ScratchBuffer<float> values;    // [panels][d][NR] (fp32 path)
@@ -135,7 +135,7 @@ void pack_rows(const T* z, int64_t row0, int64_t rows, int64_t d, Metric metric,
 }
 
 // z rows [row0, row0 + rows) as bf16 pairs for the bf16 dot-product path (L2 only): row-major, [rows rounded
-// up to 32][d2], for AMX tiles (the A operand); else panels of MR rows, [d2][MR] per panel, for micro_tile_bf16.
+// up to 32][d2], for AMX tiles (the A operand); else panels of MR rows, [d2][MR] per panel, for micro_tile (pairs).
 template <typename T>
 void pack_z_pairs(const T* z, int64_t row0, int64_t rows, int64_t d, int64_t d2, bool amx, uint32_t* dst) {
   if constexpr (std::is_same_v<T, bf16>) {
@@ -179,7 +179,7 @@ void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t r
         [[maybe_unused]] const int64_t depth = std::min(KC / 2, d2 - p0);
         for (int64_t zp = 0; zp < z_panels; ++zp) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-          micro_tile_bf16(zpairs.data() + zp * d2 * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
+          micro_tile(zpairs.data() + zp * d2 * MR + p0 * MR, MR, 1, cpanel + p0 * NR, NR, depth,
                           tile.data() + zp * MR * NR, NR, p0 > 0);
 #endif
         }
