@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: test demo study bench build gpu gpu-wheels fa-suite clean
+.PHONY: test demo study bench build gpu gpu-wheels fa-suite isa-emulated clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ fa-suite: build
 	@test -n "$(FA_SOURCE)" || { echo "set FA_SOURCE=<flash-attn checkout or sdist>"; exit 2; }
 	$(PIP) install einops
 	$(PY) tests/flash_attn_suite/run.py --source $(FA_SOURCE) $(FA_SUITE_ARGS)
+
+# The kernel tests at the AVX-512 / AVX-512 BF16 / AMX levels on any AVX2 machine, through an emulated build
+# (slow; checks logic, not speed). FA_SOURCE, when set, adds FlashAttention's bf16 cases.
+isa-emulated: build
+	$(if $(FA_SOURCE),$(PIP) install einops)
+	$(PY) tests/emulated_levels.py $(if $(FA_SOURCE),--fa-source $(FA_SOURCE))
 
 # The recipe end to end on the built-in shapes world; writes out/demo/report.md (rerun to resume).
 demo: build

@@ -6,6 +6,8 @@ Environment knobs:
                        portable and picks AVX2 / AVX-512 kernels at load time from cpuid)
   CM3LEON_CUDA_ARCHS   CMake CUDA architectures (default "80;90a")
   MAX_JOBS             parallel compile jobs (default: all cores)
+  CM3LEON_EMULATE_ISA=1  test builds only: compile the AVX-512 and AMX kernel levels as AVX2 emulations (SIMDe,
+                       from the `test` extra's simde-py), so an AVX2 CPU runs them; never for real use
 """
 from __future__ import annotations
 
@@ -57,6 +59,15 @@ def _cutlass_include() -> str:
     return str(path) if path.is_dir() else ""
 
 
+def _simde_include() -> str:
+    try:
+        import simde_py
+    except ImportError as err:
+        raise RuntimeError("CM3LEON_EMULATE_ISA=1 needs SIMDe: pip install simde-py (the `test` extra)") from err
+    base = Path(simde_py.get_include())
+    return str(next(p for p in (base, base.parent) if (p / "simde/x86/avx512.h").exists()))
+
+
 def _want_cuda(torch) -> bool:
     forced = os.environ.get("CM3LEON_CUDA")
     has_nvcc = shutil.which("nvcc") is not None or Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
@@ -87,6 +98,8 @@ class CMakeBuild(build_ext):
             f"-DCM3LEON_NATIVE={'ON' if os.environ.get('CM3LEON_NATIVE') == '1' else 'OFF'}",
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
         ]
+        if os.environ.get("CM3LEON_EMULATE_ISA") == "1":
+            args += ["-DCM3LEON_EMULATE_ISA=ON", f"-DCM3LEON_SIMDE_INCLUDE={_simde_include()}"]
         if shutil.which("ninja"):
             args.append("-GNinja")
         if cuda:

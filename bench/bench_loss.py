@@ -1,7 +1,9 @@
 """Fused linear + cross-entropy vs F.linear + F.cross_entropy (+ backward), the plain PyTorch way.
 
 Main case: T 2048 tokens, D 1024, V 65536 (Chameleon's vocabulary), fp32, forward + backward (a training
-step's head) and forward only (evaluation loss). PyTorch materialises the [T, V] logits (512 MiB here) and,
+step's head) and forward only (evaluation loss). The training step also in bf16 at T 1024, D 1024, V 16384
+(PyTorch's bf16 matmul is slow on CPUs without bf16 instructions), beside the kernels forced to the avx512 level
+("cm3leon[avx512]", the fp32 products bf16 takes below avx512_bf16) where the CPU has it. PyTorch materialises the [T, V] logits (512 MiB here) and,
 for training, their gradient; the fused op keeps one chunk of logits. Peak memory is measured per call in a
 fresh process (bench/memory.py).
 """
@@ -10,17 +12,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cpu_path
 from memory import peak_extra_mib
 
 import cm3leon_kernels as ck
 
 MAIN = (2048, 1024, 65536)
+BF16_CASE = (1024, 1024, 16384)
 
 
-def _inputs(t: int, d: int, v: int):
+def _inputs(t: int, d: int, v: int, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(t, d, generator=g)
-    weight = torch.randn(v, d, generator=g) / d ** 0.5
+    hidden = torch.randn(t, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype)
     return hidden, weight, torch.randint(0, v, (t,), generator=g)
 
 
@@ -63,6 +67,16 @@ def test_linear_cross_entropy(benchmark, bench_record, impl, mode):
     matmuls = 3 if mode == "fwd+bwd" else 1
     bench_record(benchmark, case=f"linear_cross_entropy {mode} T={t} D={d} V={v} fp32", impl=impl,
                  work=matmuls * 2 * t * d * v, unit="GFLOP/s", peak_extra_mib=extra)
+    benchmark.pedantic(fn, rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["cm3leon", "cm3leon[avx512]", "torch-linear+cross_entropy"])
+def test_linear_cross_entropy_bf16(benchmark, bench_record, impl):
+    t, d, v = BF16_CASE
+    fn = cpu_path(impl, _train_step(IMPLS[impl.split("[")[0]], *_inputs(t, d, v, torch.bfloat16)))
+    fn()
+    bench_record(benchmark, case=f"linear_cross_entropy fwd+bwd T={t} D={d} V={v} bf16", impl=impl,
+                 work=3 * 2 * t * d * v, unit="GFLOP/s")
     benchmark.pedantic(fn, rounds=3, iterations=1)
 
 

@@ -16,6 +16,14 @@ import pytest
 import torch
 
 
+def pytest_sessionstart(session):
+    import cm3leon_kernels as ck
+
+    if ck.cpu_features().get("emulated"):
+        pytest.exit("this cm3leon_kernels build emulates its AVX-512 and AMX kernels (CM3LEON_EMULATE_ISA=1): "
+                    "timings would mean nothing", returncode=2)
+
+
 def record(benchmark, *, case: str, impl: str, work: float | None = None, unit: str | None = None,
            **extra) -> None:
     benchmark.group = case

@@ -164,6 +164,11 @@ pybind11::dict cpu_features() {
   f["supported"] = supported;
   f["isa"] = cm3leon::isa_name(cm3leon::active_isa());
   f["ops"] = ops;
+#if defined(CM3LEON_EMULATED_ISA)
+  f["emulated"] = true;  // a test build: the AVX-512 and AMX levels are AVX2 emulations
+#else
+  f["emulated"] = false;
+#endif
   return f;
 }
 

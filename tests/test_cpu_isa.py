@@ -189,6 +189,7 @@ def test_default_is_the_highest_supported_level():
         pytest.skip("CM3LEON_CPU_ISA is set")
     assert features["isa"] == features["supported"][-1]
     assert features["compiled"][0] == "baseline"
+    assert features["emulated"] is False  # only CM3LEON_EMULATE_ISA=1 test builds emulate levels
     for level in features["supported"]:
         assert all(features["cpu"][f] for f in NEEDS[level])
 
