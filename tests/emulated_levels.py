@@ -44,14 +44,22 @@ def build(workdir: Path) -> Path:
                     "--build-temp", str(workdir / "build")], cwd=ROOT, env=env, check=True)
     shutil.copytree(ROOT / "cm3leon_kernels", lib / "cm3leon_kernels", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    check = "import cm3leon_kernels as ck; assert ck.cpu_features()['emulated'], 'not the emulated build'"
-    subprocess.run([sys.executable, "-c", check], cwd=lib, env=run_env(lib, "avx2"), check=True)
     return lib
 
 
+def check_level(lib: Path, level: str) -> None:
+    """Fails unless a process started as the tests' are imports the emulated build and runs `level`."""
+    check = ("import cm3leon_kernels as ck; f = ck.cpu_features(); "
+             f"assert f['emulated'] and f['isa'] == {level!r}, f")
+    subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=run_env(lib, level), check=True)
+
+
 def run_env(lib: Path, level: str) -> dict[str, str]:
+    """The environment of every process of a run, test subprocesses included: the emulated build first on
+    the path, ahead of the working directory too (PYTHONSAFEPATH: a checkout's own cm3leon_kernels, the
+    regular build, would otherwise win in processes started there)."""
     path = os.pathsep.join(p for p in (str(lib), os.environ.get("PYTHONPATH", "")) if p)
-    return os.environ | {"PYTHONPATH": path, "CM3LEON_CPU_ISA": level}
+    return os.environ | {"PYTHONPATH": path, "PYTHONSAFEPATH": "1", "CM3LEON_CPU_ISA": level}
 
 
 def main() -> int:
@@ -68,17 +76,16 @@ def main() -> int:
     lib = build(args.workdir)
     outcomes = {}
     for level in levels:
-        # Run from lib: `python -m pytest` puts the working directory first on sys.path, ahead of the
-        # editable install, so the emulated build is the one imported.
+        check_level(lib, level)
         tests = [str(ROOT / "tests" / name) for name in KERNEL_TESTS]
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), *tests,
                *args.pytest_args]
-        outcomes[f"kernel tests at {level}"] = subprocess.run(cmd, cwd=lib, env=run_env(lib, level)).returncode
+        outcomes[f"kernel tests at {level}"] = subprocess.run(cmd, cwd=ROOT, env=run_env(lib, level)).returncode
         if args.fa_source:
             cmd = [sys.executable, str(ROOT / "tests/flash_attn_suite/run.py"), "--source", args.fa_source,
                    "--max-seqlen", "256", "--workdir", str(args.workdir / f"fa_{level}"), "--", "-k", FA_CASES]
             outcomes[f"FlashAttention's bf16 cases at {level}"] = \
-                subprocess.run(cmd, cwd=lib, env=run_env(lib, level)).returncode
+                subprocess.run(cmd, cwd=ROOT, env=run_env(lib, level)).returncode
     for what, code in outcomes.items():
         print(f"{what}: {'passed' if code == 0 else f'FAILED (exit {code})'}")
     return int(any(outcomes.values()))

@@ -53,10 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_isolated(code: str, *, timeout: float = 120.0, env: dict[str, str] | None = None
                  ) -> subprocess.CompletedProcess:
-    """Runs ``code`` in a fresh interpreter (this checkout's packages and the test support modules first on the
-    path), so a crash or a hang fails the calling test instead of killing pytest. Returns the
-    ``CompletedProcess`` (text output)."""
-    path = os.pathsep.join(filter(None, (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH"))))
+    """Runs ``code`` in a fresh interpreter (on the path: the caller's PYTHONPATH, then this checkout's
+    packages and the test support modules), so a crash or a hang fails the calling test instead of killing
+    pytest. Returns the ``CompletedProcess`` (text output)."""
+    path = os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), str(ROOT), str(ROOT / "tests"))))
     full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
