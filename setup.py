@@ -6,8 +6,8 @@ Environment knobs:
                        portable and picks AVX2 / AVX-512 kernels at load time from cpuid)
   CM3LEON_CUDA_ARCHS   CMake CUDA architectures (default "80;90a")
   MAX_JOBS             parallel compile jobs (default: all cores)
-  CM3LEON_EMULATE_ISA=1  test builds only: compile the AVX-512 and AMX kernel levels as AVX2 emulations (SIMDe,
-                       from the `test` extra's simde-py), so an AVX2 CPU runs them; never for real use
+  CM3LEON_EMULATE_ISA=1  test builds only: compile the AVX-512 and AMX kernel levels as AVX2 emulations
+                       (SIMDe, from the `test` extra's simde-py), so an AVX2 CPU runs them; never for real use
 """
 from __future__ import annotations
 

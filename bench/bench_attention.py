@@ -5,8 +5,8 @@ Cases and targets: causal forward fp32 and bf16 B=1 H=16 S=2048 D=64 (GFLOP/s, t
 each beside the same kernels forced to the avx2 and avx512 levels ("cm3leon[avx2]", "cm3leon[avx512]": the
 fp32 products that bf16 inputs take below the avx512_bf16 and amx_bf16 levels) where the CPU has them; decode
 fp32 B=8 H=16 D=64 over 4096 cached tokens (GB/s of K/V read, target >= 1.5x); causal backward fp32 and bf16
-(ratio, aim >= 1.0x; beside the forced levels too); the per-call overhead of a tiny decode call; and torch.mm as the machine's fp32 and bf16 matmul
-peak.
+(ratio, aim >= 1.0x; beside the forced levels too); the per-call overhead of a tiny decode call; and torch.mm
+as the machine's fp32 and bf16 matmul peak.
 
 CUDA cases (skipped without a GPU and a CUDA build): causal bf16 forward over 16k tokens
 (batch x seqlen) with 16 heads of dim 128 beside SDPA's flash backend and, when installed, the flash-attn

@@ -2,10 +2,10 @@
 
 Main case: T 2048 tokens, D 1024, V 65536 (Chameleon's vocabulary), fp32, forward + backward (a training
 step's head) and forward only (evaluation loss). The training step also in bf16 at T 1024, D 1024, V 16384
-(PyTorch's bf16 matmul is slow on CPUs without bf16 instructions), beside the kernels forced to the avx512 level
-("cm3leon[avx512]", the fp32 products bf16 takes below avx512_bf16) where the CPU has it. PyTorch materialises the [T, V] logits (512 MiB here) and,
-for training, their gradient; the fused op keeps one chunk of logits. Peak memory is measured per call in a
-fresh process (bench/memory.py).
+(PyTorch's bf16 matmul is slow on CPUs without bf16 instructions), beside the kernels forced to the avx512
+level ("cm3leon[avx512]", the fp32 products bf16 takes below avx512_bf16) where the CPU has it. PyTorch
+materialises the [T, V] logits (512 MiB here) and, for training, their gradient; the fused op keeps one
+chunk of logits. Peak memory is measured per call in a fresh process (bench/memory.py).
 """
 from __future__ import annotations
 

@@ -65,7 +65,8 @@ def run_env(lib: Path, level: str) -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default=",".join(LEVELS), help="comma-separated, of " + ", ".join(LEVELS))
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "cm3leon_emulated_levels")
+    parser.add_argument("--workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "cm3leon_emulated_levels")
     parser.add_argument("--fa-source", help="a flash-attn checkout or sdist: also run FA's bf16 cases")
     parser.add_argument("pytest_args", nargs="*", help="after --: passed to pytest (e.g. -k backward -x)")
     args = parser.parse_args()
@@ -80,12 +81,14 @@ def main() -> int:
         tests = [str(ROOT / "tests" / name) for name in KERNEL_TESTS]
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT), *tests,
                *args.pytest_args]
-        outcomes[f"kernel tests at {level}"] = subprocess.run(cmd, cwd=ROOT, env=run_env(lib, level)).returncode
+        env = run_env(lib, level)
+        outcomes[f"kernel tests at {level}"] = subprocess.run(cmd, cwd=ROOT, env=env).returncode
         if args.fa_source:
             cmd = [sys.executable, str(ROOT / "tests/flash_attn_suite/run.py"), "--source", args.fa_source,
-                   "--max-seqlen", "256", "--workdir", str(args.workdir / f"fa_{level}"), "--", "-k", FA_CASES]
-            outcomes[f"FlashAttention's bf16 cases at {level}"] = \
-                subprocess.run(cmd, cwd=ROOT, env=run_env(lib, level)).returncode
+                   "--max-seqlen", "256", "--workdir", str(args.workdir / f"fa_{level}"),
+                   "--", "-k", FA_CASES]
+            fa = subprocess.run(cmd, cwd=ROOT, env=env)
+            outcomes[f"FlashAttention's bf16 cases at {level}"] = fa.returncode
     for what, code in outcomes.items():
         print(f"{what}: {'passed' if code == 0 else f'FAILED (exit {code})'}")
     return int(any(outcomes.values()))
