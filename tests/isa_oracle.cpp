@@ -1,7 +1,7 @@
 // Torch-free check of the CPU kernel bodies of every compiled instruction-set level against a float64 oracle,
 // on random problems: attention forward (tiled and decode, dense, varlen, GQA, windows, softcap, ALiBi),
 // paged decode, attention backward, the fused linear + cross-entropy forward and backward, and the VQ
-// nearest-code search.
+// nearest-code search; and, bit for bit, the bf16 rounding helpers of the pair paths (tests/isa_rounding.cpp).
 //
 // Built by tests/test_isa_oracle.py from the kernel sources at each level with that level's flags, as a static
 // program, so it also runs under a CPU emulator (an AVX-512 body can then be checked on a host without
@@ -28,6 +28,11 @@
 
 using namespace cm3leon;
 namespace att = cm3leon::attention;
+
+namespace cm3leon {
+template <Isa I>
+int64_t bf16_rounding_mismatches(uint64_t seed, int64_t& checked);  // tests/isa_rounding.cpp
+}
 
 namespace {
 
@@ -500,6 +505,19 @@ void check_vq(DType t, const std::vector<int>& levels) {
   judge(std::string(buf) + " | distance", all, errors, max_abs(magnitude), DType::Float32);
 }
 
+// ---- bf16 rounding ----------------------------------------------------------------------------------------
+
+void check_rounding(uint64_t seed, const std::vector<int>& levels) {
+  for (int level : levels) {
+    int64_t bad = 0, checked = 0;
+    at_level(level, [&](auto isa) { bad = bf16_rounding_mismatches<decltype(isa)::value>(seed, checked); });
+    const bool ok = bad == 0 && checked > 0;
+    if (!ok) ++failures;
+    std::printf("bf16 rounding level %d: %lld of %lld words differ from bf16_pair %s\n", level, (long long)bad,
+                (long long)checked, ok ? "ok" : "FAIL");
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -507,7 +525,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s SEED CASES LEVEL... (levels: 1 avx2 ... 4 amx_bf16)\n", argv[0]);
     return 2;
   }
-  rng.seed(std::strtoull(argv[1], nullptr, 10));
+  const uint64_t seed = std::strtoull(argv[1], nullptr, 10);
+  rng.seed(seed);
   const int cases = std::atoi(argv[2]);
   std::vector<int> levels;
   for (int i = 3; i < argc; ++i) levels.push_back(std::atoi(argv[i]));
@@ -520,6 +539,7 @@ int main(int argc, char** argv) {
     check_loss(t, levels);
     check_vq(t, levels);
   }
+  check_rounding(seed, levels);
   std::printf("%d failed checks\n", failures);
   return failures ? 1 : 0;
 }

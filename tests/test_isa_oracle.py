@@ -1,8 +1,8 @@
 """The CPU kernel bodies of each instruction-set level against a float64 oracle, outside torch.
 
-tests/isa_oracle.cpp is built from the attention, loss and VQ kernel sources, once per level with that level's
-compiler flags (read from CMakeLists.txt), as one static program, and checks random problems at every level
-(see its header). A level this CPU lacks is compiled instead for the host's highest level with
+tests/isa_oracle.cpp is built from the attention, loss and VQ kernel sources (and tests/isa_rounding.cpp, the
+bf16 rounding helpers), once per level with that level's compiler flags (read from CMakeLists.txt), as one
+static program, and checks random problems at every level (see its header). A level this CPU lacks is compiled instead for the host's highest level with
 tests/isa_emulation.h forced in: SIMDe (the simde-py test dependency) implements the AVX-512 (and AVX-512
 BF16) intrinsics with AVX2 ones and AMX tiles are emulated in memory, so those bodies' logic (16 lanes, mask
 registers, the 6 x 32 micro-kernel tile, bf16 pairs, tile blocks) is checked on machines without them. On a
@@ -22,7 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Each family's sources and highest level (as in CMakeLists.txt's cm3leon_cpu_family calls).
 FAMILIES = {4: ["csrc/attention/attention_cpu.cpp", "csrc/attention/attention_decode_cpu.cpp",
-                "csrc/attention/attention_backward_cpu.cpp", "csrc/vq/vq_cpu.cpp", "csrc/loss/loss_cpu.cpp"]}
+                "csrc/attention/attention_backward_cpu.cpp", "csrc/vq/vq_cpu.cpp", "csrc/loss/loss_cpu.cpp",
+                "tests/isa_rounding.cpp"]}  # the last: the bf16 rounding helpers, checked per level
 LEVELS = {0: "baseline", 1: "avx2", 2: "avx512", 3: "avx512_bf16", 4: "amx_bf16"}
 EMULATION = Path(__file__).with_name("isa_emulation.h")
 
@@ -107,3 +108,4 @@ def test_every_level_against_float64(tmp_path):
     out = run_oracle(exe, levels, seed=int.from_bytes(os.urandom(4), "little"), cases=9)
     for level in levels:  # every level was really run and judged
         assert re.search(rf"level {level}: error \S+ \(limit \S+\) ok", out), f"level {level} never ran"
+        assert re.search(rf"bf16 rounding level {level}: 0 of [1-9]\d* words differ", out), out[-2000:]
