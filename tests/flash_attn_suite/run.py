@@ -32,6 +32,7 @@ import argparse
 import collections
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -189,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.workdir / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
     test_file = args.workdir / "test_flash_attn.py"
     test_file.write_text(rewrite(read_source(args.source)))
-    sys.path[:0] = [str(HERE), str(REPO)]
+    # The checkout ahead of an installed cm3leon_kernels, but PYTHONPATH ahead of both (a test build placed
+    # there on purpose: tests/emulated_levels.py).
+    sys.path[:0] = [str(HERE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)), str(REPO)]
 
     import pytest
 
