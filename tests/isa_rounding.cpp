@@ -10,7 +10,7 @@
 #include <random>
 #include <vector>
 
-#include "attention/attention_tiles.h"
+#include "common/micro_kernel.h"
 
 namespace cm3leon {
 
@@ -44,8 +44,6 @@ float stress_value(std::mt19937_64& rng) {
 
 template <>
 int64_t bf16_rounding_mismatches<kIsa>(uint64_t seed, int64_t& checked) {
-  using attention::round_col_pairs;
-  using attention::round_row_pairs;
   std::mt19937_64 rng(seed);
   int64_t bad = 0;
   checked = 0;

@@ -225,7 +225,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
             if (masked && !(n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc))) continue;
             if constexpr (pairs)
               micro_tile(kr.data() + blk + kr0 * row_words, 1, row_words, sc.qt2.data() + qc, BM, dp / 2,
-                              st + kr0 * BM + qc, BM, false);
+                         st + kr0 * BM + qc, BM, false);
             else
               micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
           }
@@ -269,7 +269,7 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
             k0 &= ~int64_t(1);
             k1 = round_up(k1, 2);
             micro_tile(sc.pt2.data() + k0 / 2 * BM + qr, BM, 1, vr.data() + blk + dc * BN / 2 + k0 / 2 * NR,
-                            NR, (k1 - k0) / 2, o + qr * dp + dc, dp, true);
+                       NR, (k1 - k0) / 2, o + qr * dp + dc, dp, true);
           } else {
             micro_tile(st + k0 * BM + qr, BM, 1, vr.data() + blk + dc * BN + k0 * NR, NR, k1 - k0,
                        o + qr * dp + dc, dp, true);

@@ -159,55 +159,6 @@ void pack_panels(const T* src, int64_t stride, int64_t rows, int64_t d, float sc
   }
 }
 
-// The bf16 twin of pack_strips for levels with bf16 dot products (pack_pair_rows and pack_pair_panels, the
-// twins of pack_rows and pack_panels, are in common/micro_kernel.h): the layout of pack_strips with pairs of
-// *rows* (keys 2i and 2i + 1 of a block) per element, dst[rows_pad / block][dp / NR][block / 2][NR] (V as the
-// B operand of O += P V); `block` is even.
-inline void pack_pair_strips(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad,
-                             int64_t block, int64_t dp, uint32_t* dst) {
-  for (int64_t r = 0; r < rows_pad; r += 2) {
-    uint32_t* out = dst + (r / block) * block * dp / 2 + (r % block) / 2 * NR;
-    for (int64_t c = 0; c < dp; ++c) {
-      const uint32_t lo = r < rows && c < d ? src[r * stride + c].bits : 0u;
-      const uint32_t hi = r + 1 < rows && c < d ? src[(r + 1) * stride + c].bits : 0u;
-      out[(c / NR) * block / 2 * NR + c % NR] = lo | hi << 16;
-    }
-  }
-}
-
-// Rows 2i and 2i + 1 of an fp32 tile (row stride ld) rounded to bf16 pairs: dst[i * ld + c] for i < rows / 2
-// (rows even), c < cols (P^T as the A operand of O += P V).
-inline void round_row_pairs(const float* src, int64_t ld, int64_t rows, int64_t cols, uint32_t* dst) {
-  for (int64_t i = 0; i < rows / 2; ++i) round_pairs(src + 2 * i * ld, src + (2 * i + 1) * ld, cols, dst + i * ld);
-}
-
-// The transpose of round_row_pairs for the AMX A operand: dst[c * ldd + i] = pair of rows 2i, 2i + 1 of
-// column c, for c < cols and i < rows_pad / 2; rows at or past `rows` count as 0.
-inline void round_col_pairs(const float* src, int64_t ld, int64_t rows, int64_t rows_pad, int64_t cols,
-                            uint32_t* dst, int64_t ldd) {
-  int64_t c0 = 0;
-#if CM3LEON_AVX512
-  // 16 pair rows x 16 columns at a time: the pairs as 16 vectors (one per pair row), transposed in registers.
-  if (rows_pad % 32 == 0)
-    for (; c0 + 16 <= cols; c0 += 16)
-      for (int64_t i0 = 0; i0 < rows_pad / 2; i0 += 16) {
-        __m512i v[16];
-        for (int k = 0; k < 16; ++k) {
-          const int64_t r = 2 * (i0 + k);
-          const __m512 lo = r < rows ? _mm512_loadu_ps(src + r * ld + c0) : _mm512_setzero_ps();
-          const __m512 hi = r + 1 < rows ? _mm512_loadu_ps(src + (r + 1) * ld + c0) : _mm512_setzero_ps();
-          v[k] = _mm512_or_si512(bf16_bits(lo), _mm512_slli_epi32(bf16_bits(hi), 16));
-        }
-        transpose_16x16(v);
-        for (int k = 0; k < 16; ++k) _mm512_storeu_si512(dst + (c0 + k) * ldd + i0, v[k]);
-      }
-#endif
-  for (int64_t c = c0; c < cols; ++c)
-    for (int64_t i = 0; i < rows_pad / 2; ++i)
-      dst[c * ldd + i] = bf16_pair(2 * i < rows ? src[2 * i * ld + c] : 0.f,
-                                   2 * i + 1 < rows ? src[(2 * i + 1) * ld + c] : 0.f);
-}
-
 // The keys query i of a segment sees, [lo(i), hi(i)) (empty when hi <= lo), and its converse: the queries
 // that see some key of [j0, j1) are [first_query(j0), end_query(j1)). Both bounds grow with i. The
 // diagonal of query i is i + shift; causal tightens window_right to 0.

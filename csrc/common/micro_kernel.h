@@ -74,8 +74,8 @@ inline void micro_tile(const float* a, int64_t lda, int64_t ars, const float* b,
 #endif
 }
 
-// Operands as bf16 pairs (two depth steps per uint32, bf16_pair) for micro_tile's pair overload and AMX tiles, values as
-// given; zero pairs past d (dp, the padded depth, is even) and past `rows`.
+// Operands as bf16 pairs (two depth steps per uint32, bf16_pair) for micro_tile's pair overload and AMX tiles,
+// values as given; zero pairs past d (dp, the padded depth, is even) and past `rows`.
 // pack_pair_rows: rows x d (row stride `stride`) -> [rows_pad][dp / 2], pairs along each row.
 inline void pack_pair_rows(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad, int64_t dp,
                            uint32_t* dst) {
@@ -90,6 +90,22 @@ inline void pack_pair_panels(const bf16* src, int64_t stride, int64_t rows, int6
   for (int64_t r = 0; r < rows_pad; ++r) {
     uint32_t* out = dst + (r / panel) * panel * (dp / 2) + r % panel;
     for (int64_t p = 0; p < dp / 2; ++p) out[p * panel] = r < rows ? bf16_pair(src + r * stride, 2 * p, d) : 0u;
+  }
+}
+
+// pack_pair_strips: the layout of attention's pack_strips (kMicroCols-column strips per block of `block`
+// rows) with pairs of *rows* (rows 2i and 2i + 1 of a block) per element,
+// dst[rows_pad / block][dp / kMicroCols][block / 2][kMicroCols] (V as the B operand of O += P V); `block` is
+// even.
+inline void pack_pair_strips(const bf16* src, int64_t stride, int64_t rows, int64_t d, int64_t rows_pad,
+                             int64_t block, int64_t dp, uint32_t* dst) {
+  for (int64_t r = 0; r < rows_pad; r += 2) {
+    uint32_t* out = dst + (r / block) * block * dp / 2 + (r % block) / 2 * kMicroCols;
+    for (int64_t c = 0; c < dp; ++c) {
+      const uint32_t lo = r < rows && c < d ? src[r * stride + c].bits : 0u;
+      const uint32_t hi = r + 1 < rows && c < d ? src[(r + 1) * stride + c].bits : 0u;
+      out[(c / kMicroCols) * block / 2 * kMicroCols + c % kMicroCols] = lo | hi << 16;
+    }
   }
 }
 
@@ -123,12 +139,46 @@ inline void round_neighbour_pairs(const float* src, int64_t n, uint32_t* dst) {
   for (; j < n; j += 2) dst[j / 2] = bf16_pair(src[j], src[j + 1]);
 }
 
+// Rows 2i and 2i + 1 of an fp32 tile (row stride ld) rounded to bf16 pairs: dst[i * ld + c] for i < rows / 2
+// (rows even), c < cols (P^T as the A operand of O += P V).
+inline void round_row_pairs(const float* src, int64_t ld, int64_t rows, int64_t cols, uint32_t* dst) {
+  for (int64_t i = 0; i < rows / 2; ++i) round_pairs(src + 2 * i * ld, src + (2 * i + 1) * ld, cols, dst + i * ld);
+}
+
+// The transpose of round_row_pairs for the AMX A operand: dst[c * ldd + i] = pair of rows 2i, 2i + 1 of
+// column c, for c < cols and i < rows_pad / 2; rows at or past `rows` count as 0.
+inline void round_col_pairs(const float* src, int64_t ld, int64_t rows, int64_t rows_pad, int64_t cols,
+                            uint32_t* dst, int64_t ldd) {
+  int64_t c0 = 0;
+#if CM3LEON_AVX512
+  // 16 pair rows x 16 columns at a time: the pairs as 16 vectors (one per pair row), transposed in registers.
+  if (rows_pad % 32 == 0)
+    for (; c0 + 16 <= cols; c0 += 16)
+      for (int64_t i0 = 0; i0 < rows_pad / 2; i0 += 16) {
+        __m512i v[16];
+        for (int k = 0; k < 16; ++k) {
+          const int64_t r = 2 * (i0 + k);
+          const __m512 lo = r < rows ? _mm512_loadu_ps(src + r * ld + c0) : _mm512_setzero_ps();
+          const __m512 hi = r + 1 < rows ? _mm512_loadu_ps(src + (r + 1) * ld + c0) : _mm512_setzero_ps();
+          v[k] = _mm512_or_si512(bf16_bits(lo), _mm512_slli_epi32(bf16_bits(hi), 16));
+        }
+        transpose_16x16(v);
+        for (int k = 0; k < 16; ++k) _mm512_storeu_si512(dst + (c0 + k) * ldd + i0, v[k]);
+      }
+#endif
+  for (int64_t c = c0; c < cols; ++c)
+    for (int64_t i = 0; i < rows_pad / 2; ++i)
+      dst[c * ldd + i] = bf16_pair(2 * i < rows ? src[2 * i * ld + c] : 0.f,
+                                   2 * i + 1 < rows ? src[(2 * i + 1) * ld + c] : 0.f);
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 // The same tile from bf16 operands with the AVX-512 BF16 dot-product instruction (vdpbf16ps), as an overload
 // so that a kernel body written against its packed word type (float, or uint32_t pairs) serves both: each
 // depth step is a *pair* of bf16 values packed in one uint32 (element 2p in the low half, 2p + 1 in the high
 // half), both products are exact in fp32 and accumulate in fp32, at twice the fp32 rate. `a` and `b` hold
-// pairs with the micro_tile layout (strides in pairs): c[r * ldc + j] (+)= sum_p dot(a[p * lda + r * ars], b[p * ldb + j]).
+// pairs with the micro_tile layout (strides in pairs):
+// c[r * ldc + j] (+)= sum_p dot(a[p * lda + r * ars], b[p * ldb + j]).
 // Subnormal bf16 inputs count as zero (the instruction's rule).
 constexpr bool kHasBf16Dot = true;
 inline void micro_tile(const uint32_t* a, int64_t lda, int64_t ars, const uint32_t* b, int64_t ldb,

@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention/attention_tiles.h"  // tanh_lanes, packing and pair rounding, round_up
+#include "attention/attention_tiles.h"  // tanh_lanes, pack_rows, pack_panels, pack_strips, round_up
 #include "common/parallel.h"
 #include "common/scratch.h"
 
@@ -25,12 +25,9 @@ using attention::kBf16Pairs;
 using attention::kLog2e;
 using attention::MR;
 using attention::NR;
-using attention::pack_pair_strips;
 using attention::pack_panels;
 using attention::pack_rows;
 using attention::pack_strips;
-using attention::round_col_pairs;
-using attention::round_row_pairs;
 using attention::round_up;
 
 constexpr int64_t kTokenAlign = std::lcm(MR, NR);  // chunks are padded to whole micro-kernel tiles
@@ -147,8 +144,8 @@ class Engine {
       const int64_t pairs = std::min(kDepth / 2, d2 - p0);
       for (int64_t tc = 0; tc < tp_; tc += NR)
         for (int64_t i = 0; i < nv; i += MR)
-          micro_tile(wp + i * d2 + p0, 1, d2, hpairs_.data() + tc * d2 + p0 * NR, NR, pairs,
-                          out + i * tp_ + tc, tp_, p0 > 0);
+          micro_tile(wp + i * d2 + p0, 1, d2, hpairs_.data() + tc * d2 + p0 * NR, NR, pairs, out + i * tp_ + tc,
+                     tp_, p0 > 0);
     }
   }
 
