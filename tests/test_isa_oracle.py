@@ -2,11 +2,11 @@
 
 tests/isa_oracle.cpp is built from the attention, loss and VQ kernel sources (and tests/isa_rounding.cpp, the
 bf16 rounding helpers), once per level with that level's compiler flags (read from CMakeLists.txt), as one
-static program, and checks random problems at every level (see its header). A level this CPU lacks is compiled instead for the host's highest level with
-tests/isa_emulation.h forced in: SIMDe (the simde-py test dependency) implements the AVX-512 (and AVX-512
-BF16) intrinsics with AVX2 ones and AMX tiles are emulated in memory, so those bodies' logic (16 lanes, mask
-registers, the 6 x 32 micro-kernel tile, bf16 pairs, tile blocks) is checked on machines without them. On a
-CPU with AVX-512 the real instructions run.
+static program, and checks random problems at every level (see its header). A level this CPU lacks is
+compiled instead for the host's highest level with tests/isa_emulation.h forced in: SIMDe (the simde-py test
+dependency) implements the AVX-512 (and AVX-512 BF16) intrinsics with AVX2 ones and AMX tiles are emulated in
+memory, so those bodies' logic (16 lanes, mask registers, the 6 x 32 micro-kernel tile, bf16 pairs, tile
+blocks) is checked on machines without them. On a CPU with AVX-512 the real instructions run.
 """
 from __future__ import annotations
 
