@@ -32,8 +32,8 @@ ATTN = "attn fwd causal {} B=1 H=16 S=2048 D=64"
 VQ = "vq_nearest N=16384 K=8192 D=256 {}"
 # (target, case, reference case, reference impl, minimum ratio of cm3leon's rate to the reference's)
 TARGETS = [
-    ("bf16 attention forward vs the bf16 matmul peak", ATTN.format("bf16"), "bf16 matmul peak (torch.mm 2048^3)",
-     "torch.mm", 0.5),
+    ("bf16 attention forward vs the bf16 matmul peak", ATTN.format("bf16"),
+     "bf16 matmul peak (torch.mm 2048^3)", "torch.mm", 0.5),
     ("bf16 attention forward vs SDPA", ATTN.format("bf16"), ATTN.format("bf16"), "torch.sdpa", 2.5),
     ("bf16 vq_nearest vs torch.mm bf16", VQ.format("bf16"), VQ.format("bf16"), "torch.mm-bf16", 0.5),
     ("fp32 attention forward vs SDPA", ATTN.format("fp32"), ATTN.format("fp32"), "torch.sdpa", 1.3),
@@ -76,7 +76,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=Path(tempfile.gettempdir()) / "cm3leon_cpu_targets.json",
                         help="where the benchmark results go")
-    parser.add_argument("--from-json", type=Path, help="judge an earlier run's results instead of benchmarking")
+    parser.add_argument("--from-json", type=Path,
+                        help="judge an earlier run's results instead of benchmarking")
     args = parser.parse_args()
     path = args.from_json or args.json
     if args.from_json is None:

@@ -9,7 +9,8 @@ import cpu_targets  # noqa: E402
 
 
 def _bench(case: str, impl: str, median: float, work: float = 1e9) -> dict:
-    return {"group": case, "name": case, "stats": {"median": median}, "extra_info": {"impl": impl, "work": work}}
+    return {"group": case, "name": case, "stats": {"median": median},
+            "extra_info": {"impl": impl, "work": work}}
 
 
 def test_targets_are_judged_by_rate_ratios():
