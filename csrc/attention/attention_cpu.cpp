@@ -192,14 +192,17 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
     sc.m.assign(size_t(BM), kNegInf); sc.l.assign(size_t(BM), 0.f); sc.alpha.resize(size_t(BM));
     sc.lo.resize(size_t(BM)); sc.hi.resize(size_t(BM)); sc.diag.resize(size_t(BM));
     const T* q_rows = q + ((sg.q_start + q0) * hq + h) * d;
+    const PackedWord<T>* qt;  // Q^T, [row_words][BM]
     if constexpr (pairs) {
       sc.qt2.resize(size_t(dp / 2 * BM)); sc.pt2.resize(size_t(BN / 2 * BM));
-      pack_pair_panels(q_rows, hq * d, rows, d, BM, BM, dp, sc.qt2.data());  // Q^T, unscaled
+      pack_pair_panels(q_rows, hq * d, rows, d, BM, BM, dp, sc.qt2.data());  // unscaled
+      qt = sc.qt2.data();
     } else {
       sc.qt.resize(size_t(dp * BM));
-      pack_panels(q_rows, hq * d, rows, d, qscale, BM, BM, dp, sc.qt.data());  // Q^T
+      pack_panels(q_rows, hq * d, rows, d, qscale, BM, BM, dp, sc.qt.data());
+      qt = sc.qt.data();
     }
-    float *qt = sc.qt.data(), *st = sc.st.data(), *o = sc.o.data();
+    float *st = sc.st.data(), *o = sc.o.data();
 
     for (int64_t n0 = k_begin; n0 < k_end; n0 += BN) {
       const int64_t cols = std::min(BN, k_end - n0), cols6 = round_up(cols, MR);
@@ -216,18 +219,15 @@ void forward_tiled(const Problem& pr, const T* q, const T* k, const T* v, T* out
       if constexpr (amx) {
         for (int64_t kr0 = 0; kr0 < cols; kr0 += 32)
           for (int64_t qc = 0; qc < rows16; qc += 32)
-            amx_block(kr.data() + blk + kr0 * row_words, row_words, sc.qt2.data() + qc, BM, dp / 2,
+            amx_block(kr.data() + blk + kr0 * row_words, row_words, qt + qc, BM, row_words,
                       st + kr0 * BM + qc, BM, false);
       } else {
         for (int64_t kr0 = 0; kr0 < cols6; kr0 += MR)
           for (int64_t qc = 0; qc < rows16; qc += NR) {
             const int64_t qe = std::min(qc + NR, rows) - 1;
             if (masked && !(n0 + kr0 < win.hi(q0 + qe) && n0 + kr0 + MR > win.lo(q0 + qc))) continue;
-            if constexpr (pairs)
-              micro_tile(kr.data() + blk + kr0 * row_words, 1, row_words, sc.qt2.data() + qc, BM, dp / 2,
-                         st + kr0 * BM + qc, BM, false);
-            else
-              micro_tile(kr.data() + blk + kr0 * dp, 1, dp, qt + qc, BM, dp, st + kr0 * BM + qc, BM, false);
+            micro_tile(kr.data() + blk + kr0 * row_words, 1, row_words, qt + qc, BM, row_words,
+                       st + kr0 * BM + qc, BM, false);
           }
       }
       if constexpr (pairs)
