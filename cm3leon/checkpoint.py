@@ -42,10 +42,22 @@ def load(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: 
         CheckpointError: the file is not a readable cm3leon checkpoint, its config is invalid, its tensors
             do not match the config (names, shapes, dtypes), or a checksum fails.
     """
+    _check_dtype(dtype)
     with TensorFile(path, kind=FORMAT, verify=verify, what="cm3leon checkpoint") as f:
         data = f.json_entry("config")
         config = _config(lambda: CM3LeonConfig.from_json(json.dumps(data)), f.error)
         return _build(config, f.index(), f.tensor, f.error, device=device, dtype=dtype)
+
+
+def _check_dtype(dtype: object) -> None:
+    """``dtype=`` is None or a weight dtype; checked before the file is read (``Module.to`` would otherwise
+    fail late with a RuntimeError about device strings for e.g. ``"float32"``)."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {type(dtype).__name__} {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(str(d) for d in WEIGHT_DTYPES)}, got {dtype}")
 
 
 def _config(make: Callable[[], CM3LeonConfig], error: Callable[[str], CheckpointError]) -> CM3LeonConfig:
@@ -129,6 +141,7 @@ def load_chameleon(path: str | os.PathLike, *, device: torch.device | str = "cpu
     not) into :class:`CM3Leon`. The image VQ-GAN weights (``model.vqmodel.*``) are not part of the language
     model and are skipped. Foreign files carry no checksums; everything else is validated as in :func:`load`
     (errors: :class:`CheckpointError`)."""
+    _check_dtype(dtype)
     root = Path(path)
     config_file = root / "config.json"
     if not config_file.is_file():

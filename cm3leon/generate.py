@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 import cm3leon_kernels as ck
 
+from ._checks import is_int
 from .kv_cache import KVCache
 from .model import CM3Leon
 
@@ -208,14 +209,21 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
 
 
 def _seed_list(seeds: int | Sequence[int], n: int) -> list[int]:
-    if hasattr(type(seeds), "__index__") and not isinstance(seeds, bool):  # an int or e.g. numpy.int64
+    if is_int(seeds):  # an int or e.g. numpy.int64
         seed_list = [operator.index(seeds) + i for i in range(n)]
-    elif isinstance(seeds, Sequence):
+    elif isinstance(seeds, Sequence) and not isinstance(seeds, (str, bytes)):
         seed_list = list(seeds)
     else:
         raise TypeError(f"seeds must be an int or a sequence of ints, got {type(seeds).__name__}")
     if len(seed_list) != n:
         raise ValueError(f"seeds must be an int or one seed per request ({n}), got {len(seed_list)}")
+    # torch.as_tensor would truncate a float seed and take a bool as 0/1 without a word
+    bad = next((i for i, s in enumerate(seed_list) if not is_int(s)), None)
+    if bad is not None:
+        raise TypeError(f"seeds[{bad}] must be an int, got {type(seed_list[bad]).__name__}")
+    seed_list = [operator.index(s) for s in seed_list]
+    if not all(-(1 << 63) <= s < 1 << 63 for s in seed_list):
+        raise ValueError(f"seeds must fit in int64, got {seed_list}")
     return seed_list
 
 

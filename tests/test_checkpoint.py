@@ -37,6 +37,17 @@ def test_load_rejects_mismatched_shapes_naming_the_tensor(tmp_path):
         load(tmp_path / "foreign.safetensors")
 
 
+
+@pytest.mark.parametrize("dtype,error", [("float32", TypeError), (torch.int64, ValueError),
+                                         (torch.float64, ValueError)])
+def test_load_checks_dtype_before_reading(tmp_path, dtype, error):
+    # a string used to reach Module.to and fail with a RuntimeError about device strings
+    save(small_model("cm3leon"), tmp_path / "m.safetensors")
+    with pytest.raises(error, match="dtype must be"):
+        load(tmp_path / "m.safetensors", dtype=dtype)
+    assert load(tmp_path / "m.safetensors", dtype=torch.bfloat16).embed.weight.dtype == torch.bfloat16
+
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -97,6 +97,12 @@ def test_world_argument_errors():
         ShapesWorld(32, min_objects=2, max_objects=1)
     with pytest.raises(ValueError, match="index"):
         ShapesWorld(32).scene(-1)
+    # a negative seed used to pass here and fail at the first scene with numpy's error; a float was truncated
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="seed"):
+            ShapesWorld(32, seed=bad)
+    with pytest.raises(ValueError, match="n must be a non-negative int"):
+        ShapesWorld(32).images(-1)
 
 
 def test_rendered_areas_and_colours_match_geometry():

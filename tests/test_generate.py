@@ -65,6 +65,14 @@ def test_integer_scalar_seed():
         generate(model, [[1, 2]], max_new_tokens=4, options=options, seeds=7.0)
 
 
+@pytest.mark.parametrize("seeds,error", [([0.5], TypeError), ([True], TypeError), ("7", TypeError),
+                                         ([1 << 63], ValueError)])
+def test_per_request_seeds_must_be_int64_ints(seeds, error):
+    # converted with torch.as_tensor, a float seed was truncated and a bool taken as 0/1 without a word
+    with pytest.raises(error, match="seeds"):
+        generate(small_model("cm3leon"), [[1, 2]], max_new_tokens=2, seeds=seeds)
+
+
 def test_stop_tokens_and_allowed_range():
     model = small_model("cm3leon")
     first = generate(model, [[1, 2, 3]], max_new_tokens=8, options=GREEDY)[0]

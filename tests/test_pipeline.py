@@ -153,6 +153,8 @@ def test_compiled_decode_step_gives_the_same_images():
     (lambda p: p.image_to_text(torch.zeros(1, 3, S, S)), ValueError, "uint8"),
     (lambda p: p.answer(WORLD.images(2), ["q"]), ValueError, "one question per image"),
     (lambda p: p.edit(WORLD.images(1), ["a", "b"]), ValueError, "one per image"),
+    (lambda p: p.edit(WORLD.images(1), "a", guidance_scale=3.0), TypeError, "guidance_scale must be a pair"),
+    (lambda p: p.grounded([("red circle", (9, 2, 3, 14))]), ValueError, r"box must have 0 <= x0 < x1"),
     (lambda p: p.grounded([]), TypeError, "boxes must be"),
     (lambda p: p.infill("a <mask>"), TypeError, "documents must be"),
 ])

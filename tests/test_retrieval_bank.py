@@ -116,6 +116,25 @@ def test_truncated_damaged_or_foreign_file_raises_naming_it(tmp_path):
         MemoryBank.load(tmp_path / "missing.st")
 
 
+@pytest.mark.parametrize("row", [5, -2])
+def test_file_pointing_at_a_missing_image_raises(tmp_path, row):
+    # checksums only prove the file is as written: a writer's bad image index escaped as IndexError (or,
+    # negative, silently gave another document's image)
+    from safetensors import safe_open
+
+    from cm3leon.integrity import save_tensor_file
+
+    bank = MemoryBank(16)
+    bank.add(_docs(6), _unit(6))
+    bank.save(tmp_path / "bank.st")
+    with safe_open(str(tmp_path / "bank.st"), framework="pt") as f:
+        tensors, params = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()["params"]
+    tensors["image_row"][0] = row
+    save_tensor_file(tmp_path / "bad.st", tensors, kind=bank_module._FORMAT, metadata={"params": params})
+    with pytest.raises(CheckpointError, match=r"bad\.st: inconsistent memory bank contents .*document 0"):
+        MemoryBank.load(tmp_path / "bad.st")
+
+
 def test_bad_input_names_the_argument():
     bank = MemoryBank(16)
     with pytest.raises(ValueError, match="bank is empty"):

@@ -88,6 +88,13 @@ def test_bad_input():
         RetrievalAugmentedSource(docs, source.retriever, vocabulary(), seed=0, max_seq_len=64, keep=0)
     with pytest.raises(TypeError, match="retriever must be a Retriever"):
         RetrievalAugmentedSource(docs, object(), vocabulary(), seed=0, max_seq_len=64)
+    # these used to pass the constructor and fail only when the first example was read
+    with pytest.raises(TypeError, match="vocabulary must be a Vocabulary"):
+        RetrievalAugmentedSource(docs, source.retriever, None, seed=0, max_seq_len=64)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        RetrievalAugmentedSource(docs, source.retriever, vocabulary(), seed=-1, max_seq_len=64)
+    with pytest.raises(ValueError, match="max_seq_len must be >= 3"):
+        RetrievalAugmentedSource(docs, source.retriever, vocabulary(), seed=0, max_seq_len=2)
 
 
 @pytest.mark.parametrize("data", ["shapes", "folder"])

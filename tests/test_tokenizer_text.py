@@ -78,6 +78,12 @@ def test_bad_input(tok):
         tok.encode("ab\ud800")
     with pytest.raises(ValueError, match="texts must be valid Unicode"):
         tok.encode_batch(["ok", "\udfff"])
+    with pytest.raises(TypeError, match="texts"):  # not a batch of one-character texts
+        tok.encode_batch("abc")
+    with pytest.raises(ValueError, match="min_frequency"):  # `tokenizers` raised a bare OverflowError
+        TextTokenizer.train(CORPUS, 300, -1)
+    with pytest.raises(ValueError, match="min_frequency"):
+        TextTokenizer.train(CORPUS, 300, min_frequency=1.5)
 
 
 def test_shapes_corpus_round_trips():

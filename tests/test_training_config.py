@@ -18,6 +18,21 @@ def test_presets_round_trip_through_toml_and_json(name, tmp_path):
     assert load_config(tmp_path / "run.json") == config
 
 
+@pytest.mark.parametrize("text", ["runs/\U0001f98e", "caf\u00e9", 'quote " and \\ backslash',
+                                  "tab\tnl\ndel\x7f", ""])
+def test_any_string_round_trips_through_toml(text):
+    # json.dumps wrote characters beyond U+FFFF as surrogate-pair escapes, which TOML refuses to read back
+    config = TrainingConfig().replace(out_dir=text)
+    assert config.to_toml().isascii()
+    assert TrainingConfig.from_toml(config.to_toml()) == config
+
+
+def test_null_model_overrides_raise():
+    # TOML has no null: such a config could be built from JSON but not written as config.toml
+    with pytest.raises(ValueError, match=r"model.overrides: \['n_kv_heads'\]"):
+        TrainingConfig.from_json('{"model": {"preset": "chameleon-7b", "overrides": {"n_kv_heads": null}}}')
+
+
 def test_sft_preset_scales_the_papers_sft_ratios_to_the_demo():
     pre, sft = load_config("demo-pretrain"), load_config("demo-sft")
     assert sft.stage == "sft" and sft.checkpoint.init_from.startswith(pre.out_dir)

@@ -153,7 +153,8 @@ class ShapesWorld:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, "
                              f"got min_objects={min_objects}, max_objects={max_objects}")
         self.image_size = image_size
-        self.seed = int(seed)
+        # numpy's seeding refuses negative keys only when the first scene is drawn, without naming seed
+        self.seed = check_int("seed", seed, 0)
         self.min_objects = min_objects
         self.max_objects = max_objects
 
@@ -189,7 +190,7 @@ class ShapesWorld:
 
     def images(self, n: int, start: int = 0) -> torch.Tensor:
         """Rendered scenes ``start .. start + n - 1`` as ``torch.uint8 [n, 3, H, W]`` (n may be 0)."""
-        if n == 0:
+        if check_int("n", n, 0) == 0:
             return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         return images_tensor(self.scenes(n, start))
 

@@ -325,6 +325,10 @@ class Pipeline:
              decoding: ImageDecoding = ImageDecoding(), seed: int | Sequence[int] = 0) -> ImageResult:
         """Text-guided editing with three-stream instruct guidance ``u + s_img·(img − u) + s_txt·(full − img)``
         (``guidance_scale = (s_img, s_txt)``) and top-p sampling."""
+        if isinstance(guidance_scale, (str, bytes)) or not isinstance(guidance_scale, Sequence) \
+                or len(guidance_scale) != 2:
+            raise TypeError(f"guidance_scale must be a pair (s_img, s_txt) for instruct guidance, "
+                            f"got {guidance_scale!r}")
         grids = self._grids(self._check_images(images, "images"))
         instructions = _as_list(instructions, "instructions", str)
         if len(instructions) != len(grids):

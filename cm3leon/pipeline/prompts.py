@@ -101,6 +101,9 @@ class PromptBuilder:
                     or len(obj[1]) != 4 or not all(is_int(c) for c in obj[1])):
                 raise ValueError(f"objects[{i}] must be (description, (x0, y0, x1, y1)) with int pixel "
                                  f"coordinates, got {obj!r}")
+            x0, y0, x1, y1 = obj[1]
+            if not (0 <= x0 < x1 and 0 <= y0 < y1):  # boxes are half-open pixel ranges, as in training
+                raise ValueError(f"objects[{i}] box must have 0 <= x0 < x1 and 0 <= y0 < y1, got {obj[1]}")
         text = grounded_prompt(objects)
         return GuidedPrompt(self._context(()) + self._text(text, "objects") + [self.vocabulary.break_id],
                             self._context(()) + self._masked(None, []))

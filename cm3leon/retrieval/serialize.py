@@ -60,6 +60,10 @@ def documents_from_tensors(tensors: dict[str, torch.Tensor]) -> list[RetrievalDo
     for i in range(n):
         text = text_bytes[text_off[i]:text_off[i + 1]].decode("utf-8") if has_text[i] else None
         ids = token_ids[token_off[i]:token_off[i + 1]].tolist() if has_tokens[i] else None
+        # out-of-range positions would raise IndexError (or, negative, silently pick another image)
+        if group[i] >= len(images) or group[i] >= 0 and not 0 <= row[i] < len(images[group[i]]):
+            raise ValueError(f"document {i} points at image {row[i]} of group {group[i]}, which does not "
+                             "exist")
         image = images[group[i]][row[i]] if group[i] >= 0 else None
         docs.append(RetrievalDocument(text, image, ids))
     return docs

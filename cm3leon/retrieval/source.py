@@ -72,7 +72,15 @@ class RetrievalAugmentedSource:
             if d.token_ids is None:
                 raise ValueError(f"retriever.bank.documents[{i}] has no token_ids (they are prepended to "
                                  "examples)")
+        # checked here, not when the first example is read (possibly in a loader's worker process)
+        if not isinstance(vocabulary, Vocabulary):
+            raise TypeError(f"vocabulary must be a Vocabulary, got {type(vocabulary).__name__}")
         seed = as_int("seed", seed)
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        max_seq_len = as_int("max_seq_len", max_seq_len)
+        if max_seq_len < 3:
+            raise ValueError(f"max_seq_len must be >= 3 (<eos> document <eos>), got {max_seq_len}")
         for name, value in (("per_modality", per_modality), ("keep", keep)):
             check_int(name, value, 1)
         self.queries, self.retriever, self.vocabulary = queries, retriever, vocabulary

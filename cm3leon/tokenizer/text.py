@@ -38,7 +38,7 @@ class TextTokenizer:
         self._tok = tokenizer
 
     @classmethod
-    def train(cls, corpus: Iterable[str], vocab_size: int = PAPER_TEXT_VOCAB_SIZE, *,
+    def train(cls, corpus: Iterable[str], vocab_size: int = PAPER_TEXT_VOCAB_SIZE,
               min_frequency: int = 2) -> TextTokenizer:
         """Learns BPE merges on ``corpus`` (an iterable of strings).
 
@@ -49,6 +49,7 @@ class TextTokenizer:
             min_frequency: a pair must occur this often to be merged.
         """
         check_int("vocab_size", vocab_size, _BYTE_ALPHABET)  # at least the byte alphabet
+        check_int("min_frequency", min_frequency, 0)  # `tokenizers` takes an unsigned int
         if isinstance(corpus, str):
             raise TypeError("corpus must be an iterable of strings, not a single string")
         tok = _byte_level_bpe()
@@ -73,6 +74,8 @@ class TextTokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Batched :meth:`encode` (runs in parallel inside ``tokenizers``)."""
+        if isinstance(texts, str):  # would be taken as a batch of one-character texts
+            raise TypeError("texts must be a sequence of strings, not a single string")
         texts = list(_checked_strings(texts, name="texts"))
         try:
             return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]

@@ -130,6 +130,10 @@ class ModelSection(_Section):
         unknown = sorted(set(self.overrides) - known)
         if unknown:
             raise ValueError(f"model.overrides has unknown CM3LeonConfig fields {unknown}")
+        nulls = sorted(k for k, v in self.overrides.items() if v is None)
+        if nulls:  # TOML has no null, so config.toml could not be written (or read back)
+            raise ValueError(f"model.overrides: {nulls} must be values, not null (TOML has no null); leave a "
+                             "field out to keep the preset's value")
         self.architecture(vocab_size=MODEL_PRESETS[self.preset].vocab_size)  # validates the override values
 
     def architecture(self, vocab_size: int) -> CM3LeonConfig:
@@ -382,12 +386,27 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")  # pragma: no cover
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string in ASCII (so the file reads back whatever the locale it was written in). Not
+    ``json.dumps``: JSON escapes characters beyond U+FFFF as surrogate pairs, which TOML refuses."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= code < 0x7F:
+            out.append(ch)
+        else:
+            out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 def _toml_table(name: str, values: dict[str, Any]) -> str:
