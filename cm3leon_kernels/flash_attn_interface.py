@@ -84,6 +84,14 @@ def _softcap(softcap: object) -> float:
     return max(cap, 0.0)  # FlashAttention: softcap <= 0 means no capping
 
 
+def _check_alibi(alibi_slopes: object) -> None:
+    # The op's schema would refuse a list or a number with a dispatcher RuntimeError instead.
+    if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(
+            f"alibi_slopes must be a float32 torch.Tensor or None, got {type(alibi_slopes).__name__}"
+        )
+
+
 def _results(out: torch.Tensor, lse: torch.Tensor, s_dmask, return_attn_probs: bool, return_lse: bool):
     if return_attn_probs and return_lse:
         raise ValueError(
@@ -125,6 +133,7 @@ def _dense(
 ):
     """The public functions' result (see _results); S_dmask is None unless dropout_p > 0."""
     _check_qkv(q, k, v, 4, names)
+    _check_alibi(alibi_slopes)
     p = _check_dropout(dropout_p)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"{names[1]}'s batch ({k.shape[0]}) must equal {names[0]}'s ({q.shape[0]})")
@@ -156,11 +165,16 @@ def _paged_keys(k, v, block_table, cu_seqlens_k):
     """Gathers the pages of a paged k/v ``(num_blocks, page_block_size, nheads_kv, headdim)`` into the packed
     ``(total_k, nheads_kv, headdim)`` layout of the varlen op (a differentiable gather)."""
     for name, t in (("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
             raise ValueError(
                 f"{name} must be (num_blocks, page_block_size, nheads_kv, headdim) with a "
-                f"block_table, got {getattr(t, 'shape', type(t).__name__)}"
+                f"block_table, got {tuple(t.shape)}"
             )
+    if k.shape != v.shape:
+        # Both are gathered with k's page size and block count: a v of another layout would be misread.
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if (
         not isinstance(block_table, torch.Tensor)
         or block_table.dtype != torch.int32
@@ -217,6 +231,7 @@ def _varlen(
 ):
     """As :func:`_dense` for packed documents."""
     _check_qkv(q, k, v, 3, names)
+    _check_alibi(alibi_slopes)
     p = _check_dropout(dropout_p)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
@@ -506,6 +521,16 @@ def flash_attn_with_kvcache(
         raise ValueError(f"tensors must be on one device, got {listed}")
     if dev.type not in _DEVICES:
         raise NotImplementedError(f"q is on {dev}; attention has kernels for {', '.join(_DEVICES)} only")
+    # The shapes are read below (capacity, default scale), before the C++ launcher's own checks.
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError(
+            f"q, k_cache, v_cache must be 4-D, got {list(q.shape)}, {list(k_cache.shape)}, "
+            f"{list(v_cache.shape)}"
+        )
+    if block_table is not None and block_table.dim() != 2:
+        raise ValueError(
+            f"block_table must be 2-D (batch, max_num_blocks_per_seq), got shape {list(block_table.shape)}"
+        )
     if isinstance(cache_seqlens, torch.Tensor):
         if cache_seqlens.device != dev:
             raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but q is on {dev}: use one device")
@@ -522,8 +547,17 @@ def flash_attn_with_kvcache(
         raise TypeError(
             f"cache_seqlens must be an int or an int32 tensor, got {type(cache_seqlens).__name__}"
         )
+    # As in FlashAttention, q and the new k/v may be strided (views of a fused qkv projection) and the block
+    # table a column slice of a larger one; the launcher wants them dense. The caches are written in place,
+    # so they must be contiguous already.
     if not q.is_contiguous():
         q = q.contiguous()
+    if k is not None and not k.is_contiguous():
+        k = k.contiguous()
+    if v is not None and not v.is_contiguous():
+        v = v.contiguous()
+    if block_table is not None and not block_table.is_contiguous():
+        block_table = block_table.contiguous()
     causal = bool(causal)
     left, right = _window(window_size, causal, _capacity(k_cache, block_table))  # FA compares with capacity
     # Positional in the schema's order (window_left, window_right, softcap, alibi_slopes, rotary_cos,

@@ -99,6 +99,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     for name, t in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         check_contiguous(name, t)
     ignore_index = as_int("ignore_index", ignore_index)
+    if not -(2**63) <= ignore_index < 2**63:  # the op's int64 argument (targets are int64 too)
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if not isinstance(reduction, str) or reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {tuple(_REDUCTIONS)}, got {reduction!r}")
     label_smoothing = _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0)

@@ -167,6 +167,12 @@ def test_varlen_block_table_gathers_pages():
         ck.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 5, 12, block_table=table[:, :2])
     with pytest.raises(TypeError, match="block_table"):
         ck.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 5, 12, block_table=table.long())
+    # v is gathered with k's page size: a v of another paged layout must not be silently misread
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        ck.flash_attn_varlen_func(q, kc, vc.view(blocks * 2, page // 2, 2, 16), cu_q, cu_k, 5, 12,
+                                  block_table=table)
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        ck.flash_attn_varlen_func(q, kc, vc.tolist(), cu_q, cu_k, 5, 12, block_table=table)
 
 
 def test_kvcache_defaults_and_positional_order_are_flash_attn_28s():
@@ -185,6 +191,44 @@ def test_kvcache_defaults_and_positional_order_are_flash_attn_28s():
         ck.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=3, alibi_slopes=torch.ones(2, device="meta"))
 
 
+def test_kvcache_takes_strided_new_kv_and_block_table_as_flash_attn():
+    g = torch.Generator().manual_seed(6)
+    qkv = torch.randn(2, 3, 3, 2, 16, generator=g)  # a fused projection: q, k, v are strided views
+    q, k, v = qkv.unbind(2)
+    kc, vc = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+    seqlens = torch.tensor([1, 4], dtype=torch.int32)
+    got = ck.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, causal=True)
+    kd, vd = torch.zeros(2, 8, 2, 16), torch.zeros(2, 8, 2, 16)
+    want = ck.flash_attn_with_kvcache(q.contiguous(), kd, vd, k.contiguous(), v.contiguous(),
+                                      cache_seqlens=seqlens, causal=True)
+    assert torch.equal(got, want) and torch.equal(kc, kd) and torch.equal(vc, vd)
+    # a column slice of a wider block table (FlashAttention needs only a dense last dimension)
+    kp, vp = torch.randn(6, 4, 2, 16, generator=g), torch.randn(6, 4, 2, 16, generator=g)
+    wide = torch.tensor([[4, 1, 0, 0], [2, 5, 0, 0]], dtype=torch.int32)
+    got = ck.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens + 3, block_table=wide[:, :2])
+    want = ck.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens + 3,
+                                      block_table=wide[:, :2].contiguous())
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [((2, 1, 2, 16), (10,), None), ((2, 1, 2, 16), (2, 10, 2, 16), (2,)), ((), (2, 10, 2, 16), None)],
+    ids=["1-D cache", "1-D block_table", "0-D q"],
+)
+def test_kvcache_wrong_rank_names_the_argument(shapes):
+    # The wrapper reads the cache's capacity and q's head dim before the launcher's checks: a tensor of the
+    # wrong rank must raise ValueError naming it, not IndexError from a shape lookup.
+    q_shape, cache_shape, table_shape = shapes
+    cache = torch.zeros(cache_shape)
+    table = None if table_shape is None else torch.zeros(table_shape, dtype=torch.int32)
+    with pytest.raises(ValueError, match="block_table" if table is not None else "4-D"):
+        ck.flash_attn_with_kvcache(torch.zeros(q_shape), cache, cache, cache_seqlens=1, block_table=table)
+
+
+_CU = (torch.tensor([0, 9], dtype=torch.int32), torch.tensor([0, 11], dtype=torch.int32), 9, 11)
+
+
 @pytest.mark.parametrize(
     "call,exc,match",
     [
@@ -194,6 +238,9 @@ def test_kvcache_defaults_and_positional_order_are_flash_attn_28s():
         (lambda q, k, v: ck.flash_attn_qkvpacked_func(q), ValueError, "qkv must be"),
         (lambda q, k, v: ck.flash_attn_kvpacked_func(q, k), ValueError, "kv must be"),
         (lambda q, k, v: ck.flash_attn_kvpacked_func(q, torch.stack([k, v], 2).half()), TypeError, "kv"),
+        (lambda q, k, v: ck.flash_attn_func(q, k, v, alibi_slopes=[0.5] * 4), TypeError, "alibi_slopes"),
+        (lambda q, k, v: ck.flash_attn_varlen_func(q[0], k[0], v[0], *_CU, alibi_slopes=0.5), TypeError,
+         "alibi_slopes"),
     ],
 )
 def test_errors_name_the_argument(call, exc, match):

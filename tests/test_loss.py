@@ -197,7 +197,8 @@ def test_bad_input_raises_naming_the_argument(case, entry):
 
 @pytest.mark.parametrize("kw,error", [({"reduction": "avg"}, ValueError), ({"softcap": 0.0}, ValueError),
                                       ({"ignore_index": 1.5}, TypeError), ({"z_loss": "1"}, TypeError),
-                                      ({"return_lse": 1}, TypeError)])
+                                      ({"return_lse": 1}, TypeError),
+                                      ({"ignore_index": 2**64}, ValueError)])  # past the op's int64
 def test_bad_python_scalars(kw, error):
     h, w, y, _ = _inputs(4, 4, 10)
     with pytest.raises(error, match=next(iter(kw))):

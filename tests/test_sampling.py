@@ -355,6 +355,20 @@ def test_opcheck():
     torch.library.opcheck(ops.cfg_sample.default, (xg, [2.0], 1.0, 5, 1.0, 0.0, 0, 97, None, 0, None, 0, None))
 
 
+def test_negative_step_raises_through_raw_ops_and_cpu_step_tensors():
+    # A negative step would wrap to stream position 2^64 - 1 instead of failing.
+    x = random_logits(2, batch=2, vocab=31)
+    ops = torch.ops.cm3leon
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        ops.cfg_sample(x[:, :1], [], 1.0, 0, 1.0, 0.0, 0, 31, None, 0, None, -1, None)
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        ops.contrastive_sample(x[:, 1], x[:, 0], 0.1, 1, 1.0, 1.0, 0, 31, None, 0, None, -3, None)
+    with pytest.raises(ValueError, match="step tensor must hold a value >= 0"):
+        cfg_sample(x, guidance_scale=2.0, seed=0, step=torch.tensor(-1))
+    with pytest.raises(ValueError, match="step tensor must hold a value >= 0"):
+        contrastive_sample(x[:, 1], x[:, 0], seed=0, step=torch.tensor(-2))
+
+
 def test_outputs_carry_no_gradient():
     x = random_logits(2, batch=3, vocab=50).requires_grad_()
     _, logprobs = cfg_sample(x, guidance_scale=2.0, seed=0, step=0, return_logprobs=True)

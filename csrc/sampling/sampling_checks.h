@@ -21,9 +21,12 @@ ContrastiveOptions check_contrastive_args(const at::Tensor& expert, const at::Te
 Vocab check_vocab(int64_t batch, int64_t vocab, int64_t range_lo, int64_t range_hi,
                   const std::optional<at::Tensor>& allowed_mask);
 
-// Checks the per-row seed tensor ([B] int64) and the step tensor (one int64).
-void check_seed_tensors(int64_t batch, const std::optional<at::Tensor>& seeds,
+// Checks the step (>= 0), the per-row seed tensor ([B] int64) and the step tensor (one int64).
+void check_seed_tensors(int64_t batch, const std::optional<at::Tensor>& seeds, int64_t step,
                         const std::optional<at::Tensor>& step_tensor);
+
+// The value of a CPU step tensor, checked >= 0 (a negative step would wrap to a far stream position).
+uint64_t host_step(const at::Tensor& step_tensor);
 
 // Throws the op's error for a bad row (no-op for RowStatus::Ok).
 void raise_row_error(const RowError& e, const char* input);

@@ -32,13 +32,13 @@ void check_device(const std::optional<at::Tensor>& t, const at::Device& device, 
 // here (a host read, no synchronisation).
 DeviceSeeds device_seeds(int64_t batch, int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
                          const std::optional<at::Tensor>& step_tensor, const at::Device& device) {
-  check_seed_tensors(batch, seeds, step_tensor);
+  check_seed_tensors(batch, seeds, step, step_tensor);
   check_device(seeds, device, "seed tensor");
   DeviceSeeds s{nullptr, seed, uint64_t(step), nullptr};
   if (seeds) s.per_row = seeds->data_ptr<int64_t>();
   if (step_tensor) {
     if (step_tensor->is_cpu()) {
-      s.step = uint64_t(step_tensor->item<int64_t>());
+      s.step = host_step(*step_tensor);
     } else {
       check_device(step_tensor, device, "step tensor");
       s.step_ptr = step_tensor->data_ptr<int64_t>();

@@ -29,8 +29,9 @@ Vocab check_vocab(int64_t batch, int64_t vocab, int64_t range_lo, int64_t range_
   return v;
 }
 
-void check_seed_tensors(int64_t batch, const std::optional<at::Tensor>& seeds,
+void check_seed_tensors(int64_t batch, const std::optional<at::Tensor>& seeds, int64_t step,
                         const std::optional<at::Tensor>& step_tensor) {
+  TORCH_CHECK_VALUE(step >= 0, "step must be >= 0, got ", step);
   if (seeds) {
     TORCH_CHECK_TYPE(seeds->scalar_type() == at::kLong, "seed tensor must be int64, got ", seeds->scalar_type());
     TORCH_CHECK_VALUE(seeds->dim() == 1 && seeds->size(0) == batch, "seed tensor must be [B] = [", batch,
@@ -42,6 +43,12 @@ void check_seed_tensors(int64_t batch, const std::optional<at::Tensor>& seeds,
                      step_tensor->scalar_type());
     TORCH_CHECK_VALUE(step_tensor->numel() == 1, "step tensor must hold one element, got ", step_tensor->sizes());
   }
+}
+
+uint64_t host_step(const at::Tensor& step_tensor) {
+  const int64_t step = step_tensor.item<int64_t>();
+  TORCH_CHECK_VALUE(step >= 0, "step tensor must hold a value >= 0, got ", step);
+  return uint64_t(step);
 }
 
 void raise_row_error(const RowError& e, const char* input) {
@@ -105,12 +112,12 @@ void check_on_cpu(const std::optional<at::Tensor>& t, const char* name) {
 
 SeedSpec host_seeds(int64_t batch, int64_t seed, const std::optional<at::Tensor>& seeds, int64_t step,
                     const std::optional<at::Tensor>& step_tensor) {
-  check_seed_tensors(batch, seeds, step_tensor);
+  check_seed_tensors(batch, seeds, step, step_tensor);
   check_on_cpu(seeds, "seed tensor");
   check_on_cpu(step_tensor, "step tensor");
   SeedSpec s{nullptr, seed, uint64_t(step)};
   if (seeds) s.per_row = seeds->data_ptr<int64_t>();
-  if (step_tensor) s.step = uint64_t(step_tensor->item<int64_t>());
+  if (step_tensor) s.step = host_step(*step_tensor);
   return s;
 }
 

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/amx.h"
@@ -206,6 +207,31 @@ void scan_block(const T* z, const PackedCodebook& codes, int64_t row0, int64_t r
   }
 }
 
+// When the fp32 expanded form can be wrong beyond rounding, an L2 row is searched again exactly:
+// - ||z|| >= 2^62 or a winner at distance >= 2^120: ||c||^2 or 2 z.c can overflow fp32, so a finite distance may
+//   score inf (or a far code -inf). Below both limits any code nearer than the winner has ||c|| < 2^63, whose
+//   score cannot overflow.
+// - a tiny row (||z||^2 < 2^-100) whose winner is at a distance in (0, 2^-100): the products underflow into fp32
+//   subnormals. A winner at distance 0 is exact (an equal code with a lower index would score the same).
+constexpr double kL2NormLimit = 0x1p62, kL2FarLimit = 0x1p120, kL2TinyLimit = 0x1p-100;
+
+// Such rows are searched exactly: every code's distance in double (no fp32 intermediate), lowest index on ties,
+// codes with NaN/inf entries skipped. Returns index -1 when no code has a finite distance.
+template <typename T>
+std::pair<int64_t, double> exact_l2_scan(const T* zr, const T* codebook, int64_t k, int64_t d) {
+  std::pair<int64_t, double> best{-1, std::numeric_limits<double>::infinity()};
+  for (int64_t code = 0; code < k; ++code) {
+    const T* cr = codebook + code * d;
+    double acc = 0.0;
+    for (int64_t p = 0; p < d; ++p) {
+      const double diff = double(to_float(zr[p])) - double(to_float(cr[p]));
+      acc += diff * diff;
+    }
+    if (acc < best.second) best = {code, acc};  // strict: NaN never wins, ties keep the lower index
+  }
+  return best;
+}
+
 template <typename T>
 int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, Metric metric,
                 int64_t* indices, float* distance, int threads) {
@@ -235,24 +261,32 @@ int64_t nearest(const T* z, const T* codebook, int64_t n, int64_t k, int64_t d, 
       const Best& other = partial[size_t(s * n + row)];
       if (other.score < b.score) b = other;
     }
+    const T* zr = z + row * d;
+    double acc = 0.0, zz = 0.0, cc = 0.0;
+    if (b.index >= 0) {
+      // Recompute the winner's distance directly (the expanded form cancels badly when z is close to c), in
+      // double: one O(d) pass per row, and the result is then correctly rounded to fp32 in practice.
+      const T* cr = codebook + b.index * d;
+      for (int64_t p = 0; p < d; ++p) {
+        const double zv = to_float(zr[p]), cv = to_float(cr[p]);
+        if (metric == Metric::L2) {
+          acc += (zv - cv) * (zv - cv); zz += zv * zv;
+        } else {
+          acc += zv * cv; zz += zv * zv; cc += cv * cv;
+        }
+      }
+    }
+    if (metric == Metric::L2 && (b.index < 0 || !(zz < kL2NormLimit * kL2NormLimit) || !(acc < kL2FarLimit)
+                                 || (acc > 0.0 && acc < kL2TinyLimit && zz < kL2TinyLimit))) {
+      const auto [index, exact] = exact_l2_scan(zr, codebook, k, d);
+      b.index = index;
+      acc = exact;
+    }
     if (b.index < 0) {  // every score was NaN or +inf
       ++non_finite;
       indices[row] = 0;
       distance[row] = std::numeric_limits<float>::quiet_NaN();
       continue;
-    }
-    // Recompute the winner's distance directly (the expanded form cancels badly when z is close to c), in
-    // double: one O(d) pass per row, and the result is then correctly rounded to fp32 in practice.
-    const T* zr = z + row * d;
-    const T* cr = codebook + b.index * d;
-    double acc = 0.0, zz = 0.0, cc = 0.0;
-    for (int64_t p = 0; p < d; ++p) {
-      const double zv = to_float(zr[p]), cv = to_float(cr[p]);
-      if (metric == Metric::L2) {
-        acc += (zv - cv) * (zv - cv);
-      } else {
-        acc += zv * cv; zz += zv * zv; cc += cv * cv;
-      }
     }
     const float dist = float(metric == Metric::L2 ? acc
                              : (zz > 0.0 && cc > 0.0) ? 1.0 - acc / (std::sqrt(zz) * std::sqrt(cc)) : 1.0);
