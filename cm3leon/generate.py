@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 import cm3leon_kernels as ck
 
-from ._checks import is_int
+from ._checks import check_int, is_int
 from .kv_cache import KVCache
 from .model import CM3Leon
 
@@ -49,6 +49,13 @@ class SamplingOptions:
     contrastive: bool = False
     cd_alpha: float = 0.1
     cd_k: int = 1
+
+    def __post_init__(self) -> None:
+        # Options are grouped by hashing them: a list here failed later as "unhashable type: 'list'".
+        for name in ("guidance_scale", "allowed_range"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
 
 
 def _prefill(model: CM3Leon, rows: list[Prompt], cache: KVCache, vocab_range: tuple[int, int] | None
@@ -143,31 +150,31 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
     n = len(prompts)
     if n == 0:
         return []
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every <= 0:
-        raise ValueError(f"stop_check_every must be a positive int, got {stop_check_every!r}")
-    streams: list[Sequence[Prompt]] = [prompts]
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+    stop_check_every = check_int("stop_check_every", stop_check_every, 1)
+    streams = [("prompts", prompts)]
     if image_conditional_prompts is not None:
         if unconditional_prompts is None:
             raise ValueError("image_conditional_prompts needs unconditional_prompts too (three-stream CFG)")
-        streams = [unconditional_prompts, image_conditional_prompts, prompts]
+        streams = [("unconditional_prompts", unconditional_prompts),
+                   ("image_conditional_prompts", image_conditional_prompts), ("prompts", prompts)]
     elif unconditional_prompts is not None:
-        streams = [unconditional_prompts, prompts]
-    for stream in streams:
+        streams = [("unconditional_prompts", unconditional_prompts), ("prompts", prompts)]
+    for _, stream in streams:
         if len(stream) != n:
             raise ValueError(f"every stream needs one prompt per request ({n}), got {len(stream)}")
     n_streams = len(streams)
     device = model.embed.weight.device
     groups, vocab_range = _option_groups(options, n, n_streams, device, allowed_mask is not None,
                                          model.config.vocab_size)
-    rows = [list(p) for stream in streams for p in stream]  # stream-major: row = stream * n + request
+    # stream-major: row = stream * n + request
+    rows = [_token_list(f"{name}[{i}]", p) for name, stream in streams for i, p in enumerate(stream)]
     longest = max(len(r) for r in rows) + max_new_tokens
     if longest > model.config.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {longest} exceeds the model's max_seq_len "
                          f"{model.config.max_seq_len}")
     seed_t = torch.as_tensor(_seed_list(seeds, n), dtype=torch.int64, device=device)
-    stops = torch.as_tensor(list(stop_tokens), dtype=torch.long, device=device)
+    stops = torch.as_tensor(_stop_list(stop_tokens, model.config.vocab_size), dtype=torch.long, device=device)
     if allowed_mask is not None:
         if not isinstance(allowed_mask, torch.Tensor) or allowed_mask.dtype != torch.bool \
                 or allowed_mask.shape != (model.config.vocab_size,):
@@ -208,7 +215,30 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
     return [out[i, : lengths[i]].tolist() for i in range(n)]
 
 
+def _token_list(name: str, tokens: Prompt) -> list[int]:
+    """One prompt as Python ints: torch.tensor(dtype=long) would truncate float ids and take bools as 0/1."""
+    if hasattr(tokens, "tolist") and hasattr(tokens, "ndim"):  # a tensor or numpy array
+        tokens = tokens.tolist()
+    if not isinstance(tokens, Sequence) or isinstance(tokens, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of token ids, got {type(tokens).__name__}")
+    bad = next((j for j, t in enumerate(tokens) if not is_int(t)), None)
+    if bad is not None:
+        raise TypeError(f"{name}[{bad}] must be an int token id, got {tokens[bad]!r}")
+    return [operator.index(t) for t in tokens]
+
+
+def _stop_list(stop_tokens: Sequence[int], vocab_size: int) -> list[int]:
+    stops = _token_list("stop_tokens", stop_tokens)
+    # an id the model cannot sample would never stop anything: most likely a vocabulary mix-up
+    bad = next((t for t in stops if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"stop_tokens must be ids in [0, {vocab_size}), got {bad}")
+    return stops
+
+
 def _seed_list(seeds: int | Sequence[int], n: int) -> list[int]:
+    if hasattr(seeds, "tolist") and hasattr(seeds, "ndim"):  # a tensor or numpy array (or numpy scalar)
+        seeds = seeds.tolist()
     if is_int(seeds):  # an int or e.g. numpy.int64
         seed_list = [operator.index(seeds) + i for i in range(n)]
     elif isinstance(seeds, Sequence) and not isinstance(seeds, (str, bytes)):

@@ -9,6 +9,7 @@ Three entry points share the weights:
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from torch import nn
 
 import cm3leon_kernels as ck
 
+from ._checks import is_int
 from .config import CM3LeonConfig
 from .kv_cache import KVCache
 from .layers import FeedForward, HeadNorm, Rotary, fuse_linears, make_norm, transpose_linears
@@ -268,6 +270,11 @@ class CM3Leon(nn.Module):
                        device: torch.device | str | None = None) -> KVCache:
         """A zeroed KV cache for ``batch`` rows of up to ``max_len`` (default ``max_seq_len``) positions."""
         max_len = self.config.max_seq_len if max_len is None else max_len
+        # bools are refused (True was a one-position cache), floats named instead of failing in torch.zeros
+        for name, value in (("batch", batch), ("max_len", max_len)):
+            if not is_int(value):
+                raise TypeError(f"allocate_cache: {name} must be an int, got {type(value).__name__}")
+        batch, max_len = operator.index(batch), operator.index(max_len)
         if batch < 0 or max_len < 1:
             raise ValueError(f"allocate_cache needs batch >= 0 and max_len >= 1, got batch={batch}, "
                              f"max_len={max_len}")

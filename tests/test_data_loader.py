@@ -84,3 +84,34 @@ def test_missing_or_empty_captions_and_bad_images(tmp_path):
         ImageCaptionFolder(tmp_path, captions="caps.json")
     with pytest.raises(ValueError, match="image_size"):
         ImageCaptionFolder(tmp_path, image_size=0)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\x85"])
+def test_unicode_line_separators_inside_captions_stay_in_their_line(tmp_path, separator):
+    # json.dumps(ensure_ascii=False) writes these unescaped; str.splitlines() used to cut the entry in two
+    entry = json.dumps({"image": "images/000000.png", "caption": f"a{separator}b"}, ensure_ascii=False)
+    _write(tmp_path, entry, GOOD)
+    folder = ImageCaptionFolder(tmp_path)
+    assert [text for _, text in folder.items] == [f"a{separator}b", "ok"]
+
+
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    _write(tmp_path, GOOD)
+    bad = b'{"image": "images/000000.png", "caption": "\xff"}'
+    (tmp_path / "captions.jsonl").write_bytes(GOOD.encode() + b"\n" + bad + b"\n")
+    with pytest.raises(ValueError, match=r"captions\.jsonl:2: not UTF-8"):
+        ImageCaptionFolder(tmp_path)
+    (tmp_path / "caps.json").write_bytes(b'[{"image": "images/000000.png", "caption": "\xff"}]')
+    with pytest.raises(ValueError, match=r"caps\.json: not UTF-8"):
+        ImageCaptionFolder(tmp_path, captions="caps.json")
+
+
+def test_sizes_and_counts_must_be_ints(tmp_path):
+    _write(tmp_path, GOOD)
+    with pytest.raises(ValueError, match="image_size"):  # True used to give 1-pixel images
+        ImageCaptionFolder(tmp_path, image_size=True)
+    assert ImageCaptionFolder(tmp_path, image_size=np.int64(8))[0][0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="size"):
+        load_image(tmp_path / "images/000000.png", 0)
+    with pytest.raises(ValueError, match="n must be"):  # used to write a captions file without entries
+        export_shapes_folder(ShapesWorld(32, seed=0), tmp_path / "none", n=0)

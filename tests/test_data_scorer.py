@@ -105,6 +105,8 @@ def test_caption_match():
     wrong = text.replace(a.colour, "blue" if a.colour != "blue" else "red", 1)
     assert caption_match(wrong, scene) == 0.5
     assert caption_match("a picture of nothing", scene) == 0.0
+    with pytest.raises(TypeError, match="text must be a str"):  # was an AttributeError on .lower
+        caption_match(None, scene)
 
 
 def test_vqa_accuracy_and_answers_from_images():
@@ -115,6 +117,8 @@ def test_vqa_accuracy_and_answers_from_images():
     assert vqa_accuracy(["The Red.", "no"], ["red", "yes"]) == 0.5
     with pytest.raises(ValueError, match="length"):
         vqa_accuracy(["a"], [])
+    with pytest.raises(TypeError, match="predictions must be a list"):  # scored letter by letter: 2/3
+        vqa_accuracy("rod", "red")
 
 
 def test_grounding_iou():

@@ -103,6 +103,13 @@ def test_world_argument_errors():
             ShapesWorld(32, seed=bad)
     with pytest.raises(ValueError, match="n must be a non-negative int"):
         ShapesWorld(32).images(-1)
+    # int() took 2.7 as scene 2 and True as scene 1
+    for bad in (2.7, True):
+        with pytest.raises(ValueError, match="index must be"):
+            ShapesWorld(32).scene(bad)
+        with pytest.raises(ValueError, match="index must be"):
+            make_example(ShapesWorld(32), bad, "caption")
+    assert ShapesWorld(32).scene(np.int64(2)) == ShapesWorld(32).scene(2)
 
 
 def test_rendered_areas_and_colours_match_geometry():
@@ -249,3 +256,5 @@ def test_sft_examples_round_robin():
     assert exs[0].segments()[0] == make_example(world, 3, TASKS[3 % len(TASKS)]).segments()[0]
     with pytest.raises(ValueError, match="task"):
         make_example(world, 0, "poetry")
+    with pytest.raises(TypeError, match="sequence of task names"):  # was "task ... got 'c'"
+        sft_examples(world, 3, tasks="caption")

@@ -36,3 +36,10 @@ def test_verdict_needs_the_difference_to_exceed_both_intervals():
     assert verdict([2.0, 2.1, 2.0], [3.0, 3.1, 3.0], higher_is_better=False) == "yes"
     with pytest.raises(ValueError):
         verdict([], [1.0])
+
+
+@pytest.mark.parametrize("scale,error", [("huge", ValueError), (None, TypeError), (3, TypeError)])
+def test_unknown_scales_are_refused_before_any_work(tmp_path, scale, error):
+    with pytest.raises(error, match="scale"):
+        run_demo(tmp_path / "demo", scale, progress=False)
+    assert not (tmp_path / "demo").exists()

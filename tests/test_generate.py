@@ -208,3 +208,32 @@ def test_identical_prompts_are_prefilled_once_with_the_same_results(monkeypatch)
     got = generate(model, prompts, unconditional_prompts=uncond, max_new_tokens=5, options=options)
     assert batches[0] == (3, 4)  # distinct rows: [3], [5, 9, 1, 33], [7, 8]
     assert got == [_greedy_reference(model, p, 5, u, 2.5) for p, u in zip(prompts, uncond)]
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    # converted with torch.tensor(dtype=long), float ids were truncated and bools taken as 0/1 without a word
+    (dict(prompts=[[1.7, 2.2]]), TypeError, r"prompts\[0\]\[0\] must be an int"),
+    (dict(prompts=[[1, True]]), TypeError, r"prompts\[0\]\[1\] must be an int"),
+    (dict(prompts=[[1]], unconditional_prompts=[[0.5]]), TypeError, r"unconditional_prompts\[0\]\[0\]"),
+    (dict(prompts=["ab"]), TypeError, r"prompts\[0\] must be a sequence"),
+    (dict(prompts=[[1]], stop_tokens=[2.5]), TypeError, r"stop_tokens\[0\] must be an int"),
+    (dict(prompts=[[1]], stop_tokens=5), TypeError, "stop_tokens must be a sequence"),
+    (dict(prompts=[[1]], stop_tokens=[97]), ValueError, r"stop_tokens must be ids in \[0, 97\)"),
+    (dict(prompts=[[1]], stop_tokens=[-1]), ValueError, "stop_tokens"),
+    (dict(prompts=[[1], [2]], seeds=np.array([1.5, 2.0])), TypeError, r"seeds\[0\] must be an int"),
+])
+def test_prompt_stop_and_seed_values_are_checked(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        generate(small_model("cm3leon"), max_new_tokens=2, **kwargs)
+
+
+def test_array_inputs_and_list_options_mean_the_same_as_python_values():
+    model = small_model("cm3leon")
+    options = SamplingOptions(temperature=1.0, allowed_range=(40, 50))
+    want = generate(model, [[1, 2], [3]], max_new_tokens=3, options=options, seeds=[4, 9], stop_tokens=[45])
+    # arrays of seeds used to fail inside operator.index; a list allowed_range as "unhashable type: 'list'"
+    assert generate(model, [torch.tensor([1, 2]), np.array([3])], max_new_tokens=np.int64(3),
+                    options=SamplingOptions(temperature=1.0, allowed_range=[40, 50]), seeds=np.array([4, 9]),
+                    stop_tokens=torch.tensor([45])) == want
+    assert generate(model, [[1, 2], [3]], max_new_tokens=3, options=options, seeds=torch.tensor([4, 9]),
+                    stop_tokens=[45]) == want

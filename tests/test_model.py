@@ -133,3 +133,13 @@ def test_torch_compile_fullgraph_decode_step_mutates_the_cache():
             torch.testing.assert_close(step(tokens, compiled_cache), model.step(tokens, eager_cache))
     assert compiled_cache.seqlens.tolist() == [5, 5]
     assert torch.equal(compiled_cache.k, eager_cache.k) and torch.equal(compiled_cache.v, eager_cache.v)
+
+
+@pytest.mark.parametrize("batch,max_len,match", [
+    (2.0, 8, "batch must be an int"), (True, 8, "batch must be an int"),
+    (1, 8.5, "max_len must be an int"), (1, True, "max_len must be an int"),
+])
+def test_cache_sizes_must_be_ints(batch, max_len, match):
+    # floats failed inside torch.zeros without naming the argument; max_len=True gave a one-position cache
+    with pytest.raises(TypeError, match=match):
+        small_model("cm3leon").allocate_cache(batch, max_len)

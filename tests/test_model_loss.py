@@ -98,6 +98,8 @@ def test_loss_under_bf16_autocast_reduces_in_float32():
     (lambda t, y, w: (t, y, w[:-1]), ValueError, "loss_weights"),
     (lambda t, y, w: (t, y.float(), w), TypeError, "targets"),
     (lambda t, y, w: (t, y, w.long()), TypeError, "loss_weights"),
+    # the loss kernel's own check (no host-device synchronisation in the model)
+    (lambda t, y, w: (t, y + 97, w), IndexError, r"targets\[0\] = \d+ is not in \[0, 97\)"),
 ])
 def test_bad_input(change, error, match):
     model = small_model("cm3leon")

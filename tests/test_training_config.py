@@ -127,3 +127,6 @@ def test_command_line_prints_the_resolved_config_and_rejects_bad_values(capsys, 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n'
                                             '{"step": 2, "loss": 2.5, "val_loss": 2.7}\n')
     assert main(["--plot", str(tmp_path)]) == 0 and (tmp_path / "loss.png").is_file()
+    with pytest.raises(SystemExit) as exit_info:  # used to end in a FileNotFoundError traceback
+        main(["--plot", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err

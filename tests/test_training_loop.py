@@ -223,3 +223,19 @@ def test_init_from_a_previous_run_takes_its_weights_only(tmp_path):
         assert second.step == 0 and not second.optimizer.state
     with pytest.raises(ValueError, match="init_from"):
         Trainer(_config(tmp_path / "x", f"checkpoint.init_from='{tmp_path / 'sft'}'"), data=fake_data())
+
+
+def test_init_from_a_damaged_or_foreign_weights_file_raises(tmp_path):
+    # the file was read with safetensors' load_file: a flipped byte loaded silently, a truncated file raised
+    # SafetensorError and another model's weights a RuntimeError from load_state_dict
+    Trainer(_config(tmp_path / "pre", "schedule.steps=1", "schedule.warmup=0"), data=fake_data()).fit()
+    data = bytearray((tmp_path / "pre" / "model.safetensors").read_bytes())
+    data[-8] ^= 0xFF
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    (tmp_path / "cut.safetensors").write_bytes(bytes(data[:100]))
+    cm3leon.save(cm3leon.CM3Leon(cm3leon.preset("tiny", vocab_size=700)), tmp_path / "other.safetensors")
+    for name, match in (("flipped", "fails its checksum"), ("cut", "cut.safetensors"),
+                        ("other", "init_from.*do not fit the model.*'embed.weight'")):
+        with pytest.raises(ValueError, match=match):
+            Trainer(_config(tmp_path / name, f"checkpoint.init_from='{tmp_path / name}.safetensors'"),
+                    data=fake_data())

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import check_int
 from .shapes import ShapesWorld, caption, render
 
 CAPTIONS_JSONL = "captions.jsonl"
@@ -72,6 +73,8 @@ def read_captions(root: str | PathLike, captions: str = CAPTIONS_JSONL) -> list[
     if file.suffix == ".json":
         try:
             entries = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file}: not UTF-8 text: {err}") from err
         except json.JSONDecodeError as err:
             raise ValueError(f"{file}: invalid JSON: {err}") from err
         if not isinstance(entries, list):
@@ -79,7 +82,13 @@ def read_captions(root: str | PathLike, captions: str = CAPTIONS_JSONL) -> list[
         items = [_check_entry(e, root, f"{file}[{i}]") for i, e in enumerate(entries)]
     else:
         items = []
-        for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        # JSON Lines ends lines with "\n" only: str.splitlines() would also split inside captions holding
+        # U+2028 or U+0085, which json.dumps(ensure_ascii=False) writes unescaped.
+        for lineno, raw in enumerate(file.read_bytes().split(b"\n"), start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{file}:{lineno}: not UTF-8 text: {err}") from err
             if not line.strip():
                 continue
             try:
@@ -95,6 +104,7 @@ def read_captions(root: str | PathLike, captions: str = CAPTIONS_JSONL) -> list[
 def load_image(path: str | PathLike, size: int) -> torch.Tensor:
     """Read an image as RGB, resize its shorter side to ``size`` (bicubic) and centre-crop to
     ``torch.uint8 [3, size, size]``."""
+    size = check_int("size", size, 1)
     Image = _pil()
     try:
         with Image.open(path) as im:
@@ -122,10 +132,8 @@ class ImageCaptionFolder(Dataset):
     """
 
     def __init__(self, root: str | PathLike, image_size: int = 32, captions: str = CAPTIONS_JSONL) -> None:
-        if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         self.root = Path(root)
-        self.image_size = image_size
+        self.image_size = check_int("image_size", image_size, 1)  # True would give 1-pixel images
         self.items = read_captions(self.root, captions)
 
     def __len__(self) -> int:
@@ -139,6 +147,8 @@ class ImageCaptionFolder(Dataset):
 def export_shapes_folder(world: ShapesWorld, root: str | PathLike, n: int, start: int = 0) -> Path:
     """Write scenes ``start .. start + n - 1`` of ``world`` as ``root/images/{index:06d}.png`` plus
     ``root/captions.jsonl``. Returns the captions file path."""
+    check_int("n", n, 1)  # n <= 0 wrote a captions file without entries
+    check_int("start", start, 0)
     Image = _pil()
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)

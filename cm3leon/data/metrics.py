@@ -59,6 +59,8 @@ def prompt_alignment(image: ImageLike, scene: Scene) -> float:
 def parse_caption(text: str) -> list[Attributes]:
     """Objects named in a caption of the shapes grammar (``"a large red circle in the top left and ..."``);
     the size word is optional (``None`` when absent). Case- and whitespace-insensitive."""
+    if not isinstance(text, str):  # e.g. None from a failed generation: not an AttributeError on .lower
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
     norm = " ".join(text.lower().split())
     return [(m[1], m[2], m[3], _PHRASE_TO_POSITION[m[4]]) for m in _OBJECT_RE.finditer(norm)]
 

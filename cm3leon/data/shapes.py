@@ -160,9 +160,7 @@ class ShapesWorld:
 
     def rng(self, index: int) -> np.random.Generator:
         """The random generator of scene ``index`` (keyed by ``(seed, index)``)."""
-        if index < 0:
-            raise ValueError(f"index must be >= 0, got {index}")
-        return np.random.default_rng([self.seed, int(index)])
+        return np.random.default_rng([self.seed, check_int("index", index, 0)])
 
     def sample_scene(self, rng_or_index: np.random.Generator | int) -> Scene:
         """Sample a scene from a numpy Generator, or deterministically from an integer scene index."""
@@ -182,7 +180,8 @@ class ShapesWorld:
 
     def scene(self, index: int) -> Scene:
         """Scene number ``index`` of this world (same as ``sample_scene(index)``)."""
-        return self.sample_scene(int(index))
+        # int() would truncate 2.7 to scene 2 (and take True as scene 1) without a word
+        return self.sample_scene(check_int("index", index, 0))
 
     def scenes(self, n: int, start: int = 0) -> list[Scene]:
         """Scenes ``start .. start + n - 1``."""

@@ -174,6 +174,8 @@ def sft_examples(world: ShapesWorld, n: int, start: int = 0,
                  tasks: tuple[str, ...] = TASKS) -> list[Example]:
     """``n`` examples with tasks balanced round-robin: example ``i`` is task ``tasks[i % len(tasks)]``
     on scene ``i`` (``i`` from ``start``)."""
+    if isinstance(tasks, str):  # iterating it would try the task "c", "a", ...
+        raise TypeError(f"tasks must be a sequence of task names, got the string {tasks!r}")
     if not tasks:
         raise ValueError("tasks must not be empty")
     return [make_example(world, i, tasks[i % len(tasks)]) for i in range(start, start + n)]

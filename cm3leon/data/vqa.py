@@ -128,6 +128,9 @@ def normalize_answer(answer: str) -> str:
 
 def vqa_accuracy(predictions: list[str], answers: list[str]) -> float:
     """Exact-match accuracy of predicted answers after :func:`normalize_answer`."""
+    for name, value in (("predictions", predictions), ("answers", answers)):
+        if isinstance(value, str):  # would be scored character by character
+            raise TypeError(f"{name} must be a list of answers, got the string {value!r}")
     if len(predictions) != len(answers):
         raise ValueError(f"predictions ({len(predictions)}) and answers ({len(answers)}) differ in length")
     if not answers:

@@ -33,6 +33,8 @@ def run_demo(out_dir: str | Path = "out/demo", scale: str | DemoScale = "demo", 
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {sorted(SCALES)}, got {scale!r}")
         scale = SCALES[scale]
+    elif not isinstance(scale, DemoScale):  # failed later as an AttributeError on .seeds
+        raise TypeError(f"scale must be a SCALES name or a DemoScale, got {type(scale).__name__}")
     out_dir = Path(out_dir)
     results = {}
     for seed in scale.seeds:

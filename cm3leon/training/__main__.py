@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot is not None:
         from .observe import plot_metrics
 
-        print(plot_metrics(args.plot / "metrics.jsonl", args.plot / "loss.png"))
+        metrics = args.plot / "metrics.jsonl"
+        if not metrics.is_file():  # a bad argument: exit status 2, not a traceback
+            parser.error(f"--plot {args.plot}: no metrics.jsonl there")
+        print(plot_metrics(metrics, args.plot / "loss.png"))
         return 0
     try:
         config = load_config(args.config, args.overrides)

@@ -221,9 +221,18 @@ def load_model_weights(model: torch.nn.Module, source: str | os.PathLike, runtim
     used. Used to start SFT from a pretraining run."""
     path = Path(source)
     if path.is_file():
-        from safetensors.torch import load_file
+        # cm3leon.load checks the file's format, config and checksums (a damaged file used to load silently)
+        # and raises cm3leon.CheckpointError (a ValueError) naming it.
+        from cm3leon.checkpoint import load
 
-        full = load_file(str(path))
+        full = load(path).state_dict()
+        expected = {name: tuple(t.shape) for name, t in get_model_state_dict(model).items()}
+        found = {name: tuple(t.shape) for name, t in full.items()}
+        if found != expected:
+            diff = sorted(n for n in expected.keys() | found.keys() if expected.get(n) != found.get(n))
+            raise ValueError(f"checkpoint.init_from={str(source)!r}: its weights do not fit the model "
+                             f"(e.g. {diff[0]!r}: {found.get(diff[0])} in the file, {expected.get(diff[0])} "
+                             f"in the model)")
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
         return path
     if not _STEP_DIR.match(path.name):
