@@ -25,7 +25,14 @@ __all__ = [
 
 
 def _check_indices(indices: object) -> torch.Tensor:
-    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype.is_floating_point:
+    # bool tensors are masks, not positions: index_select would refuse them with a less helpful error.
+    if (
+        not isinstance(indices, torch.Tensor)
+        or indices.dim() != 1
+        or indices.dtype.is_floating_point
+        or indices.dtype.is_complex
+        or indices.dtype == torch.bool
+    ):
         raise TypeError(
             f"indices must be a 1-D integer tensor, got "
             f"{getattr(indices, 'dtype', type(indices).__name__)} {tuple(getattr(indices, 'shape', ()))}"
@@ -47,12 +54,20 @@ def index_first_axis(input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor
     return _check_rows("input", input).index_select(0, _check_indices(indices))
 
 
+def _count(name: str, x: object) -> int:
+    n = as_int(name, x)
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return n
+
+
 def index_put_first_axis(values: torch.Tensor, indices: torch.Tensor, first_axis_dim: int) -> torch.Tensor:
     """A zero tensor of ``first_axis_dim`` rows with ``values`` written at rows ``indices`` (the inverse of
     :func:`index_first_axis`)."""
     values, indices = _check_rows("values", values), _check_indices(indices)
-    out = values.new_zeros((as_int("first_axis_dim", first_axis_dim), *values.shape[1:]))
-    return out.index_copy(0, indices, values)
+    out = values.new_zeros((_count("first_axis_dim", first_axis_dim), *values.shape[1:]))
+    # index_copy wants int64 positions; flash-attn also accepts int32 ones here.
+    return out.index_copy(0, indices.long(), values)
 
 
 class _IndexWithResidual(torch.autograd.Function):
@@ -148,6 +163,6 @@ def unpad_input_for_concatenated_sequences(
 def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
     """The inverse of :func:`unpad_input`: ``(total, ...)`` back to ``(batch, seqlen, ...)``, zeros at
     padding."""
-    batch, seqlen = as_int("batch", batch), as_int("seqlen", seqlen)
+    batch, seqlen = _count("batch", batch), _count("seqlen", seqlen)
     out = index_put_first_axis(hidden_states, indices, batch * seqlen)
     return out.view(batch, seqlen, *out.shape[1:])

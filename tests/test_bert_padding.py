@@ -70,6 +70,18 @@ def test_concatenated_sequences_become_separate_documents():
     assert torch.equal(bp.pad_input(packed, indices, 3, 6)[:, :5], x[:, :5])
 
 
+def test_pad_input_accepts_int32_indices():
+    # flash-attn's pad_input/index_put_first_axis take int32 positions as well as int64 ones.
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    mask = _mask([2, 3], 3)
+    packed, indices, *_ = bp.unpad_input(x, mask)
+    packed.requires_grad_(True)
+    back = bp.pad_input(packed, indices.int(), 2, 3)
+    assert torch.equal(back, bp.pad_input(packed, indices, 2, 3))
+    back.sum().backward()
+    assert torch.equal(packed.grad, torch.ones_like(packed))
+
+
 @pytest.mark.parametrize(
     "call,exc,match",
     [
@@ -77,6 +89,13 @@ def test_concatenated_sequences_become_separate_documents():
         (lambda: bp.index_first_axis(torch.randn(4, 2), torch.tensor([0.5])), TypeError, "indices"),
         (lambda: bp.index_first_axis(torch.tensor(4.0), torch.tensor([0])), ValueError, "input"),
         (lambda: bp.pad_input(torch.randn(2, 3), torch.tensor([0, 1]), 2.0, 2), TypeError, "batch"),
+        (lambda: bp.pad_input(torch.randn(2, 3), torch.tensor([0, 1]), 2, -2), ValueError, "seqlen"),
+        (
+            lambda: bp.index_put_first_axis(torch.randn(1, 3), torch.tensor([0]), -1),
+            ValueError,
+            "first_axis_dim",
+        ),
+        (lambda: bp.index_first_axis(torch.randn(2, 3), torch.tensor([True, False])), TypeError, "indices"),
         (
             lambda: bp.unpad_input_for_concatenated_sequences(
                 torch.randn(1, 3, 2), torch.tensor([[2, 2, 0]])

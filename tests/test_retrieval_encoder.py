@@ -135,6 +135,19 @@ def test_infonce_decreases_on_a_tiny_run():
     assert not result.encoder.training
 
 
+def test_temperature_scale_is_capped_at_exactly_100():
+    # exp(log 100) in float32 is 100.0000076: the documented cap must still hold.
+    enc = tiny_encoder()
+    with torch.no_grad():
+        enc.logit_scale.fill_(10.0)
+    assert enc.temperature_scale().item() <= 100.0
+    with torch.no_grad():
+        enc.logit_scale.fill_(1.0)
+    scale = enc.temperature_scale()
+    scale.backward()
+    torch.testing.assert_close(enc.logit_scale.grad, scale.detach())  # below the cap: d exp(x) / dx
+
+
 def test_contrastive_loss_is_symmetric_infonce():
     i = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
     t = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)

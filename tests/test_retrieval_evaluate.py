@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from cm3leon.data import POSITIONS, ShapesWorld, caption, images_tensor
@@ -26,6 +27,14 @@ def test_chance_recall_matches_enumerating_every_ranking():
         want[k] = sum(sum(h) / len(h) for h in hits) / len(hits)
     got = chance_recall(same, ks=(1, 2))
     assert all(abs(got[k] - want[k]) < 1e-12 for k in (1, 2))
+
+
+def test_recall_at_k_beyond_the_item_count_ranks_every_item():
+    # A held-out set smaller than the largest k (evaluate --test 3) still has a top 5: all of its items.
+    sim = torch.tensor([[0.1, 0.9, 0.3], [0.5, 0.2, 0.1]])
+    same = torch.tensor([[True, False, False], [False, False, True]])
+    assert recall(sim, same, ks=(1, 5)) == {1: 0.0, 5: 1.0}
+    assert chance_recall(same, ks=(1, 5)) == pytest.approx({1: 1 / 3, 5: 1.0})
 
 
 def test_attribute_sharing():

@@ -140,6 +140,16 @@ def test_features_it_cannot_honour_raise():
         attention_forward(attn, q, k, v, torch.zeros(1, 1, 3, 3))
 
 
+def test_trainer_loss_kwargs_reach_attention_and_are_accepted():
+    # Trainer passes num_items_in_batch (gradient accumulation) to the forward of models taking **kwargs,
+    # and models hand every such keyword on to the attention function.
+    ref, ours = _pair(_llama)
+    ids = torch.randint(4, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    kw = dict(input_ids=ids, labels=ids, num_items_in_batch=torch.tensor(7), output_router_logits=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**kw).loss, ref(**kw).loss, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_dropout_while_training_is_flash_attn_dropout():
     _, ours = _pair(_llama)
     attn = ours.model.layers[0].self_attn

@@ -94,7 +94,9 @@ class DualEncoder(nn.Module):
 
     def temperature_scale(self) -> torch.Tensor:
         """``1 / temperature`` (at most 100)."""
-        return self.logit_scale.clamp(max=math.log(100.0)).exp()
+        # exp(float32(log 100)) rounds to 100.0000076: clamp the result too, so the cap holds exactly (the
+        # first clamp keeps exp finite, so its gradient is never 0 * inf).
+        return self.logit_scale.clamp(max=math.log(100.0)).exp().clamp(max=100.0)
 
     def encode_images(self, images: torch.Tensor, *, drop: float = 0.0,
                       generator: torch.Generator | None = None) -> torch.Tensor:

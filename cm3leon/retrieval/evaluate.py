@@ -37,8 +37,9 @@ KS = (1, 5)
 
 
 def recall(sim: torch.Tensor, same: torch.Tensor, ks: Sequence[int] = KS) -> dict[int, float]:
-    """Fraction of queries (rows of ``sim`` [Q, T]) with a correct item (``same`` [Q, T]) in their top k."""
-    top = sim.topk(max(ks), dim=1).indices
+    """Fraction of queries (rows of ``sim`` [Q, T]) with a correct item (``same`` [Q, T]) in their top k (all
+    ``T`` items when k > T)."""
+    top = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices
     hits = same.gather(1, top)
     return {k: float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
 
@@ -51,7 +52,7 @@ def chance_recall(same: torch.Tensor, ks: Sequence[int] = KS) -> dict[int, float
     out = {}
     for k in ks:
         miss = torch.ones_like(m)
-        for j in range(k):
+        for j in range(min(k, t)):  # a top k beyond the T items holds all of them
             miss = miss * (t - m - j).clamp(min=0) / (t - j)
         out[k] = float((1 - miss).mean())
     return out

@@ -30,7 +30,8 @@ __all__ = ["NAME", "attention_forward", "register"]
 NAME = "cm3leon"
 
 # Keyword arguments transformers' models forward to every attention function that carry nothing this
-# function must act on (bookkeeping for caches and generation); anything else not in the signature raises.
+# function must act on (bookkeeping for caches, generation, outputs and the loss: Trainer passes
+# num_items_in_batch to every forward); anything else not in the signature raises.
 _IGNORED_KWARGS = frozenset(
     {
         "cache_position",
@@ -42,6 +43,8 @@ _IGNORED_KWARGS = frozenset(
         "return_dict",
         "output_hidden_states",
         "logits_to_keep",
+        "num_items_in_batch",
+        "output_router_logits",
     }
 )
 
