@@ -130,3 +130,20 @@ def test_command_line_prints_the_resolved_config_and_rejects_bad_values(capsys, 
     with pytest.raises(SystemExit) as exit_info:  # used to end in a FileNotFoundError traceback
         main(["--plot", str(tmp_path / "missing")])
     assert exit_info.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.mode='ddp'", "needs a process group: launch with torchrun"),
+    ("checkpoint.init_from='{missing}'", "does not exist"),
+])
+def test_command_line_refuses_a_config_this_launch_cannot_run(override, message, capsys, tmp_path, monkeypatch):
+    # Both used to end in a traceback with exit status 1; init_from only after the data was prepared.
+    from cm3leon.training.__main__ import main
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    overrides = [override.format(missing=tmp_path / "missing"), f"out_dir='{tmp_path / 'run'}'"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "tiny-pretrain", *sum((["--set", o] for o in overrides), [])])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing was prepared or written

@@ -46,9 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(config.to_toml())
         return 0
+    from .runtime import LaunchError
     from .trainer import Trainer
 
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except LaunchError as err:  # e.g. parallel.mode='ddp' without torchrun: a command-line mistake
+        parser.error(str(err))
     try:
         summary = trainer.fit(resume=args.resume)
     finally:

@@ -62,6 +62,11 @@ class Runtime:
             dist.destroy_process_group()
 
 
+class LaunchError(ValueError):
+    """The config cannot run in this process as launched (parallel mode without torchrun, a missing device or
+    ``checkpoint.init_from`` path): raised before any work; the command line exits with status 2."""
+
+
 def init_runtime(parallel: ParallelSection) -> Runtime:
     """Joins (or creates, under torchrun) the process group ``parallel.mode`` needs and picks the device.
 
@@ -71,15 +76,15 @@ def init_runtime(parallel: ParallelSection) -> Runtime:
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = parallel.device == "cuda" or (parallel.device == "auto" and torch.cuda.is_available())
     if parallel.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("parallel.device='cuda' but CUDA is not available")
+        raise LaunchError("parallel.device='cuda' but CUDA is not available")
     owns = False
     if parallel.mode == "none":
         if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or world_env > 1:
-            raise ValueError("parallel.mode='none' under a multi-process launch: set parallel.mode to 'ddp' "
+            raise LaunchError("parallel.mode='none' under a multi-process launch: set parallel.mode to 'ddp' "
                              "or 'fsdp'")
     elif not dist.is_initialized():
         if "RANK" not in os.environ:
-            raise ValueError(f"parallel.mode={parallel.mode!r} needs a process group: launch with torchrun "
+            raise LaunchError(f"parallel.mode={parallel.mode!r} needs a process group: launch with torchrun "
                              "(torchrun --nproc-per-node N -m cm3leon.training ...)")
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
         dist.init_process_group(backend)

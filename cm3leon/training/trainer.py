@@ -28,7 +28,7 @@ from .checkpointing import CheckpointManager, load_model_weights
 from .config import TrainingConfig
 from .data import TrainingData, make_loader
 from .observe import MetricsLog, matmul_peak_flops, plot_metrics, train_flops
-from .runtime import Runtime, init_runtime, rng_state, set_rng_state
+from .runtime import LaunchError, Runtime, init_runtime, rng_state, set_rng_state
 
 __all__ = ["NonFiniteLossError", "Trainer", "lr_at"]
 
@@ -126,6 +126,9 @@ class Trainer:
         _check_optional_packages(config)
         if config.threads:
             torch.set_num_threads(config.threads)
+        init_from = config.checkpoint.init_from
+        if init_from and not Path(init_from).exists():  # checked before the data, which can take minutes
+            raise LaunchError(f"checkpoint.init_from={init_from!r} does not exist")
         self.runtime: Runtime = init_runtime(config.parallel)
         self.out_dir = Path(config.out_dir)
         if data is None:
