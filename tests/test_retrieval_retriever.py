@@ -1,6 +1,7 @@
 """The retrieval strategy: relevance, modality preference, the 0.9 rule, no duplicates, query dropout."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,3 +161,8 @@ def test_inference_counts_and_bad_input():
         Retriever(retriever.encoder, MemoryBank(8), tokenizer())
     with pytest.raises(ValueError, match="query_dropout"):
         Retriever(retriever.encoder, retriever.bank, tokenizer(), query_dropout=1.5)
+    with pytest.raises(TypeError, match="query_dropout"):
+        Retriever(retriever.encoder, retriever.bank, tokenizer(), query_dropout="0.5")
+    # numpy floats are numbers too (they used to be refused)
+    assert Retriever(retriever.encoder, retriever.bank, tokenizer(), query_dropout=np.float32(0.25)).query_dropout \
+        == 0.25

@@ -6,6 +6,8 @@ generator reproduces the same queries.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 __all__ = ["check_fraction", "drop_tokens", "num_dropped", "patch_keep_indices"]
@@ -13,7 +15,9 @@ __all__ = ["check_fraction", "drop_tokens", "num_dropped", "patch_keep_indices"]
 
 def check_fraction(fraction: float, name: str = "fraction") -> float:
     """Validates a dropout fraction in [0, 1)."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):  # numpy floats count
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(fraction).__name__}")
+    if not 0.0 <= fraction < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {fraction!r}")
     return float(fraction)
 
