@@ -111,6 +111,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--task {args.task} writes images: give --out grid.png")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UsageError(f"--out {args.out}: its folder does not exist")
+    if args.out and os.path.isdir(args.out):  # else an IsADirectoryError after all the sampling
+        raise UsageError(f"--out {args.out}: is a folder; give the PNG file to write")
+    if args.task == "grounded" and not args.box:
+        raise UsageError("--task grounded needs --box, e.g. --box 'large red circle:2,2,14,14'")
     needs_prompt = args.task != "caption" and args.task != "grounded"
     if needs_prompt and not args.prompt:
         raise UsageError(f"--task {args.task} needs --prompt")
@@ -140,7 +144,7 @@ def _generate(args: argparse.Namespace) -> int:
                                          guidance_scale=3.0 if args.guidance is None else args.guidance,
                                          **image_kwargs)
     elif task == "grounded":
-        result = pipe.grounded([[_box(b) for b in args.box]] if args.box else [], strategy=args.strategy,
+        result = pipe.grounded([[_box(b) for b in args.box]], strategy=args.strategy,
                                guidance_scale=3.0 if args.guidance is None else args.guidance, **image_kwargs)
     elif task == "caption":
         _print_lines(pipe.image_to_text(images, retrieved=args.retrieved, **text_kwargs))

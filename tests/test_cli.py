@@ -1,6 +1,7 @@
 """The cm3leon command line: tasks end to end on a saved tiny bundle, and one-line errors with exit status 2."""
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 
@@ -99,6 +100,8 @@ def _bad_images(root):
     ("bad option", "unrecognized arguments"),
     ("bad device", "not a device name"),
     ("bad out", "its folder does not exist"),
+    ("out is a folder", "is a folder; give the PNG file"),
+    ("grounded without a box", "--task grounded needs --box"),
 ])
 def test_bad_input_is_one_line_and_status_2(checkpoint, capsys, case, match):
     ckpt = checkpoint / "ckpt"
@@ -118,10 +121,80 @@ def test_bad_input_is_one_line_and_status_2(checkpoint, capsys, case, match):
         "bad option": base + ["--task", "caption", "--colour", "red"],
         "bad device": base + ["--task", "caption", "--image", small, "--device", "gpu0"],
         "bad out": base + ["--task", "text-to-image", "--prompt", "a", "--out", checkpoint / "no" / "g.png"],
+        "out is a folder": base + ["--task", "text-to-image", "--prompt", "a", "--out", checkpoint],
+        "grounded without a box": base + ["--task", "grounded", "--out", checkpoint / "g.png"],
     }[case]
     status, out, err = _run(capsys, *argv)
     assert status == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("cm3leon: error: ") and match in err, err
+
+
+# Tiny sizes throughout: without the checks, several of these ran to the end (or failed only after training).
+TINY_IMAGE = ["--preset", "tiny", "--steps", "1", "--batch-size", "2", "--eval-images", "2", "--no-progress"]
+TINY_TRAIN = ["--config", "tiny-pretrain", "--set", "schedule.steps=2", "--set", "schedule.warmup=1"]
+
+
+@pytest.mark.parametrize("module,argv,match", [
+    ("cm3leon.tokenizer.train_text", ["--examples", "-5"],
+     "argument --examples: must be a positive int, got -5"),
+    ("cm3leon.tokenizer.train_text", ["--examples", "20", "--vocab-size", "10"],
+     "argument --vocab-size: must be an int >= 256, got 10"),
+    ("cm3leon.tokenizer.train_text", ["--examples", "20", "--out", "{file}/text.json"],
+     "--out {file}/text.json: {file} is a file, not a folder"),
+    ("cm3leon.tokenizer.train_text", ["--examples", "20", "--out", "{tmp}"],
+     "--out {tmp}: is a folder, not a file"),
+    ("cm3leon.tokenizer.train_image", [*TINY_IMAGE, "--eval-images", "0"],
+     "argument --eval-images: must be a positive int"),
+    ("cm3leon.tokenizer.train_image", [*TINY_IMAGE, "--threads", "-2"],
+     "argument --threads: must be a non-negative int"),
+    ("cm3leon.tokenizer.train_image", [*TINY_IMAGE, "--lr", "-1"],
+     "argument --lr: must be a finite number > 0"),
+    ("cm3leon.tokenizer.train_image", ["--preset", "nope"], "unknown preset 'nope'"),
+    ("cm3leon.tokenizer.train_image", [*TINY_IMAGE, "--set", "codebook_size=abc"],
+     "--set codebook_size=abc: the value must be JSON"),
+    ("cm3leon.tokenizer.train_image", [*TINY_IMAGE, "--set", "bogus=1"], "'bogus'"),
+    ("cm3leon.tokenizer.train_image", [*TINY_IMAGE, "--out", "{file}"], "--out {file}: {file} is a file"),
+    ("cm3leon.data.scorer_eval", ["--n", "0"], "argument --n: must be a positive int, got 0"),
+    ("cm3leon.data.scorer_eval", ["--n", "2", "--size", "5"], "--size 5: image_size must be an int >= 16"),
+    ("cm3leon.data.scorer_eval", ["--n", "2", "--sigma", "-1"],
+     "argument --sigma: must be a finite number >= 0"),
+    ("cm3leon.data.scorer_eval", ["--n", "2", "--noise", "nan"], "argument --noise: must be a finite number"),
+    ("cm3leon.demo", ["--scale", "toy", "--no-progress", "--out", "{file}/run"], "{file} is a file"),
+    ("cm3leon.training", [*TINY_TRAIN, "--set", "out_dir='{file}'"], "out_dir='{file}': {file} is a file"),
+    ("cm3leon.training", [*TINY_TRAIN, "--set", "data.corpus_dir='{file}/corpus'"],
+     "data.corpus_dir='{file}/corpus': {file} is a file"),
+    ("cm3leon.training", [*TINY_TRAIN, "--set", "data.memory_bank='{tmp}/none'",
+                          "--set", "data.retrieval_encoder='{tmp}/none'"],
+     "data.memory_bank='{tmp}/none': no such file"),
+    ("cm3leon.training", [*TINY_TRAIN, "--set", "data.source='folder'", "--set", "data.path='{tmp}/none'"],
+     "data.path='{tmp}/none': no such file or folder"),
+])
+# runpy warns when another test already imported the module; it runs it afresh all the same
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_module_commands_reject_bad_arguments_with_status_2(tmp_path, monkeypatch, capsys, module: str,
+                                                           argv: list[str], match: str):
+    """The documented ``python -m`` commands: a bad argument is argparse's one error line and exit status 2,
+    before any work (it used to be a traceback, often after training, or a silently empty result)."""
+    monkeypatch.chdir(tmp_path)  # default outputs (runs/...) land here, never in the repository
+    (tmp_path / "file").write_text("")
+    paths = dict(tmp=tmp_path, file=tmp_path / "file")
+    monkeypatch.setattr(sys, "argv", [module, *(a.format(**paths) for a in argv)])
+    with pytest.raises(SystemExit) as exit_info:  # as python -m runs it
+        runpy.run_module(module, run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"python -m {module}: error: ") and match.format(**paths) in last, err
+
+
+def test_an_unwritable_output_folder_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    # os.access stands in for a read-only folder (the tests may run as root, which may write anywhere)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("cm3leon._cli_args.os.access", lambda path, mode: False)
+    monkeypatch.setattr(sys, "argv", ["cm3leon.training", *TINY_TRAIN, "--set", f"out_dir='{tmp_path}/run'"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("cm3leon.training", run_name="__main__")
+    assert exit_info.value.code == 2 and f"{tmp_path} is not writable" in capsys.readouterr().err
 
 
 def test_train_delegates_to_the_training_module(monkeypatch, capsys):

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from .._cli_args import int_at_least, non_negative_float
 from .metrics import attributes
 from .scorer import read_scene
 from .shapes import ShapesWorld
@@ -52,15 +53,19 @@ def scorer_accuracy(world: ShapesWorld, n: int, start: int = 0, sigma: float = 0
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: print scorer accuracy for the given world size, sample count and degradation."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m cm3leon.data.scorer_eval", description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=32, help="image size in pixels")
-    p.add_argument("--n", type=int, default=2000, help="number of scenes")
-    p.add_argument("--seed", type=int, default=0, help="world seed")
-    p.add_argument("--sigma", type=float, default=0.0, help="Gaussian blur sigma in pixels")
-    p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std in 0..255 units")
+    p.add_argument("--n", type=int_at_least(1), default=2000, help="number of scenes")
+    p.add_argument("--seed", type=int_at_least(0), default=0, help="world seed")
+    p.add_argument("--sigma", type=non_negative_float, default=0.0, help="Gaussian blur sigma in pixels")
+    p.add_argument("--noise", type=non_negative_float, default=0.0, help="Gaussian noise std in 0..255 units")
     args = p.parse_args(argv)
+    try:  # ShapesWorld names the size it cannot draw (e.g. below 16 px)
+        world = ShapesWorld(args.size, seed=args.seed)
+    except ValueError as err:
+        p.error(f"--size {args.size}: {err}")
     t = time.perf_counter()
-    acc = scorer_accuracy(ShapesWorld(args.size, seed=args.seed), args.n, sigma=args.sigma, noise=args.noise)
+    acc = scorer_accuracy(world, args.n, sigma=args.sigma, noise=args.noise)
     print(f"size={args.size} n={args.n} seed={args.seed} sigma={args.sigma} noise={args.noise}: "
           f"accuracy {acc:.4f} ({time.perf_counter() - t:.1f} s)")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cm3leon._cli_args import output_dir_error
+
 from .run import run_demo
 from .scales import SCALES
 
@@ -14,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", default="demo", choices=sorted(SCALES), help="how big a run (default: demo)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if (problem := output_dir_error(args.out)) is not None:  # a traceback at the first stage otherwise
+        parser.error(f"--out {args.out}: {problem}")
     try:
         run_demo(args.out, args.scale, progress=not args.no_progress)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cm3leon._cli_args import int_at_least, output_dir_error, positive_float
 from cm3leon.data import ShapesWorld
 from cm3leon.data.metrics import prompt_alignment
 
@@ -52,26 +53,37 @@ def _scorer_rates(world, recon: torch.Tensor, n: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     """Parses arguments, trains, saves, evaluates; returns the evaluation dict (also written to eval.json)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m cm3leon.tokenizer.train_image", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="demo", help="ImageTokenizerConfig preset (demo, paper, tiny)")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
-    p.add_argument("--eval-images", type=int, default=500, help="held-out scenes for PSNR / scorer")
+    p.add_argument("--steps", type=int_at_least(1), default=1500)
+    p.add_argument("--batch-size", type=int_at_least(1), default=64)
+    p.add_argument("--lr", type=positive_float, default=2e-3)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--threads", type=int_at_least(0), default=0,
+                   help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--eval-images", type=int_at_least(1), default=500,
+                   help="held-out scenes for PSNR / scorer")
     p.add_argument("--out", type=Path, default=Path("runs/tokenizer"))
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="override a config field, e.g. --set codebook_size=1024 --set 'channel_mult=[1,2]'")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
-    config = ImageTokenizerConfig.preset(args.preset, **overrides)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            p.error(f"--set {item}: the value must be JSON, e.g. --set codebook_size=1024")
+    try:  # an unknown preset or field, or a value out of range, is a bad argument: found before training
+        config = ImageTokenizerConfig.preset(args.preset, **overrides)
+    except (TypeError, ValueError) as err:
+        p.error(f"--preset/--set: {err}")
+    if (problem := output_dir_error(args.out)) is not None:
+        p.error(f"--out {args.out}: {problem}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     world = ShapesWorld(image_size=config.image_size, seed=args.seed)
     heldout = ShapesWorld(image_size=config.image_size, seed=args.seed + HELD_OUT_SEED_OFFSET)

@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from cm3leon._cli_args import int_at_least, output_file_error
 from cm3leon.data import ShapesWorld
 from cm3leon.data.tasks import sft_examples
 
@@ -28,12 +29,18 @@ def shapes_corpus(n_examples: int, seed: int = 0, image_size: int = 32) -> list[
 
 def main(argv: list[str] | None = None) -> TextTokenizer:
     """Parses arguments, trains, saves; returns the tokenizer."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--examples", type=int, default=6000, help="shapes-world examples in the corpus")
-    p.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (paper: 56320)")
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(prog="python -m cm3leon.tokenizer.train_text", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int_at_least(1), default=6000,
+                   help="shapes-world examples in the corpus")
+    # 256 byte symbols are the smallest byte-level vocabulary (TextTokenizer.train's own bound)
+    p.add_argument("--vocab-size", type=int_at_least(256), default=1024,
+                   help="BPE vocabulary size (paper: 56320)")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--out", type=Path, default=Path("runs/tokenizer/text.json"))
     args = p.parse_args(argv)
+    if (problem := output_file_error(args.out)) is not None:  # checked before training, not after
+        p.error(f"--out {args.out}: {problem}")
     corpus = shapes_corpus(args.examples, seed=args.seed)
     tok = TextTokenizer.train(corpus, vocab_size=args.vocab_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)

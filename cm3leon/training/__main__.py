@@ -16,7 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, load_config
+from cm3leon._cli_args import output_dir_error
+
+from .config import PRESETS, TrainingConfig, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(config.to_toml())
         return 0
+    if (problem := _path_error(config)) is not None:
+        parser.error(problem)
     from .runtime import LaunchError
     from .trainer import Trainer
 
@@ -60,6 +64,27 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.runtime.is_main:
         print(json.dumps(summary))
     return 128 + summary["interrupted"] if summary["interrupted"] else 0
+
+
+def _path_error(config: TrainingConfig) -> str | None:
+    """The first config path that cannot work, named with its key: an output folder blocked by a file or
+    not writable, or a missing input. Found here, before the data is prepared (minutes), not as a traceback
+    later."""
+    outputs = {"out_dir": (config.out_dir, True),
+               # an existing corpus folder is only read (its tokenizers are reused)
+               "data.corpus_dir": (config.data.corpus_dir, not Path(config.data.corpus_dir).is_dir())}
+    for key, (path, writable) in outputs.items():
+        if (problem := output_dir_error(path, writable=writable)) is not None:
+            return f"{key}={path!r}: {problem}"
+    # (a missing checkpoint.init_from is the Trainer's LaunchError)
+    inputs = {"data.memory_bank": config.data.memory_bank,
+              "data.retrieval_encoder": config.data.retrieval_encoder}
+    if config.data.source == "folder":  # webdataset shards may be brace patterns or URLs: not checked here
+        inputs["data.path"] = config.data.path
+    for key, path in inputs.items():
+        if path and not Path(path).exists():
+            return f"{key}={path!r}: no such file or folder"
+    return None
 
 
 if __name__ == "__main__":
