@@ -299,7 +299,13 @@ class CM3Leon(nn.Module):
         self._check_tokens(tokens, values=validate)
         if tokens.dim() != 2 or tokens.shape[0] != cache.batch:
             raise ValueError(f"tokens must be [batch={cache.batch}, S], got {tuple(tokens.shape)}")
-        if validate and not torch.compiler.is_compiling():
+        # a cache of another model failed deep inside a layer (IndexError, or a kernel head-count message)
+        config = self.config
+        layout = (config.n_layers, cache.batch, cache.max_len, config.kv_heads, config.head_dim)
+        if tuple(cache.k.shape) != layout or tuple(cache.v.shape) != layout:
+            raise ValueError(f"cache k/v must be [n_layers, batch, max_len, n_kv_heads, head_dim] = {layout} "
+                             f"for this model, got {tuple(cache.k.shape)} / {tuple(cache.v.shape)}")
+        if validate and cache.batch and not torch.compiler.is_compiling():
             filled = int(cache.seqlens.max())
             if filled + tokens.shape[1] > cache.max_len:
                 raise ValueError(f"KV cache overflow: {filled} cached + {tokens.shape[1]} new tokens > "

@@ -53,6 +53,22 @@ def test_bundle_reads_a_training_export(checkpoint, tmp_path):
         load_bundle(root)
 
 
+def test_bundle_names_the_files_that_disagree(checkpoint, tmp_path):
+    import shutil
+
+    from cm3leon.tokenizer import ImageTokenizer, ImageTokenizerConfig, TextTokenizer
+
+    root = shutil.copytree(checkpoint / "ckpt", tmp_path / "text")
+    TextTokenizer.train(["a red circle", "a blue square"] * 3, vocab_size=280).save(root / "text.json")
+    with pytest.raises(ValueError, match=r"text\.json does not match .*vocabulary\.json: text_tokenizer"):
+        load_bundle(root)
+    root = shutil.copytree(checkpoint / "ckpt", tmp_path / "codes")
+    other = ImageTokenizer(ImageTokenizerConfig.preset("tiny", codebook_size=32))
+    other.save(root / "image_tokenizer.safetensors")
+    with pytest.raises(ValueError, match=f"directory '{root}' disagree: image_tokenizer has 32 codes"):
+        load_bundle(root)
+
+
 def test_text_to_image_writes_a_png_grid(checkpoint, capsys):
     out = checkpoint / "grid.png"
     status, _, err = _run(capsys, "generate", "--checkpoint", checkpoint / "ckpt", "--task", "text-to-image",

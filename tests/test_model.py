@@ -6,6 +6,7 @@ import torch
 from model_fixtures import LAYOUTS, small_model
 
 from cm3leon.config import PRESETS, preset
+from cm3leon.kv_cache import KVCache
 from cm3leon.model import CM3Leon
 
 
@@ -106,10 +107,20 @@ def test_torch_compile_fullgraph_training_step():
     (lambda m: m.allocate_cache(1, 65), ValueError, "max_seq_len"),
     (lambda m: m.allocate_cache(1, 0), ValueError, "max_len >= 1"),  # 0 used to mean max_seq_len
     (lambda m: m.allocate_cache(-1, 8), ValueError, "batch >= 0"),
+    # a cache laid out for another model failed inside a layer (IndexError for fewer layers)
+    (lambda m: m.step(torch.zeros(1, 1, dtype=torch.long),
+                      KVCache.allocate(1, 1, 8, m.config.kv_heads, m.config.head_dim, dtype=torch.float32,
+                                       device="cpu")), ValueError, "cache k/v must be"),
 ])
 def test_bad_input_raises_clear_errors(call, error, match):
     with pytest.raises(error, match=match):
         call(small_model("cm3leon"))
+
+
+def test_step_accepts_the_empty_batch_allocate_cache_allows():
+    model = small_model("cm3leon")
+    cache = model.allocate_cache(0, 8)  # the fill-length check used to take max() of no rows
+    assert model.step(torch.zeros(0, 3, dtype=torch.long), cache).shape == (0, 3, model.config.vocab_size)
 
 
 def test_config_validation():

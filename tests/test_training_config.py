@@ -73,10 +73,16 @@ def test_overrides_convert_to_the_field_types():
     ("data.sft_tasks=['dance']", ValueError, "data.sft_tasks"),
     ("data.source='folder'", ValueError, "data.path is required"),
     ("data.sft_ratio_min=0", ValueError, "data.sft_ratio_min must be > 0"),
+    # data the run would have silently ignored
+    (("stage='sft'", "data.source='folder'", "data.path='x'"), ValueError, "data.source must be 'shapes'"),
+    (("stage='sft'", "data.memory_bank='b'", "data.retrieval_encoder='e'"), ValueError,
+     "data.memory_bank empty"),
+    (("data.source='folder'", "data.path='x'", "data.memory_bank='b'", "data.retrieval_encoder='e'"),
+     ValueError, "cannot be combined with data.memory_bank"),
 ])
 def test_bad_overrides_raise_naming_the_key(override, error, match):
     with pytest.raises(error, match=match):
-        load_config("tiny-pretrain", [override])
+        load_config("tiny-pretrain", [override] if isinstance(override, str) else list(override))
 
 
 def test_unknown_keys_in_files_raise(tmp_path):

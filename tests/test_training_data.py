@@ -54,6 +54,22 @@ def test_documents_are_caption_break_image_and_cached(corpus):
     assert isinstance(edit[0], str) and edit[0].startswith("Edit first image") and len(edit) == 4
 
 
+def test_damaged_corpus_files_and_bad_counts_raise_naming_them(corpus, tmp_path):
+    import shutil
+
+    root = shutil.copytree(corpus.root, tmp_path / "corpus")
+    (root / "corpus.json").write_text("{cut")  # was a bare JSONDecodeError naming no file
+    with pytest.raises(ValueError, match=r"corpus\.json: not a readable corpus manifest"):
+        prepare_shapes_corpus(root, **TINY)
+    corpus.documents("caption", 2, start=40)
+    cache = next(corpus.root.glob("documents-caption-seed0-40-2.pt"))
+    cache.write_bytes(cache.read_bytes()[:40])  # was torch's RuntimeError naming no file
+    with pytest.raises(ValueError, match=f"{cache.name}: damaged document cache"):
+        corpus.documents("caption", 2, start=40)
+    with pytest.raises(ValueError, match="n must be a non-negative int"):  # cached an empty list before
+        corpus.documents("caption", -1)
+
+
 def test_sft_task_weights_balance_tasks_within_the_ratio_caps():
     assert sft_task_weights({"a": 50, "b": 50}) == {"a": 0.5, "b": 0.5}
     w = sft_task_weights({"big": 1000, "mid": 100, "tiny": 1})
@@ -75,6 +91,14 @@ def test_task_mixture_follows_the_weights_deterministically():
     assert [TaskMixture(sources, {"a": 0.75, "b": 0.25}, length=40, seed=1)[i] for i in range(40)] == items
     with pytest.raises(ValueError, match="same tasks"):
         TaskMixture(sources, {"a": 1.0}, length=40, seed=1)
+    # weights are proportions: a table of 4 or 160 slots used to come out for length 40
+    for scale in (0.1, 4.0):
+        scaled = TaskMixture(sources, {"a": 0.75 * scale, "b": 0.25 * scale}, length=40, seed=1)
+        assert [scaled[i] for i in range(len(scaled))] == items
+    with pytest.raises(ValueError, match="non-negative"):
+        TaskMixture(sources, {"a": -0.5, "b": 1.5}, length=40, seed=1)
+    with pytest.raises(ValueError, match=r"\['b'\] are empty"):  # was a ZeroDivisionError on indexing
+        TaskMixture({"a": [1], "b": []}, {"a": 0.5, "b": 0.5}, length=40, seed=1)
 
 
 def _write_shards(root, world, n, per_shard):
@@ -122,6 +146,18 @@ def test_folder_and_webdataset_shards_give_the_same_documents(corpus, tmp_path):
     assert after["000000.pt"] == before["000000.pt"] and "000001.pt" in after
 
 
+def test_an_edited_folder_is_tokenized_again(corpus, tmp_path):
+    world = ShapesWorld(image_size=16, seed=7)
+    export_shapes_folder(world, tmp_path / "folder", 1)  # a folder with one image
+    cfg = load_config("tiny-pretrain", [f"data.corpus_dir='{tmp_path / 'c'}'", "logging.progress=false",
+                                        "data.source='folder'", f"data.path='{tmp_path / 'folder'}'"])
+    assert len(real_documents(cfg, corpus, ONE)) == 1
+    export_shapes_folder(world, tmp_path / "folder", 3)
+    # the cache was keyed on the path alone: the stale single document came back
+    docs = real_documents(cfg, corpus, ONE)
+    assert len(docs) == 3 and corpus.codec.decode(docs[2])[0] == caption(world.scene(2))
+
+
 def test_ranks_tokenize_disjoint_shards(corpus, tmp_path):
     world = ShapesWorld(image_size=16, seed=6)
     _write_shards(tmp_path, world, 6, 2)
@@ -149,6 +185,10 @@ def test_build_data_for_both_stages(corpus):
     sft = build_data(load_config("tiny-pretrain", [*base, "stage='sft'"]), ONE)
     assert len(sft.train) == 14 and len(sft.validation) == 7  # 2 documents of each of the 7 tasks
     assert np.unique(sft.train.table[:, 0]).tolist() == list(range(7))
+    # val_documents = 0 turns validation off in both stages (SFT used to build one document per task)
+    none = [*base[:3], "data.val_documents=0"]
+    assert build_data(load_config("tiny-pretrain", none), ONE).validation is None
+    assert build_data(load_config("tiny-pretrain", [*none, "stage='sft'"]), ONE).validation is None
 
 
 def test_trainer_runs_from_the_shapes_corpus_and_exports_for_generation(corpus, tmp_path):

@@ -93,13 +93,20 @@ def load_bundle(directory: str | os.PathLike, *, device: torch.device | str = "c
     vocabulary = Vocabulary.load(root / VOCABULARY_FILE)
     image_tokenizer = ImageTokenizer.load(image_file, map_location=device)
     grid = image_tokenizer.config.grid_size
-    codec = DocumentCodec(TextTokenizer.load(root / TEXT_TOKENIZER_FILE), vocabulary, (grid, grid))
+    try:
+        codec = DocumentCodec(TextTokenizer.load(root / TEXT_TOKENIZER_FILE), vocabulary, (grid, grid))
+    except ValueError as err:  # name the files: the codec's own message only names its arguments
+        raise ValueError(f"{root / TEXT_TOKENIZER_FILE} does not match {root / VOCABULARY_FILE}: "
+                         f"{err}") from err
     model = load(root / MODEL_FILE, device=device, dtype=dtype).eval()
     weight = model.embed.weight
     # float32 decoding on a CPU runs fastest with [in, out] matrices (MKL); bf16 and GPUs keep nn.Linear's layout.
     model.fuse_projections(transpose=weight.dtype == torch.float32 and weight.device.type == "cpu")
     bundle = Bundle(model, codec, image_tokenizer, *_load_retrieval(root / RETRIEVAL_DIR, codec, device))
-    bundle.pipeline()  # consistency checks
+    try:
+        bundle.pipeline()  # consistency checks
+    except ValueError as err:
+        raise ValueError(f"the files of checkpoint directory {str(root)!r} disagree: {err}") from err
     return bundle
 
 

@@ -195,6 +195,10 @@ class DataSection(_Section):
         if bool(self.memory_bank) != bool(self.retrieval_encoder):
             raise ValueError("data.memory_bank and data.retrieval_encoder go together (the bank is searched "
                              "with the encoder that embedded it)")
+        if self.memory_bank and self.source != "shapes":
+            # the bank's documents are the training queries: data.path would be tokenized, then ignored
+            raise ValueError(f"data.source={self.source!r} cannot be combined with data.memory_bank (the "
+                             "bank's documents are the training data)")
         if self.sft_ratio_min > 1.0:
             raise ValueError(f"data.sft_ratio_min must be <= 1, got {self.sft_ratio_min}")
 
@@ -288,6 +292,10 @@ class TrainingConfig(_Section):
     logging: LoggingSection = field(default_factory=LoggingSection)
 
     def _check(self) -> None:
+        if self.stage == "sft" and (self.data.source != "shapes" or self.data.memory_bank):
+            # SFT trains on the shapes task families only; other data settings would be silently ignored
+            raise ValueError("stage='sft' trains on the shapes task families: data.source must be 'shapes' "
+                             "and data.memory_bank empty")
         if self.schedule.warmup > self.schedule.steps:
             raise ValueError(f"schedule.warmup ({self.schedule.warmup}) must be <= schedule.steps "
                              f"({self.schedule.steps})")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cm3leon._checks import check_int
 from cm3leon.data.shapes import ShapesWorld
 from cm3leon.data.tasks import TASKS, make_example
 from cm3leon.tokenizer import (
@@ -64,9 +65,14 @@ class ShapesCorpus:
         the pretraining ``caption <break> image``), tokenized; cached under ``root``."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        n, start = check_int("n", n, 0), check_int("start", start, 0)  # a negative n cached an empty list
         cache = self.root / f"documents-{task}-seed{seed}-{start}-{n}.pt"
         if cache.is_file():
-            return torch.load(cache, weights_only=True)
+            try:
+                return torch.load(cache, weights_only=True)
+            except Exception as err:  # torch's own message does not say which file
+                raise ValueError(f"{cache}: damaged document cache ({type(err).__name__}); delete it to "
+                                 "tokenize the documents again") from err
         world = ShapesWorld(image_size=self.image_tokenizer.config.image_size, seed=seed)
         codec, docs = self.codec, []
         with torch.inference_mode():
@@ -97,7 +103,11 @@ def prepare_shapes_corpus(out_dir: str | PathLike, *, text_vocab_size: int = 102
                 "seed": seed}
     manifest = root / MANIFEST
     if manifest.is_file():
-        found = json.loads(manifest.read_text())
+        try:
+            found = json.loads(manifest.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{manifest}: not a readable corpus manifest ({err}); delete the folder to "
+                             "prepare the corpus again") from err
         if found != settings:
             raise ValueError(f"{root} holds a shapes corpus made with {found}, not {settings}; use another "
                              "data.corpus_dir or delete the folder")
@@ -145,7 +155,14 @@ class TaskMixture:
         if length < len(sources):
             raise ValueError(f"length ({length}) must be >= the number of tasks ({len(sources)})")
         names = sorted(sources)
-        share = np.array([weights[t] for t in names]) * length
+        empty = [t for t in names if len(sources[t]) == 0]
+        if empty:
+            raise ValueError(f"task sources {empty} are empty")
+        share = np.array([weights[t] for t in names], dtype=np.float64)
+        if not np.isfinite(share).all() or (share < 0).any() or share.sum() <= 0:
+            raise ValueError(f"weights must be finite, non-negative and not all zero, got {weights}")
+        # normalised, so the table has exactly `length` slots whatever the weights sum to
+        share = share / share.sum() * length
         slots = np.floor(share).astype(int)
         slots[np.argsort(-(share - slots), kind="stable")[: length - slots.sum()]] += 1
         table = np.concatenate([np.stack([np.full(n, k), np.arange(n)], 1) for k, n in enumerate(slots)])
@@ -209,8 +226,10 @@ def build_data(config: TrainingConfig, runtime: Runtime) -> TrainingData:
         counts = {t: len(s) for t, s in sources.items()}
         train = TaskMixture(sources, sft_task_weights(counts, d.sft_ratio_min, d.sft_ratio_max),
                             length=sum(counts.values()), seed=config.seed)
+        # val_documents = 0 turns validation off, as in pretraining
         val_docs = [doc for t in d.sft_tasks for doc in _documents(
-            corpus, config, runtime, t, max(1, d.val_documents // len(d.sft_tasks)), VAL_SCENE_OFFSET)]
+            corpus, config, runtime, t, max(1, d.val_documents // len(d.sft_tasks)), VAL_SCENE_OFFSET)] \
+            if d.val_documents else []
     else:
         if d.source == "shapes":
             docs = _documents(corpus, config, runtime, "text_to_image", d.documents, 0)

@@ -5,6 +5,8 @@ layout img2dataset writes: ``key.jpg`` / ``key.png`` / ``key.webp`` beside ``key
 The data is read in shards (a tar file, or 1024 consecutive folder entries): rank ``r`` of ``w`` tokenizes
 shards ``r, r + w, ...``, its loader workers decode different shards, and every finished shard is cached under
 ``<corpus_dir>/tokenized/<name>/``, so an interrupted preparation resumes at the first unfinished shard.
+``<name>`` hashes the data's content (captions, and size and modification time of every image or local shard),
+so data edited or replaced in place is tokenized again instead of read back stale.
 All ranks then read every cached shard in shard order: the same document list everywhere, which the packed
 loader splits across ranks.
 """
@@ -59,6 +61,15 @@ def _caption(sample: dict[str, Any]) -> str:
                      "'caption')")
 
 
+def _file_stamp(path: str | Path) -> str:
+    """Resolved path, size and modification time of a local file (a URL stands for itself)."""
+    file = Path(path)
+    if not file.is_file():
+        return str(path)
+    stat = file.stat()
+    return f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 class _TarShards(Dataset):
     """Item ``i``: every ``(image uint8 [3, S, S], caption)`` of tar shard ``i`` (decoded in a worker)."""
 
@@ -67,6 +78,9 @@ class _TarShards(Dataset):
 
     def __len__(self) -> int:
         return len(self.urls)
+
+    def fingerprint(self) -> str:
+        return "\n".join(_file_stamp(url) for url in self.urls)
 
     def __getitem__(self, i: int) -> list[tuple[torch.Tensor, str]]:
         import webdataset as wds
@@ -90,6 +104,9 @@ class _FolderShards(Dataset):
     def __len__(self) -> int:
         return (len(self.items) + FOLDER_SHARD - 1) // FOLDER_SHARD
 
+    def fingerprint(self) -> str:
+        return "\n".join(f"{_file_stamp(path)}\t{text}" for path, text in self.items)
+
     def __getitem__(self, i: int) -> list[tuple[torch.Tensor, str]]:
         chunk = self.items[i * FOLDER_SHARD:(i + 1) * FOLDER_SHARD]
         return [(load_image(path, self.size), text) for path, text in chunk]
@@ -100,7 +117,9 @@ def real_documents(config: TrainingConfig, corpus, runtime: Runtime) -> list[lis
     d = config.data
     size = corpus.image_tokenizer.config.image_size
     shards = _FolderShards(d.path, size) if d.source == "folder" else _TarShards(expand_shards(d.path), size)
-    key = hashlib.sha256(f"{d.source}:{Path(d.path).resolve() if d.source == 'folder' else d.path}".encode())
+    # keyed on the content, not on data.path: a folder that gained images or a relative shard pattern read
+    # from another directory must not reuse shards tokenized from other data
+    key = hashlib.sha256(f"{d.source}:{shards.fingerprint()}".encode())
     cache = Path(d.corpus_dir) / "tokenized" / key.hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
     mine = [i for i in range(runtime.rank, len(shards), runtime.world_size)
