@@ -64,6 +64,13 @@ def check_fake_devices(op: str, cpu_ok: tuple[str, ...] = (), **tensors: torch.T
                              f"with others), got {listed}")
 
 
+def is_finite(x: float) -> bool:
+    """``math.isfinite`` for floats, also traceable when ``x`` is a symbolic float: ``torch.compile`` makes a
+    float argument symbolic once its value changes between calls (always with ``dynamic=True``), and dynamo
+    cannot trace ``math.isfinite`` on one (a graph break, an error under ``fullgraph=True``)."""
+    return -math.inf < x < math.inf  # False for NaN too
+
+
 def as_int(name: str, x: object) -> int:
     """x as a Python int: ints and integer scalars such as numpy.int64 (anything with __index__), not bools."""
     if type(x) is int:

@@ -15,12 +15,11 @@ path for float32, and split-KV decode for the KV cache; see docs/attention.md ("
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
-from ._checks import as_float, check_fake_devices
+from ._checks import as_float, check_fake_devices, is_finite
 from ._native import cuda_built, ops
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -69,7 +68,7 @@ def _scale(softmax_scale: float | None, q: torch.Tensor) -> float:
                                              or not isinstance(softmax_scale, numbers.Real)):
         raise TypeError(f"softmax_scale must be a number or None, got {type(softmax_scale).__name__}")
     scale = float(softmax_scale)
-    if not math.isfinite(scale):  # NaN/inf would silently zero the output (the kernels skip NaN scores)
+    if not is_finite(scale):  # NaN/inf would silently zero the output (the kernels skip NaN scores)
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
     return scale
 
@@ -85,7 +84,7 @@ def _not_a_tensor(required: dict[str, object], optional: dict[str, object]) -> T
 def _check_dropout(dropout_p: float) -> float:
     """dropout_p as a float in [0, 1) (FlashAttention's rule: a probability, not a bool)."""
     p = as_float("dropout_p", dropout_p)
-    if not (math.isfinite(p) and 0.0 <= p < 1.0):
+    if not (is_finite(p) and 0.0 <= p < 1.0):
         raise ValueError(f"dropout_p must be a finite number in [0, 1), got {dropout_p!r}")
     return p
 

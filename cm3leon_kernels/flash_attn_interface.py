@@ -11,12 +11,11 @@ registration; the C++ launchers check the rest (their errors name the argument t
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 
-from ._checks import as_float, as_int
+from ._checks import as_float, as_int, is_finite
 from ._native import ops
 from ._s_dmask import dense_s_dmask, varlen_s_dmask
 from .attention import (
@@ -79,7 +78,7 @@ def _softcap(softcap: object) -> float:
     if type(softcap) is float and softcap == 0.0:
         return 0.0
     cap = as_float("softcap", softcap)
-    if not math.isfinite(cap):
+    if not is_finite(cap):
         raise ValueError(f"softcap must be finite, got {softcap!r}")
     return max(cap, 0.0)  # FlashAttention: softcap <= 0 means no capping
 

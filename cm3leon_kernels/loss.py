@@ -34,6 +34,8 @@ def _real(name: str, x: object, *, lo: float, hi: float = math.inf, lo_open: boo
 
 def linear_cross_entropy_supports(weight: torch.Tensor) -> bool:
     """Whether :func:`linear_cross_entropy` has a kernel for a head ``weight`` of this device and dtype."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     return weight.device.type in _DEVICES and weight.dtype in FLOAT_DTYPES
 
 

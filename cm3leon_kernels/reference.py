@@ -133,10 +133,11 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k: torch.Tensor | None = None, v: torch.Tensor | None = None,
                            cache_seqlens: torch.Tensor | int | None = None,
-                           softmax_scale: float | None = None, causal: bool = True
+                           softmax_scale: float | None = None, causal: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference KV-cache attention: writes k/v into the caches (in place) at ``cache_seqlens`` per row, then
-    attends each row's queries to its ``cache_seqlens[b] + new`` valid keys. Returns ``(out, lse)``."""
+    attends each row's queries to its ``cache_seqlens[b] + new`` valid keys. Returns ``(out, lse)``. Not
+    causal by default, as ``flash_attn_with_kvcache``."""
     b, cache_len = q.shape[0], k_cache.shape[1]
     if cache_seqlens is None:
         starts = [cache_len] * b

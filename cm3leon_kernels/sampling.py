@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from ._checks import (FLOAT_DTYPES, as_int, check_fake_devices, check_same_device, check_supported_device,
-                      check_tensor)
+                      check_tensor, is_finite)
 from ._native import cuda_built, ops
 
 __all__ = ["cfg_sample", "contrastive_sample"]
@@ -110,12 +110,12 @@ def _guidance_args(guidance_scale: object, streams: int) -> list[float]:
             raise ValueError(f"guidance_scale must be None (or 1) for S = 1 stream, got {guidance_scale!r}")
         return []
     if streams == 2:
-        if not _is_number(guidance_scale) or not math.isfinite(guidance_scale):
+        if not _is_number(guidance_scale) or not is_finite(guidance_scale):
             raise ValueError(
                 f"guidance_scale must be a finite number for S = 2 streams (CFG), got {guidance_scale!r}")
         return [float(guidance_scale)]
     if (not isinstance(guidance_scale, (tuple, list)) or len(guidance_scale) != 2
-            or not all(_is_number(s) and math.isfinite(s) for s in guidance_scale)):
+            or not all(_is_number(s) and is_finite(s) for s in guidance_scale)):
         raise ValueError("guidance_scale must be a pair (s_img, s_txt) of finite numbers for S = 3 streams "
                          f"(instruct CFG), got {guidance_scale!r}")
     return [float(s) for s in guidance_scale]

@@ -7,13 +7,12 @@ arithmetic is float32; on CUDA a tensor-core GEMM picks candidates and an exact 
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from ._checks import (FLOAT_DTYPES, as_float, check_contiguous, check_fake_devices, check_same_device,
-                      check_supported_device, check_tensor)
+                      check_supported_device, check_tensor, is_finite)
 from ._native import cuda_built, ops
 
 __all__ = ["vq_nearest", "vq_embed", "vector_quantize", "VQOutput"]
@@ -98,7 +97,7 @@ def vector_quantize(z: torch.Tensor, codebook: torch.Tensor, beta: float = 0.25,
     ``codebook``.
     """
     beta_float = as_float("beta", beta)  # huge ints become inf here, not an overflow inside the loss arithmetic
-    if not (math.isfinite(beta_float) and beta_float >= 0):
+    if not (is_finite(beta_float) and beta_float >= 0):
         raise ValueError(f"beta must be a finite non-negative number, got {beta!r}")
     beta = beta_float
     indices, _ = vq_nearest(z.detach(), codebook.detach(), metric=metric)

@@ -132,8 +132,9 @@ def check_kvcache_case(case, dtype, device):
     with poisoned_outputs():
         out, lse = ck.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens,
                                               causal=True, return_softmax_lse=True)
-    out64, lse64 = ref.attention_with_kvcache(q.double(), k64, v64, k_new.double(), v_new.double(), seqlens)
-    outb, lseb = ref.attention_with_kvcache(q, kb, vb, k_new, v_new, seqlens)
+    out64, lse64 = ref.attention_with_kvcache(q.double(), k64, v64, k_new.double(), v_new.double(), seqlens,
+                                              causal=True)
+    outb, lseb = ref.attention_with_kvcache(q, kb, vb, k_new, v_new, seqlens, causal=True)
     assert_fa_rule(out, out64, outb, name="kvcache out", eps=EPS[dtype])
     check_lse(lse, lse64, lseb, "kvcache")
     assert torch.equal(k_cache, kb) and torch.equal(v_cache, vb), "new k/v must be written into the cache"

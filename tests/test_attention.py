@@ -147,6 +147,17 @@ def test_kvcache_without_new_tokens_and_full_cache():
                                rtol=1e-5)
 
 
+def test_kvcache_reference_defaults_match_the_kernel():
+    # The plain-PyTorch twin must not be causal by default where flash_attn_with_kvcache is not (FA 2.8).
+    q, kn, vn = torch.randn(2, 3, 4, 8), torch.randn(2, 2, 2, 8), torch.randn(2, 2, 2, 8)
+    kc, vc = torch.randn(2, 9, 2, 8), torch.randn(2, 9, 2, 8)
+    lens = _i32([2, 5])
+    out = ck.flash_attn_with_kvcache(q, kc.clone(), vc.clone(), kn, vn, cache_seqlens=lens)
+    want, _ = ref.attention_with_kvcache(q.double(), kc.double(), vc.double(), kn.double(), vn.double(),
+                                         cache_seqlens=lens)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_decode_loop_matches_full_attention():
     """Token-by-token decode through the cache reproduces causal attention over the whole sequence."""
     s, h, d = 12, 2, 32
@@ -318,3 +329,34 @@ def test_torch_compile_fullgraph_forward_backward_and_decode():
     assert torch.equal(kc[1, 5], kn[1, 0]), "compiled call must update the cache in place"
     torch.testing.assert_close(out, ck.flash_attn_with_kvcache(qd, kc.clone(), vc.clone(), kn, vn,
                                                                cache_seqlens=lens))
+
+
+def test_torch_compile_fullgraph_symbolic_floats():
+    # dynamic=True makes the float defaults (dropout_p, softcap) symbolic, and so does a float argument whose
+    # value changes between calls: the argument checks must trace them without a graph break.
+    q, k, v = _qkv(b=2, s=16)
+
+    @torch.compile(fullgraph=True, dynamic=True, backend="aot_eager")
+    def dense(q, k, v, scale, cap):
+        return ck.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, softcap=cap)
+
+    kc, vc = torch.randn(2, 8, 2, 32), torch.randn(2, 8, 2, 32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def decode(q, scale, cap):
+        return ck.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=5, softmax_scale=scale, softcap=cap)
+
+    for scale, cap in ((0.1, 2.0), (0.2, 3.0), (0.3, 4.0)):
+        torch.testing.assert_close(dense(q, k, v, scale, cap),
+                                   ck.flash_attn_func(q, k, v, softmax_scale=scale, causal=True, softcap=cap))
+        torch.testing.assert_close(decode(q[:, :1], scale, cap), ck.flash_attn_with_kvcache(
+            q[:, :1], kc, vc, cache_seqlens=5, softmax_scale=scale, softcap=cap))
+
+
+def test_torch_func_vmap_loops_and_grad_transforms_raise():
+    # docs/kernels.md: vmap uses PyTorch's per-sample fallback; torch.func's autograd transforms are unsupported.
+    q, k, v = torch.randn(3, 1, 5, 4, 32), torch.randn(3, 1, 7, 2, 32), torch.randn(3, 1, 7, 2, 32)
+    mapped = torch.func.vmap(lambda q, k, v: ck.flash_attn_func(q, k, v, causal=True))(q, k, v)
+    torch.testing.assert_close(mapped, torch.stack([ck.flash_attn_func(*t, causal=True) for t in zip(q, k, v)]))
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda q: ck.flash_attn_func(q, k[0], v[0]).sum())(q[0])

@@ -205,6 +205,14 @@ def test_bad_python_scalars(kw, error):
         ck.linear_cross_entropy(h, w, y, **kw)
 
 
+def test_supports():
+    assert ck.linear_cross_entropy_supports(torch.randn(5, 4, dtype=torch.bfloat16))
+    assert not ck.linear_cross_entropy_supports(torch.randn(5, 4, dtype=torch.float64))
+    assert not ck.linear_cross_entropy_supports(torch.randn(5, 4, device="meta"))
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):  # not an AttributeError
+        ck.linear_cross_entropy_supports(None)
+
+
 def test_raw_backward_checks_its_extra_tensors():
     h, w, y, _ = _inputs(6, 4, 10)
     lse = _raw(h, w, y, reduction="none")[1]

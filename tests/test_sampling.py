@@ -390,3 +390,18 @@ def test_torch_compile_fullgraph():
         step = torch.tensor(s)
         got, want = compiled(x, step), step_fn(x, step)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_torch_compile_fullgraph_changing_guidance_scale():
+    # A float argument whose value changes between calls becomes symbolic on the recompile: the finiteness
+    # check of the guidance scales must trace it without a graph break.
+    x2, x3 = random_logits(2, batch=3, vocab=50), random_logits(3, batch=3, vocab=50)
+
+    def step_fn(s):
+        return (cfg_sample(x2, guidance_scale=s, seed=0, step=1),
+                cfg_sample(x3, guidance_scale=(s, 1.5), seed=0, step=1))
+
+    compiled = torch.compile(step_fn, fullgraph=True, backend="aot_eager")
+    for s in (1.5, 2.5, 3.5):
+        got, want = compiled(s), step_fn(s)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -129,6 +129,14 @@ def test_torch_compile_fullgraph():
     check_torch_compile_fullgraph()
 
 
+def test_torch_compile_fullgraph_symbolic_beta():
+    # dynamic=True makes the default beta a symbolic float; its check must trace without a graph break.
+    z, codebook = torch.randn(10, 16), torch.randn(64, 16)
+    compiled = torch.compile(lambda z, codebook: ck.vector_quantize(z, codebook).loss, fullgraph=True,
+                             dynamic=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(z, codebook), ck.vector_quantize(z, codebook).loss)
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda: ck.vq_nearest(torch.randn(4, 8), torch.randn(5, 7)), ValueError, "last dim"),
     (lambda: ck.vq_nearest(torch.randn(4, 8), torch.randn(0, 8)), ValueError, "codebook is empty"),
