@@ -168,7 +168,8 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
     groups, vocab_range = _option_groups(options, n, n_streams, device, allowed_mask is not None,
                                          model.config.vocab_size)
     # stream-major: row = stream * n + request
-    rows = [_token_list(f"{name}[{i}]", p) for name, stream in streams for i, p in enumerate(stream)]
+    rows = [_int_list(f"{name}[{i}]", p, "int token id")
+            for name, stream in streams for i, p in enumerate(stream)]
     longest = max(len(r) for r in rows) + max_new_tokens
     if longest > model.config.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {longest} exceeds the model's max_seq_len "
@@ -215,20 +216,21 @@ def generate(model: CM3Leon, prompts: Sequence[Prompt], *, max_new_tokens: int,
     return [out[i, : lengths[i]].tolist() for i in range(n)]
 
 
-def _token_list(name: str, tokens: Prompt) -> list[int]:
-    """One prompt as Python ints: torch.tensor(dtype=long) would truncate float ids and take bools as 0/1."""
-    if hasattr(tokens, "tolist") and hasattr(tokens, "ndim"):  # a tensor or numpy array
-        tokens = tokens.tolist()
-    if not isinstance(tokens, Sequence) or isinstance(tokens, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence of token ids, got {type(tokens).__name__}")
-    bad = next((j for j, t in enumerate(tokens) if not is_int(t)), None)
+def _int_list(name: str, values: Sequence[int], what: str) -> list[int]:
+    """A sequence (or tensor / numpy array) of ints as Python ints: torch.as_tensor(dtype=long) would truncate
+    floats and take bools as 0/1 without a word."""
+    if hasattr(values, "tolist") and hasattr(values, "ndim"):
+        values = values.tolist()
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of {what}s, got {type(values).__name__}")
+    bad = next((j for j, v in enumerate(values) if not is_int(v)), None)
     if bad is not None:
-        raise TypeError(f"{name}[{bad}] must be an int token id, got {tokens[bad]!r}")
-    return [operator.index(t) for t in tokens]
+        raise TypeError(f"{name}[{bad}] must be an {what}, got {values[bad]!r}")
+    return [operator.index(v) for v in values]
 
 
 def _stop_list(stop_tokens: Sequence[int], vocab_size: int) -> list[int]:
-    stops = _token_list("stop_tokens", stop_tokens)
+    stops = _int_list("stop_tokens", stop_tokens, "int token id")
     # an id the model cannot sample would never stop anything: most likely a vocabulary mix-up
     bad = next((t for t in stops if not 0 <= t < vocab_size), None)
     if bad is not None:
@@ -242,16 +244,11 @@ def _seed_list(seeds: int | Sequence[int], n: int) -> list[int]:
     if is_int(seeds):  # an int or e.g. numpy.int64
         seed_list = [operator.index(seeds) + i for i in range(n)]
     elif isinstance(seeds, Sequence) and not isinstance(seeds, (str, bytes)):
-        seed_list = list(seeds)
+        seed_list = _int_list("seeds", seeds, "int")
     else:
         raise TypeError(f"seeds must be an int or a sequence of ints, got {type(seeds).__name__}")
     if len(seed_list) != n:
         raise ValueError(f"seeds must be an int or one seed per request ({n}), got {len(seed_list)}")
-    # torch.as_tensor would truncate a float seed and take a bool as 0/1 without a word
-    bad = next((i for i, s in enumerate(seed_list) if not is_int(s)), None)
-    if bad is not None:
-        raise TypeError(f"seeds[{bad}] must be an int, got {type(seed_list[bad]).__name__}")
-    seed_list = [operator.index(s) for s in seed_list]
     if not all(-(1 << 63) <= s < 1 << 63 for s in seed_list):
         raise ValueError(f"seeds must fit in int64, got {seed_list}")
     return seed_list

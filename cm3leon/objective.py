@@ -94,6 +94,14 @@ def check_objective_args(poisson_rate: object, max_spans: object) -> tuple[float
     return float(poisson_rate), max_spans
 
 
+def check_max_seq_len(max_seq_len: object) -> int:
+    """Validates a training-sequence length limit (room for ``<eos> x <eos>``); returns it as an int."""
+    max_seq_len = as_int("max_seq_len", max_seq_len)
+    if max_seq_len < 3:
+        raise ValueError(f"max_seq_len must be >= 3 (<eos> document <eos>), got {max_seq_len}")
+    return max_seq_len
+
+
 def _as_ids(ids: IdsLike, name: str) -> np.ndarray:
     """A 1-D integer id sequence -> int64 numpy array (a copy only when the input needs converting)."""
     if isinstance(ids, torch.Tensor):
@@ -392,9 +400,7 @@ def training_sequence(query_doc: IdsLike, retrieved_docs: Sequence[IdsLike], voc
     rate, max_spans = check_objective_args(poisson_rate, max_spans)
     p_transform = check_probability("transform_probability", transform_probability)
     generator = _check_generator(generator)
-    max_seq_len = as_int("max_seq_len", max_seq_len)
-    if max_seq_len < 3:
-        raise ValueError(f"max_seq_len must be >= 3 (<eos> document <eos>), got {max_seq_len}")
+    max_seq_len = check_max_seq_len(max_seq_len)
     if isinstance(retrieved_docs, (str, bytes)) or not isinstance(retrieved_docs, Sequence):
         raise TypeError(f"retrieved_docs must be a list of documents, got {type(retrieved_docs).__name__}")
     query = _check_document(query_doc, vocab, "query_doc")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..objective import CM3Example, check_objective_args, check_probability, training_sequence
+from ..objective import (CM3Example, check_max_seq_len, check_objective_args, check_probability,
+                         training_sequence)
 from ..tokenizer.vocabulary import Vocabulary
 from cm3leon_kernels._checks import as_int
 
@@ -42,7 +43,8 @@ def derive_seed(*keys: int) -> int:
     return h >> 1
 
 
-def _check_seed(seed: object) -> int:
+def check_seed(seed: object) -> int:
+    """Validates the seed of an example source or loader (a non-negative int); returns it as an int."""
     seed = as_int("seed", seed)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -108,12 +110,10 @@ class CM3Source:
             raise ValueError("documents is empty")
         if not isinstance(vocabulary, Vocabulary):
             raise TypeError(f"vocabulary must be a Vocabulary, got {type(vocabulary).__name__}")
-        self.max_seq_len = as_int("max_seq_len", max_seq_len)
-        if self.max_seq_len < 3:
-            raise ValueError(f"max_seq_len must be >= 3 (<eos> document <eos>), got {self.max_seq_len}")
+        self.max_seq_len = check_max_seq_len(max_seq_len)
         self.poisson_rate, self.max_spans = check_objective_args(poisson_rate, max_spans)
         self.transform_probability = check_probability("transform_probability", transform_probability)
-        self.documents, self.vocabulary, self.seed = documents, vocabulary, _check_seed(seed)
+        self.documents, self.vocabulary, self.seed = documents, vocabulary, check_seed(seed)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -203,7 +203,7 @@ class PackedLoader:
         self.num_workers = as_int("num_workers", num_workers)
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         if len(source) < self.world_size:
             raise ValueError(f"source has {len(source)} examples, fewer than world_size={self.world_size}")
         self.source = source

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from cm3leon.data.packing import derive_seed
-from cm3leon.objective import CM3Example, check_objective_args, check_probability, training_sequence
+from cm3leon.data.packing import check_seed, derive_seed
+from cm3leon.objective import (CM3Example, check_max_seq_len, check_objective_args, check_probability,
+                               training_sequence)
 from cm3leon.tokenizer import DocumentCodec, ImageTokenizer, Vocabulary
 from cm3leon_kernels._checks import as_int
 
@@ -75,12 +76,7 @@ class RetrievalAugmentedSource:
         # checked here, not when the first example is read (possibly in a loader's worker process)
         if not isinstance(vocabulary, Vocabulary):
             raise TypeError(f"vocabulary must be a Vocabulary, got {type(vocabulary).__name__}")
-        seed = as_int("seed", seed)
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        max_seq_len = as_int("max_seq_len", max_seq_len)
-        if max_seq_len < 3:
-            raise ValueError(f"max_seq_len must be >= 3 (<eos> document <eos>), got {max_seq_len}")
+        seed, max_seq_len = check_seed(seed), check_max_seq_len(max_seq_len)
         for name, value in (("per_modality", per_modality), ("keep", keep)):
             check_int(name, value, 1)
         self.queries, self.retriever, self.vocabulary = queries, retriever, vocabulary
