@@ -9,7 +9,6 @@ Three entry points share the weights:
 """
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cm3leon_kernels as ck
+from cm3leon_kernels._checks import as_int
 
-from ._checks import is_int
 from .config import CM3LeonConfig
 from .kv_cache import KVCache
 from .layers import FeedForward, HeadNorm, Rotary, fuse_linears, make_norm, transpose_linears
@@ -271,10 +270,7 @@ class CM3Leon(nn.Module):
         """A zeroed KV cache for ``batch`` rows of up to ``max_len`` (default ``max_seq_len``) positions."""
         max_len = self.config.max_seq_len if max_len is None else max_len
         # bools are refused (True was a one-position cache), floats named instead of failing in torch.zeros
-        for name, value in (("batch", batch), ("max_len", max_len)):
-            if not is_int(value):
-                raise TypeError(f"allocate_cache: {name} must be an int, got {type(value).__name__}")
-        batch, max_len = operator.index(batch), operator.index(max_len)
+        batch, max_len = as_int("batch", batch), as_int("max_len", max_len)
         if batch < 0 or max_len < 1:
             raise ValueError(f"allocate_cache needs batch >= 0 and max_len >= 1, got batch={batch}, "
                              f"max_len={max_len}")

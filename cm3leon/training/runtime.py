@@ -81,11 +81,11 @@ def init_runtime(parallel: ParallelSection) -> Runtime:
     if parallel.mode == "none":
         if (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or world_env > 1:
             raise LaunchError("parallel.mode='none' under a multi-process launch: set parallel.mode to 'ddp' "
-                             "or 'fsdp'")
+                              "or 'fsdp'")
     elif not dist.is_initialized():
         if "RANK" not in os.environ:
             raise LaunchError(f"parallel.mode={parallel.mode!r} needs a process group: launch with torchrun "
-                             "(torchrun --nproc-per-node N -m cm3leon.training ...)")
+                              "(torchrun --nproc-per-node N -m cm3leon.training ...)")
         backend = parallel.backend if parallel.backend != "auto" else ("nccl" if want_cuda else "gloo")
         dist.init_process_group(backend)
         owns = True
